@@ -1,0 +1,64 @@
+"""Errors users see, with enough context to fix their input.
+
+Every error that comes from a lab file names the file, the line and the key
+path, so a user can go straight to it; the CLI maps these classes onto exit
+codes (2 for bad input, 1 for everything the kernel or the machine refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KeyPath = tuple[str | int, ...]
+
+
+def format_key(path: KeyPath) -> str:
+    """``('topology', 'nodes', 'h1', 'routes', 0, 'via')`` -> ``topology.nodes.h1.routes[0].via``."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + part
+    return text or "(top level)"
+
+
+class LabctlError(Exception):
+    """An error meant for the user; its text is the whole message."""
+
+    exit_code = 1
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a lab file; line is None when the key is absent from the file."""
+
+    path: KeyPath
+    message: str
+    file: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file or "<lab>"
+        if self.line is not None:
+            where += f":{self.line}"
+        return f"{where}: {format_key(self.path)}: {self.message}"
+
+
+@dataclass
+class LabFileError(LabctlError):
+    """A lab file is unreadable or invalid; nothing has been built."""
+
+    problems: list[Problem] = field(default_factory=list)
+    exit_code = 2
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class LabStateError(LabctlError):
+    """The lab is not in a state that allows the request (not up, locked, ...)."""
+
+
+class KernelError(LabctlError):
+    """The kernel refused an operation; the message names the object."""

@@ -1,0 +1,1 @@
+"""Labs on the kernel: build, converge, tear down, inspect."""

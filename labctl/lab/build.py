@@ -1,0 +1,278 @@
+"""Bring a topology up on the kernel (or converge a running lab to it), and down.
+
+``up`` is a converge: namespaces, interfaces, addresses and routes that
+already match are kept, missing ones created, stale ones removed.  Whatever
+this run created is rolled back if any step fails, so a failed ``up`` leaves
+nothing half-built behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from labctl.errors import KernelError
+from labctl.kernel import netns, sysctl
+from labctl.kernel.links import LinkAttrs, NodeLinks
+from labctl.kernel.sysctl import GlobalOverrides
+from labctl.lab import relay, state
+from labctl.lab.state import LabState
+from labctl.topology.model import Endpoint, Link, Topology
+
+IPV6_OFF = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
+IPV6_ON = {"net.ipv6.conf.all.disable_ipv6": "0", "net.ipv6.conf.default.disable_ipv6": "0"}
+
+
+def owner(lab: str) -> str:
+    """The name under which a lab holds host-wide sysctl overrides."""
+    return f"lab:{lab}"
+
+
+def digest(topo: Topology) -> str:
+    return hashlib.sha256(json.dumps(topo.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Run:
+    """What one ``up`` created, so a failure can undo exactly that."""
+
+    namespaces: list[str] = field(default_factory=list)
+    relays: list[int] = field(default_factory=list)
+    globals_acquired: bool = False
+
+
+class Builder:
+    """Turns one topology into kernel objects through per-node netlink sockets."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.lab = topo.name
+        self.ns = {node: netns.namespace_name(self.lab, node) for node in topo.nodes}
+        self.handles: dict[str, NodeLinks] = {}
+        self.fresh: set[str] = set()  # nodes whose namespace this run created
+        self.configured: set[tuple[str, str]] = set()  # interfaces fully set at creation
+
+    # -- the plan's vocabulary -------------------------------------------
+    def bridge_of(self, end: Endpoint) -> str | None:
+        for bridge, config in self.topo.nodes[end.node].bridges.items():
+            if end.interface in config.ports:
+                return bridge
+        return None
+
+    def attrs(self, node: str, ifname: str, link: Link | None = None) -> LinkAttrs:
+        cfg = self.topo.nodes[node].interfaces.get(ifname)
+        master = self.bridge_of(Endpoint(node=node, interface=ifname)) if link is not None else None
+        mtu = (cfg.mtu if cfg else None) or (link.mtu if link else None)
+        if cfg is None:
+            return LinkAttrs(mtu=mtu, master=master)
+        return LinkAttrs(mac=cfg.mac, mtu=mtu, txqueuelen=cfg.txqueuelen, promisc=cfg.promisc, up=cfg.up, master=master)
+
+    # -- steps -----------------------------------------------------------
+    def namespaces(self, run: _Run) -> None:
+        for node, name in self.ns.items():
+            if not netns.exists(name):
+                netns.create(name)
+                run.namespaces.append(name)
+                self.fresh.add(node)
+            wanted = IPV6_ON if self.topo.nodes[node].ipv6 else IPV6_OFF
+            sysctl.write_many(wanted, name)  # before any link exists, so links inherit it
+            self.handles[node] = NodeLinks(name)
+            if node not in self.fresh:
+                self.handles[node].refresh()
+            else:
+                self.handles[node].index = {"lo": 1}
+        for name in netns.list_labctl(self.lab):
+            if name not in self.ns.values():
+                netns.remove(name)  # a node that left the topology
+
+    def remove_stale_interfaces(self) -> None:
+        for node, handle in self.handles.items():
+            if node in self.fresh:
+                continue
+            wanted = self.topo.interface_names(node)
+            for ifname in list(handle.index):
+                if ifname not in wanted and ifname in handle.index:
+                    handle.delete(ifname)
+                    handle.refresh()  # deleting a veth end also removes its peer
+
+    def bridges(self) -> None:
+        for node, spec in self.topo.nodes.items():
+            for bridge, config in spec.bridges.items():
+                self.handles[node].add_bridge(
+                    bridge,
+                    self.attrs(node, bridge),
+                    stp=config.stp,
+                    ageing_time=config.ageing_time,
+                    forward_delay=config.forward_delay,
+                )
+
+    def links(self) -> None:
+        for link in self.topo.links:
+            a, b = link.ends
+            if self.topo.is_tap_link(link):
+                for end in (a, b):
+                    if end.interface not in self.handles[end.node].index:
+                        self.handles[end.node].add_tap(end.interface)
+                continue
+            main, other = (b, a) if self.bridge_of(b) and not self.bridge_of(a) else (a, b)
+            h_main, h_other = self.handles[main.node], self.handles[other.node]
+            have_main, have_other = main.interface in h_main.index, other.interface in h_other.index
+            if have_main and have_other:
+                continue
+            if have_main:
+                h_main.delete(main.interface)
+            if have_other:
+                h_other.delete(other.interface)
+            h_main.add_veth(
+                main.interface,
+                self.attrs(main.node, main.interface, link),
+                other.interface,
+                self.ns[other.node],
+                self.attrs(other.node, other.interface, link),
+            )
+            self.configured.add((main.node, main.interface))
+
+    def configure(self) -> None:
+        for node, handle in self.handles.items():
+            handle.refresh()
+            for ifname in self.topo.interface_names(node):
+                if (node, ifname) in self.configured or ifname in self.topo.nodes[node].bridges:
+                    continue
+                link = self._link_of(node, ifname)
+                handle.configure(ifname, self.attrs(node, ifname, link) if ifname != "lo" else LinkAttrs())
+
+    def _link_of(self, node: str, ifname: str) -> Link | None:
+        found = self.topo.link_interfaces(node).get(ifname)
+        return self.topo.links[found[0]] if found else None
+
+    def addresses_and_routes(self) -> None:
+        for node, spec in self.topo.nodes.items():
+            handle = self.handles[node]
+            current = handle.addresses() if node not in self.fresh else {}
+            for ifname, cfg in spec.interfaces.items():
+                wanted = [str(a) for a in cfg.addresses]
+                have = [a for a in current.get(ifname, []) if not a.startswith("fe80:") and a != "127.0.0.1/8"]
+                for cidr in wanted:
+                    if cidr not in have:
+                        handle.add_address(ifname, cidr)
+                for cidr in have:
+                    if cidr not in wanted and not (ifname == "lo" and cidr == "::1/128"):
+                        handle.del_address(ifname, cidr)
+            wanted_routes = {str(r.network) for r in spec.routes}
+            if node not in self.fresh:
+                for route in handle.routes(own_only=True):
+                    dst = "0.0.0.0/0" if route["dst"] == "default" and route["family"] == 2 else route["dst"]
+                    dst = "::/0" if dst == "default" else dst
+                    if dst not in wanted_routes:
+                        handle.delete_route(route["dst"], route["family"])
+            for route in spec.routes:
+                handle.replace_route(str(route.network), str(route.via) if route.via else None, route.dev)
+
+    def knobs(self) -> None:
+        for node, spec in self.topo.nodes.items():
+            if spec.sysctls:
+                sysctl.write_many({k: sysctl.format_value(v) for k, v in spec.sysctls.items()}, self.ns[node])
+            for ifname, cfg in spec.interfaces.items():
+                if cfg.gro is not None:
+                    self.handles[node].set_gro(ifname, cfg.gro)
+                if cfg.rps_cpus is not None:
+                    self.handles[node].set_rps_cpus(ifname, cfg.rps_cpus)
+
+    def relays(self, run: _Run, previous: dict[str, int]) -> dict[str, int]:
+        pids: dict[str, int] = {}
+        for vm, pairs in self.relay_pairs().items():
+            old = previous.get(vm)
+            if old is not None and relay.alive(old, self.lab) and vm not in self.fresh:
+                pids[vm] = old
+                continue
+            if old is not None:
+                relay.stop([old])
+            pids[vm] = relay.start(self.lab, vm, pairs)
+            run.relays.append(pids[vm])
+        stale = [pid for pid, (_, vm) in relay.find(self.lab).items() if pids.get(vm) != pid]
+        relay.stop(stale)
+        return pids
+
+    def relay_pairs(self) -> dict[str, list[tuple[str, str, str, str]]]:
+        """Each tap link is served by the relay of its (first) VM end."""
+        pairs: dict[str, list[tuple[str, str, str, str]]] = {}
+        for link in self.topo.links:
+            if not self.topo.is_tap_link(link):
+                continue
+            a, b = link.ends
+            vm_end, other = (a, b) if self.topo.nodes[a.node].kind == "vm" else (b, a)
+            pairs.setdefault(vm_end.node, []).append(
+                (self.ns[vm_end.node], vm_end.interface, self.ns[other.node], other.interface)
+            )
+        return pairs
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+
+def up(topo: Topology, file: str) -> LabState:
+    """Build or converge ``topo``; on failure undo what this call created and re-raise."""
+    with state.locked(topo.name):
+        previous = state.load(topo.name)
+        builder = Builder(topo)
+        current = LabState(
+            name=topo.name,
+            file=os.path.abspath(file),
+            status="building",
+            nodes=dict(builder.ns),
+            relays=previous.relays if previous else {},
+            digest=digest(topo),
+        )
+        state.save(current)  # written first: a kill -9 from here on is still cleanable
+        run = _Run()
+        try:
+            if topo.sysctls or previous is not None:
+                GlobalOverrides.release(owner(topo.name))
+            for key, value in topo.sysctls.items():
+                GlobalOverrides.acquire(owner(topo.name), key, value)
+                run.globals_acquired = True
+            builder.namespaces(run)
+            builder.remove_stale_interfaces()
+            builder.bridges()
+            builder.links()
+            builder.configure()
+            builder.addresses_and_routes()
+            builder.knobs()
+            current.relays = builder.relays(run, current.relays)
+        except BaseException as exc:
+            _rollback(run, topo.name, first_up=previous is None)
+            if previous is None:
+                state.forget(topo.name)
+            if isinstance(exc, OSError | sysctl.SysctlError):
+                raise KernelError(f"lab {topo.name}: {exc}; rolled back what this run created") from exc
+            raise
+        finally:
+            builder.close()
+        current.status = "up"
+        state.save(current)
+        return current
+
+
+def _rollback(run: _Run, lab: str, first_up: bool) -> None:
+    relay.stop(run.relays)
+    for name in reversed(run.namespaces):
+        with contextlib.suppress(OSError):
+            netns.remove(name)
+    if first_up:
+        GlobalOverrides.release(owner(lab))
+
+
+def down(lab: str) -> list[str]:
+    """Remove everything of ``lab`` -- by name, so it works without (or with stale) state."""
+    with state.locked(lab):
+        relay.stop(list(relay.find(lab)))
+        removed = netns.list_labctl(lab)
+        for name in removed:
+            netns.remove(name)
+        GlobalOverrides.release(owner(lab))
+        state.forget(lab)
+        return removed

@@ -1,0 +1,306 @@
+"""Pydantic models of a lab topology, and the cross-reference checks.
+
+The shape follows containerlab (``topology: nodes / links: endpoints``) so a
+newcomer can read a lab without docs.  Models only describe; building is the
+lab layer's job, and nothing here imports the kernel layer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from labctl.errors import KeyPath, Problem
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+IFNAME_MAX = 15  # IFNAMSIZ - 1
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+RPS_MASK_RE = re.compile(r"^[0-9a-fA-F]+(,[0-9a-fA-F]+)*$")
+
+LabName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=32)]
+SysctlValue = int | str | bool
+
+
+def check_ifname(name: str) -> str:
+    if not name or len(name) > IFNAME_MAX:
+        raise ValueError(f"interface name {name!r} must be 1 to {IFNAME_MAX} characters (the kernel's limit)")
+    if name in (".", "..") or any(c in name for c in "/: \t\n"):
+        raise ValueError(f"interface name {name!r} may not contain '/', ':' or whitespace")
+    return name
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently do nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InterfaceConfig(Strict):
+    """Settings of one interface of a node: a veth end, a tap, a bridge or ``lo``."""
+
+    addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+    mac: str | None = None
+    mtu: Annotated[int, Field(ge=68, le=65535)] | None = None
+    promisc: bool = False
+    gro: bool | None = None
+    """None leaves the driver default; True/False switches GRO (ethtool -K gro)."""
+    rps_cpus: str | None = None
+    """Hex CPU mask written to queues/rx-0/rps_cpus, e.g. "2" for CPU 1."""
+    txqueuelen: Annotated[int, Field(ge=0)] | None = None
+    up: bool = True
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not MAC_RE.match(value):
+                raise ValueError(f"{value!r} is not a MAC address like 02:00:00:00:00:01")
+            if int(value[:2], 16) & 1:
+                raise ValueError(f"{value} is a multicast MAC; an interface needs a unicast one")
+            value = value.lower()
+        return value
+
+    @field_validator("rps_cpus")
+    @classmethod
+    def _rps(cls, value: str | None) -> str | None:
+        if value is not None and not RPS_MASK_RE.match(value):
+            raise ValueError(f"{value!r} is not a hex CPU mask such as '2' or 'f'")
+        return value
+
+
+class BridgeConfig(Strict):
+    """A Linux bridge inside a node; its address goes under the node's ``interfaces``."""
+
+    ports: list[str] = []
+    stp: bool = False
+    ageing_time: Annotated[float, Field(ge=0)] = 300.0
+    """Seconds a learnt MAC stays in the fdb."""
+    forward_delay: Annotated[float, Field(ge=0)] = 0.0
+    """Seconds in listening/learning (matters only with STP on)."""
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, ports: list[str]) -> list[str]:
+        for port in ports:
+            check_ifname(port)
+        return ports
+
+
+class Route(Strict):
+    dst: str = "default"
+    via: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    dev: str | None = None
+
+    @field_validator("dst")
+    @classmethod
+    def _dst(cls, value: str) -> str:
+        if value != "default":
+            ipaddress.ip_network(value, strict=True)
+        return value
+
+    @model_validator(mode="after")
+    def _needs_next_hop(self) -> Route:
+        if self.via is None and self.dev is None:
+            raise ValueError("a route needs 'via' (a gateway) or 'dev' (an interface)")
+        return self
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        if self.dst == "default":
+            return ipaddress.ip_network("::/0" if self.via and self.via.version == 6 else "0.0.0.0/0")
+        return ipaddress.ip_network(self.dst)
+
+
+class Node(Strict):
+    """A network namespace; kind ``vm`` is one whose NICs are fed through taps by a relay."""
+
+    kind: Literal["netns", "vm"] = "netns"
+    sysctls: dict[str, SysctlValue] = {}
+    """Per-namespace sysctls, written inside the node (e.g. net.ipv4.ip_forward: 1)."""
+    ipv6: bool = False
+    """IPv6 is off unless asked for: router solicitations and DAD add noise to traces."""
+    interfaces: dict[str, InterfaceConfig] = {}
+    bridges: dict[str, BridgeConfig] = {}
+    routes: list[Route] = []
+
+    @field_validator("interfaces", "bridges")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            check_ifname(name)
+        return value
+
+
+class Endpoint(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    node: str
+    interface: str
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.interface}"
+
+
+class Link(Strict):
+    """A cable between two interfaces: a veth pair, or a tap pair with a relay for a VM."""
+
+    endpoints: tuple[str, str]
+    mtu: Annotated[int, Field(ge=68, le=65535)] | None = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, value: tuple[str, str]) -> tuple[str, str]:
+        for text in value:
+            node, sep, ifname = text.partition(":")
+            if not sep or not node or not ifname:
+                raise ValueError(f"endpoint {text!r} must look like 'node:interface'")
+            check_ifname(ifname)
+        return value
+
+    @property
+    def ends(self) -> tuple[Endpoint, Endpoint]:
+        a, b = (Endpoint(node=t.partition(":")[0], interface=t.partition(":")[2]) for t in self.endpoints)
+        return a, b
+
+
+class TopologyBody(Strict):
+    nodes: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=32)], Node]
+    links: list[Link] = []
+
+
+class Topology(Strict):
+    """A whole lab file's topology part (verification checks live beside it)."""
+
+    name: LabName
+    description: str = ""
+    sysctls: dict[str, SysctlValue] = {}
+    """Host-wide sysctls (e.g. net.core.netdev_max_backlog): recorded, set, restored on down."""
+    topology: TopologyBody
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return self.topology.nodes
+
+    @property
+    def links(self) -> list[Link]:
+        return self.topology.links
+
+    def link_interfaces(self, node: str) -> dict[str, tuple[int, Endpoint]]:
+        """Interfaces of ``node`` made by links: name -> (link index, the far end)."""
+        found: dict[str, tuple[int, Endpoint]] = {}
+        for index, link in enumerate(self.links):
+            a, b = link.ends
+            if a.node == node:
+                found[a.interface] = (index, b)
+            if b.node == node:
+                found[b.interface] = (index, a)
+        return found
+
+    def is_tap_link(self, link: Link) -> bool:
+        """A link that touches a VM is realised as a tap on each side, joined by the VM's relay."""
+        return any(self.nodes[end.node].kind == "vm" for end in link.ends if end.node in self.nodes)
+
+    def interface_names(self, node: str) -> set[str]:
+        return set(self.link_interfaces(node)) | set(self.nodes[node].bridges) | {"lo"}
+
+    def check(self) -> list[Problem]:
+        """Cross-reference checks that a single model cannot do on its own."""
+        return _Checker(self).run()
+
+
+class _Checker:
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.problems: list[Problem] = []
+
+    def add(self, path: KeyPath, message: str) -> None:
+        self.problems.append(Problem(path=path, message=message))
+
+    def run(self) -> list[Problem]:
+        self.check_links()
+        if not self.problems:  # the rest assumes links name real nodes
+            for name, node in self.topo.nodes.items():
+                self.check_node(name, node)
+            self.check_duplicate_addresses()
+        return self.problems
+
+    def check_links(self) -> None:
+        seen: dict[str, int] = {}
+        for index, link in enumerate(self.topo.links):
+            for side, end in enumerate(link.ends):
+                path: KeyPath = ("topology", "links", index, "endpoints", side)
+                if end.node not in self.topo.nodes:
+                    known = ", ".join(sorted(self.topo.nodes))
+                    self.add(path, f"unknown node {end.node!r} (nodes: {known})")
+                    continue
+                key = str(end)
+                if key in seen:
+                    self.add(path, f"{key} is already used by links[{seen[key]}]")
+                seen[key] = index
+                if end.interface in self.topo.nodes[end.node].bridges:
+                    self.add(path, f"{key} is a bridge of that node; a link needs its own interface")
+            a, b = link.ends
+            if a == b:
+                self.add(("topology", "links", index, "endpoints"), "a link cannot join an interface to itself")
+
+    def check_node(self, name: str, node: Node) -> None:
+        base: KeyPath = ("topology", "nodes", name)
+        own = self.topo.interface_names(name)
+        linked = self.topo.link_interfaces(name)
+        for ifname in node.interfaces:
+            if ifname not in own:
+                self.add(
+                    (*base, "interfaces", ifname),
+                    f"node {name} has no interface {ifname!r} (it has: {', '.join(sorted(own))});"
+                    " interfaces come from links and bridges",
+                )
+        port_of: dict[str, str] = {}
+        for bridge, config in node.bridges.items():
+            for index, port in enumerate(config.ports):
+                path = (*base, "bridges", bridge, "ports", index)
+                if port not in linked:
+                    self.add(path, f"{port!r} is not an interface of node {name} made by a link")
+                elif port in port_of:
+                    self.add(path, f"{port!r} is already a port of bridge {port_of[port]}")
+                port_of[port] = bridge
+        if node.kind == "vm" and node.bridges:
+            self.add((*base, "bridges"), "a vm node has only NICs; put the bridge in the host node")
+        for index, route in enumerate(node.routes):
+            self.check_route(name, node, index, route, own)
+        if "lo" in node.interfaces and node.interfaces["lo"].up is False:
+            self.add((*base, "interfaces", "lo", "up"), "lo is always up in a lab node")
+
+    def check_route(self, name: str, node: Node, index: int, route: Route, own: set[str]) -> None:
+        path: KeyPath = ("topology", "nodes", name, "routes", index)
+        if route.dev is not None and route.dev not in own:
+            self.add((*path, "dev"), f"node {name} has no interface {route.dev!r}")
+        if route.via is None:
+            return
+        if route.dst != "default" and ipaddress.ip_network(route.dst).version != route.via.version:
+            self.add((*path, "via"), f"gateway {route.via} and destination {route.dst} are of different IP versions")
+        connected = [
+            iface.network
+            for ifname, cfg in node.interfaces.items()
+            if route.dev in (None, ifname)
+            for iface in cfg.addresses
+        ]
+        if not any(route.via in net for net in connected):
+            self.add(
+                (*path, "via"),
+                f"gateway {route.via} is not in a subnet of node {name}'s addresses"
+                f" ({', '.join(str(n) for n in connected) or 'none'})",
+            )
+
+    def check_duplicate_addresses(self) -> None:
+        owners: dict[str, str] = {}
+        for name, node in self.topo.nodes.items():
+            for ifname, cfg in node.interfaces.items():
+                for index, iface in enumerate(cfg.addresses):
+                    ip = str(iface.ip)
+                    here = f"{name}:{ifname}"
+                    path: KeyPath = ("topology", "nodes", name, "interfaces", ifname, "addresses", index)
+                    if ip in owners:
+                        self.add(path, f"address {ip} is already used by {owners[ip]}")
+                    owners[ip] = here
