@@ -1,0 +1,126 @@
+"""labctl's Typer application: one sub-command per user action."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from labctl.cli import render
+from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root
+
+app = typer.Typer(
+    name="labctl",
+    help="Build Linux network labs on the real kernel and prove how packets travel through it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+LabArg = Annotated[str, typer.Argument(help="lab name, or the lab file that defines it")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+@app.command()
+@reports_errors
+def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
+    """Build the lab in FILE, or converge a running one to it."""
+    from labctl.lab import build
+    from labctl.lab.labfile import load_lab
+
+    topo, _ = load_lab(str(file))
+    require_root()
+    result = build.up(topo, str(file))
+    console.print(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
+
+
+@app.command()
+@reports_errors
+def down(lab: LabArg) -> None:
+    """Remove everything the lab made (works after a crash too)."""
+    from labctl.lab import build
+
+    require_root()
+    name = lab_name(lab)
+    removed = build.down(name)
+    console.print(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
+
+
+@app.command()
+@reports_errors
+def status(lab: Annotated[str | None, typer.Argument(help="lab name (all labs when omitted)")] = None,
+           json: JsonOpt = False) -> None:
+    """Nodes, interfaces, addresses, bridge ports and routes as the kernel has them."""
+    from labctl.lab.status import lab_status, running_labs
+
+    require_root()
+    labs = [lab_name(lab)] if lab else running_labs()
+    data = [lab_status(name) for name in labs]
+    if json:
+        print_json(data if lab is None else data[0])
+        return
+    if not data:
+        console.print("no labs are up")
+    for item in data:
+        render.status(item)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@reports_errors
+def exec(  # noqa: A001 - the user-facing verb
+    lab: LabArg,
+    node: Annotated[str, typer.Argument(help="node name")],
+    command: Annotated[list[str], typer.Argument(help="command to run inside the node")],
+) -> None:
+    """Run a command inside a node (like ip netns exec), e.g. labctl exec LAB c1 -- ping -c1 192.168.9.3."""
+    from labctl.errors import LabStateError
+    from labctl.kernel import netns
+    from labctl.kernel.sysfs import enter_with_own_sysfs
+
+    require_root()
+    name = netns.namespace_name(lab_name(lab), node)
+    if not netns.exists(name):
+        raise LabStateError(f"lab {lab_name(lab)} has no node {node} up")
+    enter_with_own_sysfs(name)
+    sys.stdout.flush()
+    try:
+        os.execvp(command[0], command)
+    except FileNotFoundError:
+        raise LabStateError(f"{command[0]}: command not found") from None
+
+
+@app.command()
+@reports_errors
+def clean() -> None:
+    """Remove every labctl leftover: namespaces, relays, trace instances, global sysctls."""
+    from labctl.lab.clean import clean_all
+
+    require_root()
+    done = clean_all()
+    render.cleaned(done)
+
+
+@app.command()
+@reports_errors
+def graph(
+    file: Annotated[Path, typer.Argument(help="lab file (YAML)")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help=".svg/.png (Graphviz), .dot or .mmd")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="dot or mermaid (when printing)")] = "dot",
+) -> None:
+    """Draw the topology (Graphviz or Mermaid)."""
+    from labctl.lab.labfile import load_lab
+    from labctl.topology import graph as topo_graph
+
+    topo, _ = load_lab(str(file))
+    if output is None:
+        print(topo_graph.mermaid(topo) if fmt == "mermaid" else topo_graph.dot(topo))
+        return
+    topo_graph.write(topo, str(output))
+    console.print(f"wrote {output}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,59 @@
+"""What every command shares: error reporting, root check, resolving LAB|FILE."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from labctl.errors import LabctlError
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(func: F) -> F:
+    """Turn labctl errors into a red message and their exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LabctlError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabctlError("labctl builds kernel objects and needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+
+
+def lab_name(lab_or_file: str) -> str:
+    """Accept a lab name or the lab file that defines it."""
+    if lab_or_file.endswith((".yaml", ".yml")) or os.path.sep in lab_or_file:
+        from labctl.topology.loader import default_name, read_yaml
+
+        if not os.path.exists(lab_or_file):
+            raise LabctlError(f"{lab_or_file}: no such file")
+        with open(lab_or_file, encoding="utf-8") as f:
+            data, _ = read_yaml(f.read(), lab_or_file)
+        name = data.get("name") if isinstance(data, dict) else None
+        return str(name) if name else default_name(lab_or_file)
+    return lab_or_file
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
