@@ -11,7 +11,7 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
 from labctl.errors import KeyPath, Problem
 
@@ -21,6 +21,30 @@ MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 RPS_MASK_RE = re.compile(r"^[0-9a-fA-F]+(,[0-9a-fA-F]+)*$")
 
 LabName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=32)]
+
+
+def _ip_interface(value: Any) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    if isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
+        return value
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError(f"{value!r} is not an address with a prefix length, like 10.0.0.1/24")
+    try:
+        return ipaddress.ip_interface(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid address with prefix: {exc}") from None
+
+
+def _ip_address(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+IPInterface = Annotated[ipaddress.IPv4Interface | ipaddress.IPv6Interface, PlainValidator(_ip_interface)]
+IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, PlainValidator(_ip_address)]
 SysctlValue = int | str | bool
 
 
@@ -41,7 +65,7 @@ class Strict(BaseModel):
 class InterfaceConfig(Strict):
     """Settings of one interface of a node: a veth end, a tap, a bridge or ``lo``."""
 
-    addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+    addresses: list[IPInterface] = []
     mac: str | None = None
     mtu: Annotated[int, Field(ge=68, le=65535)] | None = None
     promisc: bool = False
@@ -91,14 +115,17 @@ class BridgeConfig(Strict):
 
 class Route(Strict):
     dst: str = "default"
-    via: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    via: IPAddress | None = None
     dev: str | None = None
 
     @field_validator("dst")
     @classmethod
     def _dst(cls, value: str) -> str:
         if value != "default":
-            ipaddress.ip_network(value, strict=True)
+            try:
+                ipaddress.ip_network(value, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not 'default' or a network like 10.0.0.0/24: {exc}") from None
         return value
 
     @model_validator(mode="after")
@@ -143,21 +170,22 @@ class Endpoint(BaseModel):
         return f"{self.node}:{self.interface}"
 
 
+def _endpoint_text(text: str) -> str:
+    node, sep, ifname = text.partition(":")
+    if not sep or not node or not ifname:
+        raise ValueError(f"endpoint {text!r} must look like 'node:interface'")
+    check_ifname(ifname)
+    return text
+
+
+EndpointText = Annotated[str, AfterValidator(_endpoint_text)]
+
+
 class Link(Strict):
     """A cable between two interfaces: a veth pair, or a tap pair with a relay for a VM."""
 
-    endpoints: tuple[str, str]
+    endpoints: tuple[EndpointText, EndpointText]
     mtu: Annotated[int, Field(ge=68, le=65535)] | None = None
-
-    @field_validator("endpoints")
-    @classmethod
-    def _endpoints(cls, value: tuple[str, str]) -> tuple[str, str]:
-        for text in value:
-            node, sep, ifname = text.partition(":")
-            if not sep or not node or not ifname:
-                raise ValueError(f"endpoint {text!r} must look like 'node:interface'")
-            check_ifname(ifname)
-        return value
 
     @property
     def ends(self) -> tuple[Endpoint, Endpoint]:

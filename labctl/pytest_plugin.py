@@ -1,0 +1,1 @@
+"""pytest plugin: lab files with checks become test items (filled in by the verification labs)."""

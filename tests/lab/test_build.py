@@ -1,0 +1,226 @@
+"""Labs on the real kernel: build, converge, roll back, tear down, leave the host as it was."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from labctl.errors import KernelError
+from labctl.kernel import netns, sysctl
+from labctl.kernel.links import NodeLinks
+from labctl.lab import build, relay, state
+from labctl.lab.clean import clean_all
+from labctl.lab.labfile import load_lab
+from tests.conftest import LabFactory
+from tests.hostcheck import host_snapshot
+
+CONTAINERS = """\
+topology:
+  nodes:
+    host:
+      bridges:
+        br0: {ports: [veth1, veth2]}
+      interfaces:
+        br0: {addresses: [192.168.9.1/24]}
+    c1:
+      interfaces:
+        eth0: {addresses: [192.168.9.2/24], mac: "02:00:00:00:09:02", mtu: 1400}
+      routes:
+        - {dst: default, via: 192.168.9.1}
+    c2:
+      interfaces:
+        eth0: {addresses: [192.168.9.3/24]}
+  links:
+    - endpoints: ["c1:eth0", "host:veth1"]
+    - endpoints: ["c2:eth0", "host:veth2"]
+"""
+
+VMS = """\
+topology:
+  nodes:
+    host:
+      bridges:
+        br0: {ports: [tap1, tap2]}
+      interfaces:
+        br0: {addresses: [192.168.3.101/24]}
+    vm1:
+      kind: vm
+      interfaces:
+        eth0: {addresses: [192.168.3.102/24]}
+    vm2:
+      kind: vm
+      interfaces:
+        eth0: {addresses: [192.168.3.103/24]}
+  links:
+    - endpoints: ["vm1:eth0", "host:tap1"]
+    - endpoints: ["vm2:eth0", "host:tap2"]
+"""
+
+
+def ping(lab: str, node: str, address: str) -> bool:
+    result = netns.run(netns.namespace_name(lab, node), ["ping", "-c1", "-W1", address], capture_output=True)
+    return result.returncode == 0
+
+
+def links_of(lab: str, node: str) -> dict[str, object]:
+    with NodeLinks(netns.namespace_name(lab, node)) as handle:
+        return {name: info for name, info in handle.links().items()}
+
+
+def rx_packets(lab: str, node: str, ifname: str) -> int:
+    info = links_of(lab, node)[ifname]
+    return int(info.stats["rx_packets"])  # type: ignore[attr-defined]
+
+
+def test_containers_on_a_bridge(make_lab: LabFactory, lab_name: str) -> None:
+    make_lab(CONTAINERS)
+    host = links_of(lab_name, "host")
+    assert host["veth1"].master == "br0" and host["veth2"].master == "br0"  # type: ignore[attr-defined]
+    c1 = links_of(lab_name, "c1")["eth0"]
+    assert c1.mac == "02:00:00:00:09:02" and c1.mtu == 1400 and c1.addresses == ["192.168.9.2/24"]  # type: ignore[attr-defined]
+    before = rx_packets(lab_name, "c2", "eth0")
+    assert ping(lab_name, "c1", "192.168.9.3")
+    assert ping(lab_name, "c1", "192.168.9.1")
+    assert rx_packets(lab_name, "c2", "eth0") > before  # the echo really crossed the bridge
+    # IPv6 is off on lab links unless asked for
+    assert sysctl.read("net.ipv6.conf.eth0.disable_ipv6", netns.namespace_name(lab_name, "c1")) == "1"
+
+
+def test_nothing_in_the_root_namespace_and_host_unchanged(tmp_path: Path, lab_name: str) -> None:
+    before = host_snapshot()
+    file = tmp_path / "lab.yaml"
+    file.write_text(f"name: {lab_name}\nsysctls:\n  net.core.netdev_max_backlog: 8\n{CONTAINERS}")
+    topo, _ = load_lab(str(file))
+    build.up(topo, str(file))
+    try:
+        assert sysctl.read("net.core.netdev_max_backlog") == "8"
+        during = host_snapshot()
+        assert during["links"] == before["links"] and during["routes"] == before["routes"]
+    finally:
+        build.down(lab_name)
+    assert host_snapshot() == before
+
+
+def test_up_twice_is_a_no_op(make_lab: LabFactory, lab_name: str) -> None:
+    topo = make_lab(CONTAINERS)
+    first = {node: links_of(lab_name, node) for node in topo.nodes}
+    file = state.load(lab_name).file  # type: ignore[union-attr]
+    build.up(topo, file)
+    second = {node: links_of(lab_name, node) for node in topo.nodes}
+    for node in topo.nodes:
+        assert {n: (i.index, i.mac, i.addresses) for n, i in first[node].items()} == {  # type: ignore[attr-defined]
+            n: (i.index, i.mac, i.addresses)
+            for n, i in second[node].items()  # type: ignore[attr-defined]
+        }
+
+
+def test_converge_applies_changes(make_lab: LabFactory, lab_name: str, tmp_path: Path) -> None:
+    make_lab(CONTAINERS)
+    changed = (
+        CONTAINERS.replace("192.168.9.3/24", "192.168.9.30/24")
+        .replace('    - endpoints: ["c2:eth0", "host:veth2"]\n', "")
+        .replace("ports: [veth1, veth2]", "ports: [veth1]")
+    )
+    changed = changed.replace("    c2:\n      interfaces:\n        eth0: {addresses: [192.168.9.30/24]}\n", "")
+    file = tmp_path / "changed.yaml"
+    file.write_text(f"name: {lab_name}\n{changed}")
+    topo, _ = load_lab(str(file))
+    build.up(topo, str(file))
+    assert netns.list_labctl(lab_name) == sorted(netns.namespace_name(lab_name, n) for n in ("host", "c1"))
+    assert "veth2" not in links_of(lab_name, "host")
+    assert ping(lab_name, "c1", "192.168.9.1")
+
+
+def test_failure_rolls_back_everything(tmp_path: Path, lab_name: str) -> None:
+    before = host_snapshot()
+    bad = CONTAINERS.replace("    c2:\n", "    c2:\n      sysctls: {net.ipv4.no_such_knob: 1}\n")
+    file = tmp_path / "bad.yaml"
+    file.write_text(f"name: {lab_name}\nsysctls:\n  net.core.netdev_max_backlog: 9\n{bad}")
+    topo, _ = load_lab(str(file))
+    with pytest.raises(KernelError, match="no such sysctl: net.ipv4.no_such_knob"):
+        build.up(topo, str(file))
+    assert netns.list_labctl(lab_name) == []
+    assert state.load(lab_name) is None
+    assert host_snapshot() == before  # netdev_max_backlog is back too
+
+
+def test_vms_through_taps_and_relays(make_lab: LabFactory, lab_name: str) -> None:
+    make_lab(VMS)
+    relays = relay.find(lab_name)
+    assert sorted(vm for _, vm in relays.values()) == ["vm1", "vm2"]
+    host = links_of(lab_name, "host")
+    assert host["tap1"].kind == "tun" and host["tap1"].master == "br0" and host["tap1"].carrier  # type: ignore[attr-defined]
+    before = rx_packets(lab_name, "vm2", "eth0")
+    assert ping(lab_name, "vm1", "192.168.3.103")
+    assert ping(lab_name, "vm1", "192.168.3.101")
+    assert rx_packets(lab_name, "vm2", "eth0") > before
+    build.down(lab_name)
+    assert relay.find(lab_name) == {}
+
+
+def test_two_labs_at_once(make_lab: LabFactory, lab_name: str) -> None:
+    make_lab(CONTAINERS)
+    other = lab_name + "b"
+    make_lab(CONTAINERS, name=other)
+    assert ping(lab_name, "c1", "192.168.9.3") and ping(other, "c1", "192.168.9.3")
+    build.down(other)
+    assert ping(lab_name, "c1", "192.168.9.3")
+
+
+def test_kill_9_during_up_then_down_removes_all(tmp_path: Path, lab_name: str) -> None:
+    before = host_snapshot()
+    nodes = "\n".join(
+        f"    h{i}:\n      interfaces:\n        eth0: {{addresses: [10.1.{i // 200}.{i % 200 + 1}/16]}}"
+        for i in range(300)
+    )
+    links = "\n".join(f'    - endpoints: ["h{i}:eth0", "sw:p{i}"]' for i in range(300))
+    ports = ", ".join(f"p{i}" for i in range(300))
+    file = tmp_path / "big.yaml"
+    file.write_text(
+        f"name: {lab_name}\nsysctls:\n  net.core.netdev_max_backlog: 77\n"
+        f"topology:\n  nodes:\n    sw:\n      bridges:\n        br0: {{ports: [{ports}]}}\n{nodes}\n  links:\n{links}\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "up", str(file)])
+    deadline = time.monotonic() + 20
+    while len(netns.list_labctl(lab_name)) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert netns.list_labctl(lab_name), "the kill came too late to test anything"
+    build.down(lab_name)
+    assert netns.list_labctl(lab_name) == []
+    assert host_snapshot() == before
+
+
+def test_clean_removes_leftovers_without_state(make_lab: LabFactory, lab_name: str) -> None:
+    make_lab(VMS)
+    state.forget(lab_name)  # as if the state file were lost
+    done = clean_all()
+    assert netns.namespace_name(lab_name, "vm1") in done.namespaces
+    assert netns.list_labctl(lab_name) == [] and relay.find(lab_name) == {}
+
+
+def test_rps_gro_promisc_txqueuelen(make_lab: LabFactory, lab_name: str) -> None:
+    body = CONTAINERS.replace(
+        "eth0: {addresses: [192.168.9.3/24]}",
+        'eth0: {addresses: [192.168.9.3/24], rps_cpus: "1", gro: true, promisc: true, txqueuelen: 50}',
+    )
+    make_lab(body)
+    c2 = netns.namespace_name(lab_name, "c2")
+    info = links_of(lab_name, "c2")["eth0"]
+    assert info.promisc and info.txqueuelen == 50  # type: ignore[attr-defined]
+    features = netns.run(c2, ["ethtool", "-k", "eth0"], capture_output=True, text=True).stdout
+    assert "generic-receive-offload: on" in features
+    rps = subprocess.run(
+        ["ip", "netns", "exec", c2, "cat", "/sys/class/net/eth0/queues/rx-0/rps_cpus"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert int(rps.strip().replace(",", ""), 16) == 1
+    assert os.path.exists("/run/netns/" + c2)
