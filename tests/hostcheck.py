@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+from pathlib import Path
 
 
 def host_snapshot() -> dict[str, str]:
@@ -35,7 +36,7 @@ def host_snapshot() -> dict[str, str]:
     }
     for key in sysctls:
         path = f"/proc/sys/{key}"
-        snapshot[key] = open(path).read() if os.path.exists(path) else "absent"
+        snapshot[key] = Path(path).read_text() if os.path.exists(path) else "absent"
     for save in ("iptables-legacy", "iptables-nft"):
         # timestamps and packet counters of the host's own traffic are not changes
         snapshot[save] = re.sub(r"\[\d+:\d+\]", "[n:n]", re.sub(r"(?m)^#.*\n", "", snapshot[save]))

@@ -103,5 +103,6 @@ def test_missing_topology() -> None:
 def test_bad_mac() -> None:
     found = problems(GOOD.replace("02:00:00:00:00:01", "03:00:00:00:00:01"))
     assert found == [
-        "lab.yaml:11: topology.nodes.c1.interfaces.eth0.mac: 03:00:00:00:00:01 is a multicast MAC; an interface needs a unicast one"
+        "lab.yaml:11: topology.nodes.c1.interfaces.eth0.mac: 03:00:00:00:00:01 is a multicast MAC;"
+        " an interface needs a unicast one"
     ]

@@ -51,8 +51,9 @@ def down(lab: LabArg) -> None:
 
 @app.command()
 @reports_errors
-def status(lab: Annotated[str | None, typer.Argument(help="lab name (all labs when omitted)")] = None,
-           json: JsonOpt = False) -> None:
+def status(
+    lab: Annotated[str | None, typer.Argument(help="lab name (all labs when omitted)")] = None, json: JsonOpt = False
+) -> None:
     """Nodes, interfaces, addresses, bridge ports and routes as the kernel has them."""
     from labctl.lab.status import lab_status, running_labs
 
@@ -70,7 +71,7 @@ def status(lab: Annotated[str | None, typer.Argument(help="lab name (all labs wh
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @reports_errors
-def exec(  # noqa: A001 - the user-facing verb
+def exec(
     lab: LabArg,
     node: Annotated[str, typer.Argument(help="node name")],
     command: Annotated[list[str], typer.Argument(help="command to run inside the node")],

@@ -163,11 +163,12 @@ class Builder:
                         handle.del_address(ifname, cidr)
             wanted_routes = {str(r.network) for r in spec.routes}
             if node not in self.fresh:
-                for route in handle.routes(own_only=True):
-                    dst = "0.0.0.0/0" if route["dst"] == "default" and route["family"] == 2 else route["dst"]
-                    dst = "::/0" if dst == "default" else dst
+                for existing in handle.routes(own_only=True):
+                    dst = existing["dst"]
+                    if dst == "default":
+                        dst = "0.0.0.0/0" if existing["family"] == 2 else "::/0"
                     if dst not in wanted_routes:
-                        handle.delete_route(route["dst"], route["family"])
+                        handle.delete_route(existing["dst"], existing["family"])
             for route in spec.routes:
                 handle.replace_route(str(route.network), str(route.via) if route.via else None, route.dev)
 

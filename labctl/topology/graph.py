@@ -37,8 +37,8 @@ def dot(topo: Topology) -> str:
         a, b = link.ends
         ends = []
         for end in (a, b):
-            bridge = _bridge_of(topo, end.node, end.interface)
-            ends.append(f'"{end.node}:{bridge}"' if bridge else f'"{end.node}"')
+            port_of = _bridge_of(topo, end.node, end.interface)
+            ends.append(f'"{end.node}:{port_of}"' if port_of else f'"{end.node}"')
         kind = "tap" if topo.is_tap_link(link) else "veth"
         label = (
             f"{a.interface} {_addresses(topo, a.node, a.interface)}"
@@ -61,8 +61,8 @@ def mermaid(topo: Topology) -> str:
         a, b = link.ends
         ends = []
         for end in (a, b):
-            bridge = _bridge_of(topo, end.node, end.interface)
-            ends.append(f"{end.node}_{bridge}" if bridge else end.node)
+            port_of = _bridge_of(topo, end.node, end.interface)
+            ends.append(f"{end.node}_{port_of}" if port_of else end.node)
         arrow = "-.-" if topo.is_tap_link(link) else "---"
         lines.append(f"  {ends[0]} {arrow}|{a.interface} - {b.interface}| {ends[1]}")
     return "\n".join(lines) + "\n"

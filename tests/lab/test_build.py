@@ -143,7 +143,7 @@ def test_failure_rolls_back_everything(tmp_path: Path, lab_name: str) -> None:
     file = tmp_path / "bad.yaml"
     file.write_text(f"name: {lab_name}\nsysctls:\n  net.core.netdev_max_backlog: 9\n{bad}")
     topo, _ = load_lab(str(file))
-    with pytest.raises(KernelError, match="no such sysctl: net.ipv4.no_such_knob"):
+    with pytest.raises(KernelError, match=r"no such sysctl: net\.ipv4\.no_such_knob"):
         build.up(topo, str(file))
     assert netns.list_labctl(lab_name) == []
     assert state.load(lab_name) is None
