@@ -54,13 +54,26 @@ class Builder:
         self.handles: dict[str, NodeLinks] = {}
         self.fresh: set[str] = set()  # nodes whose namespace this run created
         self.configured: set[tuple[str, str]] = set()  # interfaces fully set at creation
+        # lookups the steps make per interface, computed once (labs have thousands of links)
+        self.link_at: dict[tuple[str, str], Link] = {}
+        for link in topo.links:
+            for end in link.ends:
+                self.link_at[(end.node, end.interface)] = link
+        self.port_of: dict[tuple[str, str], str] = {
+            (node, port): bridge
+            for node, spec in topo.nodes.items()
+            for bridge, config in spec.bridges.items()
+            for port in config.ports
+        }
+        self.wanted_interfaces: dict[str, set[str]] = {
+            node: {"lo"} | set(spec.bridges) for node, spec in topo.nodes.items()
+        }
+        for node, ifname in self.link_at:
+            self.wanted_interfaces[node].add(ifname)
 
     # -- the plan's vocabulary -------------------------------------------
     def bridge_of(self, end: Endpoint) -> str | None:
-        for bridge, config in self.topo.nodes[end.node].bridges.items():
-            if end.interface in config.ports:
-                return bridge
-        return None
+        return self.port_of.get((end.node, end.interface))
 
     def attrs(self, node: str, ifname: str, link: Link | None = None) -> LinkAttrs:
         cfg = self.topo.nodes[node].interfaces.get(ifname)
@@ -92,7 +105,7 @@ class Builder:
         for node, handle in self.handles.items():
             if node in self.fresh:
                 continue
-            wanted = self.topo.interface_names(node)
+            wanted = self.wanted_interfaces[node]
             for ifname in list(handle.index):
                 if ifname not in wanted and ifname in handle.index:
                     handle.delete(ifname)
@@ -138,15 +151,11 @@ class Builder:
     def configure(self) -> None:
         for node, handle in self.handles.items():
             handle.refresh()
-            for ifname in self.topo.interface_names(node):
+            for ifname in self.wanted_interfaces[node]:
                 if (node, ifname) in self.configured or ifname in self.topo.nodes[node].bridges:
                     continue
-                link = self._link_of(node, ifname)
+                link = self.link_at.get((node, ifname))
                 handle.configure(ifname, self.attrs(node, ifname, link) if ifname != "lo" else LinkAttrs())
-
-    def _link_of(self, node: str, ifname: str) -> Link | None:
-        found = self.topo.link_interfaces(node).get(ifname)
-        return self.topo.links[found[0]] if found else None
 
     def addresses_and_routes(self) -> None:
         for node, spec in self.topo.nodes.items():
