@@ -123,5 +123,23 @@ def graph(
     console.print(f"wrote {output}")
 
 
+@app.command()
+@reports_errors
+def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = Path("labs")) -> None:
+    """Build every lab in FOLDER, show it, and take it down again."""
+    from labctl.lab import build
+    from labctl.lab.labfile import load_lab
+    from labctl.lab.status import lab_status
+
+    require_root()
+    for file in sorted(folder.glob("*.yaml")):
+        topo, _ = load_lab(str(file))
+        build.up(topo, str(file))
+        try:
+            render.status(lab_status(topo.name))
+        finally:
+            build.down(topo.name)
+
+
 def main() -> None:
     app()
