@@ -9,7 +9,7 @@ exact is the rule, bounds are for what is statistical (backlog overflow).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
