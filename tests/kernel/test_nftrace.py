@@ -1,0 +1,328 @@
+"""Hook order as an ordered kernel trace (NFLOG + nfnetlink_log sequence numbers).
+
+Routed topology::
+
+    a (10.99.1.1) -- r (10.99.1.254 | 10.99.2.254, forwarding) -- b (10.99.2.1)
+
+Bridged topology::
+
+    h1 (10.99.3.1) -- p1 [br0 in br] p2 -- h2 (10.99.3.2)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from pyroute2 import IPRoute
+
+from labctl.kernel import ebtables, iptables, netns, nftrace, sysctl
+from labctl.kernel.nftrace import HookTracer
+from tests.hostcheck import host_snapshot
+
+UDP = "-p udp --dport 5000"
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+# --------------------------------------------------------------------------
+# pure parsing
+
+
+def _nlmsg(kind: int, body: bytes, flags: int = 0) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, 0, 0) + body
+
+
+def test_parse_packet_message() -> None:
+    attrs = (
+        nftrace._attr(nftrace.NFULA_PACKET_HDR, struct.pack("!HBx", 0x0800, 2))
+        + nftrace._attr(nftrace.NFULA_PREFIX, b"lt1|ip|filter|FORWARD\0")
+        + nftrace._attr(nftrace.NFULA_SEQ, struct.pack("!I", 41))
+        + nftrace._attr(nftrace.NFULA_MARK, struct.pack("!I", 7))
+        + nftrace._attr(nftrace.NFULA_IFINDEX_INDEV, struct.pack("!I", 3))
+        + nftrace._attr(nftrace.NFULA_PAYLOAD, bytes.fromhex("450000200001") + bytes(14))
+    )
+    body = struct.pack("=BBH", socket.AF_INET, 0, socket.htons(9)) + attrs
+    ack = _nlmsg(nftrace.NLMSG_ERROR, struct.pack("=i", 0) + bytes(16))
+    messages, errors = nftrace.parse_datagram(_nlmsg(nftrace.NFNL_SUBSYS_ULOG << 8, body) + ack)
+    assert errors == [0]
+    (msg,) = messages
+    assert (msg.family, msg.hook, msg.prefix, msg.seq, msg.mark, msg.indev) == (
+        socket.AF_INET,
+        2,
+        "lt1|ip|filter|FORWARD",
+        41,
+        7,
+        3,
+    )
+    assert nftrace.hook_name(msg.hook) == "FORWARD"
+
+
+def test_ebtables_match_translation() -> None:
+    assert nftrace.ebtables_match("-p udp --dport 5000 -d 10.0.0.1") == (
+        "-p IPv4 --ip-proto udp --ip-dport 5000 --ip-dst 10.0.0.1"
+    )
+    assert nftrace.ebtables_match("") == ""
+    with pytest.raises(ValueError):
+        nftrace.ebtables_match("-m mark --mark 1")
+
+
+# --------------------------------------------------------------------------
+# kernel
+
+
+def root_firewall() -> dict[str, str]:
+    """The root namespace's firewall (legacy and nft), counters and timestamps masked."""
+    snapshot = host_snapshot()
+    with open("/proc/net/ip_tables_names") as f:
+        tables = " ".join(sorted(f.read().split()))
+    return {key: snapshot[key] for key in ("iptables-legacy", "iptables-nft", "nft")} | {"xtables": tables}
+
+
+@pytest.fixture(scope="module")
+def root_untouched() -> Iterator[None]:
+    before = root_firewall()
+    yield
+    assert root_firewall() == before
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    return int(ipr.link_lookup(ifname=ifname)[0])
+
+
+class Lab:
+    def __init__(self, tag: str) -> None:
+        self.lab = f"t{os.getpid()}{tag}"
+        self.namespaces: list[str] = []
+
+    def node(self, name: str) -> str:
+        ns = netns.namespace_name(self.lab, name)
+        netns.create(ns)
+        self.namespaces.append(ns)
+        sysctl.write_many({"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}, ns)
+        return ns
+
+    def veth(self, a: str, if_a: str, b: str, if_b: str, address: str | None = None) -> None:
+        fd = os.open(netns.path(b), os.O_RDONLY)
+        try:
+            with netns.netlink(a) as ipr:
+                ipr.link("add", ifname=if_a, kind="veth", peer={"ifname": if_b, "net_ns_fd": fd})
+                ipr.link("set", index=_index(ipr, if_a), state="up")
+                if address:
+                    ipr.addr("add", index=_index(ipr, if_a), address=address, prefixlen=24)
+        finally:
+            os.close(fd)
+        with netns.netlink(b) as ipr:
+            ipr.link("set", index=_index(ipr, if_b), state="up")
+
+    def addr(self, ns: str, ifname: str, address: str) -> None:
+        with netns.netlink(ns) as ipr:
+            ipr.addr("add", index=_index(ipr, ifname), address=address, prefixlen=24)
+
+    def route(self, ns: str, dst: str, gateway: str) -> None:
+        with netns.netlink(ns) as ipr:
+            ipr.route("add", dst=dst, gateway=gateway)
+
+    def close(self) -> None:
+        for ns in self.namespaces:
+            netns.remove(ns)
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest, root_untouched: None) -> Iterator[Lab]:
+    built = Lab(str(abs(hash(request.node.name)) % 10000))
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.fixture
+def routed(lab: Lab) -> tuple[str, str, str]:
+    a, r, b = lab.node("a"), lab.node("r"), lab.node("b")
+    lab.veth(a, "eth0", r, "eth0", "10.99.1.1")
+    lab.veth(r, "eth1", b, "eth0", "10.99.2.254")
+    lab.addr(r, "eth0", "10.99.1.254")
+    lab.addr(b, "eth0", "10.99.2.1")
+    lab.route(a, "10.99.2.0/24", "10.99.1.254")
+    lab.route(b, "10.99.1.0/24", "10.99.2.254")
+    sysctl.write_many({"net.ipv4.ip_forward": "1"}, r)
+    return a, r, b
+
+
+def exchange(a: str, b: str, count: int = 1) -> int:
+    """Send ``count`` datagrams a -> b:5000 from one socket; how many arrived."""
+    with netns.entered(b):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with netns.entered(a):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    arrived = 0
+    with listener, sender:
+        listener.bind(("10.99.2.1", 5000))
+        listener.settimeout(0.5)
+        for _ in range(count):
+            sender.sendto(b"traced", ("10.99.2.1", 5000))
+            try:
+                listener.recv(100)
+                arrived += 1
+            except TimeoutError:
+                pass
+    return arrived
+
+
+def names(tracer: HookTracer) -> list[str]:
+    return [step.name for step in tracer.steps()]
+
+
+@root_only
+def test_local_delivery_order(routed: tuple[str, str, str]) -> None:
+    a, _r, b = routed
+    with HookTracer(b, match=UDP, conntrack=True) as tracer:
+        assert exchange(a, b) == 1
+    assert names(tracer) == [
+        "ip:raw:PREROUTING",
+        "ip:mangle:PREROUTING",
+        "ip:nat:PREROUTING",
+        "ip:mangle:INPUT",
+        "ip:filter:INPUT",
+        "ip:nat:INPUT",  # nat INPUT (SNAT, prio 100) is last
+    ]
+    steps = tracer.steps()
+    assert [s.seq for s in steps] == sorted(s.seq for s in steps)
+    assert {s.ifin for s in steps} == {"eth0"}
+
+
+@root_only
+def test_forward_order(routed: tuple[str, str, str]) -> None:
+    a, r, b = routed
+    with HookTracer(r, match=UDP, conntrack=True) as tracer:
+        assert exchange(a, b) == 1
+    assert names(tracer) == [
+        "ip:raw:PREROUTING",
+        "ip:mangle:PREROUTING",
+        "ip:nat:PREROUTING",
+        "ip:mangle:FORWARD",
+        "ip:filter:FORWARD",
+        "ip:mangle:POSTROUTING",
+        "ip:nat:POSTROUTING",
+    ]
+    forward = [s for s in tracer.steps() if s.chain == "FORWARD"]
+    assert {(s.ifin, s.ifout) for s in forward} == {("eth0", "eth1")}
+
+
+@root_only
+def test_local_output_order(routed: tuple[str, str, str]) -> None:
+    a, _r, b = routed
+    with HookTracer(a, match=UDP, conntrack=True) as tracer:
+        assert exchange(a, b) == 1
+    assert names(tracer) == [
+        "ip:raw:OUTPUT",
+        "ip:mangle:OUTPUT",
+        "ip:nat:OUTPUT",
+        "ip:filter:OUTPUT",
+        "ip:mangle:POSTROUTING",
+        "ip:nat:POSTROUTING",
+    ]
+
+
+@root_only
+def test_nat_sees_only_the_first_packet_of_a_flow(routed: tuple[str, str, str]) -> None:
+    a, r, b = routed
+    with HookTracer(r, match=UDP, conntrack=True) as tracer:
+        assert exchange(a, b, count=3) == 3
+    per_chain = [s.name for s in tracer.steps()]
+    assert per_chain.count("ip:filter:FORWARD") == 3
+    assert per_chain.count("ip:nat:PREROUTING") == 1
+    assert per_chain.count("ip:nat:POSTROUTING") == 1
+
+
+@root_only
+def test_without_conntrack_nat_chains_never_run(routed: tuple[str, str, str]) -> None:
+    a, _r, b = routed
+    with HookTracer(b, match=UDP) as tracer:
+        assert exchange(a, b) == 1
+    assert names(tracer) == [
+        "ip:raw:PREROUTING",
+        "ip:mangle:PREROUTING",
+        "ip:mangle:INPUT",
+        "ip:filter:INPUT",
+    ]
+
+
+@root_only
+def test_drop_ends_the_packet_accept_ends_only_the_table(routed: tuple[str, str, str]) -> None:
+    a, _r, b = routed
+    iptables.apply_rules(b, [f"-t mangle -A INPUT {UDP} -j ACCEPT", f"-A INPUT {UDP} -j DROP"])
+    with HookTracer(b, match=UDP, conntrack=True) as tracer:
+        assert exchange(a, b) == 0
+    # ACCEPT in mangle INPUT did not stop filter INPUT; DROP there stopped nat INPUT
+    assert names(tracer)[-2:] == ["ip:mangle:INPUT", "ip:filter:INPUT"]
+
+
+@root_only
+def test_mark_from_mangle_is_seen_later_not_earlier(routed: tuple[str, str, str]) -> None:
+    a, r, b = routed
+    iptables.apply_rules(r, ["-t mangle -A PREROUTING -p udp -j MARK --set-mark 7"])
+    with HookTracer(r, match=UDP) as tracer:
+        assert exchange(a, b) == 1
+    marks = {s.name: s.mark for s in tracer.steps()}
+    assert marks["ip:raw:PREROUTING"] == 0
+    assert marks["ip:mangle:PREROUTING"] == 0  # the trace rule runs before the MARK rule
+    assert marks["ip:filter:FORWARD"] == 7
+
+
+@root_only
+def test_trace_rules_are_removed_and_counters_kept(routed: tuple[str, str, str]) -> None:
+    a, r, b = routed
+    iptables.apply_rules(r, [f"-A FORWARD {UDP} -j ACCEPT"])
+    assert exchange(a, b) == 1
+    before = [x.rule for x in iptables.list_rules(r) if x.position]
+    with HookTracer(r, match=UDP, bridge_tables=("filter",)) as tracer:
+        assert exchange(a, b) == 1
+        assert any(tracer.tag in x.rule for x in iptables.list_rules(r))
+    # tables the trace needed stay instantiated (legacy xtables), but empty again
+    assert [x.rule for x in iptables.list_rules(r) if x.position] == before
+    forward = [x for x in iptables.list_rules(r, ["filter"]) if x.chain == "FORWARD" and x.position]
+    assert [x.packets for x in forward] == [2]
+    assert ebtables.existing_tables(r) == []  # the bridge table only the tracer made is gone
+
+
+@root_only
+def test_bridged_order_with_br_netfilter(lab: Lab) -> None:
+    h1, br, h2 = lab.node("h1"), lab.node("br"), lab.node("h2")
+    lab.veth(h1, "eth0", br, "p1", "10.99.3.1")
+    lab.veth(h2, "eth0", br, "p2", "10.99.3.2")
+    with netns.netlink(br) as ipr:
+        ipr.link("add", ifname="br0", kind="bridge")
+        for port in ("p1", "p2"):
+            ipr.link("set", index=_index(ipr, port), master=_index(ipr, "br0"))
+        ipr.link("set", index=_index(ipr, "br0"), state="up")
+    sysctl.write_many({"net.bridge.bridge-nf-call-iptables": "1"}, br)
+    with HookTracer(br, match=UDP, bridge_tables=("nat", "filter"), conntrack=True) as tracer:
+        with netns.entered(h2):
+            listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with netns.entered(h1):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with listener, sender:
+            listener.bind(("10.99.3.2", 5000))
+            listener.settimeout(2.0)
+            sender.sendto(b"bridged", ("10.99.3.2", 5000))
+            assert listener.recv(100) == b"bridged"
+    assert names(tracer) == [
+        "bridge:nat:PREROUTING",
+        "ip:raw:PREROUTING",
+        "ip:mangle:PREROUTING",
+        "ip:nat:PREROUTING",
+        "bridge:filter:FORWARD",
+        "ip:mangle:FORWARD",
+        "ip:filter:FORWARD",
+        "bridge:nat:POSTROUTING",
+        "ip:mangle:POSTROUTING",
+        "ip:nat:POSTROUTING",
+    ]
+    steps = tracer.steps()
+    assert {(s.ifin, s.physin) for s in steps if s.chain == "PREROUTING"} == {("br0", "p1")}
+    assert {s.physout for s in steps if s.chain == "POSTROUTING"} == {"p2"}
+    assert ebtables.existing_tables(br) == []
