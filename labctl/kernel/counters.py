@@ -1,0 +1,252 @@
+"""Kernel counter snapshots, per lab namespace, and their deltas.
+
+Tracepoints say *which* packet went where; counters say *how many*, and they
+are what the notes' readers know (``netstat -s``, ``ip -s link``, ``tc -s``).
+A lab proves a claim with the delta of a counter across an experiment, so a
+snapshot is taken before and after and only what changed is reported.
+
+The protocol counters are per network namespace and must be read from the
+calling *thread's* namespace: :func:`labctl.kernel.netns.entered` moves only
+the thread, and ``/proc/self/net`` follows the process's main thread, so
+reads go through ``/proc/thread-self/net``.  softnet_stat is per CPU and
+global to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from labctl.kernel import netns
+
+SNMP_FILES = ("/proc/thread-self/net/snmp", "/proc/thread-self/net/netstat")
+SOFTNET_FILE = "/proc/net/softnet_stat"
+
+SOFTNET_COLUMNS = {
+    0: "processed",
+    1: "dropped",  # enqueue_to_backlog found input_pkt_queue full (netdev_max_backlog)
+    2: "time_squeeze",  # net_rx_action ran out of budget or time
+    8: "cpu_collision",
+    9: "received_rps",
+    10: "flow_limit_count",
+    11: "backlog_len",
+    12: "cpu",
+    13: "input_qlen",
+    14: "process_qlen",
+}
+"""Columns of /proc/net/softnet_stat by position (3-7 are unused leftovers of fastroute)."""
+
+QDISC_QUEUE_KEYS = ("qlen", "backlog", "drops", "requeues", "overlimits")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def parse_snmp(text: str) -> dict[str, int]:
+    """``Proto: names`` / ``Proto: values`` line pairs → {"Proto.Name": value}."""
+    counters: dict[str, int] = {}
+    lines = text.splitlines()
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        proto, _, names = header.partition(":")
+        vproto, _, numbers = values.partition(":")
+        if proto != vproto:
+            continue
+        for name, number in zip(names.split(), numbers.split(), strict=False):
+            with contextlib.suppress(ValueError):
+                counters[f"{proto}.{name}"] = int(number)
+    return counters
+
+
+def _read_snmp_here() -> dict[str, int]:
+    counters: dict[str, int] = {}
+    for path in SNMP_FILES:
+        with open(path) as f:
+            counters.update(parse_snmp(f.read()))
+    return counters
+
+
+@contextlib.contextmanager
+def _inside(namespace: str | None) -> Iterator[None]:
+    if namespace is None:
+        yield
+    else:
+        with netns.entered(namespace):
+            yield
+
+
+def snmp(namespace: str | None) -> dict[str, int]:
+    """Protocol counters (snmp + netstat) of ``namespace`` (the caller's own when None)."""
+    with _inside(namespace):
+        return _read_snmp_here()
+
+
+def parse_softnet(text: str) -> list[dict[str, Any]]:
+    """One dict per online CPU; columns this module does not know go to ``extra``."""
+    rows: list[dict[str, Any]] = []
+    for index, line in enumerate(text.splitlines()):
+        values = [int(column, 16) for column in line.split()]
+        row: dict[str, Any] = {"cpu": index}  # older kernels have no cpu column
+        extra: dict[str, int] = {}
+        for position, value in enumerate(values):
+            name = SOFTNET_COLUMNS.get(position)
+            if name is None:
+                extra[f"col{position}"] = value
+            else:
+                row[name] = value
+        row["extra"] = extra
+        rows.append(row)
+    return rows
+
+
+def softnet() -> list[dict[str, Any]]:
+    """Per-CPU backlog statistics; ``dropped`` is the netdev_max_backlog drop count."""
+    with open(SOFTNET_FILE) as f:
+        return parse_softnet(f.read())
+
+
+# --------------------------------------------------------------------------- netlink
+
+
+@contextlib.contextmanager
+def _netlink(namespace: str | None) -> Iterator[IPRoute]:
+    ipr = IPRoute() if namespace is None else netns.netlink(namespace)
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _links(ipr: IPRoute) -> dict[str, dict[str, int]]:
+    result: dict[str, dict[str, int]] = {}
+    for msg in ipr.get_links():
+        stats = msg.get("stats64")
+        if stats is None:
+            continue
+        result[msg.get("ifname")] = {k: int(v) for k, v in dict(stats).items()}
+    return result
+
+
+def _handle(value: int) -> str:
+    if value == 0xFFFFFFFF:
+        return "root"
+    return f"{value >> 16:x}:{value & 0xFFFF:x}" if value & 0xFFFF else f"{value >> 16:x}:"
+
+
+def _qdiscs(ipr: IPRoute) -> dict[str, dict[str, dict[str, int]]]:
+    names = {msg["index"]: msg.get("ifname") for msg in ipr.get_links()}
+    result: dict[str, dict[str, dict[str, int]]] = {}
+    for msg in ipr.get_qdiscs():
+        label = f"{msg.get('kind')} {_handle(msg['handle'])} parent {_handle(msg['parent'])}"
+        ifname = names.get(msg["index"], str(msg["index"]))
+        result.setdefault(ifname, {})[label] = _qdisc_counters(msg)
+    return result
+
+
+def _qdisc_counters(msg: Any) -> dict[str, int]:
+    counters: dict[str, int] = {}
+    stats2 = msg.get_attr("TCA_STATS2")
+    if stats2 is not None:
+        basic = stats2.get_attr("TCA_STATS_BASIC") or {}
+        queue = stats2.get_attr("TCA_STATS_QUEUE") or {}
+        counters["packets"] = int(basic.get("packets", 0))
+        counters["bytes"] = int(basic.get("bytes", 0))
+        for key in QDISC_QUEUE_KEYS:
+            counters[key] = int(queue.get(key, 0))
+        return counters
+    legacy = msg.get_attr("TCA_STATS") or {}
+    counters.update(packets=int(legacy.get("packets", 0)), bytes=int(legacy.get("bytes", 0)))
+    counters.update(drops=int(legacy.get("drop", 0)), qlen=int(legacy.get("qlen", 0)))
+    return counters
+
+
+def link_stats(namespace: str | None) -> dict[str, dict[str, int]]:
+    """stats64 of every interface of ``namespace``, by name, from one netlink dump."""
+    with _netlink(namespace) as ipr:
+        return _links(ipr)
+
+
+def qdisc_stats(namespace: str | None) -> dict[str, dict[str, dict[str, int]]]:
+    """{ifname: {"<kind> <handle> parent <parent>": counters}} for every qdisc of ``namespace``.
+
+    Qdiscs are listed one by one, not summed: a classful root counts what
+    its children also count.
+    """
+    with _netlink(namespace) as ipr:
+        return _qdiscs(ipr)
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@dataclass
+class NamespaceCounters:
+    snmp: dict[str, int]
+    links: dict[str, dict[str, int]]
+    qdisc: dict[str, dict[str, dict[str, int]]]
+
+    @classmethod
+    def read(cls, namespace: str | None) -> NamespaceCounters:
+        with _netlink(namespace) as ipr:
+            links, qdisc = _links(ipr), _qdiscs(ipr)
+        return cls(snmp(namespace), links, qdisc)
+
+
+@dataclass
+class Snapshot:
+    """Every counter of a set of namespaces, plus the host's softnet_stat, at one moment."""
+
+    taken_at: float
+    """time.monotonic() at the start of the snapshot (same clock as trace timestamps)."""
+    namespaces: dict[str, NamespaceCounters] = field(default_factory=dict)
+    softnet: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def take(cls, namespaces: Iterable[str]) -> Snapshot:
+        snapshot = cls(time.monotonic())
+        for name in namespaces:
+            snapshot.namespaces[name] = NamespaceCounters.read(name)
+        snapshot.softnet = softnet()
+        return snapshot
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """after - before for every int that changed, recursively; keys new in ``after`` count from 0."""
+    changed: dict[str, Any] = {}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, Mapping):
+            sub = _diff(old if isinstance(old, Mapping) else {}, value)
+            if sub:
+                changed[key] = sub
+        elif isinstance(value, int) and not isinstance(value, bool):
+            diff = value - (old if isinstance(old, int) else 0)
+            if diff:
+                changed[key] = diff
+    return changed
+
+
+def _softnet_by_cpu(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {str(row["cpu"]): {k: v for k, v in row.items() if k != "cpu"} for row in rows}
+
+
+def delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
+    """What changed between two snapshots, as plain JSON-ready dicts (unchanged counters omitted)."""
+    namespaces = _diff(
+        {name: asdict(c) for name, c in before.namespaces.items()},
+        {name: asdict(c) for name, c in after.namespaces.items()},
+    )
+    result: dict[str, Any] = {"seconds": round(after.taken_at - before.taken_at, 6)}
+    if namespaces:
+        result["namespaces"] = namespaces
+    cpus = _diff(_softnet_by_cpu(before.softnet), _softnet_by_cpu(after.softnet))
+    if cpus:
+        result["softnet"] = cpus
+    return result
