@@ -1,0 +1,685 @@
+"""AF_PACKET capture and injection inside a node's network namespace.
+
+A packet socket is the kernel's own tap on a device: ``dev_queue_xmit_nit``
+hands it every outgoing frame after the qdisc, ``__netif_receive_skb`` every
+incoming one before the IP layer.  That is why a capture here is *evidence*:
+a frame captured and then dropped by netfilter proves where the drop was.
+
+* :class:`Capture` opens the socket inside the namespace (so it sees only that
+  node's devices), attaches a BPF program compiled from tcpdump syntax by
+  libpcap itself, and reads through a TPACKET_V3 ring so that bursts of
+  hundreds of thousands of frames are queued in the kernel without a syscall
+  per frame.  ``PACKET_STATISTICS`` says when the ring overflowed.
+* :class:`Injector` sends one prebuilt frame many times with ``sendmmsg``
+  batches -- no Scapy in the loop -- through the qdisc unless asked to bypass it.
+* :func:`write_tap` feeds a frame to a tap fd, the way a VM's NIC does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import functools
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+
+from labctl.kernel import netns
+
+if TYPE_CHECKING:
+    from scapy.packet import Packet
+
+# <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>, <linux/sockios.h>
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_QDISC_BYPASS = 20
+TPACKET_V3 = 2
+SO_ATTACH_FILTER = 26
+SO_SNDBUFFORCE = 32
+SIOCGIFNAME = 0x8910
+SIOCGIFINDEX = 0x8933
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+TPACKET3_HDRLEN = 48  # TPACKET_ALIGN(sizeof(struct tpacket3_hdr)); sockaddr_ll follows
+
+# pcap-linktype.h / DLT values as libpcap's pcap_open_dead() takes them
+DLT_EN10MB = 1
+DLT_RAW = 12
+DEFAULT_SNAPLEN = 262144
+
+PACKET_TYPES = {
+    0: "host",
+    1: "broadcast",
+    2: "multicast",
+    3: "otherhost",
+    4: "outgoing",
+    5: "loopback",
+    6: "user",
+    7: "kernel",
+}
+
+Direction = Literal["in", "out"]
+SockFilter = tuple[int, int, int, int]
+"""One classic BPF instruction: (code, jt, jf, k), as in ``struct sock_filter``."""
+
+
+class CaptureError(RuntimeError):
+    """A capture could not be set up (bad filter, missing interface, ...)."""
+
+
+class InjectError(RuntimeError):
+    """Frames cannot be sent at all (no such interface, frame the device refuses)."""
+
+
+# ---------------------------------------------------------------- libpcap / BPF
+
+
+class _BpfInsn(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_ushort),
+        ("jt", ctypes.c_ubyte),
+        ("jf", ctypes.c_ubyte),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _BpfProgram(ctypes.Structure):
+    _fields_ = [("bf_len", ctypes.c_uint), ("bf_insns", ctypes.POINTER(_BpfInsn))]
+
+
+_pcap_lock = threading.Lock()  # libpcap's parser is not reentrant on every version
+_PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
+
+
+@functools.cache
+def _libpcap() -> ctypes.CDLL:
+    name = ctypes.util.find_library("pcap")
+    if name is None:
+        raise CaptureError("libpcap is not installed (Debian: libpcap0.8); it compiles capture filters")
+    lib = ctypes.CDLL(name)
+    lib.pcap_open_dead.restype = ctypes.c_void_p
+    lib.pcap_open_dead.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.pcap_compile.restype = ctypes.c_int
+    lib.pcap_compile.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(_BpfProgram),
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_uint32,
+    ]
+    lib.pcap_geterr.restype = ctypes.c_char_p
+    lib.pcap_geterr.argtypes = [ctypes.c_void_p]
+    lib.pcap_freecode.argtypes = [ctypes.POINTER(_BpfProgram)]
+    lib.pcap_close.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def compile_filter(expr: str, *, linktype: int = DLT_EN10MB, snaplen: int = DEFAULT_SNAPLEN) -> list[SockFilter]:
+    """Compile tcpdump filter syntax to classic BPF with libpcap (what tcpdump does).
+
+    A "dead" pcap handle is enough: no device is opened, so this works for a
+    device that lives in another namespace.  Raises :class:`CaptureError`
+    carrying libpcap's own message for a bad expression.
+    """
+    lib = _libpcap()
+    with _pcap_lock:
+        handle = lib.pcap_open_dead(linktype, snaplen)
+        if not handle:
+            raise CaptureError("libpcap could not open a dead handle")
+        prog = _BpfProgram()
+        try:
+            if lib.pcap_compile(handle, ctypes.byref(prog), expr.encode(), 1, _PCAP_NETMASK_UNKNOWN) != 0:
+                message = (lib.pcap_geterr(handle) or b"unknown error").decode(errors="replace")
+                raise CaptureError(f"bad capture filter {expr!r}: {message}")
+            insns = [(i.code, i.jt, i.jf, i.k) for i in prog.bf_insns[: prog.bf_len]]
+            lib.pcap_freecode(ctypes.byref(prog))
+            return insns
+        finally:
+            lib.pcap_close(handle)
+
+
+def attach_filter(sock: socket.socket, program: Sequence[SockFilter]) -> None:
+    """SO_ATTACH_FILTER: the kernel runs ``program`` on each skb before queueing it."""
+    array = (_BpfInsn * len(program))(*[_BpfInsn(*insn) for insn in program])
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(array))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+# ---------------------------------------------------------------- interfaces
+
+
+def _ifindex(sock: socket.socket, ifname: str) -> int:
+    """Index of ``ifname`` in the *socket's* namespace (ioctls resolve there)."""
+    try:
+        reply = fcntl.ioctl(sock.fileno(), SIOCGIFINDEX, struct.pack("16si", ifname.encode(), 0))
+    except OSError as exc:
+        raise OSError(exc.errno, f"no interface {ifname!r}") from exc
+    return int(struct.unpack("16si", reply)[1])
+
+
+def _ifname(sock: socket.socket, ifindex: int) -> str:
+    try:
+        reply = fcntl.ioctl(sock.fileno(), SIOCGIFNAME, struct.pack("16si", b"", ifindex))
+    except OSError:
+        return f"if{ifindex}"  # the device went away since the frame was queued
+    return struct.unpack("16si", reply)[0].split(b"\0", 1)[0].decode()
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _bind_packet(sock: socket.socket, ifindex: int, protocol: int) -> None:
+    """bind() with a raw sockaddr_ll: Python's own AF_PACKET bind cannot say ifindex 0 (= all)."""
+    addr = struct.pack("HHiHBB8s", socket.AF_PACKET, socket.htons(protocol), ifindex, 0, 0, 0, b"")
+    if _libc.bind(sock.fileno(), addr, len(addr)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _packet_socket(namespace: str) -> socket.socket:
+    """A packet socket of that namespace, protocol 0 so it receives nothing yet."""
+    with netns.entered(namespace):
+        return socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+
+
+# ---------------------------------------------------------------- frames and pcap
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One captured frame, with where and which way the kernel saw it."""
+
+    timestamp_ns: int
+    ifname: str
+    pkttype: str
+    data: bytes
+    wire_len: int
+
+    @property
+    def timestamp(self) -> float:
+        return self.timestamp_ns / 1e9
+
+    @property
+    def direction(self) -> Direction:
+        """'out' for frames the node transmitted, 'in' for everything it received."""
+        return "out" if self.pkttype == "outgoing" else "in"
+
+    def scapy(self) -> Packet:
+        """Decode with Scapy (imported only here: the capture path never needs it)."""
+        from scapy.layers.l2 import Ether
+
+        return Ether(self.data)
+
+
+_PCAP_MAGIC_NS = 0xA1B23C4D
+
+
+def write_pcap(path: str | os.PathLike[str], frames: Iterable[Frame], snaplen: int = DEFAULT_SNAPLEN) -> int:
+    """Write a nanosecond pcap (linktype Ethernet) that tcpdump, tshark and Scapy read."""
+    count = 0
+    with open(path, "wb") as out:
+        out.write(struct.pack("=IHHiIII", _PCAP_MAGIC_NS, 2, 4, 0, 0, snaplen, DLT_EN10MB))
+        for frame in frames:
+            _write_record(out, frame)
+            count += 1
+    return count
+
+
+def _write_record(out: BinaryIO, frame: Frame) -> None:
+    sec, nsec = divmod(frame.timestamp_ns, 1_000_000_000)
+    out.write(struct.pack("=IIII", sec, nsec, len(frame.data), max(frame.wire_len, len(frame.data))))
+    out.write(frame.data)
+
+
+# ---------------------------------------------------------------- capture
+
+
+@dataclass(frozen=True)
+class CaptureStats:
+    """PACKET_STATISTICS summed over the capture's life.
+
+    ``packets`` counts frames that passed the filter (kernel side), including
+    the ``drops`` the ring had no room for; ``frames`` is what was read.
+    """
+
+    packets: int
+    drops: int
+    freeze_queue: int
+    frames: int
+
+    @property
+    def lost(self) -> bool:
+        return self.drops > 0
+
+
+@dataclass
+class _Ring:
+    """Geometry of the TPACKET_V3 receive ring."""
+
+    block_size: int
+    block_nr: int
+    retire_ms: int
+
+    def request(self) -> bytes:
+        frame_size = 2048  # unused by V3 except for the kernel's sanity checks
+        frames = self.block_size // frame_size * self.block_nr
+        return struct.pack("7I", self.block_size, self.block_nr, frame_size, frames, self.retire_ms, 0, 0)
+
+
+@dataclass
+class Capture:
+    """Frames on ``ifname`` (all devices when None) of ``namespace``, filtered in the kernel.
+
+    The socket exists from construction on, so traffic sent afterwards is
+    queued even if nobody reads yet: either ``read()`` after the traffic, or
+    use the capture as a context manager (or ``start()``) to collect in a
+    background thread until ``count`` frames, ``timeout`` seconds or
+    ``stop()``.
+    """
+
+    namespace: str
+    ifname: str | None = None
+    bpf_filter: str | None = None
+    count: int | None = None
+    timeout: float | None = None
+    ring_bytes: int = 32 << 20
+    block_bytes: int = 256 << 10
+    retire_ms: int = 5
+    snaplen: int = DEFAULT_SNAPLEN
+    _frames: list[Frame] = field(default_factory=list, init=False, repr=False)
+    _blocks: list[tuple[bytes, int, int]] = field(default_factory=list, init=False, repr=False)
+    _taken: int = field(default=0, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _totals: list[int] = field(default_factory=lambda: [0, 0, 0], init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)
+    _block: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        program = compile_filter(self.bpf_filter, snaplen=self.snaplen) if self.bpf_filter else None
+        self._ring = _Ring(self.block_bytes, max(1, self.ring_bytes // self.block_bytes), self.retire_ms)
+        self._sock = _packet_socket(self.namespace)
+        try:
+            self._setup(program)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._wake_r, self._wake_w = os.pipe()
+        self._deadline: float | None = None
+
+    def _setup(self, program: list[SockFilter] | None) -> None:
+        """Filter and ring first, bind last: no unfiltered frame can slip in."""
+        sock = self._sock
+        where = f"{self.ifname or 'all interfaces'} in {self.namespace}"
+        try:
+            if program is not None:
+                attach_filter(sock, program)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, self._ring.request())
+        except OSError as exc:
+            raise CaptureError(f"cannot set up the capture ring on {where} ({self._ring}): {exc.strerror}") from exc
+        self._map = mmap.mmap(sock.fileno(), self._ring.block_size * self._ring.block_nr)
+        try:
+            ifindex = _ifindex(sock, self.ifname) if self.ifname else 0
+            _bind_packet(sock, ifindex, ETH_P_ALL)
+        except OSError as exc:
+            self._map.close()
+            raise CaptureError(f"cannot capture on {where}: {exc.strerror}") from exc
+
+    # -- ring reading
+
+    def _block_offset(self, index: int) -> int:
+        return index * self._ring.block_size
+
+    def _drain_ready(self) -> bool:
+        """Take every block the kernel has handed over; False when count is reached."""
+        while True:
+            offset = self._block_offset(self._block)
+            if not struct.unpack_from("I", self._map, offset + 8)[0] & TP_STATUS_USER:
+                return True
+            self._read_block(offset)
+            struct.pack_into("I", self._map, offset + 8, TP_STATUS_KERNEL)  # give it back
+            self._block = (self._block + 1) % self._ring.block_nr
+            if self._count_reached():
+                return False
+
+    def _read_block(self, offset: int) -> None:
+        """Copy the block out of the ring in one slice; frames are parsed when asked for.
+
+        Parsing in Python costs about a microsecond per frame; doing it here
+        would hold the GIL in the reader thread and slow down whatever else the
+        process does (an Injector, typically) while the burst is running.
+        """
+        num_pkts, first, used = struct.unpack_from("III", self._map, offset + 12)
+        take = num_pkts if self.count is None else min(num_pkts, self.count - self._taken)
+        if take > 0:
+            end = used if first < used <= self._ring.block_size else self._ring.block_size
+            with self._lock:
+                self._blocks.append((self._map[offset : offset + end], first, take))
+                self._taken += take
+
+    def _parse_pending(self) -> None:
+        with self._lock:
+            blocks, self._blocks = self._blocks, []
+        for data, first, take in blocks:
+            pos = first
+            for _ in range(take):
+                self._frames.append(self._parse(data, pos))
+                pos += struct.unpack_from("I", data, pos)[0]  # tp_next_offset
+
+    def _parse(self, block: bytes, pos: int) -> Frame:
+        _, sec, nsec, snaplen, wire_len, status, mac = struct.unpack_from("IIIIIIH", block, pos)
+        ifindex, _, pkttype = struct.unpack_from("iHB", block, pos + TPACKET3_HDRLEN + 4)
+        data = block[pos + mac : pos + mac + snaplen]
+        if status & TP_STATUS_VLAN_VALID:
+            data, wire_len = _reinsert_vlan(block, pos, status, data), wire_len + 4
+        kind = PACKET_TYPES.get(pkttype, str(pkttype))
+        return Frame(sec * 1_000_000_000 + nsec, self._name(ifindex), kind, data, wire_len)
+
+    def _name(self, ifindex: int) -> str:
+        name = self._names.get(ifindex)
+        if name is None:
+            name = self._names[ifindex] = _ifname(self._sock, ifindex)
+        return name
+
+    def _remember_interfaces(self) -> None:
+        """Names are looked up through the socket; keep the table for frames decoded after close."""
+        with contextlib.suppress(netns.NamespaceError, OSError), netns.entered(self.namespace):
+            for index, name in socket.if_nameindex():
+                self._names.setdefault(index, name)
+
+    def _count_reached(self) -> bool:
+        return self.count is not None and self._taken >= self.count
+
+    def _pending_in_open_block(self) -> bool:
+        """The block the kernel is filling already holds frames (retired within retire_ms)."""
+        offset = self._block_offset(self._block)
+        return bool(struct.unpack_from("I", self._map, offset + 12)[0])
+
+    def _wait_ready(self, timeout: float) -> bool:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN | select.POLLERR)
+        poller.register(self._wake_r, select.POLLIN)
+        events = poller.poll(max(0.0, timeout) * 1000)
+        return any(fd == self._sock.fileno() for fd, _ in events)
+
+    def _settle(self) -> None:
+        """Collect frames still sitting in the open block (the kernel retires it soon)."""
+        limit = time.monotonic() + max(0.05, 4 * self.retire_ms / 1000)
+        while self._drain_ready() and self._pending_in_open_block() and time.monotonic() < limit:
+            time.sleep(self.retire_ms / 2000)
+
+    # -- public API
+
+    def read(self, count: int | None = None, timeout: float = 0.0) -> list[Frame]:
+        """Frames queued so far (including a partly filled block), returned and kept.
+
+        With ``count``, keep waiting up to ``timeout`` seconds until that many
+        new frames have arrived.
+        """
+        if self._running():
+            raise CaptureError("capture is running in the background; call stop()")
+        start = len(self.frames)
+        target = self._taken + count if count is not None else 0
+        deadline = time.monotonic() + timeout
+        while self._drain_ready() and self._taken < target and time.monotonic() < deadline:
+            self._wait_ready(min(deadline - time.monotonic(), self.retire_ms / 1000 * 2))
+        self._settle()
+        return self.frames[start:]
+
+    def _running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Capture:
+        """Collect in a background thread until count, ``timeout`` seconds from now, or :meth:`stop`."""
+        if not self._running():
+            self._stop.clear()
+            self._deadline = time.monotonic() + self.timeout if self.timeout is not None else None
+            self._thread = threading.Thread(target=self._run, name=f"capture-{self.namespace}", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self._drain_ready():
+            remaining = 0.2 if self._deadline is None else self._deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wait_ready(min(remaining, 0.2))
+        if not self._count_reached():
+            self._settle()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the background capture ended by count or timeout."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def stop(self) -> list[Frame]:
+        """End background collection (after taking what is queued) and return all frames."""
+        if self._thread is not None:
+            self._stop.set()
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+            self._thread = None
+            os.read(self._wake_r, 1)
+        return self.frames
+
+    @property
+    def frames(self) -> list[Frame]:
+        """Every frame taken so far (decoding whatever blocks were copied since last asked)."""
+        self._parse_pending()
+        return list(self._frames)
+
+    def stats(self) -> CaptureStats:
+        """Kernel counters; the kernel resets them on each read, so they are summed here."""
+        if self._sock.fileno() >= 0:
+            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
+            for i, value in enumerate(struct.unpack("III", raw)):
+                self._totals[i] += value
+        packets, drops, freeze = self._totals
+        return CaptureStats(packets, drops, freeze, self._taken)
+
+    def write_pcap(self, path: str | os.PathLike[str]) -> int:
+        return write_pcap(path, self.frames, self.snaplen)
+
+    def close(self) -> None:
+        """Stop, keep the final statistics, release the ring and the socket."""
+        if self._sock.fileno() < 0:
+            return
+        self.stop()
+        self.stats()
+        self._remember_interfaces()
+        self._map.close()
+        self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> Capture:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _reinsert_vlan(block: bytes, pos: int, status: int, data: bytes) -> bytes:
+    """Put back the 802.1Q tag the device's VLAN offload moved into metadata (as libpcap does)."""
+    tci, tpid = struct.unpack_from("IH", block, pos + 32)
+    if not status & TP_STATUS_VLAN_TPID_VALID:
+        tpid = 0x8100
+    return data[:12] + struct.pack("!HH", tpid, tci & 0xFFFF) + data[12:]
+
+
+# ---------------------------------------------------------------- injection
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.POINTER(_Iovec)),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint)]
+
+
+_libc.sendmmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_Mmsghdr), ctypes.c_uint, ctypes.c_int]
+_libc.sendmmsg.restype = ctypes.c_int
+
+# errors that say the frame or device is unusable: repeating the send is pointless
+_FATAL_SEND_ERRORS = frozenset({errno.EMSGSIZE, errno.EINVAL, errno.ENXIO, errno.ENODEV, errno.EFAULT})
+_ERRNO_UNREPORTED = -1  # internal marker; recorded as errno 0 in Injector.errors
+_SINGLE_AFTER_ERROR = 1024
+
+
+class Injector:
+    """Send a prebuilt frame out of ``ifname`` in ``namespace`` through AF_PACKET.
+
+    The frame goes through ``dev_queue_xmit`` (qdisc, then the driver, with
+    AF_PACKET taps seeing it as outgoing) unless ``qdisc_bypass``; with bypass
+    the driver is called directly and taps on the sending node see nothing.
+    Each frame is attempted exactly once: ``send`` returns how many the kernel
+    accepted and ``errors`` maps errno -> frames refused (e.g. ENOBUFS when the
+    qdisc dropped them; 0 when sendmmsg did not say).
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        ifname: str,
+        *,
+        qdisc_bypass: bool = False,
+        batch: int = 512,
+        sndbuf: int | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.ifname = ifname
+        self.batch = max(1, batch)
+        self.errors: dict[int, int] = {}
+        self._sock = _packet_socket(namespace)
+        try:
+            if qdisc_bypass:
+                self._sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            if sndbuf is not None:
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
+            # protocol 0: the socket never receives, so it needs no reader
+            _bind_packet(self._sock, _ifindex(self._sock, ifname), 0)
+        except OSError as exc:
+            self._sock.close()
+            raise InjectError(f"cannot inject on {ifname} in {namespace}: {exc.strerror}") from exc
+
+    def send(self, frame: bytes, count: int = 1, rate: float | None = None) -> int:
+        """Send ``frame`` ``count`` times, at ``rate`` frames/s if given; return frames sent.
+
+        sendmmsg stops at the first refused frame and, when some frames of the
+        batch went out, does not report why.  That frame is counted under
+        errno 0 and the next :data:`_SINGLE_AFTER_ERROR` frames go one per call,
+        so further refusals (typically a run of qdisc drops) get their errno.
+        """
+        self.errors = {}
+        buf = ctypes.create_string_buffer(frame, len(frame))
+        iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), len(frame))
+        batch = self.batch if rate is None else max(1, min(self.batch, int(rate / 1000)))
+        msgs = (_Mmsghdr * batch)()
+        for msg in msgs:
+            msg.msg_hdr.msg_iov = ctypes.pointer(iov)
+            msg.msg_hdr.msg_iovlen = 1
+        fd = self._sock.fileno()
+        sent = attempted = single_until = 0
+        start = time.perf_counter()
+        while attempted < count:
+            if rate is not None:
+                _pace(start + attempted / rate)
+            n = 1 if attempted < single_until else min(batch, count - attempted)
+            done = _libc.sendmmsg(fd, msgs, n, 0)
+            failed = 0
+            if done < 0:
+                failed, done = ctypes.get_errno(), 0
+                if failed == errno.EINTR:
+                    continue
+            elif done < n:
+                failed = _ERRNO_UNREPORTED
+            sent += done
+            attempted += done
+            if failed:
+                self._failed(failed)
+                attempted += 1
+                single_until = attempted + _SINGLE_AFTER_ERROR
+        return sent
+
+    def _failed(self, code: int) -> None:
+        if code in _FATAL_SEND_ERRORS:
+            raise InjectError(f"sending on {self.ifname} in {self.namespace}: {os.strerror(code)}")
+        key = max(code, 0)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Injector:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _pace(target: float) -> None:
+    """Sleep until ``target`` (perf_counter time); sleeping is coarse, so spin the last 200 us."""
+    while (delay := target - time.perf_counter()) > 0:
+        if delay > 0.0002:
+            time.sleep(delay - 0.0002)
+
+
+def inject(
+    namespace: str,
+    ifname: str,
+    frame: bytes,
+    count: int = 1,
+    rate: float | None = None,
+    **options: Any,
+) -> int:
+    """One-shot :class:`Injector` for callers that send a single burst."""
+    with Injector(namespace, ifname, **options) as injector:
+        return injector.send(frame, count, rate)
+
+
+def write_tap(fd: int, frame: bytes) -> int:
+    """Write one frame on a tap fd (IFF_TAP|IFF_NO_PI): it enters the host as if from a NIC."""
+    return os.write(fd, frame)

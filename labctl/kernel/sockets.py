@@ -1,0 +1,248 @@
+"""A node's own UDP sockets: the end points of the receive and send paths.
+
+Frames injected with AF_PACKET skip the sender's stack; the experiments about
+the socket layer need real sockets owned by the node's namespace:
+
+* :class:`UdpListener` is the receiving application.  Its knobs are the
+  kernel's drop points at the end of the receive path: ``socket_filter``
+  (``sk_filter`` -> SKB_DROP_REASON_SOCKET_FILTER), ``rcvbuf`` with
+  ``read=False`` (a full receive queue -> SOCKET_RCVBUFF), and a reader
+  thread that empties the queue like ``recvfrom`` in a real server.
+* :func:`send_udp` is the sending application: its datagrams go through
+  OUTPUT, routing, POSTROUTING, the neighbour layer and the qdisc, and the
+  errno it gets back (EPERM from a netfilter DROP, ENETUNREACH without a
+  route) is part of the evidence, so it is returned, not raised.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from labctl.kernel import netns
+from labctl.kernel.packet import DLT_RAW, SockFilter, attach_filter, compile_filter
+
+SO_RCVBUFFORCE = 33
+SO_MEMINFO = 55
+SK_MEMINFO_RMEM_ALLOC, SK_MEMINFO_RCVBUF, SK_MEMINFO_DROPS = 0, 1, 8
+SK_MEMINFO_VARS = 9
+
+DROP_ALL = "drop-all"
+_RET_ZERO: list[SockFilter] = [(0x06, 0, 0, 0)]  # BPF_RET|BPF_K 0: keep 0 bytes = drop
+
+# classic BPF opcode fields (<linux/bpf_common.h>)
+_BPF_LD, _BPF_LDX = 0x00, 0x01
+_BPF_ABS, _BPF_IND, _BPF_LEN, _BPF_MSH = 0x20, 0x40, 0x80, 0xA0
+_SKF_NET_OFF = -0x100000
+
+
+class SocketFilterError(ValueError):
+    """A tcpdump expression cannot be used as a UDP socket filter."""
+
+
+def udp_socket_filter(expr: str) -> list[SockFilter]:
+    """BPF for a UDP socket from tcpdump syntax (``'drop-all'`` = reject everything).
+
+    When a UDP socket runs its filter the skb data starts at the UDP header,
+    not at a link-layer header.  libpcap compiles for raw IP (DLT_RAW, offset
+    0 = IP header) and every packet load is then rebased onto the network
+    header with the kernel's ``SKF_NET_OFF`` window, so ``src host``, ``udp
+    port``... mean what they mean in tcpdump.  Length tests (``greater``,
+    ``len``) would see the UDP length and are refused.
+    """
+    if expr == DROP_ALL:
+        return list(_RET_ZERO)
+    return [_from_network_header(insn, expr) for insn in compile_filter(expr, linktype=DLT_RAW)]
+
+
+def _from_network_header(insn: SockFilter, expr: str) -> SockFilter:
+    code, jt, jf, k = insn
+    cls, mode = code & 0x07, code & 0xE0
+    if cls in (_BPF_LD, _BPF_LDX) and mode == _BPF_LEN:
+        raise SocketFilterError(f"socket filter {expr!r}: packet-length tests are not supported")
+    is_packet_load = (cls == _BPF_LD and mode in (_BPF_ABS, _BPF_IND)) or (cls == _BPF_LDX and mode == _BPF_MSH)
+    if is_packet_load and k < 0x80000000:  # leave ancillary (negative) offsets alone
+        k = (k + _SKF_NET_OFF) & 0xFFFFFFFF
+    return code, jt, jf, k
+
+
+# ---------------------------------------------------------------- listener
+
+
+@dataclass(frozen=True)
+class ListenerStats:
+    """The socket's own view (SO_MEMINFO): what waits in its queue and what it dropped."""
+
+    queued_bytes: int
+    rcvbuf: int
+    drops: int
+    received: int
+
+
+Datagram = tuple[bytes, tuple[str, int]]
+
+
+@dataclass
+class UdpListener:
+    """A UDP socket bound in ``namespace``; reads in a background thread unless ``read=False``.
+
+    ``rcvbuf`` is forced with SO_RCVBUFFORCE (the kernel doubles it and keeps
+    a floor of ~2.3 KB, so 1 gives the smallest queue: a datagram or two).
+    The filter is attached before ``bind`` so no datagram escapes it.
+    """
+
+    namespace: str
+    port: int
+    addr: str = "0.0.0.0"
+    rcvbuf: int | None = None
+    read: bool = True
+    socket_filter: str | None = None
+    _received: list[Datagram] = field(default_factory=list, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        program = udp_socket_filter(self.socket_filter) if self.socket_filter else None
+        with netns.entered(self.namespace):
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            if self.rcvbuf is not None:
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+            if program is not None:
+                attach_filter(self._sock, program)
+            self._sock.bind((self.addr, self.port))
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe()
+        self._closing = threading.Event()
+        if self.read:
+            self._thread = threading.Thread(target=self._reader, name=f"udp-{self.port}", daemon=True)
+            self._thread.start()
+
+    def _reader(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._closing.is_set():
+            poller.poll()
+            self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                payload, source = self._sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            self._received.append((payload, source))
+
+    def received(self) -> list[Datagram]:
+        """Datagrams read so far, as (payload, (source address, source port))."""
+        return list(self._received)
+
+    def wait(self, count: int, timeout: float = 1.0) -> bool:
+        """Wait until ``count`` datagrams were read (True) or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while len(self._received) < count and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return len(self._received) >= count
+
+    def stats(self) -> ListenerStats:
+        raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * SK_MEMINFO_VARS)
+        info = struct.unpack(f"{len(raw) // 4}I", raw)
+        return ListenerStats(
+            queued_bytes=info[SK_MEMINFO_RMEM_ALLOC],
+            rcvbuf=info[SK_MEMINFO_RCVBUF],
+            drops=info[SK_MEMINFO_DROPS],
+            received=len(self._received),
+        )
+
+    def close(self) -> None:
+        """Stop the reader (it takes what is queued first) and close the socket."""
+        if self._sock.fileno() < 0:
+            return
+        self._closing.set()
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join()
+        self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> UdpListener:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- sender
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What the sending application saw: datagrams accepted and errno of the refused ones."""
+
+    sent: int
+    failed: int
+    errno: int | None = None  # the first failure's errno
+    errors: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    @property
+    def error_name(self) -> str | None:
+        """E.g. 'EPERM' (netfilter OUTPUT drop) or 'ENETUNREACH' (no route)."""
+        return errno_codes.errorcode.get(self.errno, str(self.errno)) if self.errno else None
+
+
+def send_udp(
+    namespace: str,
+    dst: str,
+    dport: int,
+    payload: bytes,
+    count: int = 1,
+    sport: int | None = None,
+    src: str | None = None,
+    timeout: float = 5.0,
+) -> SendResult:
+    """Send ``count`` datagrams from the node's own stack; failures are counted by errno.
+
+    ``timeout`` bounds a send blocked on a full send buffer (counted as EAGAIN).
+    """
+    with netns.entered(namespace):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    errors: dict[int, int] = {}
+    first: int | None = None
+    sent = 0
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            if sport is not None or src is not None:
+                sock.bind((src or "0.0.0.0", sport or 0))
+        except OSError as exc:
+            code = exc.errno or errno_codes.EIO
+            return SendResult(0, count, code, {code: count})
+        for _ in range(count):
+            try:
+                sock.sendto(payload, (dst, dport))
+                sent += 1
+            except OSError as exc:
+                code = exc.errno or errno_codes.EAGAIN  # socket.timeout carries no errno
+                errors[code] = errors.get(code, 0) + 1
+                first = first if first is not None else code
+    return SendResult(sent, count - sent, first, errors)
