@@ -125,20 +125,45 @@ def graph(
 
 @app.command()
 @reports_errors
-def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = Path("labs")) -> None:
-    """Build every lab in FOLDER, show it, and take it down again."""
-    from labctl.lab import build
-    from labctl.lab.labfile import load_lab
-    from labctl.lab.status import lab_status
+def run(
+    paths: Annotated[list[str], typer.Argument(help="lab files or folders of lab files")],
+    json: JsonOpt = False,
+    junit: Annotated[Path | None, typer.Option("--junit", help="write a JUnit XML report")] = None,
+    select: Annotated[str | None, typer.Option("-k", help="only checks whose name or claim id contains this")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="leave the labs up afterwards")] = False,
+) -> None:
+    """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
+    from labctl.verify import report
+    from labctl.verify.runner import LabResult, lab_files, run_lab
 
     require_root()
-    for file in sorted(folder.glob("*.yaml")):
-        topo, _ = load_lab(str(file))
-        build.up(topo, str(file))
-        try:
-            render.status(lab_status(topo.name))
-        finally:
-            build.down(topo.name)
+    files = lab_files(paths)
+    if not files:
+        raise typer.BadParameter(f"no lab files in {' '.join(paths)}")
+    results: list[LabResult] = []
+    quiet = json
+    with console.status("starting", spinner="dots") as progress:
+        for file in files:
+
+            def show(lab: str, check: str) -> None:
+                progress.update(f"{lab}: {check}")
+
+            results.append(run_lab(file, select=select, keep=keep, on_check=None if quiet else show))
+    if junit is not None:
+        junit.write_text(report.as_junit(results))
+    if json:
+        print(report.as_json(results))
+    else:
+        report.print_results(console, results)
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = Path("labs")) -> None:
+    """The main job: run every verification lab in FOLDER and show the kernel's evidence."""
+    run([str(folder)], json=False, junit=None, select=None, keep=False)
 
 
 def main() -> None:

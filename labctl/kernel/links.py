@@ -9,8 +9,10 @@ with master, MTU, MAC and state in the same request.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +141,36 @@ class NodeLinks:
                 )
         return result
 
+    def wait_operational(self, names: set[str], timeout: float = 2.0) -> list[str]:
+        """Wait until ``names`` are operationally up; returns those that never were.
+
+        A veth's queue drops everything until linkwatch has activated it, and
+        operstate turns UP in the same step: polling it is what makes the very
+        first frame of a check arrive (an ARP request otherwise vanishes).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [
+                msg.get("ifname")
+                for msg in self.ipr.get_links()
+                if msg.get("ifname") in names and msg.get("operstate") not in ("UP", "UNKNOWN")
+            ]
+            if not pending or time.monotonic() > deadline:
+                return pending
+            time.sleep(0.005)
+
+    def learnt_macs(self, bridge: str) -> list[str]:
+        """MACs the bridge learnt on its ports (the fdb minus permanent local entries)."""
+        NUD_PERMANENT = 0x80
+        found = []
+        for msg in self.ipr.get_neighbours(family=7, master=self.index[bridge]):  # AF_BRIDGE
+            if msg["state"] & NUD_PERMANENT:
+                continue
+            mac = msg.get("lladdr")
+            if mac and mac not in found:
+                found.append(mac)
+        return found
+
     # -- creating --------------------------------------------------------
     def _attrs(self, attrs: LinkAttrs) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
@@ -252,6 +284,16 @@ class NodeLinks:
                 ethtool.set_features(name, features)
             finally:
                 ethtool.close()
+
+    def set_root_qdisc(self, name: str, kind: str, **params: Any) -> None:
+        """Replace the root qdisc (delete first: the kernel refuses to replace across kinds)."""
+        index = self.index[name]
+        with contextlib.suppress(NetlinkError):
+            self.ipr.tc("del", index=index, handle=0x10000)
+        try:
+            self.ipr.tc("add", kind, index, 0x10000, **params)
+        except NetlinkError as exc:
+            raise _kernel_error(f"{kind} qdisc on {name}", self.namespace, exc) from exc
 
     def set_rps_cpus(self, name: str, mask: str) -> None:
         """RPS is configured in sysfs only, which must be mounted from inside the namespace."""

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from labctl.errors import KernelError
-from labctl.kernel import netns, sysctl
+from labctl.kernel import ebtables, iptables, modules, netns, sysctl
 from labctl.kernel.links import LinkAttrs, NodeLinks
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import relay, state
@@ -181,6 +181,23 @@ class Builder:
             for route in spec.routes:
                 handle.replace_route(str(route.network), str(route.via) if route.via else None, route.dev)
 
+    def netfilter(self) -> None:
+        """The topology's own rules; a converge starts them from scratch (counters reset)."""
+        for node, spec in self.topo.nodes.items():
+            ns = self.ns[node]
+            if node not in self.fresh:
+                iptables.flush(ns)
+                ebtables.flush(ns)
+            if spec.iptables:
+                iptables.apply_rules(ns, spec.iptables)
+            if spec.ebtables:
+                ebtables.apply_rules(ns, spec.ebtables)
+
+    def kernel_modules(self) -> None:
+        """br_netfilter only when a node sets bridge-nf sysctls (it changes every bridge's behaviour)."""
+        if any(key.startswith("net.bridge.") for spec in self.topo.nodes.values() for key in spec.sysctls):
+            modules.acquire(owner(self.lab), "br_netfilter")
+
     def knobs(self) -> None:
         for node, spec in self.topo.nodes.items():
             if spec.sysctls:
@@ -190,6 +207,12 @@ class Builder:
                     self.handles[node].set_gro(ifname, cfg.gro)
                 if cfg.rps_cpus is not None:
                     self.handles[node].set_rps_cpus(ifname, cfg.rps_cpus)
+                if cfg.qdisc is not None:
+                    q = cfg.qdisc
+                    params = (
+                        {"rate": q.rate, "burst": q.burst, "limit": q.limit} if q.kind == "tbf" else {"limit": q.limit}
+                    )
+                    self.handles[node].set_root_qdisc(ifname, q.kind, **params)
 
     def relays(self, run: _Run, previous: dict[str, int]) -> dict[str, int]:
         pids: dict[str, int] = {}
@@ -218,6 +241,18 @@ class Builder:
                 (self.ns[vm_end.node], vm_end.interface, self.ns[other.node], other.interface)
             )
         return pairs
+
+    def settle(self) -> None:
+        """Return only once every link that should be up carries traffic."""
+        for node, handle in self.handles.items():
+            spec = self.topo.nodes[node]
+            wanted = {
+                name
+                for name in self.wanted_interfaces[node] - {"lo"} - set(spec.bridges)
+                if (cfg := spec.interfaces.get(name)) is None or cfg.up
+            }
+            if wanted:
+                handle.wait_operational(wanted)
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -251,13 +286,16 @@ def up(topo: Topology, file: str) -> LabState:
             builder.links()
             builder.configure()
             builder.addresses_and_routes()
+            builder.kernel_modules()
             builder.knobs()
+            builder.netfilter()
             current.relays = builder.relays(run, current.relays)
+            builder.settle()
         except BaseException as exc:
             _rollback(run, topo.name, first_up=previous is None)
             if previous is None:
                 state.forget(topo.name)
-            if isinstance(exc, OSError | sysctl.SysctlError):
+            if isinstance(exc, OSError | sysctl.SysctlError | iptables.RuleError):
                 raise KernelError(f"lab {topo.name}: {exc}; rolled back what this run created") from exc
             raise
         finally:
@@ -274,6 +312,7 @@ def _rollback(run: _Run, lab: str, first_up: bool) -> None:
             netns.remove(name)
     if first_up:
         GlobalOverrides.release(owner(lab))
+        modules.release(owner(lab))
 
 
 def down(lab: str) -> list[str]:
@@ -284,5 +323,6 @@ def down(lab: str) -> list[str]:
         for name in removed:
             netns.remove(name)
         GlobalOverrides.release(owner(lab))
+        modules.release(owner(lab))
         state.forget(lab)
         return removed

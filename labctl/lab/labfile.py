@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from labctl.errors import LabFileError, Problem
-from labctl.kernel import sysctl
+from labctl.kernel import ebtables, iptables, sysctl
 from labctl.topology.loader import SourceMap, load_file
 from labctl.topology.model import Topology
 
@@ -53,10 +53,32 @@ def machine_problems(topo: Topology, source: SourceMap) -> list[Problem]:
     return problems
 
 
+def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    """Rules are parsed (not yet applied) before anything is built; checks' rules too."""
+    problems = []
+    places: list[tuple[tuple[str | int, ...], str, list[str]]] = []
+    for name, node in topo.nodes.items():
+        places.append((("topology", "nodes", name, "iptables"), "iptables", node.iptables))
+        places.append((("topology", "nodes", name, "ebtables"), "ebtables", node.ebtables))
+    for i, check in enumerate(getattr(topo, "checks", [])):
+        for node, rules in check.setup.iptables.items():
+            places.append((("checks", i, "setup", "iptables", node), "iptables", rules))
+        for node, rules in check.setup.ebtables.items():
+            places.append((("checks", i, "setup", "ebtables", node), "ebtables", rules))
+    for path, kind, rules in places:
+        parse = iptables.parse_rule if kind == "iptables" else ebtables.parse_rule
+        for index, rule in enumerate(rules):
+            try:
+                parse(rule)
+            except iptables.RuleError as exc:
+                problems.append(source.problem((*path, index), str(exc)))
+    return problems
+
+
 def load_lab(file: str) -> tuple[Topology, SourceMap]:
     """Load and validate a lab file completely; raises LabFileError listing every problem."""
     topo, source = load_file(file, Topology)
-    problems = machine_problems(topo, source)
+    problems = machine_problems(topo, source) + rule_problems(topo, source)
     if problems:
         raise LabFileError(problems)
     return topo, source

@@ -88,6 +88,8 @@ class Setup(Strict):
     iptables: dict[str, list[str]] = {}
     ebtables: dict[str, list[str]] = {}
     sysctls: dict[str, dict[str, int | str | bool]] = {}
+    hooks_match: str | None = None
+    """iptables match limiting the hook trace to the check's packets (derived from the traffic when omitted)."""
 
 
 class Inject(Strict):
@@ -98,6 +100,8 @@ class Inject(Strict):
     packet: str
     count: Annotated[int, Field(ge=1)] = 1
     rate: Annotated[float, Field(gt=0)] | None = None
+    cpu: Annotated[int, Field(ge=0)] | None = None
+    """Send from this CPU (so RPS can steer the receive to another one's backlog)."""
 
 
 class SendUdp(Strict):
@@ -151,6 +155,9 @@ class DropExpect(Strict):
     at: str | None = None
     """Function named by the drop's location (e.g. __udp4_lib_rcv); may be the inlined caller."""
     count: Count = ">=1"
+    anywhere: bool = False
+    """Also count drops made in timer context of skbs that never reached a device
+    (NEIGH_FAILED): no task of the lab ran them, so they are matched by reason and time only."""
 
 
 class Expect(Strict):
@@ -158,6 +165,8 @@ class Expect(Strict):
 
     delivered: Count | None = None
     """Datagrams received by the check's listeners (all of them together)."""
+    queued_bytes: Count | None = None
+    """Bytes (skb memory) waiting unread in the listeners' receive queues after the traffic."""
     dropped: DropExpect | None = None
     drops: dict[str, Count] = {}
     """Attributed drops per reason name, e.g. {NO_SOCKET: 1, NETFILTER_DROP: 0}."""
@@ -170,7 +179,10 @@ class Expect(Strict):
     stages: list[str] = []
     """Event keys (net:netif_rx, ...) that must appear, in this order, in the traffic's path."""
     events: dict[str, Count] = {}
-    """Attributed events per key, e.g. {'net:napi_gro_receive_entry': '>=1', 'net:netif_rx': 0}."""
+    """Attributed events per key, e.g. {'net:napi_gro_receive_entry': '>=1', 'net:netif_rx@lo': 0}
+    ('@dev' counts only events on that device)."""
+    tap_after_qdisc: str | None = None
+    """'node:iface' with a capture: frames captured going out + that interface's qdisc drops == frames sent."""
     rules: dict[str, dict[str, Count]] = {}
     """Per node, packet-counter deltas of rules, keyed 'table:chain:N' or 'table:chain:policy'."""
     ebtables: dict[str, dict[str, Count]] = {}
@@ -181,6 +193,8 @@ class Expect(Strict):
     hooks: dict[str, list[str]] = {}
     """Per node, netfilter steps that must appear in this order, as 'table:CHAIN' or 'bridge:table:CHAIN'."""
     conntrack: Count | None = None
+    reachable: bool | None = None
+    """Every ping of the check got its echo reply (True) or none did (False)."""
     received_from: str | None = None
     """Source address the listener must see (NAT)."""
 
@@ -246,7 +260,7 @@ def _check_references(lab: LabFile) -> list[Problem]:
         for key in ("counters", "rules", "ebtables", "hooks"):
             for node in getattr(check.expect, key):
                 node_ok((*base, "expect", key, node), node)
-        if check.expect.delivered is not None and not check.setup.listen:
+        if (check.expect.delivered is not None or check.expect.queued_bytes is not None) and not check.setup.listen:
             problems.append(Problem((*base, "expect", "delivered"), "'delivered' needs a listener in setup.listen"))
     return problems
 

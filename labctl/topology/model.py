@@ -62,6 +62,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class QdiscConfig(Strict):
+    """A root qdisc small enough to overflow on purpose (notes §2: qdisc drops)."""
+
+    kind: Literal["tbf", "pfifo"]
+    limit: Annotated[int, Field(ge=1)]
+    """Bytes for tbf, packets for pfifo."""
+    rate: str = "1mbit"
+    """tbf only: token rate, e.g. 1mbit or 500kbit."""
+    burst: Annotated[int, Field(ge=1)] = 1600
+    """tbf only: bucket size in bytes."""
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        if not re.match(r"^\d+(\.\d+)?([kmg]?bit|[kmg]?bps)$", value):
+            raise ValueError(f"{value!r} is not a rate such as 1mbit or 500kbit")
+        return value
+
+
 class InterfaceConfig(Strict):
     """Settings of one interface of a node: a veth end, a tap, a bridge or ``lo``."""
 
@@ -74,6 +93,7 @@ class InterfaceConfig(Strict):
     rps_cpus: str | None = None
     """Hex CPU mask written to queues/rx-0/rps_cpus, e.g. "2" for CPU 1."""
     txqueuelen: Annotated[int, Field(ge=0)] | None = None
+    qdisc: QdiscConfig | None = None
     up: bool = True
 
     @field_validator("mac")
@@ -152,6 +172,10 @@ class Node(Strict):
     interfaces: dict[str, InterfaceConfig] = {}
     bridges: dict[str, BridgeConfig] = {}
     routes: list[Route] = []
+    iptables: list[str] = []
+    """Rules in iptables syntax (-t nat -A POSTROUTING -o eth1 -j MASQUERADE), applied in order."""
+    ebtables: list[str] = []
+    """Rules in ebtables syntax (-t broute -A BROUTING -p ipv4 -j DROP), applied in order."""
 
     @field_validator("interfaces", "bridges")
     @classmethod

@@ -1,0 +1,1 @@
+"""Verification labs: run a lab file's checks and judge them on kernel evidence."""
