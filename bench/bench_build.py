@@ -78,8 +78,10 @@ def main() -> int:
     parser.add_argument("--sizes", default="50,200,1000")
     parser.add_argument("--repeat", type=int, default=1, help="runs per size; the best is reported")
     args = parser.parse_args()
-    print(f"{'N':>6} {'ip -batch up':>13} {'labctl up':>10} {'ratio':>6} {'(model)':>8} "
-          f"{'ip down':>8} {'labctl down':>11} {'ms/host labctl':>15}")
+    print(
+        f"{'N':>6} {'ip -batch up':>13} {'labctl up':>10} {'ratio':>6} {'(model)':>8} "
+        f"{'ip down':>8} {'labctl down':>11} {'ms/host labctl':>15}"
+    )
     worst = 0.0
     for n in (int(s) for s in args.sizes.split(",")):
         ip_up = ip_down = lc_up = lc_down = lc_model = float("inf")
@@ -90,8 +92,10 @@ def main() -> int:
             lc_model, lc_up, lc_down = min(lc_model, model_s), min(lc_up, b_s), min(lc_down, d_s)
         ratio = lc_up / ip_up
         worst = max(worst, ratio if n == 200 else 0)
-        print(f"{n:>6} {ip_up:>12.3f}s {lc_up:>9.3f}s {ratio:>5.2f}x {lc_model:>7.3f}s "
-              f"{ip_down:>7.3f}s {lc_down:>10.3f}s {1000 * lc_up / n:>14.2f}")
+        print(
+            f"{n:>6} {ip_up:>12.3f}s {lc_up:>9.3f}s {ratio:>5.2f}x {lc_model:>7.3f}s "
+            f"{ip_down:>7.3f}s {lc_down:>10.3f}s {1000 * lc_up / n:>14.2f}"
+        )
     if worst:
         print(f"goal: labctl <= 1.3x ip -batch at N=200: {'met' if worst <= 1.3 else 'NOT met'} ({worst:.2f}x)")
     return 0
