@@ -274,13 +274,20 @@ class NodeLinks:
         self.ipr.route("del", **spec)
 
     # -- offloads and queues -------------------------------------------------
-    def set_gro(self, name: str, enabled: bool) -> None:
-        """GRO on a veth switches its receive side to NAPI (notes §1, claim R13)."""
+    def set_features(self, name: str, wanted: dict[str, bool]) -> None:
+        """ethtool -K by feature name (rx-gro, rx-gro-list, tx-tcp-segmentation...).
+
+        GRO on a veth switches its receive side to NAPI (notes §1, claim R13).
+        """
         with netns.entered(self.namespace):
             ethtool = Ethtool()
             try:
                 features = ethtool.get_features(name)
-                features.features["rx-gro"].enable = enabled
+                unknown = sorted(set(wanted) - set(features.features))
+                if unknown:
+                    raise OSError(f"{name} in {self.namespace} has no ethtool feature {', '.join(unknown)}")
+                for feature, enabled in wanted.items():
+                    features.features[feature].enable = enabled
                 ethtool.set_features(name, features)
             finally:
                 ethtool.close()

@@ -203,8 +203,11 @@ class Builder:
             if spec.sysctls:
                 sysctl.write_many({k: sysctl.format_value(v) for k, v in spec.sysctls.items()}, self.ns[node])
             for ifname, cfg in spec.interfaces.items():
+                features = dict(cfg.features)
                 if cfg.gro is not None:
-                    self.handles[node].set_gro(ifname, cfg.gro)
+                    features["rx-gro"] = cfg.gro
+                if features:
+                    self.handles[node].set_features(ifname, features)
                 if cfg.rps_cpus is not None:
                     self.handles[node].set_rps_cpus(ifname, cfg.rps_cpus)
                 if cfg.qdisc is not None:

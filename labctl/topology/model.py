@@ -90,6 +90,8 @@ class InterfaceConfig(Strict):
     promisc: bool = False
     gro: bool | None = None
     """None leaves the driver default; True/False switches GRO (ethtool -K gro)."""
+    features: dict[str, bool] = {}
+    """Other ethtool features by name, e.g. {rx-gro-list: true, tx-tcp-segmentation: false}."""
     rps_cpus: str | None = None
     """Hex CPU mask written to queues/rx-0/rps_cpus, e.g. "2" for CPU 1."""
     txqueuelen: Annotated[int, Field(ge=0)] | None = None

@@ -34,6 +34,11 @@ def _subsequence(wanted: list[str], seen: list[str]) -> bool:
     return all(any(item == have for have in it) for item in wanted)
 
 
+def _stages_in_order(wanted: list[str], path: list[tuple[str, set[str]]]) -> bool:
+    it = iter(path)
+    return all(any(stage == key or stage in named for key, named in it) for stage in wanted)
+
+
 def _drop_matches(event: Any, reason: str, at: str | None) -> bool:
     if event.reason != reason:
         return False
@@ -99,9 +104,11 @@ def evaluate(topo: Topology, check: Check, seen: Observation) -> list[Evidence]:
         dirs = seen.captures[key].directions
         rows.append(Evidence(f"capture direction on {key}", direction, dirs, bool(dirs) and set(dirs) == {direction}))
     if exp.stages:
-        paths = [[e.key for e in chain.events] for chain in seen.chains]
-        ok = any(_subsequence(exp.stages, path) for path in paths)
-        best = max(paths, key=lambda p: sum(s in p for s in exp.stages), default=[])
+        # a stage may name its device (net:netif_receive_skb@br0); match each event on either form
+        paths = [[(e.key, {f"{e.key}@{d}" for d in e.devices}) for e in chain.events] for chain in seen.chains]
+        ok = any(_stages_in_order(exp.stages, path) for path in paths)
+        shown = [[f"{key}@{sorted(named)[0].split('@')[1]}" if named else key for key, named in p] for p in paths]
+        best = max(shown, key=lambda p: sum(any(s in x for x in p) for s in exp.stages), default=[])
         rows.append(Evidence("path stages in order", exp.stages, best, ok))
     keys = Counter(e.key for e in seen.events)
     keys.update(f"{e.key}@{dev}" for e in seen.events for dev in e.devices)
