@@ -95,12 +95,14 @@ def exec(
 
 @app.command()
 @reports_errors
-def clean() -> None:
+def clean(
+    lab: Annotated[str | None, typer.Option("--lab", help="only this lab's leftovers")] = None,
+) -> None:
     """Remove every labctl leftover: namespaces, relays, trace instances, global sysctls."""
     from labctl.lab.clean import clean_all
 
     require_root()
-    done = clean_all()
+    done = clean_all(lab)
     render.cleaned(done)
 
 

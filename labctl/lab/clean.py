@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from labctl.kernel import netns, tracefs
+from labctl.kernel import modules, netns, tracefs
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import relay, state
 
@@ -27,16 +27,25 @@ def _owner_is_stale(owner: str) -> bool:
     return not (ident.isdigit() and os.path.exists(f"/proc/{ident}"))
 
 
-def clean_all() -> Cleaned:
+def clean_all(lab: str | None = None) -> Cleaned:
+    """Remove every leftover of ``lab`` (of every lab when None), state or no state."""
     done = Cleaned()
-    done.relays = sorted(relay.find())
+    done.relays = sorted(relay.find(lab))
     relay.stop(done.relays)
-    done.namespaces = netns.list_labctl()
+    done.namespaces = netns.list_labctl(lab)
     for name in done.namespaces:
         netns.remove(name)
-    done.sysctls_restored = GlobalOverrides.release_matching(_owner_is_stale)
-    done.trace_instances = tracefs.remove_stale_instances()
-    done.states = state.known_labs()
-    for lab in done.states:
-        state.forget(lab)
+    if lab is None:
+        done.sysctls_restored = GlobalOverrides.release_matching(_owner_is_stale)
+        done.trace_instances = tracefs.remove_stale_instances()
+        done.states = state.known_labs()
+    else:
+        done.sysctls_restored = GlobalOverrides.release(f"lab:{lab}")
+        done.states = [lab] if state.load(lab) else []
+    for holders in modules.owners().values():
+        for owner in holders:
+            if owner.startswith("lab:") and (lab is None or owner == f"lab:{lab}"):
+                modules.release(owner)
+    for name in done.states:
+        state.forget(name)
     return done
