@@ -168,5 +168,14 @@ def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = P
     run([str(folder)], json=False, junit=None, select=None, keep=False)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    # SIGTERM (timeout, systemd, CI) unwinds like Ctrl-C, so trace instances,
+    # captures and half-built labs are cleaned up by their context managers
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
