@@ -151,6 +151,11 @@ def run(
                 progress.update(f"{lab}: {check}")
 
             results.append(run_lab(file, select=select, keep=keep, on_check=None if quiet else show))
+    if not any(r.checks for r in results):
+        from labctl.errors import LabFileError, Problem
+
+        what = f"no check matches -k {select!r}" if select else "these lab files have no checks"
+        raise LabFileError([Problem((), what, " ".join(files))])
     if junit is not None:
         junit.write_text(report.as_junit(results))
     if json:
