@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 DEBS=(python3 python3-venv python3-pip iproute2 iptables ebtables tcpdump ethtool netsniff-ng
-      graphviz iputils-ping conntrack libpcap0.8 kmod procps)
+      nftables graphviz iputils-ping conntrack libpcap0.8 kmod procps)
 
 die() { echo "setup.sh: $*" >&2; exit 1; }
 
