@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyroute2 import Ethtool
+from pyroute2 import Ethtool, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from labctl.kernel import netns
@@ -65,9 +65,9 @@ def _kernel_error(what: str, namespace: str, exc: NetlinkError) -> OSError:
 class NodeLinks:
     """Netlink access to one namespace; create it once per node and reuse it."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, ipr: IPRoute | None = None) -> None:
         self.namespace = namespace
-        self.ipr = netns.netlink(namespace)
+        self.ipr = ipr if ipr is not None else netns.netlink(namespace)
         self.index: dict[str, int] = {}
 
     def close(self) -> None:
@@ -80,10 +80,26 @@ class NodeLinks:
         self.close()
 
     # -- reading ---------------------------------------------------------
-    def refresh(self) -> dict[str, int]:
-        """Learn every interface's index with one dump (after a batch of creations)."""
+    def refresh(self, names: set[str] | None = None) -> dict[str, int]:
+        """Learn interface indexes after a batch of creations.
+
+        Decoding a whole dump is pyroute2's main cost in big labs, so a node
+        that only needs a few names asks for those names; otherwise one dump.
+        """
+        if names is not None and len(names) <= 3:
+            for name in names:
+                msgs = self._get(name)
+                if msgs:
+                    self.index[name] = msgs[0]["index"]
+            return self.index
         self.index = {msg.get("ifname"): msg["index"] for msg in self.ipr.get_links()}
         return self.index
+
+    def _get(self, name: str) -> list[Any]:
+        try:
+            return list(self.ipr.link("get", ifname=name))
+        except NetlinkError:
+            return []
 
     def links(self) -> dict[str, LinkInfo]:
         """One dump of every interface; also refreshes the name -> index cache."""
@@ -150,11 +166,11 @@ class NodeLinks:
         """
         deadline = time.monotonic() + timeout
         while True:
-            pending = [
-                msg.get("ifname")
-                for msg in self.ipr.get_links()
-                if msg.get("ifname") in names and msg.get("operstate") not in ("UP", "UNKNOWN")
-            ]
+            if len(names) <= 3:
+                msgs = [msg for name in names for msg in self._get(name)]
+            else:
+                msgs = [msg for msg in self.ipr.get_links() if msg.get("ifname") in names]
+            pending = [msg.get("ifname") for msg in msgs if msg.get("operstate") not in ("UP", "UNKNOWN")]
             if not pending or time.monotonic() > deadline:
                 return pending
             time.sleep(0.005)

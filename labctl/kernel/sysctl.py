@@ -77,14 +77,19 @@ def read(key: str, namespace: str | None = None) -> str:
         return _read_here(key)
 
 
-def write_many(settings: dict[str, str], namespace: str) -> None:
-    """Write namespaced sysctls inside ``namespace`` with one namespace switch."""
+def write_here(settings: dict[str, str]) -> None:
+    """Write namespaced sysctls in the calling thread's namespace (see netns.entered)."""
     for key in settings:
         if is_global(key):
             raise SysctlError(f"{key} is global, not per namespace; set it as a lab-wide sysctl")
+    for key, value in settings.items():
+        _write_here(key, value)
+
+
+def write_many(settings: dict[str, str], namespace: str) -> None:
+    """Write namespaced sysctls inside ``namespace`` with one namespace switch."""
     with netns.entered(namespace):
-        for key, value in settings.items():
-            _write_here(key, value)
+        write_here(settings)
 
 
 def format_value(value: Any) -> str:

@@ -14,6 +14,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from pyroute2 import IPRoute
+
 from labctl.errors import KernelError
 from labctl.kernel import ebtables, iptables, modules, netns, sysctl
 from labctl.kernel.links import LinkAttrs, NodeLinks
@@ -91,8 +93,9 @@ class Builder:
                 run.namespaces.append(name)
                 self.fresh.add(node)
             wanted = IPV6_ON if self.topo.nodes[node].ipv6 else IPV6_OFF
-            sysctl.write_many(wanted, name)  # before any link exists, so links inherit it
-            self.handles[node] = NodeLinks(name)
+            with netns.entered(name):  # one switch for both: this runs once per node
+                sysctl.write_here(wanted)  # before any link exists, so links inherit it
+                self.handles[node] = NodeLinks(name, IPRoute())
             if node not in self.fresh:
                 self.handles[node].refresh()
             else:
@@ -150,7 +153,7 @@ class Builder:
 
     def configure(self) -> None:
         for node, handle in self.handles.items():
-            handle.refresh()
+            handle.refresh(self.wanted_interfaces[node] - {"lo"} if node in self.fresh else None)
             for ifname in self.wanted_interfaces[node]:
                 if (node, ifname) in self.configured or ifname in self.topo.nodes[node].bridges:
                     continue
