@@ -173,6 +173,16 @@ def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = P
     run([str(folder)], json=False, junit=None, select=None, keep=False)
 
 
+def _register_command_groups() -> None:
+    """Commands that live in their own modules (one module per area of the CLI)."""
+    from labctl.cli.traffic import register as register_traffic
+
+    register_traffic(app)
+
+
+_register_command_groups()
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 

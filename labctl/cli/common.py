@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from labctl.errors import LabctlError
+from labctl.errors import LabctlError, LabFileError, Problem
 
 console = Console()
 err_console = Console(stderr=True)
@@ -47,7 +47,7 @@ def lab_name(lab_or_file: str) -> str:
         from labctl.topology.loader import default_name, read_yaml
 
         if not os.path.exists(lab_or_file):
-            raise LabctlError(f"{lab_or_file}: no such file")
+            raise LabFileError([Problem((), "no such file", lab_or_file)])
         with open(lab_or_file, encoding="utf-8") as f:
             data, _ = read_yaml(f.read(), lab_or_file)
         name = data.get("name") if isinstance(data, dict) else None

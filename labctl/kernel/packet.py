@@ -222,6 +222,7 @@ class Frame:
 
     def scapy(self) -> Packet:
         """Decode with Scapy (imported only here: the capture path never needs it)."""
+        import scapy.layers.all  # noqa: F401 - registers IP/UDP/... so Ether() decodes the layers above it
         from scapy.layers.l2 import Ether
 
         return Ether(self.data)

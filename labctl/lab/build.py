@@ -9,8 +9,6 @@ nothing half-built behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -31,10 +29,6 @@ IPV6_ON = {"net.ipv6.conf.all.disable_ipv6": "0", "net.ipv6.conf.default.disable
 def owner(lab: str) -> str:
     """The name under which a lab holds host-wide sysctl overrides."""
     return f"lab:{lab}"
-
-
-def digest(topo: Topology) -> str:
-    return hashlib.sha256(json.dumps(topo.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -276,7 +270,7 @@ def up(topo: Topology, file: str) -> LabState:
             status="building",
             nodes=dict(builder.ns),
             relays=previous.relays if previous else {},
-            digest=digest(topo),
+            digest=state.digest(topo),
         )
         state.save(current)  # written first: a kill -9 from here on is still cleanable
         run = _Run()

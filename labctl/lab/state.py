@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -32,6 +33,11 @@ class LabState:
     relays: dict[str, int] = field(default_factory=dict)  # vm node -> relay pid
     started: float = field(default_factory=time.time)
     digest: str = ""
+
+
+def digest(topo: Any) -> str:
+    """A short fingerprint of a topology, to tell whether a lab's file changed since ``up``."""
+    return hashlib.sha256(json.dumps(topo.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _ensure_dir() -> None:

@@ -37,7 +37,7 @@ class PreparedFrame:
 
 def node_namespace(topo: Topology, node: str) -> str:
     if node not in topo.nodes:
-        raise LabStateError(f"lab {topo.name} has no node {node!r} (nodes: {', '.join(sorted(topo.nodes))})")
+        raise TrafficError(f"lab {topo.name} has no node {node!r} (nodes: {', '.join(sorted(topo.nodes))})")
     name = netns.namespace_name(topo.name, node)
     if not netns.exists(name):
         raise LabStateError(f"lab {topo.name} is not up (no namespace for node {node}); run labctl up first")
@@ -76,7 +76,7 @@ def prepare_injection(topo: Topology, node: str, ifname: str | None, expr: str) 
     try:
         pkt = parse_packet(expr)
     except ExprError as exc:
-        raise TrafficError(f"{exc}\n  {expr}\n  {exc.caret}") from exc
+        raise TrafficError(f"{exc}\n{exc.caret()}") from exc
     with NodeLinks(namespace) as handle:
         links = handle.links()
         dst = pkt[IP].fields.get("dst") if IP in pkt else None
