@@ -48,4 +48,7 @@ def clean_all(lab: str | None = None) -> Cleaned:
                 modules.release(owner)
     for name in done.states:
         state.forget(name)
+    if lab is None:
+        up = {parts[0] for n in netns.list_labctl() if (parts := netns.split_namespace_name(n))}
+        state.remove_lock_files(keep=up)
     return done

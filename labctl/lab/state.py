@@ -78,6 +78,24 @@ def known_labs() -> list[str]:
         return []
 
 
+def remove_lock_files(keep: set[str]) -> None:
+    """Lock files of labs that are gone (``clean``); a lock in use is never removed."""
+    try:
+        names = os.listdir(LABS_DIR)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.endswith(".lock") or name[:-5] in keep:
+            continue
+        path = os.path.join(LABS_DIR, name)
+        with open(path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            os.unlink(path)
+
+
 @contextlib.contextmanager
 def locked(lab: str, wait: float = 10.0) -> Iterator[None]:
     """Hold the lab's lock; two commands on one lab never interleave."""
