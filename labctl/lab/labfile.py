@@ -12,6 +12,7 @@ import os
 
 from labctl.errors import LabFileError, Problem
 from labctl.kernel import ebtables, iptables, sysctl
+from labctl.topology.checks import LabFile
 from labctl.topology.loader import SourceMap, load_file
 from labctl.topology.model import Topology
 
@@ -57,14 +58,14 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
     """Rules are parsed (not yet applied) before anything is built; checks' rules too."""
     problems = []
     places: list[tuple[tuple[str | int, ...], str, list[str]]] = []
-    for name, node in topo.nodes.items():
-        places.append((("topology", "nodes", name, "iptables"), "iptables", node.iptables))
-        places.append((("topology", "nodes", name, "ebtables"), "ebtables", node.ebtables))
-    for i, check in enumerate(getattr(topo, "checks", [])):
-        for node, rules in check.setup.iptables.items():
-            places.append((("checks", i, "setup", "iptables", node), "iptables", rules))
-        for node, rules in check.setup.ebtables.items():
-            places.append((("checks", i, "setup", "ebtables", node), "ebtables", rules))
+    for name, spec in topo.nodes.items():
+        places.append((("topology", "nodes", name, "iptables"), "iptables", spec.iptables))
+        places.append((("topology", "nodes", name, "ebtables"), "ebtables", spec.ebtables))
+    for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
+        for target, rules in check.setup.iptables.items():
+            places.append((("checks", i, "setup", "iptables", target), "iptables", rules))
+        for target, rules in check.setup.ebtables.items():
+            places.append((("checks", i, "setup", "ebtables", target), "ebtables", rules))
     for path, kind, rules in places:
         parse = iptables.parse_rule if kind == "iptables" else ebtables.parse_rule
         for index, rule in enumerate(rules):
@@ -75,10 +76,34 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
     return problems
 
 
-def load_lab(file: str) -> tuple[Topology, SourceMap]:
-    """Load and validate a lab file completely; raises LabFileError listing every problem."""
-    topo, source = load_file(file, Topology)
-    problems = machine_problems(topo, source) + rule_problems(topo, source)
+def drop_reason_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
+    """Reason names come from this kernel's kfree_skb format, not from a list in labctl."""
+    from labctl.kernel.tracefs import drop_reason_names
+
+    wanted: list[tuple[tuple[str | int, ...], str]] = []
+    for i, check in enumerate(lab.checks):
+        if check.expect.dropped is not None:
+            wanted.append((("checks", i, "expect", "dropped", "reason"), check.expect.dropped.reason))
+        wanted += [(("checks", i, "expect", "drops", reason), reason) for reason in check.expect.drops]
+    if not wanted:
+        return []
+    names = drop_reason_names()
+    problems = []
+    for path, reason in wanted:
+        if reason not in names:
+            close = sorted(n for n in names if reason.split("_")[0] in n)[:6]
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            problems.append(source.problem(path, f"this kernel has no drop reason {reason!r}{hint}"))
+    return problems
+
+
+def load_lab(file: str) -> tuple[LabFile, SourceMap]:
+    """Load and validate a lab file (topology and checks) completely, before anything is built.
+
+    Raises LabFileError listing every problem with file, line and key.
+    """
+    lab, source = load_file(file, LabFile)
+    problems = machine_problems(lab, source) + rule_problems(lab, source) + drop_reason_problems(lab, source)
     if problems:
         raise LabFileError(problems)
-    return topo, source
+    return lab, source

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from labctl.errors import LabctlError, LabFileError, LabStateError
+from labctl.errors import LabctlError, LabStateError
 from labctl.kernel import netns
 from labctl.kernel.links import NodeLinks
 from labctl.kernel.packet import CaptureError, InjectError, Injector, compile_filter
@@ -144,22 +144,10 @@ def open_lab(name: str, file: str | None = None) -> LiveLab:
 
 
 def _load_topology(file: str) -> Topology:
-    """The file as ``up`` read it; a verification lab (``labctl run --keep``) also has ``checks``."""
+    """The file as ``up`` read it (a verification lab's ``checks`` included)."""
     from labctl.lab.labfile import load_lab
 
-    try:
-        return load_lab(file)[0]
-    except LabFileError as first:
-        from labctl.topology.checks import LabFile
-        from labctl.topology.loader import load_file
-
-        try:
-            return load_file(file, LabFile)[0]
-        except LabFileError:
-            raise first from None
-
-
-# ---------------------------------------------------------------- words on the command line
+    return load_lab(file)[0]
 
 
 def parse_target(spec: str) -> tuple[str, str | None]:

@@ -7,13 +7,15 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from labctl.verify.runner import LabResult
 
 
 def _short(value: Any, limit: int = 160) -> str:
+    """Observed values go into Rich markup lines: ``[true]`` must print, not vanish as a tag."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return escape(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 def print_results(console: Console, results: list[LabResult]) -> None:

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labctl.errors import LabctlError, LabFileError, Problem
+from labctl.errors import LabctlError
 from labctl.lab import build
-from labctl.lab.labfile import machine_problems, rule_problems
+from labctl.lab.labfile import load_lab
 from labctl.topology.checks import Check, LabFile
-from labctl.topology.loader import SourceMap, load_file
 from labctl.verify.evaluate import Evidence, evaluate
 from labctl.verify.observe import Observation, observe
 
@@ -65,32 +64,8 @@ class LabResult:
         }
 
 
-def drop_reason_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
-    """Reason names come from this kernel's kfree_skb format, not from a list in labctl."""
-    from labctl.kernel.tracefs import drop_reason_names
-
-    names: set[str] | None = None
-    problems = []
-    for i, check in enumerate(lab.checks):
-        wanted: list[tuple[tuple[str | int, ...], str]] = []
-        if check.expect.dropped is not None:
-            wanted.append(((("checks", i, "expect", "dropped", "reason")), check.expect.dropped.reason))
-        wanted += [(("checks", i, "expect", "drops", reason), reason) for reason in check.expect.drops]
-        for path, reason in wanted:
-            names = names if names is not None else drop_reason_names()
-            if reason not in names:
-                close = sorted(n for n in names if reason.split("_")[0] in n)[:6]
-                hint = f" (similar: {', '.join(close)})" if close else ""
-                problems.append(source.problem(path, f"this kernel has no drop reason {reason!r}{hint}"))
-    return problems
-
-
 def load_lab_file(file: str) -> LabFile:
-    lab, source = load_file(file, LabFile)
-    problems = machine_problems(lab, source) + rule_problems(lab, source) + drop_reason_problems(lab, source)
-    if problems:
-        raise LabFileError(problems)
-    return lab
+    return load_lab(file)[0]
 
 
 def lab_files(paths: Iterable[str]) -> list[str]:

@@ -1,0 +1,447 @@
+"""netfilter of a running lab: every rule with its counters, and a packet's hook walk.
+
+Both commands read the kernel, not the lab file: ``rules`` lists what the
+namespaces hold now (rules a check or a person added included), and ``hooks``
+injects one packet and records, on every node it may cross, the tables and
+chains the kernel ran for it, in order (an NFLOG rule at the top of every
+chain, numbered by nfnetlink_log -- see :mod:`labctl.kernel.nftrace`).
+
+Everything happens inside the lab's namespaces.  iptables is python-iptables,
+i.e. legacy xtables: inside a node ``iptables-legacy -nvL`` shows the same
+rules, while ``iptables`` (the nft variant) only warns that legacy tables
+exist.  ebtables is ``ebtables-nft`` (this kernel has no legacy ebtables).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from labctl.errors import KernelError, LabStateError
+from labctl.kernel import ebtables, iptables, netns, nftrace, tracefs
+from labctl.kernel.iptables import RuleCounter
+from labctl.kernel.nftrace import HookStep, HookTracer
+from labctl.kernel.packet import inject
+from labctl.lab import relay, state
+from labctl.lab.live import TargetError
+from labctl.lab.traffic import TrafficError, prepare_injection
+from labctl.topology.model import Topology
+from labctl.verify import netfilter_stage
+
+DROP_TARGETS = ("DROP", "REJECT")
+"""Targets that end a packet; a rise of their counter names the rule that did it."""
+
+DROP_EVENTS = ("skb:kfree_skb", "net:netif_receive_skb", "net:net_dev_queue", "net:netif_rx")
+"""Enough tracepoints to follow an skb onto a lab device and see where it was freed."""
+
+
+# --------------------------------------------------------------------------
+# the lab
+
+
+def running_lab(lab: str) -> tuple[state.LabState, Topology]:
+    """The lab's state and the topology it was brought up from (the one resolver: live.open_lab)."""
+    from labctl.lab.live import open_lab
+
+    live = open_lab(lab)
+    nodes = {node: netns.namespace_name(live.topo.name, node) for node in live.topo.nodes}
+    missing = [node for node, ns in nodes.items() if not netns.exists(ns)]
+    if missing:
+        raise LabStateError(f"lab {lab} is not fully up: no namespace for {', '.join(sorted(missing))}")
+    current = state.load(lab) or state.LabState(name=lab, file=live.file, status="up", nodes=nodes)
+    return current, live.topo
+
+
+def _nodes(current: state.LabState, wanted: list[str] | None) -> dict[str, str]:
+    """node -> namespace, for ``wanted`` (all nodes when None), in the lab's order."""
+    if not wanted:
+        return dict(current.nodes)
+    unknown = [n for n in wanted if n not in current.nodes]
+    if unknown:
+        raise TargetError(
+            f"lab {current.name} has no node {', '.join(unknown)} (nodes: {', '.join(sorted(current.nodes))})"
+        )
+    return {n: current.nodes[n] for n in dict.fromkeys(wanted)}
+
+
+# --------------------------------------------------------------------------
+# rules
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    """One rule (or built-in chain policy, ``number`` 0) of a node, with its counters.
+
+    ``family`` is ``ip`` (iptables, legacy xtables) or ``bridge`` (ebtables-nft).
+    ebtables policies have no counters (nf_tables base chains keep none): None.
+    """
+
+    node: str
+    family: str
+    table: str
+    chain: str
+    number: int
+    rule: str
+    packets: int | None
+    bytes: int | None
+    policy: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "family": self.family,
+            "table": self.table,
+            "chain": self.chain,
+            "number": self.number,
+            "rule": self.rule,
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "policy": self.policy,
+        }
+
+
+def _row(node: str, family: str, row: RuleCounter) -> RuleRow:
+    packets = row.packets if row.packets >= 0 else None
+    nbytes = row.bytes if row.bytes >= 0 else None
+    return RuleRow(node, family, row.table, row.chain, row.position, row.rule, packets, nbytes, row.policy)
+
+
+def lab_rules(lab: str, node: str | None = None) -> list[RuleRow]:
+    """Every iptables and ebtables rule of the lab's nodes (or one node), as the kernel counts them.
+
+    Listing never creates a table: only tables that exist in a namespace are read.
+    """
+    current = state.load(lab)
+    if current is None:
+        raise LabStateError(f"lab {lab} is not up (no state in {state.LABS_DIR}); run labctl up first")
+    rows: list[RuleRow] = []
+    for name, namespace in _nodes(current, [node] if node else None).items():
+        if not netns.exists(namespace):
+            raise LabStateError(f"lab {lab}: node {name} has no namespace ({namespace})")
+        try:
+            rows += _chain_order([_row(name, "ip", r) for r in iptables.list_rules(namespace)])
+            rows += _chain_order([_row(name, "bridge", r) for r in ebtables.list_rules(namespace)])
+        except iptables.RuleError as exc:
+            raise KernelError(f"lab {lab}: cannot list the rules of {name}: {exc}") from exc
+    return rows
+
+
+def _chain_order(rows: list[RuleRow]) -> list[RuleRow]:
+    """Each chain's policy, then its rules (ebtables-save lists all chain headers first)."""
+    first: dict[tuple[str, str], int] = {}
+    for index, row in enumerate(rows):
+        first.setdefault((row.table, row.chain), index)
+    return sorted(rows, key=lambda r: (first[(r.table, r.chain)], r.number))
+
+
+# --------------------------------------------------------------------------
+# hooks
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The rule (or policy) whose counter shows it dropped the traced packet."""
+
+    table: str
+    chain: str
+    number: int
+    rule: str
+    family: str
+    packets: int
+
+    @property
+    def where(self) -> str:
+        prefix = "bridge:" if self.family == "bridge" else ""
+        what = "policy" if self.number == 0 else f"rule {self.number}"
+        return f"{prefix}{self.table}:{self.chain} {what}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"where": self.where, "rule": self.rule, "packets": self.packets}
+
+
+@dataclass
+class NodeWalk:
+    """The hooks one node ran for the traced packet, and the drop there if any."""
+
+    node: str
+    steps: list[HookStep]
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    def step_names(self) -> list[str]:
+        """``raw:PREROUTING`` for ip steps, ``bridge:nat:PREROUTING`` for bridge ones."""
+        return [short_name(s) for s in self.steps]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "walk": self.step_names(),
+            "steps": [
+                {
+                    "step": short_name(s),
+                    "family": s.family,
+                    "table": s.table,
+                    "chain": s.chain,
+                    "in": s.ifin,
+                    "out": s.ifout,
+                    "physin": s.physin,
+                    "physout": s.physout,
+                    "src": s.src,
+                    "dst": s.dst,
+                    "mark": s.mark,
+                }
+                for s in self.steps
+            ],
+            "dropped_by": [v.as_dict() for v in self.verdicts],
+        }
+
+
+@dataclass
+class HookWalk:
+    """What ``labctl hooks`` shows: the packet, each node's walk, the kernel's drops."""
+
+    lab: str
+    node: str
+    interface: str
+    packet: str
+    count: int
+    ip_id: int | None
+    nodes: list[NodeWalk]
+    drops: dict[str, int] = field(default_factory=dict)
+    """``REASON at function`` -> how many of the injected skbs the kernel freed so (not the
+    replies or ICMP errors they provoke: those are other skbs)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lab": self.lab,
+            "node": self.node,
+            "interface": self.interface,
+            "packet": self.packet,
+            "count": self.count,
+            "ip_id": self.ip_id,
+            "nodes": [n.as_dict() for n in self.nodes],
+            "drops": self.drops,
+        }
+
+
+def short_name(step: HookStep) -> str:
+    return f"{step.table}:{step.chain}" if step.family == "ip" else step.name
+
+
+def _tag_frame(frame: bytes, expr: str) -> tuple[bytes, int | None]:
+    """Make the packet recognisable and a new flow, unless the user fixed those fields.
+
+    * a random IP ID: NAT rewrites addresses and ports but never the ID, so
+      the ID singles out the traced packet at every hook of every node (ICMP
+      errors and replies it provokes carry their own IDs);
+    * a random source port (UDP/TCP) or echo id (ICMP): conntrack keys flows
+      by them, and nat chains run only for a flow's first packet, so a second
+      trace with Scapy's fixed defaults (sport 53) would silently skip nat.
+
+    Returns the frame and the IP ID to follow (None for non-IPv4 frames).
+    """
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    from labctl.traffic.expr import parse_packet
+
+    pkt = Ether(frame)
+    if IP not in pkt:
+        return frame, None
+    written = parse_packet(expr)
+    rng = random.SystemRandom()
+
+    def unset(layer: type[Any], name: str) -> bool:
+        return layer in pkt and (layer not in written or name not in written[layer].fields)
+
+    if unset(IP, "id"):
+        pkt[IP].id = rng.randint(0x1000, 0xFFFF)
+    for layer, name in ((UDP, "sport"), (TCP, "sport"), (ICMP, "id")):
+        if unset(layer, name):
+            setattr(pkt[layer], name, rng.randint(20000, 60999))
+    del pkt[IP].chksum
+    for layer in (UDP, TCP, ICMP):
+        if layer in pkt:
+            del pkt[layer].chksum
+    return bytes(pkt), int(pkt[IP].id)
+
+
+def _summary(frame: bytes) -> str:
+    from scapy.layers.l2 import Ether
+
+    return str(Ether(frame).summary())
+
+
+def _protocol_match(frame: bytes) -> str:
+    """iptables words limiting the trace rules to the packet's protocol (NAT may change ports)."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    pkt = Ether(frame)
+    if IP not in pkt:
+        return ""
+    for layer, name in ((UDP, "udp"), (TCP, "tcp"), (ICMP, "icmp")):
+        if layer in pkt:
+            return f"-p {name}"
+    return ""
+
+
+def _hop_order(topo: Topology, start: str, nodes: list[str]) -> list[str]:
+    """``nodes`` by link distance from ``start`` (the order a packet can reach them)."""
+    neighbours: dict[str, set[str]] = {n: set() for n in topo.nodes}
+    for link in topo.links:
+        a, b = link.ends
+        neighbours[a.node].add(b.node)
+        neighbours[b.node].add(a.node)
+    distance = {start: 0}
+    queue = deque([start])
+    while queue:
+        here = queue.popleft()
+        for there in sorted(neighbours.get(here, ())):
+            if there not in distance:
+                distance[there] = distance[here] + 1
+                queue.append(there)
+    return sorted(nodes, key=lambda n: (distance.get(n, len(topo.nodes)), n))
+
+
+def _user_counts(namespace: str) -> dict[tuple[str, str, str, int], RuleCounter]:
+    """(family, table, chain, number) -> rule, trace rules left out and the rest renumbered."""
+    found: dict[tuple[str, str, str, int], RuleCounter] = {}
+    for family, rows in (("ip", iptables.list_rules(namespace)), ("bridge", ebtables.list_rules(namespace))):
+        for row in netfilter_stage.user_rows(rows):
+            found[(family, row.table, row.chain, row.position)] = row
+    return found
+
+
+def _ends_packet(row: RuleCounter) -> bool:
+    """A DROP policy, or a rule whose target is DROP/REJECT (iptables ``-j X``, ebtables ``-j X``)."""
+    if row.position == 0:
+        return row.policy == "DROP"
+    words = row.rule.split()
+    targets = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "-j"]
+    return bool(targets) and targets[-1] in DROP_TARGETS
+
+
+def _verdicts(
+    before: dict[tuple[str, str, str, int], RuleCounter], after: dict[tuple[str, str, str, int], RuleCounter]
+) -> list[Verdict]:
+    """Rules ending in DROP/REJECT (and DROP policies) whose counters rose during the trace."""
+    found = []
+    for key, row in after.items():
+        old = before.get(key)
+        delta = row.packets - (old.packets if old else 0)
+        if delta <= 0:
+            continue
+        if _ends_packet(row):
+            found.append(Verdict(row.table, row.chain, row.position, row.rule, key[0], delta))
+    return found
+
+
+def trace_hooks(
+    lab: str,
+    node: str,
+    expr: str,
+    via: list[str] | None = None,
+    interface: str | None = None,
+    count: int = 1,
+    conntrack: bool = True,
+    settle: float = 0.3,
+) -> HookWalk:
+    """Inject ``expr`` from ``node`` and record the hook walk on every node (or ``via``).
+
+    ``conntrack``: nat chains run only for packets conntrack tracks; with it
+    the tracer's own nat rules switch conntrack on for the trace, so the walk
+    shows where nat sits.  Without it the walk is exactly what the node does
+    now (no nat steps where nothing else uses conntrack).
+    """
+    try:
+        return _trace_hooks(lab, node, expr, via, interface, count, conntrack, settle)
+    except (nftrace.TraceError, tracefs.TraceError, iptables.RuleError) as exc:
+        raise KernelError(f"lab {lab}: cannot trace the hooks: {exc}") from exc
+
+
+def _trace_hooks(
+    lab: str,
+    node: str,
+    expr: str,
+    via: list[str] | None = None,
+    interface: str | None = None,
+    count: int = 1,
+    conntrack: bool = True,
+    settle: float = 0.3,
+) -> HookWalk:
+    current, topo = running_lab(lab)
+    if node not in current.nodes:
+        raise LabStateError(f"lab {lab} has no node {node!r} (nodes: {', '.join(sorted(current.nodes))})")
+    prepared = prepare_injection(topo, node, interface, expr)
+    frame, ip_id = _tag_frame(prepared.frame, expr)
+    match = _protocol_match(frame)
+    traced = _nodes(current, via)
+    tracers: dict[str, HookTracer] = {}
+    before: dict[str, dict[tuple[str, str, str, int], RuleCounter]] = {}
+    after: dict[str, dict[tuple[str, str, str, int], RuleCounter]] = {}
+    drops: Counter[str] = Counter()
+    with contextlib.ExitStack() as stack:
+        for name, namespace in traced.items():
+            bridge_tables = ("nat", "filter") if topo.nodes[name].bridges else ()
+            tracer = HookTracer(namespace, match=match, bridge_tables=bridge_tables, conntrack=conntrack)
+            stack.enter_context(tracer)
+            tracers[name] = tracer
+        for name, namespace in traced.items():
+            before[name] = _user_counts(namespace)
+        with tracefs.TraceSession(DROP_EVENTS) as session:
+            tasks = _thread_ids() | set(relay.find(lab))
+            since = time.monotonic()
+            try:
+                inject(prepared.namespace, prepared.ifname, frame, count)
+            except OSError as exc:
+                raise TrafficError(f"cannot inject on {node}:{prepared.ifname}: {exc}") from exc
+            time.sleep(settle)
+            until = time.monotonic()
+            session.stop()
+            events = session.events()
+        for name, namespace in traced.items():
+            after[name] = _user_counts(namespace)
+        devices = {i for n in topo.nodes for i in topo.interface_names(n)} - {"lo"}
+        for chain in tracefs.chains(events, devices, since=since, until=until + 0.5):
+            drop = chain.drop
+            if drop is not None and _injected_here(chain, prepared.ifname, tasks):
+                drops[f"{drop.reason or '?'} at {drop.function or '?'}"] += 1
+        walks = {}
+        for name, tracer in tracers.items():
+            steps = [s for s in tracer.steps() if ip_id is None or s.ip_id in (ip_id, None)]
+            walks[name] = NodeWalk(name, steps, _verdicts(before[name], after[name]))
+    order = _hop_order(topo, node, list(traced))
+    return HookWalk(
+        lab=lab,
+        node=node,
+        interface=prepared.ifname,
+        packet=_summary(frame),
+        count=count,
+        ip_id=ip_id,
+        nodes=[walks[n] for n in order],
+        drops=dict(drops),
+    )
+
+
+def _injected_here(chain: tracefs.SkbChain, ifname: str, tasks: set[int]) -> bool:
+    """The skb is one this process injected: its story starts with our dev_queue_xmit on ``ifname``.
+
+    Only the traced skb's own fate counts.  Matching on "an event ran in our
+    thread" is not enough: softirq work runs in whichever task is current, so
+    another namespace's packet backlogged on the same CPU can be processed
+    (and dropped) in our context; veth and forwarding keep the skb, so the
+    injected skb carries its address from the injecting device to its end.
+    """
+    first = chain.events[0]
+    return first.key == "net:net_dev_queue" and first.pid in tasks and ifname in first.devices
+
+
+def _thread_ids() -> set[int]:
+    """This process's thread ids: softirq work on veth runs in the injecting thread's context,
+    so the trace events of the injected packet carry one of them (other labs' never do)."""
+    return {int(t) for t in os.listdir("/proc/self/task")}
