@@ -221,11 +221,20 @@ class NodeLinks:
         if command == "add":
             self._learn(name)
 
-    def add_veth(self, name: str, attrs: LinkAttrs, peer_name: str, peer_namespace: str, peer: LinkAttrs) -> None:
+    def add_veth(
+        self,
+        name: str,
+        attrs: LinkAttrs,
+        peer_name: str,
+        peer_namespace: str,
+        peer: LinkAttrs,
+        index: int | None = None,
+    ) -> None:
         """Create a veth whose peer is born inside ``peer_namespace`` (never in the root one).
 
-        Indexes are not learnt here (that would cost a round trip per link);
-        call :meth:`refresh` on both nodes once all links exist.
+        With ``index`` the near end gets that ifindex, so it is known without
+        asking; the peer's is learnt later only if something needs it
+        (:meth:`ensure_indexes`) -- each lookup is a round trip per link.
         """
         peer_spec: dict[str, Any] = {"ifname": peer_name}
         if peer.mac:
@@ -235,9 +244,14 @@ class NodeLinks:
         fd = os.open(netns.path(peer_namespace), os.O_RDONLY)
         try:
             peer_spec["net_ns_fd"] = fd
-            self._request(f"veth {name}", "add", ifname=name, kind="veth", peer=peer_spec, **self._attrs(attrs))
+            chosen = {"index": index} if index is not None else {}
+            self._request(
+                f"veth {name}", "add", ifname=name, kind="veth", peer=peer_spec, **chosen, **self._attrs(attrs)
+            )
         finally:
             os.close(fd)
+        if index is not None:
+            self.index[name] = index
 
     def add_tap(self, name: str) -> None:
         """A persistent tap device; its frames go to whoever opens it (the VM relay)."""
@@ -251,7 +265,15 @@ class NodeLinks:
         self.index[name] = indexes[0]
 
     def configure(self, name: str, attrs: LinkAttrs) -> None:
-        self._request(f"interface {name}", "set", index=self.index[name], **self._attrs(attrs))
+        """Set attributes; by name when the index is not known (the kernel resolves it, no lookup)."""
+        target = {"index": self.index[name]} if name in self.index else {"ifname": name}
+        self._request(f"interface {name}", "set", **target, **self._attrs(attrs))
+
+    def ensure_indexes(self, names: set[str]) -> None:
+        """Learn the indexes of ``names`` that are not known yet (addresses and qdiscs need them)."""
+        missing = names - set(self.index)
+        if missing:
+            self.refresh(missing)
 
     def delete(self, name: str) -> None:
         self._request(f"interface {name}", "del", index=self.index.pop(name))

@@ -50,6 +50,7 @@ class Builder:
         self.handles: dict[str, NodeLinks] = {}
         self.fresh: set[str] = set()  # nodes whose namespace this run created
         self.configured: set[tuple[str, str]] = set()  # interfaces fully set at creation
+        self.next_index: dict[str, int] = {}
         # lookups the steps make per interface, computed once (labs have thousands of links)
         self.link_at: dict[tuple[str, str], Link] = {}
         for link in topo.links:
@@ -127,7 +128,7 @@ class Builder:
                     if end.interface not in self.handles[end.node].index:
                         self.handles[end.node].add_tap(end.interface)
                 continue
-            main, other = (b, a) if self.bridge_of(b) and not self.bridge_of(a) else (a, b)
+            main, other = self.near_and_far(a, b)
             h_main, h_other = self.handles[main.node], self.handles[other.node]
             have_main, have_other = main.interface in h_main.index, other.interface in h_other.index
             if have_main and have_other:
@@ -142,12 +143,42 @@ class Builder:
                 other.interface,
                 self.ns[other.node],
                 self.attrs(other.node, other.interface, link),
+                index=self.fresh_index(main.node),
             )
             self.configured.add((main.node, main.interface))
 
+    def near_and_far(self, a: Endpoint, b: Endpoint) -> tuple[Endpoint, Endpoint]:
+        """Which end of a veth the request creates (and so knows the index of).
+
+        The end that will need its index later (for addresses or a qdisc) is
+        made by its own node's socket; otherwise a bridge port, so its master
+        is set in the same request.
+        """
+
+        def needs_index(end: Endpoint) -> bool:
+            cfg = self.topo.nodes[end.node].interfaces.get(end.interface)
+            return cfg is not None and (bool(cfg.addresses) or cfg.qdisc is not None)
+
+        if needs_index(a) != needs_index(b):
+            return (a, b) if needs_index(a) else (b, a)
+        return (b, a) if self.bridge_of(b) and not self.bridge_of(a) else (a, b)
+
+    def fresh_index(self, node: str) -> int | None:
+        """An ifindex to ask for in a namespace this run created (None elsewhere).
+
+        The kernel numbers other devices (bridges, taps, peers arriving from
+        other nodes) from 2 upward, one by one; explicit numbers start above
+        all the devices this node will ever hold, so they can never collide.
+        """
+        if node not in self.fresh:
+            return None
+        self.next_index[node] = self.next_index.get(node, 2 + len(self.wanted_interfaces[node])) + 1
+        return self.next_index[node]
+
     def configure(self) -> None:
         for node, handle in self.handles.items():
-            handle.refresh(self.wanted_interfaces[node] - {"lo"} if node in self.fresh else None)
+            if node not in self.fresh:
+                handle.refresh()
             for ifname in self.wanted_interfaces[node]:
                 if (node, ifname) in self.configured or ifname in self.topo.nodes[node].bridges:
                     continue
@@ -157,6 +188,8 @@ class Builder:
     def addresses_and_routes(self) -> None:
         for node, spec in self.topo.nodes.items():
             handle = self.handles[node]
+            handle.ensure_indexes({name for name, cfg in spec.interfaces.items() if cfg.addresses})
+            handle.ensure_indexes({route.dev for route in spec.routes if route.dev})
             current = handle.addresses() if node not in self.fresh else {}
             for ifname, cfg in spec.interfaces.items():
                 wanted = [str(a) for a in cfg.addresses]
@@ -208,6 +241,7 @@ class Builder:
                 if cfg.rps_cpus is not None:
                     self.handles[node].set_rps_cpus(ifname, cfg.rps_cpus)
                 if cfg.qdisc is not None:
+                    self.handles[node].ensure_indexes({ifname})
                     q = cfg.qdisc
                     params = (
                         {"rate": q.rate, "burst": q.burst, "limit": q.limit} if q.kind == "tbf" else {"limit": q.limit}
