@@ -287,6 +287,10 @@ class Builder:
             }
             if wanted:
                 handle.wait_operational(wanted)
+        # operstate turns UP inside linkwatch just before the queues are activated,
+        # under RTNL: one request that takes RTNL (a qdisc dump does) waits for the rest
+        for handle in list(self.handles.values())[-1:]:
+            handle.ipr.get_qdiscs()
 
     def close(self) -> None:
         for handle in self.handles.values():

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
 from labctl.kernel import counters, netns
+from tests.kernel.conftest import Topo, VethPair
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -31,70 +30,16 @@ def _eventually(read: Callable[[], T], done: Callable[[T], bool], timeout: float
     return value
 
 
-@dataclass
-class Pair:
+class Pair(VethPair):
     """Two namespaces joined by a veth pair: ``a`` (10.78.0.1) ↔ ``b`` (10.78.0.2)."""
 
-    ns_a: str
-    ns_b: str
-    dev_a: str
-    dev_b: str
-    addr_b: str = "10.78.0.2"
-
     def send(self, count: int = 1, size: int = 32, port: int = CLOSED_PORT) -> None:
-        with netns.entered(self.ns_a):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            for _ in range(count):
-                sock.sendto(b"c" * size, (self.addr_b, port))
-        finally:
-            sock.close()
+        self.send_to_b(b"c" * size, count, port)
 
 
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    lab = f"t{os.getpid()}c"
-    built = Pair(netns.namespace_name(lab, "a"), netns.namespace_name(lab, "b"), f"ca{os.getpid()}", f"cb{os.getpid()}")
-    try:
-        for ns in (built.ns_a, built.ns_b):
-            netns.create(ns)
-            with netns.entered(ns):  # before any link: no IPv6 RS/DAD in the counters
-                for scope in ("all", "default"):
-                    with open(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6", "w") as f:
-                        f.write("1")
-        _link(built)
-        yield built
-    finally:
-        netns.remove(built.ns_a)
-        netns.remove(built.ns_b)
-
-
-def _wait_activated(ipr: Any, index: int, timeout: float = 2.0) -> None:
-    """Carrier-on is applied later by linkwatch; until then noop_qdisc drops (QDISC_DROP) the first ARP."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(q.get("kind") != "noop" for q in ipr.get_qdiscs() if q["index"] == index):
-            return
-        time.sleep(0.002)
-
-
-def _link(pair: Pair) -> None:
-    ipa, ipb = netns.netlink(pair.ns_a), netns.netlink(pair.ns_b)
-    try:
-        fd = os.open(netns.path(pair.ns_b), os.O_RDONLY)
-        try:
-            ipa.link("add", ifname=pair.dev_a, kind="veth", peer={"ifname": pair.dev_b, "net_ns_fd": fd})
-        finally:
-            os.close(fd)
-        for ipr, dev, addr in ((ipa, pair.dev_a, "10.78.0.1"), (ipb, pair.dev_b, pair.addr_b)):
-            index = ipr.link_lookup(ifname=dev)[0]
-            ipr.addr("add", index=index, address=addr, prefixlen=24)
-            ipr.link("set", index=index, state="up")
-        for ipr, dev in ((ipa, pair.dev_a), (ipb, pair.dev_b)):
-            _wait_activated(ipr, ipr.link_lookup(ifname=dev)[0])
-    finally:
-        ipa.close()
-        ipb.close()
+def pair(topo: Topo) -> Pair:
+    return topo.pair(Pair, "c", "10.78.0.1", "10.78.0.2")
 
 
 def _tiny_tbf(pair: Pair) -> None:

@@ -14,74 +14,30 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from pyroute2 import IPRoute
 
 from labctl.kernel import ebtables, iptables, netns, sysctl
 from labctl.kernel.iptables import RuleError
-from tests.hostcheck import host_snapshot
+from tests.kernel.conftest import Topo
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.usefixtures("root_untouched"),
+]
 
 H1_MAC = "02:00:00:00:00:01"
 IP_RECVTTL = 12  # linux/in.h; not exported by the socket module
 NOT_DELIVERED_WAIT = 0.3
 
 
-def root_firewall() -> dict[str, str]:
-    """The root namespace's firewall (legacy and nft), counters and timestamps masked."""
-    snapshot = host_snapshot()
-    with open("/proc/net/ip_tables_names") as f:
-        tables = " ".join(sorted(f.read().split()))
-    return {key: snapshot[key] for key in ("iptables-legacy", "iptables-nft", "nft")} | {"xtables": tables}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def root_untouched() -> Iterator[None]:
-    before = root_firewall()
-    yield
-    assert root_firewall() == before
-
-
-def _index(ipr: IPRoute, ifname: str) -> int:
-    return int(ipr.link_lookup(ifname=ifname)[0])
-
-
 class Bridged:
-    """h1 -- br0 -- h2, each in its own namespace; ``close`` removes them."""
+    """h1 -- br0 -- h2, each in its own namespace of ``topo``."""
 
-    def __init__(self, tag: str) -> None:
-        lab = f"t{os.getpid()}{tag}"
-        self.h1, self.br, self.h2 = (netns.namespace_name(lab, n) for n in ("h1", "br", "h2"))
-        self.namespaces: list[str] = []
-        for ns in (self.h1, self.br, self.h2):
-            netns.create(ns)
-            self.namespaces.append(ns)
-            sysctl.write_many({"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}, ns)
-        self._veth(self.h1, self.br, "p1", H1_MAC)
-        self._veth(self.h2, self.br, "p2", "02:00:00:00:00:02")
-        with netns.netlink(self.br) as ipr:
-            ipr.link("add", ifname="br0", kind="bridge")
-            br0 = _index(ipr, "br0")
-            for port in ("p1", "p2"):
-                ipr.link("set", index=_index(ipr, port), master=br0)
-            ipr.link("set", index=br0, state="up")
-        self._addr(self.h1, "eth0", "10.99.3.1")
-        self._addr(self.h2, "eth0", "10.99.3.2")
-
-    def _veth(self, host: str, bridge_ns: str, port: str, mac: str) -> None:
-        fd = os.open(netns.path(bridge_ns), os.O_RDONLY)
-        try:
-            with netns.netlink(host) as ipr:
-                ipr.link("add", ifname="eth0", kind="veth", address=mac, peer={"ifname": port, "net_ns_fd": fd})
-                ipr.link("set", index=_index(ipr, "eth0"), state="up")
-        finally:
-            os.close(fd)
-        with netns.netlink(bridge_ns) as ipr:
-            ipr.link("set", index=_index(ipr, port), state="up")
-
-    def _addr(self, ns: str, ifname: str, address: str) -> None:
-        with netns.netlink(ns) as ipr:
-            ipr.addr("add", index=_index(ipr, ifname), address=address, prefixlen=24)
+    def __init__(self, topo: Topo) -> None:
+        self.topo = topo
+        self.h1, self.br, self.h2 = topo.namespaces("h1", "br", "h2")
+        topo.veth(self.h1, "eth0", self.br, "p1", "10.99.3.1/24", mac_a=H1_MAC)
+        topo.veth(self.h2, "eth0", self.br, "p2", "10.99.3.2/24", mac_a="02:00:00:00:00:02")
+        topo.bridge(self.br, "br0", ["p1", "p2"])
 
     def send(self, payload: bytes) -> None:
         with netns.entered(self.h1):
@@ -89,18 +45,10 @@ class Bridged:
         with sock:
             sock.sendto(payload, ("10.99.3.2", 5000))
 
-    def close(self) -> None:
-        for ns in self.namespaces:
-            netns.remove(ns)
-
 
 @pytest.fixture
-def net(request: pytest.FixtureRequest) -> Iterator[Bridged]:
-    built = Bridged(str(abs(hash(request.node.name)) % 10000))
-    try:
-        yield built
-    finally:
-        built.close()
+def net(topo: Topo) -> Bridged:
+    return Bridged(topo)
 
 
 @pytest.fixture
@@ -179,8 +127,7 @@ def test_redirect_routes_instead_of_bridging(net: Bridged, listener: socket.sock
     passes the frame up through br0, the IP stack routes it (TTL 64 -> 63) and
     sends it back out br0 -- ebtables FORWARD never sees it.
     """
-    with netns.netlink(net.br) as ipr:
-        ipr.addr("add", index=_index(ipr, "br0"), address="10.99.3.254", prefixlen=24)
+    net.topo.address(net.br, "br0", "10.99.3.254/24")
     sysctl.write_many(
         {
             "net.ipv4.ip_forward": "1",

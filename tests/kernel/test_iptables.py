@@ -16,110 +16,21 @@ from collections.abc import Iterator
 
 import iptc
 import pytest
-from pyroute2 import IPRoute
 
-from labctl.kernel import conntrack, iptables, netns, sysctl
+from labctl.kernel import conntrack, iptables, netns
 from labctl.kernel.iptables import RuleError
-from tests.hostcheck import host_snapshot
+from tests.kernel.conftest import Topo
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 NOT_DELIVERED_WAIT = 0.3
 
 
-# --------------------------------------------------------------------------
-# root namespace guard
-
-
-def root_firewall() -> dict[str, str]:
-    """The root namespace's firewall (legacy and nft), counters and timestamps masked."""
-    snapshot = host_snapshot()
-    with open("/proc/net/ip_tables_names") as f:
-        tables = " ".join(sorted(f.read().split()))
-    return {key: snapshot[key] for key in ("iptables-legacy", "iptables-nft", "nft")} | {"xtables": tables}
-
-
 @pytest.fixture(autouse=True, scope="module")
-def root_untouched() -> Iterator[None]:
+def iptc_cache_unused(root_untouched: None) -> Iterator[None]:
     """Nothing here may change the root namespace's firewall or python-iptables' global cache."""
-    before = root_firewall()
     yield
-    assert root_firewall() == before
     assert iptc.Table._cache == {}, "python-iptables' global (namespace-blind) tables were used"
-
-
-# --------------------------------------------------------------------------
-# topology helpers
-
-
-class Lab:
-    """Namespaces, veth pairs and addresses of one test; ``close`` removes them all."""
-
-    def __init__(self, tag: str) -> None:
-        self.lab = f"t{os.getpid()}{tag}"
-        self.namespaces: list[str] = []
-
-    def node(self, name: str) -> str:
-        ns = netns.namespace_name(self.lab, name)
-        netns.create(ns)
-        self.namespaces.append(ns)
-        sysctl.write_many({"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}, ns)
-        with netns.netlink(ns) as ipr:
-            ipr.link("set", index=_index(ipr, "lo"), state="up")
-        return ns
-
-    def veth(self, a: str, if_a: str, b: str, if_b: str, mac_a: str | None = None) -> None:
-        fd = os.open(netns.path(b), os.O_RDONLY)
-        try:
-            with netns.netlink(a) as ipr:
-                extra = {"address": mac_a} if mac_a else {}
-                ipr.link("add", ifname=if_a, kind="veth", peer={"ifname": if_b, "net_ns_fd": fd}, **extra)
-                ipr.link("set", index=_index(ipr, if_a), state="up")
-        finally:
-            os.close(fd)
-        with netns.netlink(b) as ipr:
-            ipr.link("set", index=_index(ipr, if_b), state="up")
-
-    def addr(self, ns: str, ifname: str, cidr: str) -> None:
-        address, prefix = cidr.split("/")
-        with netns.netlink(ns) as ipr:
-            ipr.addr("add", index=_index(ipr, ifname), address=address, prefixlen=int(prefix))
-
-    def route(self, ns: str, dst: str, gateway: str) -> None:
-        with netns.netlink(ns) as ipr:
-            ipr.route("add", dst=dst, gateway=gateway)
-
-    def close(self) -> None:
-        for ns in self.namespaces:
-            netns.remove(ns)
-
-
-def _index(ipr: IPRoute, ifname: str) -> int:
-    return int(ipr.link_lookup(ifname=ifname)[0])
-
-
-@pytest.fixture
-def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    built = Lab(str(abs(hash(request.node.name)) % 10000))
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-def routed(lab: Lab) -> tuple[str, str, str]:
-    """a -- r -- b with forwarding on in r."""
-    a, r, b = lab.node("a"), lab.node("r"), lab.node("b")
-    lab.veth(a, "eth0", r, "eth0")
-    lab.veth(r, "eth1", b, "eth0")
-    lab.addr(a, "eth0", "10.99.1.1/24")
-    lab.addr(r, "eth0", "10.99.1.254/24")
-    lab.addr(r, "eth1", "10.99.2.254/24")
-    lab.addr(b, "eth0", "10.99.2.1/24")
-    lab.route(a, "10.99.2.0/24", "10.99.1.254")
-    lab.route(b, "10.99.1.0/24", "10.99.2.254")
-    sysctl.write_many({"net.ipv4.ip_forward": "1"}, r)
-    return a, r, b
 
 
 def udp_socket(ns: str, bind: tuple[str, int] | None = None) -> socket.socket:
@@ -150,8 +61,8 @@ def counter(ns: str, table: str, chain: str, needle: str) -> int:
 # tests
 
 
-def test_input_drop_is_counted_and_not_delivered(lab: Lab) -> None:
-    a, _r, b = routed(lab)
+def test_input_drop_is_counted_and_not_delivered(topo: Topo) -> None:
+    a, _r, b = topo.routed()
     iptables.apply_rules(b, ["-A INPUT -p udp --dport 5000 -j DROP"])
     listener = udp_socket(b, ("10.99.2.1", 5000))
     with udp_socket(a) as sender:
@@ -161,8 +72,8 @@ def test_input_drop_is_counted_and_not_delivered(lab: Lab) -> None:
     listener.close()
 
 
-def test_forward_counter_on_router(lab: Lab) -> None:
-    a, r, b = routed(lab)
+def test_forward_counter_on_router(topo: Topo) -> None:
+    a, r, b = topo.routed()
     iptables.apply_rules(r, ["-A FORWARD -i eth0 -o eth1 -p udp --dport 5000 -j ACCEPT"])
     listener = udp_socket(b, ("10.99.2.1", 5000))
     with udp_socket(a) as sender:
@@ -173,8 +84,8 @@ def test_forward_counter_on_router(lab: Lab) -> None:
     listener.close()
 
 
-def test_output_drop_fails_the_send_with_eperm(lab: Lab) -> None:
-    a, _r, _b = routed(lab)
+def test_output_drop_fails_the_send_with_eperm(topo: Topo) -> None:
+    a, _r, _b = topo.routed()
     iptables.apply_rules(a, ["-A OUTPUT -p udp --dport 5000 -j DROP"])
     with udp_socket(a) as sender, pytest.raises(PermissionError) as info:
         sender.sendto(b"never", ("10.99.2.1", 5000))
@@ -182,8 +93,8 @@ def test_output_drop_fails_the_send_with_eperm(lab: Lab) -> None:
     assert counter(a, "filter", "OUTPUT", "--dport 5000") == 1
 
 
-def test_masquerade_rewrites_source_and_is_tracked(lab: Lab) -> None:
-    a, r, b = routed(lab)
+def test_masquerade_rewrites_source_and_is_tracked(topo: Topo) -> None:
+    a, r, b = topo.routed()
     iptables.apply_rules(r, ["-t nat -A POSTROUTING -o eth1 -j MASQUERADE"])
     listener = udp_socket(b, ("10.99.2.1", 5000))
     with udp_socket(a, ("10.99.1.1", 0)) as sender:
@@ -202,9 +113,9 @@ def test_masquerade_rewrites_source_and_is_tracked(lab: Lab) -> None:
     listener.close()
 
 
-def test_a_nat_table_alone_does_not_track(lab: Lab) -> None:
+def test_a_nat_table_alone_does_not_track(topo: Topo) -> None:
     """Conntrack runs in a namespace only once a rule needs it (here: -m conntrack)."""
-    a, r, b = routed(lab)
+    a, r, b = topo.routed()
     iptables.apply_rules(r, ["-t nat -A POSTROUTING -j ACCEPT"])
     listener = udp_socket(b, ("10.99.2.1", 5000))
     with udp_socket(a) as sender:
@@ -220,8 +131,8 @@ def test_a_nat_table_alone_does_not_track(lab: Lab) -> None:
     listener.close()
 
 
-def test_legacy_backend_shows_the_rules(lab: Lab) -> None:
-    ns = lab.node("n")
+def test_legacy_backend_shows_the_rules(topo: Topo) -> None:
+    ns = topo.node("n")
     iptables.apply_rules(ns, ["-A INPUT -p udp --dport 5000 -j DROP", "-P FORWARD DROP"])
     legacy = netns.run(ns, ["iptables-legacy-save"], capture_output=True, text=True, check=True)
     assert "-A INPUT -p udp -m udp --dport 5000 -j DROP" in legacy.stdout
@@ -237,8 +148,8 @@ def test_legacy_backend_shows_the_rules(lab: Lab) -> None:
     assert [r.rule for r in rows if r.position] == ["-A INPUT -p udp -m udp --dport 5000 -j DROP"]
 
 
-def test_user_chains_insert_and_listing_text(lab: Lab) -> None:
-    ns = lab.node("n")
+def test_user_chains_insert_and_listing_text(topo: Topo) -> None:
+    ns = topo.node("n")
     iptables.apply_rules(
         ns,
         [
@@ -272,8 +183,8 @@ def _all_rules(ns: str) -> list[str]:
         ["-N NEW", "-A NEW -j ACCEPT", "-P INPUT DROP", "-A INPUT -j DNAT --to-destination 1.2.3.4"],
     ],
 )
-def test_bad_rule_leaves_nothing_behind(lab: Lab, batch: list[str]) -> None:
-    ns = lab.node("n")
+def test_bad_rule_leaves_nothing_behind(topo: Topo, batch: list[str]) -> None:
+    ns = topo.node("n")
     iptables.apply_rules(ns, ["-t nat -A PREROUTING -j ACCEPT", "-A OUTPUT -j ACCEPT"])
     before = _all_rules(ns)
     with pytest.raises(RuleError) as info:
@@ -283,8 +194,8 @@ def test_bad_rule_leaves_nothing_behind(lab: Lab, batch: list[str]) -> None:
     assert _all_rules(ns) == before
 
 
-def test_flush_empties_tables(lab: Lab) -> None:
-    ns = lab.node("n")
+def test_flush_empties_tables(topo: Topo) -> None:
+    ns = topo.node("n")
     iptables.apply_rules(ns, ["-N X", "-A X -j RETURN", "-A INPUT -j X", "-P INPUT DROP"])
     iptables.flush(ns)
     rows = iptables.list_rules(ns)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterator
 
 import pytest
-from pyroute2 import IPRoute
 
 from labctl.kernel import ebtables, iptables, netns, nftrace, sysctl
 from labctl.kernel.nftrace import HookTracer
-from tests.hostcheck import host_snapshot
+from tests.kernel.conftest import Topo
 
 UDP = "-p udp --dport 5000"
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -73,83 +71,9 @@ def test_ebtables_match_translation() -> None:
 # kernel
 
 
-def root_firewall() -> dict[str, str]:
-    """The root namespace's firewall (legacy and nft), counters and timestamps masked."""
-    snapshot = host_snapshot()
-    with open("/proc/net/ip_tables_names") as f:
-        tables = " ".join(sorted(f.read().split()))
-    return {key: snapshot[key] for key in ("iptables-legacy", "iptables-nft", "nft")} | {"xtables": tables}
-
-
-@pytest.fixture(scope="module")
-def root_untouched() -> Iterator[None]:
-    before = root_firewall()
-    yield
-    assert root_firewall() == before
-
-
-def _index(ipr: IPRoute, ifname: str) -> int:
-    return int(ipr.link_lookup(ifname=ifname)[0])
-
-
-class Lab:
-    def __init__(self, tag: str) -> None:
-        self.lab = f"t{os.getpid()}{tag}"
-        self.namespaces: list[str] = []
-
-    def node(self, name: str) -> str:
-        ns = netns.namespace_name(self.lab, name)
-        netns.create(ns)
-        self.namespaces.append(ns)
-        sysctl.write_many({"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}, ns)
-        return ns
-
-    def veth(self, a: str, if_a: str, b: str, if_b: str, address: str | None = None) -> None:
-        fd = os.open(netns.path(b), os.O_RDONLY)
-        try:
-            with netns.netlink(a) as ipr:
-                ipr.link("add", ifname=if_a, kind="veth", peer={"ifname": if_b, "net_ns_fd": fd})
-                ipr.link("set", index=_index(ipr, if_a), state="up")
-                if address:
-                    ipr.addr("add", index=_index(ipr, if_a), address=address, prefixlen=24)
-        finally:
-            os.close(fd)
-        with netns.netlink(b) as ipr:
-            ipr.link("set", index=_index(ipr, if_b), state="up")
-
-    def addr(self, ns: str, ifname: str, address: str) -> None:
-        with netns.netlink(ns) as ipr:
-            ipr.addr("add", index=_index(ipr, ifname), address=address, prefixlen=24)
-
-    def route(self, ns: str, dst: str, gateway: str) -> None:
-        with netns.netlink(ns) as ipr:
-            ipr.route("add", dst=dst, gateway=gateway)
-
-    def close(self) -> None:
-        for ns in self.namespaces:
-            netns.remove(ns)
-
-
 @pytest.fixture
-def lab(request: pytest.FixtureRequest, root_untouched: None) -> Iterator[Lab]:
-    built = Lab(str(abs(hash(request.node.name)) % 10000))
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-@pytest.fixture
-def routed(lab: Lab) -> tuple[str, str, str]:
-    a, r, b = lab.node("a"), lab.node("r"), lab.node("b")
-    lab.veth(a, "eth0", r, "eth0", "10.99.1.1")
-    lab.veth(r, "eth1", b, "eth0", "10.99.2.254")
-    lab.addr(r, "eth0", "10.99.1.254")
-    lab.addr(b, "eth0", "10.99.2.1")
-    lab.route(a, "10.99.2.0/24", "10.99.1.254")
-    lab.route(b, "10.99.1.0/24", "10.99.2.254")
-    sysctl.write_many({"net.ipv4.ip_forward": "1"}, r)
-    return a, r, b
+def routed(topo: Topo, root_untouched: None) -> tuple[str, str, str]:
+    return topo.routed()
 
 
 def exchange(a: str, b: str, count: int = 1) -> int:
@@ -290,15 +214,12 @@ def test_trace_rules_are_removed_and_counters_kept(routed: tuple[str, str, str])
 
 
 @root_only
-def test_bridged_order_with_br_netfilter(lab: Lab) -> None:
-    h1, br, h2 = lab.node("h1"), lab.node("br"), lab.node("h2")
-    lab.veth(h1, "eth0", br, "p1", "10.99.3.1")
-    lab.veth(h2, "eth0", br, "p2", "10.99.3.2")
-    with netns.netlink(br) as ipr:
-        ipr.link("add", ifname="br0", kind="bridge")
-        for port in ("p1", "p2"):
-            ipr.link("set", index=_index(ipr, port), master=_index(ipr, "br0"))
-        ipr.link("set", index=_index(ipr, "br0"), state="up")
+@pytest.mark.usefixtures("root_untouched")
+def test_bridged_order_with_br_netfilter(topo: Topo) -> None:
+    h1, br, h2 = topo.namespaces("h1", "br", "h2")
+    topo.veth(h1, "eth0", br, "p1", "10.99.3.1/24")
+    topo.veth(h2, "eth0", br, "p2", "10.99.3.2/24")
+    topo.bridge(br, "br0", ["p1", "p2"])
     sysctl.write_many({"net.bridge.bridge-nf-call-iptables": "1"}, br)
     with HookTracer(br, match=UDP, bridge_tables=("nat", "filter"), conntrack=True) as tracer:
         with netns.entered(h2):

@@ -6,7 +6,6 @@ import errno
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from labctl.kernel import netns
 from labctl.kernel.packet import CaptureError
 from labctl.kernel.sockets import SocketFilterError, UdpListener, send_udp
+from tests.kernel.conftest import Topo
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -29,52 +29,11 @@ class Pair:
     ip_b: str = "10.99.2.2"
 
 
-def _disable_ipv6(name: str) -> None:
-    with netns.entered(name):
-        for scope in ("all", "default"):
-            Path(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6").write_text("1")
-
-
-def _address_and_up(name: str, addr: str) -> None:
-    with netns.netlink(name) as ipr:
-        index = ipr.link_lookup(ifname="eth0")[0]
-        ipr.addr("add", index=index, address=addr, prefixlen=24)
-        ipr.link("set", index=index, state="up")
-
-
-def _wait_operational(name: str, timeout: float = 2.0) -> None:
-    """Until linkwatch has seen the carrier: before that the device's queue is the noop
-    qdisc and the first frames (typically the ARP request) are silently dropped."""
-    with netns.netlink(name) as ipr:
-        index = ipr.link_lookup(ifname="eth0")[0]
-        deadline = time.monotonic() + timeout
-        while ipr.get_links(index)[0].get_attr("IFLA_OPERSTATE") != "UP" and time.monotonic() < deadline:
-            time.sleep(0.002)
-        ipr.get_qdiscs(index)  # takes RTNL, so linkwatch has finished activating the queues
-
-
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    tag = f"t{os.getpid()}"
-    a, b = netns.namespace_name(tag, "sock-a"), netns.namespace_name(tag, "sock-b")
-    try:
-        for name in (a, b):
-            netns.create(name)
-            _disable_ipv6(name)
-        peer_fd = os.open(netns.path(b), os.O_RDONLY)
-        try:
-            with netns.netlink(a) as ipr:
-                ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": peer_fd})
-        finally:
-            os.close(peer_fd)
-        _address_and_up(a, Pair.ip_a)
-        _address_and_up(b, Pair.ip_b)
-        _wait_operational(a)
-        _wait_operational(b)
-        yield Pair(a, b)
-    finally:
-        netns.remove(a)
-        netns.remove(b)
+def pair(topo: Topo) -> Pair:
+    a, b = topo.namespaces("sock-a", "sock-b")
+    topo.veth(a, "eth0", b, "eth0", f"{Pair.ip_a}/24", f"{Pair.ip_b}/24")
+    return Pair(a, b)
 
 
 def udp_counters(namespace: str) -> dict[str, int]:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from labctl.kernel import counters, netns, tracefs
+from labctl.kernel import counters, tracefs
 from labctl.kernel.tracefs import TraceEvent, TraceSession
+from tests.kernel.conftest import Topo
+from tests.kernel.conftest import VethPair as Pair
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and tracefs")
 
@@ -33,96 +32,20 @@ STAGE_EVENTS = [
 ]
 
 
-@dataclass
-class Pair:
-    """Two namespaces joined by a veth pair: ``a`` (10.77.0.1) ↔ ``b`` (10.77.0.2)."""
-
-    ns_a: str
-    ns_b: str
-    dev_a: str
-    dev_b: str
-    addr_a: str = "10.77.0.1"
-    addr_b: str = "10.77.0.2"
-
-    def socket_a(self) -> socket.socket:
-        with netns.entered(self.ns_a):
-            return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-
-def _disable_ipv6(ns: str) -> None:
-    """Before any link exists, so no RS/DAD traffic pollutes the trace."""
-    with netns.entered(ns):
-        for scope in ("all", "default"):
-            with open(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6", "w") as f:
-                f.write("1")
-
-
-def _wait_activated(ipr: Any, index: int, timeout: float = 2.0) -> None:
-    """Carrier-on is applied later by linkwatch; until then noop_qdisc drops (QDISC_DROP) the first ARP."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(q.get("kind") != "noop" for q in ipr.get_qdiscs() if q["index"] == index):
-            return
-        time.sleep(0.002)
-
-
-def _build_pair(tag: str) -> Pair:
-    lab = f"t{os.getpid()}{tag}"
-    pair = Pair(
-        netns.namespace_name(lab, "a"), netns.namespace_name(lab, "b"), f"{tag}a{os.getpid()}", f"{tag}b{os.getpid()}"
-    )
-    for ns in (pair.ns_a, pair.ns_b):
-        netns.create(ns)
-        _disable_ipv6(ns)
-    ipa, ipb = netns.netlink(pair.ns_a), netns.netlink(pair.ns_b)
-    try:
-        fd = os.open(netns.path(pair.ns_b), os.O_RDONLY)
-        try:
-            ipa.link("add", ifname=pair.dev_a, kind="veth", peer={"ifname": pair.dev_b, "net_ns_fd": fd})
-        finally:
-            os.close(fd)
-        for ipr, dev, addr in ((ipa, pair.dev_a, pair.addr_a), (ipb, pair.dev_b, pair.addr_b)):
-            index = ipr.link_lookup(ifname=dev)[0]
-            ipr.addr("add", index=index, address=addr, prefixlen=24)
-            ipr.link("set", index=index, state="up")
-        for ipr, dev in ((ipa, pair.dev_a), (ipb, pair.dev_b)):
-            _wait_activated(ipr, ipr.link_lookup(ifname=dev)[0])
-    finally:
-        ipa.close()
-        ipb.close()
-    return pair
-
-
-def _remove_pair(pair: Pair) -> None:
-    netns.remove(pair.ns_a)
-    netns.remove(pair.ns_b)
+@pytest.fixture
+def pair(topo: Topo) -> Pair:
+    """``a`` (10.77.0.1) ↔ ``b`` (10.77.0.2), the lab's own traffic."""
+    return topo.pair(Pair, "l", "10.77.0.1", "10.77.0.2")
 
 
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    built = _build_pair("l")
-    try:
-        yield built
-    finally:
-        _remove_pair(built)
-
-
-@pytest.fixture
-def noise() -> Iterator[Pair]:
-    built = _build_pair("n")
-    try:
-        yield built
-    finally:
-        _remove_pair(built)
+def noise(topo: Topo) -> Pair:
+    """Another pair on the same addresses, for traffic that is not the lab's."""
+    return topo.pair(Pair, "n", "10.77.0.1", "10.77.0.2")
 
 
 def _send_closed(pair: Pair, count: int = 1, size: int = PAYLOAD) -> None:
-    sock = pair.socket_a()
-    try:
-        for _ in range(count):
-            sock.sendto(b"x" * size, (pair.addr_b, CLOSED_PORT))
-    finally:
-        sock.close()
+    pair.send_to_b(b"x" * size, count, CLOSED_PORT)
 
 
 def _collect_until(
