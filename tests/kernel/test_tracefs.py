@@ -177,10 +177,16 @@ def test_instance_is_removed_when_the_body_raises() -> None:
 def test_instance_is_removed_on_ctrl_c() -> None:
     session = TraceSession(["skb:kfree_skb"])
     timer = threading.Timer(0.1, os.kill, args=(os.getpid(), signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt), session:
-        timer.start()
-        for _ in session.follow(poll_interval=0.05):
-            pass
+    # a job started in the background by a non-interactive shell ignores SIGINT (CI may):
+    # make Ctrl-C raise here whatever the parent set, or this test would wait forever
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), session:
+            timer.start()
+            for _ in session.follow(poll_interval=0.05):
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     timer.join()
     assert not os.path.exists(session.path)
 
