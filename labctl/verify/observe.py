@@ -152,6 +152,23 @@ def _on_cpu(cpu: int | None) -> Iterator[None]:
         os.sched_setaffinity(0, saved)
 
 
+KERNEL_THREADS = ("ksoftirqd/", "kworker/", "swapper/", "<idle>", "irq/", "migration/", "rcu")
+
+
+def _without_foreign_tasks(chain: tracefs.SkbChain, tasks: set[int]) -> tracefs.SkbChain:
+    """Drop the events another program's task ran.
+
+    An skb freed without a traced free (UDP's stateless consume) leaves its
+    address open, and the next skb at that address -- another namespace's
+    eth0 -- would join the chain. Our packets are handled by our tasks or by
+    kernel threads (softirq), never by another user process.
+    """
+    kept = [e for e in chain.events if e.pid in tasks or e.pid == 0 or e.comm.startswith(KERNEL_THREADS)]
+    if len(kept) == len(chain.events):
+        return chain
+    return tracefs.SkbChain(chain.skbaddr, kept, chain.on_lab)
+
+
 def _send(topo: Topology, step: Traffic, seen: Observation) -> None:
     if step.inject is not None:
         prepared = prepare_injection(topo, step.inject.node, step.inject.interface, step.inject.packet)
@@ -229,7 +246,9 @@ def observe(topo: Topology, check: Check) -> Observation:
         window = {"since": since, "until": until + 0.5}
         every = tracefs.all_chains(raw_events, devices, **window)
         # deviceless chains are ours only if our task ran them (a send dropped before any device)
-        seen.chains = [c for c in every if c.on_lab is not False and _ours(c, seen.tasks)]
+        seen.chains = [
+            _without_foreign_tasks(c, seen.tasks) for c in every if c.on_lab is not False and _ours(c, seen.tasks)
+        ]
         seen.timer_drops = [
             c.events[-1] for c in every if c.on_lab is None and not _ours(c, seen.tasks) and c.drop is not None
         ]
