@@ -176,9 +176,11 @@ def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = P
 def _register_command_groups() -> None:
     """Commands that live in their own modules (one module per area of the CLI)."""
     from labctl.cli.netfilter import register as register_netfilter
+    from labctl.cli.trace import register as register_trace
     from labctl.cli.traffic import register as register_traffic
 
     register_traffic(app)
+    register_trace(app)
     register_netfilter(app)
 
 

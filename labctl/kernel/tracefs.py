@@ -552,6 +552,13 @@ class TraceEvent:
     system: str
     name: str
     fields: dict[str, str | int]
+    flags: str = ""
+    """The context column (``b.s1.``: BH off, serving a softirq, preempt depth 1), "" if absent."""
+
+    @property
+    def in_interrupt(self) -> bool:
+        """Ran in a softirq or hard irq (the task only lent its context), not in the task's own call."""
+        return len(self.flags) >= 3 and self.flags[2] != "."
 
     @property
     def key(self) -> str:
@@ -594,7 +601,7 @@ class TraceEvent:
 
 
 _LINE = re.compile(
-    r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d+)\]\s+(?:\S+\s+)?"
+    r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d+)\]\s+(?:(?P<flags>\S+)\s+)?"
     r"(?P<ts>\d+\.\d+):\s+(?P<event>[\w.-]+):\s?(?P<body>.*)$"
 )
 _LOST = re.compile(r"^CPU:(?P<cpu>\d+) \[LOST (?P<count>\d+) EVENTS\]")
@@ -626,6 +633,7 @@ def parse_line(line: str, formats: Mapping[str, Sequence[EventFormat]]) -> Trace
         system=system,
         name=event,
         fields=values if values is not None else {"raw": body},
+        flags=match.group("flags") or "",
     )
 
 
@@ -696,10 +704,15 @@ class TraceSession:
         if self.running:
             return
         self.path = os.path.join(_instances_dir(), self.name)
-        os.mkdir(self.path)
+        # marked before mkdir: an interrupt landing just after it must still remove the instance
         self._created = True
         _live_sessions.add(self)
         try:
+            try:
+                os.mkdir(self.path)
+            except OSError:
+                self._created = False
+                raise
             self._configure()
             self._fd = os.open(os.path.join(self.path, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
             self._set("tracing_on", "1")
@@ -710,10 +723,8 @@ class TraceSession:
     def stop(self) -> None:
         """Stop recording, keep what was buffered, and remove the instance."""
         with self._lock:
-            if not self._created:
-                return
             try:
-                if self._fd is not None:
+                if self._created and self._fd is not None:
                     with contextlib.suppress(OSError):
                         self._set("tracing_on", "0")
                     self._pending.extend(self._drain())
@@ -722,13 +733,33 @@ class TraceSession:
                 self._teardown()
 
     def _teardown(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+        """Close the pipe and remove the instance, even if Ctrl-C/SIGTERM lands meanwhile.
+
+        A signal handler that raises (KeyboardInterrupt) can interrupt any
+        bytecode, including the rmdir retry loop; the instance would then
+        outlive the process with its buffers allocated.  Each step is
+        idempotent, so an interrupted teardown simply runs again, and the
+        interrupt is re-raised once the instance is gone.
+        """
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._teardown_steps()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _teardown_steps(self) -> None:
+        if self._fd is not None:  # closed before forgotten: a lost open fd would keep rmdir at EBUSY
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
             self._fd = None
-        _live_sessions.discard(self)
         if self._created:
             _rmdir_instance(self.path)
             self._created = False
+        _live_sessions.discard(self)
 
     def _set(self, relpath: str, value: str) -> None:
         path = os.path.join(self.path, relpath)
@@ -811,6 +842,14 @@ class TraceSession:
                 self._pending.extend(self._drain())
             taken, self._pending = self._pending, []
         return taken
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the kernel has events to read (True) or ``timeout`` seconds passed."""
+        if self._fd is None:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
 
     def follow(self, stop_event: threading.Event | None = None, *, poll_interval: float = 0.2) -> Iterator[TraceEvent]:
         """Yield events as they arrive until ``stop_event`` is set or the session stops."""
@@ -937,35 +976,71 @@ def _device_verdict(event: TraceEvent, devices: set[str]) -> bool | None:
     return any(name in devices for name in names)
 
 
-def _all_chains(events: list[TraceEvent], devices: set[str]) -> list[SkbChain]:
-    """Cut the event stream into per-skb chains.
+class ChainBuilder:
+    """Cuts an event stream into per-skb chains as the events arrive.
 
     An address is reused as soon as its skb is freed: a chain ends at
     kfree_skb/consume_skb.  Some frees are not traced (GRO-merged heads,
     ``kfree_skb_partial``), so a chain also ends when the address shows up on
     a device of the other side (lab vs non-lab): one skb never crosses from a
     lab namespace into a foreign one.
+
+    The batch functions below use it on a whole window; a live view
+    (``labctl trace --follow``) feeds it event by event and shows each chain
+    as :meth:`add` reports it complete, or when :meth:`idle` gives it up.
     """
-    open_chains: dict[int, SkbChain] = {}
-    result: list[SkbChain] = []
-    for event in events:
+
+    def __init__(self, devices: set[str], *, keep: bool = False) -> None:
+        self.devices = devices
+        self.open: dict[int, SkbChain] = {}
+        self.created: list[SkbChain] = []
+        """Every chain in the order it started (only with ``keep``: a live view would grow forever)."""
+        self._keep = keep
+
+    def add(self, event: TraceEvent) -> list[SkbChain]:
+        """Feed the next event (time order); returns the chains it completed (freed or cut)."""
         addr = event.skbaddr
         if addr is None:
-            continue
-        verdict = _device_verdict(event, devices)
-        chain = open_chains.get(addr)
+            return []
+        done: list[SkbChain] = []
+        verdict = _device_verdict(event, self.devices)
+        chain = self.open.get(addr)
         if chain is not None and verdict is not None and chain.on_lab is not None and chain.on_lab != verdict:
+            done.append(chain)
             chain = None
         if chain is None:
             chain = SkbChain(addr, [])
-            open_chains[addr] = chain
-            result.append(chain)
+            self.open[addr] = chain
+            if self._keep:
+                self.created.append(chain)
         chain.events.append(event)
         if chain.on_lab is None:
             chain.on_lab = verdict
         if event.key in TERMINAL_EVENTS:
-            del open_chains[addr]
-    return result
+            del self.open[addr]
+            done.append(chain)
+        return done
+
+    def idle(self, before: float) -> list[SkbChain]:
+        """Give up the open chains whose last event is older than ``before`` (queued, merged, lost)."""
+        stale = [c for c in self.open.values() if c.end < before]
+        for chain in stale:
+            del self.open[chain.skbaddr]
+        return stale
+
+    def flush(self) -> list[SkbChain]:
+        """Every chain still open, oldest first; the builder is empty afterwards."""
+        rest = sorted(self.open.values(), key=lambda c: c.start)
+        self.open = {}
+        return rest
+
+
+def _all_chains(events: list[TraceEvent], devices: set[str]) -> list[SkbChain]:
+    """Cut the (time-ordered) event stream into per-skb chains, in the order they started."""
+    builder = ChainBuilder(devices, keep=True)
+    for event in events:
+        builder.add(event)
+    return builder.created
 
 
 def chains(

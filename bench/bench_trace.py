@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""What ``labctl trace`` costs: injection rate with tracing on vs off, and one packet's latency.
+
+Usage: python bench/bench_trace.py [--count N] [--repeat R] [--single K]
+
+Builds a two-node lab (client eth0 ── veth ── server eth0), then in one run,
+interleaved so that host load hits every variant alike:
+
+1. sends the same 42-byte UDP frame (to a closed port) N times at full rate
+   from the client with the labctl Injector and no tracing, then N times
+   through :func:`labctl.lab.trace.trace_frame` -- once with the event set a
+   burst gets (LEAN_EVENTS) and once with every event (RICH_EVENTS) -- and
+   prints the injection rate of each (the time ``Injector.send`` took while
+   the tracepoints fired) and its ratio to the untraced rate.  The goal is
+   ≥ 0.5× for the set ``trace --count N`` uses.  Also printed: the time to
+   read and explain the whole trace afterwards and the events the kernel lost;
+2. traces one packet K times and prints how long ``trace_frame`` took (in
+   process, everything included: counters, rule counters, the tracefs
+   instance, the settle wait, the analysis), and the wall time of the whole
+   command (``trace LAB client PACKET``) as a fresh process, which adds the
+   interpreter and its imports.
+
+The lab is removed at the end, even on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from labctl.kernel.packet import Injector
+from labctl.lab import build
+from labctl.lab.labfile import load_lab
+from labctl.lab.trace import LEAN_EVENTS, RICH_EVENTS, trace_frame
+from labctl.lab.traffic import PreparedFrame, prepare_injection
+from labctl.topology.model import Topology
+
+LAB = "bench-trace"
+BODY = """\
+name: bench-trace
+topology:
+  nodes:
+    client:
+      interfaces:
+        eth0: {addresses: [10.97.0.1/24]}
+    server:
+      interfaces:
+        eth0: {addresses: [10.97.0.2/24]}
+  links:
+    - endpoints: ["client:eth0", "server:eth0"]
+"""
+PACKET = "IP(dst='10.97.0.2')/UDP(dport=9)"
+CLI = """
+import sys, typer
+from labctl.cli.trace import register
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+@app.callback()
+def main() -> None:
+    pass
+register(app)
+app()
+"""
+
+
+@dataclass
+class Run:
+    variant: str
+    sent: int
+    inject_seconds: float
+    explain_seconds: float = 0.0
+    explained: int = 0
+    lost: int = 0
+
+    @property
+    def pps(self) -> float:
+        return self.sent / self.inject_seconds if self.inject_seconds else 0.0
+
+
+def untraced(frame: PreparedFrame, count: int) -> Run:
+    with Injector(frame.namespace, frame.ifname) as injector:
+        start = time.perf_counter()
+        sent = injector.send(frame.frame, count)
+        return Run("tracing off", sent, time.perf_counter() - start)
+
+
+def traced(topo: Topology, frame: PreparedFrame, count: int, variant: str) -> Run:
+    events = LEAN_EVENTS if variant == "lean" else RICH_EVENTS
+    result = trace_frame(topo, "client", frame, PACKET, count=count, events=events)
+    return Run(
+        f"trace, {variant} events",
+        result.sent,
+        result.inject_seconds,
+        result.elapsed_seconds - result.inject_seconds,
+        len(result.packets),
+        result.lost_events,
+    )
+
+
+def best(runs: list[Run], variant: str) -> Run:
+    """The fastest repeat: the one least disturbed by other work on the host."""
+    return max((r for r in runs if r.variant == variant), key=lambda r: r.pps)
+
+
+def single_packet(topo: Topology, frame: PreparedFrame, times: int) -> list[float]:
+    seconds = []
+    for _ in range(times):
+        result = trace_frame(topo, "client", frame, PACKET)
+        assert len(result.packets) == 1 and result.packets[0].ending.reason == "NO_SOCKET", result.fates
+        seconds.append(result.elapsed_seconds)
+    return seconds
+
+
+def command_wall(times: int) -> list[float]:
+    seconds = []
+    repo = Path(__file__).resolve().parent.parent
+    for _ in range(times):
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-c", CLI, "trace", LAB, "client", PACKET, "--json"],
+            cwd=repo,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100_000, help="frames per injection run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per variant (best is kept)")
+    parser.add_argument("--single", type=int, default=10, help="single-packet traces to time")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        file = os.path.join(tmp, f"{LAB}.yaml")
+        Path(file).write_text(BODY)
+        topo, _ = load_lab(file)
+        build.up(topo, file)
+        try:
+            frame = prepare_injection(topo, "client", None, PACKET)
+            trace_frame(topo, "client", frame, PACKET)  # warm-up: ARP, imports, format files
+            runs: list[Run] = []
+            for _ in range(args.repeat):
+                runs.append(untraced(frame, args.count))
+                runs.append(traced(topo, frame, args.count, "lean"))
+                runs.append(traced(topo, frame, args.count, "rich"))
+            singles = single_packet(topo, frame, args.single)
+            walls = command_wall(3)
+        finally:
+            build.down(LAB)
+    off = best(runs, "tracing off")
+    print(f"frame: {len(frame.frame)} bytes UDP to a closed port on a veth, {os.cpu_count()} CPUs, N={args.count}")
+    print(f"\n{'variant':<22}{'sent':>9}{'inject s':>10}{'frames/s':>12}{'vs off':>8}{'explain s':>11}{'lost':>8}")
+    for variant in ("tracing off", "trace, lean events", "trace, rich events"):
+        r = best(runs, variant)
+        ratio = r.pps / off.pps if off.pps else 0.0
+        explain = f"{r.explain_seconds:>11.2f}" if r.explained else f"{'':>11}"
+        lost = f"{r.lost:>8}" if r.explained else f"{'':>8}"
+        print(f"{r.variant:<22}{r.sent:>9}{r.inject_seconds:>10.3f}{r.pps:>12,.0f}{ratio:>7.2f}×{explain}{lost}")
+    lean = best(runs, "trace, lean events")
+    verdict = "meets" if lean.pps >= 0.5 * off.pps else "misses"
+    print(
+        f"\ntrace --count {args.count} (lean events) injects at {lean.pps / off.pps:.2f}×"
+        f" the untraced rate: {verdict} the goal of ≥ 0.5×"
+    )
+    print(
+        f"\none packet, trace_frame in process: median {statistics.median(singles) * 1000:.0f} ms,"
+        f" max {max(singles) * 1000:.0f} ms over {len(singles)}"
+    )
+    print(
+        f"one packet, the whole command in a fresh process: median {statistics.median(walls):.2f} s,"
+        f" max {max(walls):.2f} s over {len(walls)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
