@@ -8,15 +8,10 @@ the last owner releases it -- but only if labctl was the one that loaded it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import subprocess
-from collections.abc import Iterator
-from typing import Any
 
-from labctl.kernel.sysctl import STATE_DIR
+from labctl.kernel.registry import STATE_DIR, locked_json
 
 MODULES_FILE = os.path.join(STATE_DIR, "modules.json")
 
@@ -30,24 +25,8 @@ def loaded(module: str) -> bool:
     return os.path.isdir(f"/sys/module/{module}") or os.path.exists(PRESENCE.get(module, "/nonexistent"))
 
 
-@contextlib.contextmanager
-def _registry() -> Iterator[dict[str, Any]]:
-    os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
-    with open(MODULES_FILE + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            with open(MODULES_FILE) as f:
-                data: dict[str, Any] = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            data = {}
-        yield data
-        with open(MODULES_FILE + ".tmp", "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(MODULES_FILE + ".tmp", MODULES_FILE)
-
-
 def acquire(owner: str, module: str) -> None:
-    with _registry() as data:
+    with locked_json(MODULES_FILE) as data:
         entry = data.setdefault(module, {"loaded_by_labctl": not loaded(module), "owners": []})
         if not loaded(module):
             result = subprocess.run(["modprobe", module], capture_output=True, text=True)
@@ -61,7 +40,7 @@ def acquire(owner: str, module: str) -> None:
 def release(owner: str) -> list[str]:
     """Drop ``owner``; unload modules labctl loaded once nobody holds them. Returns unloaded ones."""
     unloaded = []
-    with _registry() as data:
+    with locked_json(MODULES_FILE) as data:
         for module in list(data):
             entry = data[module]
             if owner in entry["owners"]:
@@ -75,5 +54,5 @@ def release(owner: str) -> list[str]:
 
 
 def owners() -> dict[str, list[str]]:
-    with _registry() as data:
+    with locked_json(MODULES_FILE) as data:
         return {module: list(entry["owners"]) for module, entry in data.items()}

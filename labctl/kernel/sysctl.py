@@ -10,16 +10,12 @@ so a ``kill -9`` between the two still lets ``down``/``clean`` restore it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from labctl.kernel import netns
+from labctl.kernel.registry import STATE_DIR, locked_json
 
-STATE_DIR = "/run/labctl"
 GLOBALS_FILE = os.path.join(STATE_DIR, "globals.json")
 
 # sysctls that are not namespaced: a write from any namespace changes the host.
@@ -98,23 +94,6 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-@contextlib.contextmanager
-def _locked_registry() -> Iterator[dict[str, Any]]:
-    os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
-    with open(GLOBALS_FILE + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            with open(GLOBALS_FILE) as f:
-                registry: dict[str, Any] = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            registry = {}
-        yield registry
-        tmp = GLOBALS_FILE + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(registry, f, indent=2, sort_keys=True)
-        os.replace(tmp, GLOBALS_FILE)
-
-
 class GlobalOverrides:
     """Host-wide sysctls changed on behalf of an owner (a lab or a trace session).
 
@@ -128,7 +107,7 @@ class GlobalOverrides:
         if not is_global(key):
             raise SysctlError(f"{key} is per namespace, not global")
         text = format_value(value)
-        with _locked_registry() as registry:
+        with locked_json(GLOBALS_FILE) as registry:
             entry = registry.setdefault(key, {"original": _read_here(key), "owners": {}})
             entry["owners"][owner] = text
             _write_here(key, text)
@@ -137,7 +116,7 @@ class GlobalOverrides:
     def release(owner: str) -> dict[str, str]:
         """Drop every override of ``owner``; returns the keys restored to the original."""
         restored: dict[str, str] = {}
-        with _locked_registry() as registry:
+        with locked_json(GLOBALS_FILE) as registry:
             for key in list(registry):
                 entry = registry[key]
                 if entry["owners"].pop(owner, None) is None:
@@ -154,7 +133,7 @@ class GlobalOverrides:
     @staticmethod
     def release_matching(predicate: Any) -> dict[str, str]:
         """Release every owner for which ``predicate(owner)`` is true (used by ``clean``)."""
-        with _locked_registry() as registry:
+        with locked_json(GLOBALS_FILE) as registry:
             owners = {o for entry in registry.values() for o in entry["owners"]}
         restored: dict[str, str] = {}
         for owner in sorted(owners):
@@ -164,5 +143,5 @@ class GlobalOverrides:
 
     @staticmethod
     def owners() -> dict[str, list[str]]:
-        with _locked_registry() as registry:
+        with locked_json(GLOBALS_FILE) as registry:
             return {key: sorted(entry["owners"]) for key, entry in registry.items()}

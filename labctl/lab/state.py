@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from labctl.errors import LabStateError
-from labctl.kernel.sysctl import STATE_DIR
+from labctl.kernel.registry import STATE_DIR
 
 LABS_DIR = os.path.join(STATE_DIR, "labs")
 
