@@ -23,7 +23,7 @@ from labctl.kernel.packet import Capture, inject
 from labctl.kernel.sockets import SendResult, UdpListener, send_udp
 from labctl.lab import relay
 from labctl.lab.traffic import prepare_injection
-from labctl.topology.checks import Check, Traffic
+from labctl.topology.checks import Check, Listen, Traffic
 from labctl.topology.model import Topology
 from labctl.verify import netfilter_stage
 
@@ -204,29 +204,13 @@ def observe(topo: Topology, check: Check) -> Observation:
     with contextlib.ExitStack() as stack:
         stack.enter_context(_temporary_sysctls(topo, check))
         stack.enter_context(netfilter_stage.temporary_rules(topo, check))
-        listeners = [
-            stack.enter_context(
-                _closing(
-                    UdpListener(
-                        netns.namespace_name(topo.name, spec.node),
-                        spec.port,
-                        addr=spec.address,
-                        rcvbuf=spec.rcvbuf,
-                        read=spec.read,
-                        socket_filter=spec.filter,
-                    )
-                )
-            )
-            for spec in check.setup.listen
-        ]
+        listeners = [stack.enter_context(_listener(topo, spec)) for spec in check.setup.listen]
         captures = {
             (f"{spec.node}:{spec.interface}" if spec.interface else spec.node): stack.enter_context(
-                _closing(Capture(netns.namespace_name(topo.name, spec.node), spec.interface, spec.filter))
+                Capture(netns.namespace_name(topo.name, spec.node), spec.interface, spec.filter)
             )
             for spec in check.setup.capture
         }
-        for capture in captures.values():
-            capture.start()
         hook_tracers = netfilter_stage.hook_tracers(topo, check, stack)
         rules_before = netfilter_stage.rule_counters(topo, check)
         before = counters.Snapshot.take(namespaces)
@@ -240,34 +224,13 @@ def observe(topo: Topology, check: Check) -> Observation:
         trace.stop()
         after = counters.Snapshot.take(namespaces)
         rules_after = netfilter_stage.rule_counters(topo, check)
-        raw_events = trace.events()
-        seen.lost_events = trace.lost_events()
-        devices = lab_devices(topo)
-        window = {"since": since, "until": until + 0.5}
-        every = tracefs.all_chains(raw_events, devices, **window)
-        # deviceless chains are ours only if our task ran them (a send dropped before any device)
-        seen.chains = [
-            _without_foreign_tasks(c, seen.tasks) for c in every if c.on_lab is not False and _ours(c, seen.tasks)
-        ]
-        seen.timer_drops = [
-            c.events[-1] for c in every if c.on_lab is None and not _ours(c, seen.tasks) and c.drop is not None
-        ]
-        kept = {id(e) for c in seen.chains for e in c.events}
-        seen.events = [
-            e for e in tracefs.attribute(raw_events, devices, **window) if id(e) in kept or e.skbaddr is None
-        ] + [e for c in seen.chains if c.on_lab is None for e in c.events]
+        _attribute(seen, trace, lab_devices(topo), since, until + 0.5)
         delta = counters.delta(before, after)
         seen.counters = _flatten(delta, topo)
         seen.softnet_dropped = sum(cpu.get("dropped", 0) for cpu in delta.get("softnet", {}).values())
         seen.rules, seen.ebtables = netfilter_stage.rule_deltas(rules_before, rules_after)
         seen.hooks = {node: tracer.steps_text() for node, tracer in hook_tracers.items()}
-        for key, capture in captures.items():
-            frames = capture.stop()
-            stats = capture.stats()
-            directions: dict[str, int] = {}
-            for frame in frames:
-                directions[frame.direction] = directions.get(frame.direction, 0) + 1
-            seen.captures[key] = CaptureResult(len(frames), stats.drops, directions)
+        seen.captures = {key: _capture_result(capture) for key, capture in captures.items()}
         for listener in listeners:
             seen.queued_bytes += listener.stats().queued_bytes
             received = listener.received()
@@ -281,9 +244,34 @@ def observe(topo: Topology, check: Check) -> Observation:
     return seen
 
 
-@contextlib.contextmanager
-def _closing(obj: Any) -> Iterator[Any]:
-    try:
-        yield obj
-    finally:
-        obj.close()
+def _listener(topo: Topology, spec: Listen) -> UdpListener:
+    ns = netns.namespace_name(topo.name, spec.node)
+    return UdpListener(ns, spec.port, addr=spec.address, rcvbuf=spec.rcvbuf, read=spec.read, socket_filter=spec.filter)
+
+
+def _attribute(seen: Observation, trace: tracefs.TraceSession, devices: set[str], since: float, until: float) -> None:
+    """Keep the skbs of this check: on lab devices and handled by our tasks (see ``_ours``)."""
+    raw_events = trace.events()
+    seen.lost_events = trace.lost_events()
+    every = tracefs.all_chains(raw_events, devices, since=since, until=until)
+    # deviceless chains are ours only if our task ran them (a send dropped before any device)
+    seen.chains = [
+        _without_foreign_tasks(c, seen.tasks) for c in every if c.on_lab is not False and _ours(c, seen.tasks)
+    ]
+    seen.timer_drops = [
+        c.events[-1] for c in every if c.on_lab is None and not _ours(c, seen.tasks) and c.drop is not None
+    ]
+    kept = {id(e) for c in seen.chains for e in c.events}
+    seen.events = [
+        e
+        for e in tracefs.attribute(raw_events, devices, since=since, until=until)
+        if id(e) in kept or e.skbaddr is None
+    ] + [e for c in seen.chains if c.on_lab is None for e in c.events]
+
+
+def _capture_result(capture: Capture) -> CaptureResult:
+    frames = capture.stop()
+    directions: dict[str, int] = {}
+    for frame in frames:
+        directions[frame.direction] = directions.get(frame.direction, 0) + 1
+    return CaptureResult(len(frames), capture.stats().drops, directions)
