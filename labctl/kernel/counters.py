@@ -250,3 +250,24 @@ def delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     if cpus:
         result["softnet"] = cpus
     return result
+
+
+def by_node(delta_: dict[str, Any], namespaces: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """A :func:`delta` per node, flat: ``Udp.NoPorts``, ``eth0.rx_packets``, ``eth0.qdisc.drops``.
+
+    ``namespaces`` maps node names to their namespaces; the qdisc counters of
+    one interface are summed over its qdiscs.
+    """
+    result: dict[str, dict[str, int]] = {}
+    for node, ns in namespaces.items():
+        data = delta_.get("namespaces", {}).get(ns, {})
+        flat: dict[str, int] = dict(data.get("snmp", {}))
+        for ifname, stats in data.get("links", {}).items():
+            for key, value in stats.items():
+                flat[f"{ifname}.{key}"] = value
+        for ifname, qdiscs in data.get("qdisc", {}).items():
+            for stats in qdiscs.values():
+                for key, value in stats.items():
+                    flat[f"{ifname}.qdisc.{key}"] = flat.get(f"{ifname}.qdisc.{key}", 0) + value
+        result[node] = flat
+    return result

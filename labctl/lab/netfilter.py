@@ -27,11 +27,10 @@ from labctl.kernel import ebtables, iptables, netns, nftrace, tracefs
 from labctl.kernel.iptables import RuleCounter
 from labctl.kernel.nftrace import HookStep, HookTracer
 from labctl.kernel.packet import inject
-from labctl.lab import relay, state
+from labctl.lab import netfilter_stage, relay, state
 from labctl.lab.live import TargetError
 from labctl.lab.traffic import TrafficError, prepare_injection
 from labctl.topology.model import Topology
-from labctl.verify import netfilter_stage
 
 DROP_TARGETS = ("DROP", "REJECT")
 """Targets that end a packet; a rise of their counter names the rule that did it."""

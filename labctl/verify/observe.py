@@ -20,12 +20,12 @@ from typing import Any
 from labctl.kernel import counters, netns, sysctl, tracefs
 from labctl.kernel.links import NodeLinks
 from labctl.kernel.packet import Capture, inject
+from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import SendResult, UdpListener, send_udp
-from labctl.lab import relay
+from labctl.lab import netfilter_stage, relay
 from labctl.lab.traffic import prepare_injection
 from labctl.topology.checks import Check, Listen, Traffic
 from labctl.topology.model import Topology
-from labctl.verify import netfilter_stage
 
 
 @dataclass
@@ -88,24 +88,6 @@ def lab_devices(topo: Topology) -> set[str]:
     return names
 
 
-def _flatten(delta: dict[str, Any], topo: Topology) -> dict[str, dict[str, int]]:
-    """Per node: ``Udp.NoPorts`` style snmp keys and ``eth0.rx_packets`` style link keys."""
-    result: dict[str, dict[str, int]] = {}
-    for node in topo.nodes:
-        ns = netns.namespace_name(topo.name, node)
-        data = delta.get("namespaces", {}).get(ns, {})
-        flat: dict[str, int] = dict(data.get("snmp", {}))
-        for ifname, stats in data.get("links", {}).items():
-            for key, value in stats.items():
-                flat[f"{ifname}.{key}"] = value
-        for ifname, qdiscs in data.get("qdisc", {}).items():
-            for stats in qdiscs.values():
-                for key, value in stats.items():
-                    flat[f"{ifname}.qdisc.{key}"] = flat.get(f"{ifname}.qdisc.{key}", 0) + value
-        result[node] = flat
-    return result
-
-
 @contextlib.contextmanager
 def _temporary_sysctls(topo: Topology, check: Check) -> Iterator[None]:
     saved: list[tuple[str, str, str]] = []
@@ -138,20 +120,6 @@ def _ours(chain: tracefs.SkbChain, tasks: set[int]) -> bool:
     return any(event.pid in tasks for event in chain.events)
 
 
-@contextlib.contextmanager
-def _on_cpu(cpu: int | None) -> Iterator[None]:
-    """Pin the calling thread to ``cpu`` for the body (sched_setaffinity(0) is per thread)."""
-    if cpu is None:
-        yield
-        return
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
-
-
 KERNEL_THREADS = ("ksoftirqd/", "kworker/", "swapper/", "<idle>", "irq/", "migration/", "rcu")
 
 
@@ -172,7 +140,7 @@ def _without_foreign_tasks(chain: tracefs.SkbChain, tasks: set[int]) -> tracefs.
 def _send(topo: Topology, step: Traffic, seen: Observation) -> None:
     if step.inject is not None:
         prepared = prepare_injection(topo, step.inject.node, step.inject.interface, step.inject.packet)
-        with _on_cpu(step.inject.cpu):
+        with pinned(step.inject.cpu):
             inject(prepared.namespace, prepared.ifname, prepared.frame, step.inject.count, step.inject.rate)
         seen.sent_frames += step.inject.count  # attempted: a frame the qdisc drops is refused, not unsent
     elif step.udp is not None:
@@ -226,7 +194,7 @@ def observe(topo: Topology, check: Check) -> Observation:
         rules_after = netfilter_stage.rule_counters(topo, check)
         _attribute(seen, trace, lab_devices(topo), since, until + 0.5)
         delta = counters.delta(before, after)
-        seen.counters = _flatten(delta, topo)
+        seen.counters = counters.by_node(delta, {n: netns.namespace_name(topo.name, n) for n in topo.nodes})
         seen.softnet_dropped = sum(cpu.get("dropped", 0) for cpu in delta.get("softnet", {}).values())
         seen.rules, seen.ebtables = netfilter_stage.rule_deltas(rules_before, rules_after)
         seen.hooks = {node: tracer.steps_text() for node, tracer in hook_tracers.items()}

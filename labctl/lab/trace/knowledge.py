@@ -1,0 +1,209 @@
+"""What the lab knows during a trace: devices, links, ifindexes, sockets, fib lookups and counter deltas."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from labctl.kernel import counters, netns
+from labctl.kernel.links import NodeLinks
+from labctl.kernel.tracefs import TraceEvent
+from labctl.lab import relay
+from labctl.lab.trace.frame import ETH_P_ALL, FrameInfo
+from labctl.lab.trace.model import RuleDelta
+from labctl.lab.trace.rules import hook_of
+from labctl.topology.model import Topology
+
+
+@dataclass(frozen=True)
+class PacketSocket:
+    """A row of /proc/net/packet: an AF_PACKET socket that may tap a device."""
+
+    protocol: int
+    ifindex: int
+    running: bool
+
+
+def read_in(namespace: str, path: str) -> str:
+    """A /proc/net file as seen from ``namespace`` (thread-self: the thread's namespace)."""
+    with netns.entered(namespace), open(path.replace("/proc/net/", "/proc/thread-self/net/")) as f:
+        return f.read()
+
+
+def packet_sockets(namespace: str) -> list[PacketSocket]:
+    sockets = []
+    for line in read_in(namespace, "/proc/net/packet").splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6:
+            sockets.append(PacketSocket(int(parts[3], 16), int(parts[4]), parts[5] == "1"))
+    return sockets
+
+
+@dataclass(frozen=True)
+class UdpSocket:
+    port: int
+    rx_queue: int
+    drops: int
+    inode: int
+
+
+def udp_sockets(namespace: str) -> dict[int, UdpSocket]:
+    """Bound UDP sockets by inode, with receive-queue bytes and the socket's own drop count."""
+    found: dict[int, UdpSocket] = {}
+    for line in read_in(namespace, "/proc/net/udp").splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 13:
+            continue
+        port = int(parts[1].rpartition(":")[2], 16)
+        rx_queue = int(parts[4].partition(":")[2], 16)
+        found[int(parts[9])] = UdpSocket(port, rx_queue, int(parts[12]), int(parts[9]))
+    return found
+
+
+class Knowledge:
+    """The lab as the analysis needs it: devices, links, ifindexes, sockets and counter deltas."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.namespaces = {node: netns.namespace_name(topo.name, node) for node in topo.nodes}
+        self.devices: dict[str, set[str]] = {node: topo.interface_names(node) for node in topo.nodes}
+        self.owners: dict[str, list[str]] = {}
+        for node, names in self.devices.items():
+            for name in names:
+                self.owners.setdefault(name, []).append(node)
+        self.far: dict[tuple[str, str], tuple[str, str]] = {}
+        self.tap_ends: set[tuple[str, str]] = set()
+        for link in topo.links:
+            a, b = link.ends
+            self.far[(a.node, a.interface)] = (b.node, b.interface)
+            self.far[(b.node, b.interface)] = (a.node, a.interface)
+            if topo.is_tap_link(link):
+                self.tap_ends |= {(a.node, a.interface), (b.node, b.interface)}
+        self.bridge_of: dict[tuple[str, str], str] = {
+            (node, port): bridge
+            for node, spec in topo.nodes.items()
+            for bridge, config in spec.bridges.items()
+            for port in config.ports
+        }
+        self.rps: dict[tuple[str, str], str] = {
+            (node, ifname): cfg.rps_cpus
+            for node, spec in topo.nodes.items()
+            for ifname, cfg in spec.interfaces.items()
+            if cfg.rps_cpus and int(cfg.rps_cpus.replace(",", ""), 16)
+        }
+        self.addresses: dict[str, str] = {
+            str(iface.ip): node
+            for node, spec in topo.nodes.items()
+            for cfg in spec.interfaces.values()
+            for iface in cfg.addresses
+        }
+        """Lab IP address → the node that has it."""
+        self.relays: dict[int, str] = {}
+        """VM relay pid → its vm node (read by read_interfaces)."""
+        self.ifindex: dict[str, dict[str, int]] = {}
+        self.taps: dict[str, list[PacketSocket]] = {}
+        self.udp_before: dict[str, dict[int, UdpSocket]] = {}
+        self.udp_after: dict[str, dict[int, UdpSocket]] = {}
+        self.deltas: dict[str, dict[str, int]] = {}
+        self.softnet: dict[str, dict[str, int]] = {}
+        self.rules: dict[str, dict[str, RuleDelta]] = {}
+        self.rules_known = False
+        self.fib: list[TraceEvent] = []
+        self._fib_times: list[float] = []
+
+    @property
+    def lab_devices(self) -> set[str]:
+        return set(self.owners)
+
+    def read_interfaces(self) -> None:
+        """Interface indexes of every node, and the VM relays (only labs with VMs have any)."""
+        for node, ns in self.namespaces.items():
+            with NodeLinks(ns) as handle:
+                self.ifindex[node] = handle.refresh()
+        if self.tap_ends:
+            self.relays = {pid: vm for pid, (_lab, vm) in relay.find(self.topo.name).items()}
+
+    def read_sockets(self, *, after: bool) -> None:
+        """Packet sockets (taps) before the trace; UDP queues before and after it."""
+        for node, ns in self.namespaces.items():
+            if not after:
+                self.taps[node] = packet_sockets(ns)
+            (self.udp_after if after else self.udp_before)[node] = udp_sockets(ns)
+
+    def set_fib(self, events: Iterable[TraceEvent]) -> None:
+        self.fib = sorted((e for e in events if e.key == "fib:fib_table_lookup"), key=lambda e: e.timestamp)
+        self._fib_times = [e.timestamp for e in self.fib]
+
+    # -- lookups the path builder makes
+
+    def delta(self, node: str | None, key: str) -> int:
+        return self.deltas.get(node or "", {}).get(key, 0)
+
+    def moved(self, node: str | None, keys: Iterable[str]) -> dict[str, int]:
+        return {key: value for key in keys if (value := self.delta(node, key))}
+
+    def link_moved(self, node: str | None, device: str | None, keys: Iterable[str]) -> dict[str, int]:
+        return self.moved(node, (f"{device}.{key}" for key in keys)) if device else {}
+
+    def tap_count(self, node: str, device: str, ethertype: int | None) -> int:
+        index = self.ifindex.get(node, {}).get(device)
+        wanted = {ETH_P_ALL} | ({ethertype} if ethertype else set())
+        return sum(1 for s in self.taps.get(node, []) if s.running and s.protocol in wanted and s.ifindex in (0, index))
+
+    def queued_on(self, node: str, port: int | None) -> tuple[int, int]:
+        """(bytes waiting, socket drops during the trace) of the UDP sockets bound to ``port``."""
+        waiting = drops = 0
+        before = self.udp_before.get(node, {})
+        for inode, sock in self.udp_after.get(node, {}).items():
+            if port is not None and sock.port != port:
+                continue
+            waiting += sock.rx_queue
+            old = before.get(inode)
+            drops += sock.drops - (old.drops if old else 0)
+        return waiting, drops
+
+    def fib_between(
+        self,
+        start: float,
+        end: float,
+        cpu: int,
+        index: int | None,
+        info: FrameInfo | None,
+        *,
+        any_iif: bool = False,
+    ) -> TraceEvent | None:
+        """The first fib lookup on ``cpu`` in [start, end] for this packet (same addresses or ifindex).
+
+        ``any_iif``: the first input lookup (iif set), whatever the interface.
+        """
+        for position in range(bisect.bisect_left(self._fib_times, start), len(self.fib)):
+            event = self.fib[position]
+            if event.timestamp > end:
+                break
+            if event.cpu != cpu:
+                continue
+            fields = event.fields
+            if info is not None and info.dst_ip is not None:
+                if fields.get("dst") == info.dst_ip and fields.get("src") == info.src_ip:
+                    return event
+            else:
+                iif = fields.get("iif")
+                if (index is not None and iif == index) or (any_iif and isinstance(iif, int) and iif > 0):
+                    return event
+        return None
+
+    def hook_rules(self, node: str, hook: str) -> list[RuleDelta]:
+        return [r for r in self.rules.get(node, {}).values() if hook_of(r, self.rules.get(node, {})) == hook]
+
+
+def counter_deltas(delta: dict[str, Any], knowledge: Knowledge) -> dict[str, dict[str, int]]:
+    """Per node that moved: snmp names as they are, ``eth0.rx_packets`` links, ``eth0.qdisc.drops`` qdiscs."""
+    return {
+        node: flat
+        for node, flat in counters.by_node(
+            delta, {n: netns.namespace_name(knowledge.topo.name, n) for n in knowledge.topo.nodes}
+        ).items()
+        if flat
+    }
