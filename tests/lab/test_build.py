@@ -19,6 +19,7 @@ from labctl.lab.clean import clean_all
 from labctl.lab.labfile import load_lab
 from tests.conftest import LabFactory
 from tests.hostcheck import host_snapshot
+from tests.topologies import VMS
 
 CONTAINERS = """\
 topology:
@@ -39,27 +40,6 @@ topology:
   links:
     - endpoints: ["c1:eth0", "host:veth1"]
     - endpoints: ["c2:eth0", "host:veth2"]
-"""
-
-VMS = """\
-topology:
-  nodes:
-    host:
-      bridges:
-        br0: {ports: [tap1, tap2]}
-      interfaces:
-        br0: {addresses: [192.168.3.101/24]}
-    vm1:
-      kind: vm
-      interfaces:
-        eth0: {addresses: [192.168.3.102/24]}
-    vm2:
-      kind: vm
-      interfaces:
-        eth0: {addresses: [192.168.3.103/24]}
-  links:
-    - endpoints: ["vm1:eth0", "host:tap1"]
-    - endpoints: ["vm2:eth0", "host:tap2"]
 """
 
 

@@ -31,6 +31,7 @@ from labctl.lab import trace as lab_trace
 from labctl.lab.trace import Follower, Knowledge, PacketPath, PathBuilder, Placer, TraceResult, trace_packet
 from labctl.topology.model import Topology
 from tests.conftest import LabFactory
+from tests.topologies import VMS
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and tracefs")
 REPO = Path(__file__).resolve().parents[2]
@@ -293,28 +294,6 @@ def test_gro_on_veth_uses_napi_gro_receive(make_lab: LabFactory) -> None:
     assert "napi_gro_receive" in names(packet) and "netif_rx" not in names(packet)
     assert stage(packet, "napi_gro_receive").event == "net:napi_gro_receive_entry"
     assert packet.ending.reason == "NO_SOCKET"
-
-
-VMS = """\
-topology:
-  nodes:
-    host:
-      bridges:
-        br0: {ports: [tap1, tap2]}
-      interfaces:
-        br0: {addresses: [192.168.3.101/24]}
-    vm1:
-      kind: vm
-      interfaces:
-        eth0: {addresses: [192.168.3.102/24]}
-    vm2:
-      kind: vm
-      interfaces:
-        eth0: {addresses: [192.168.3.103/24]}
-  links:
-    - endpoints: ["vm1:eth0", "host:tap1"]
-    - endpoints: ["vm2:eth0", "host:tap2"]
-"""
 
 
 @ROOT
