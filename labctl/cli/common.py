@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 
 from labctl.errors import LabctlError, LabFileError, Problem
+from labctl.topology.model import NAME_PATTERN
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,7 +44,18 @@ def require_root() -> None:
 
 
 def lab_name(lab_or_file: str) -> str:
-    """Accept a lab name or the lab file that defines it."""
+    """Accept a lab name or the lab file that defines it; either way a valid lab name comes back.
+
+    The name becomes file names under /run/labctl, so it is checked here even
+    when it comes from a file that was not validated (``down FILE``).
+    """
+    name = _lab_name(lab_or_file)
+    if not re.match(NAME_PATTERN, name) or len(name) > 32:
+        raise LabFileError([Problem(("name",), f"{name!r} is not a lab name (letters, digits, - and _)", lab_or_file)])
+    return name
+
+
+def _lab_name(lab_or_file: str) -> str:
     if lab_or_file.endswith((".yaml", ".yml")) or os.path.sep in lab_or_file:
         from labctl.topology.loader import default_name, read_yaml
 

@@ -10,6 +10,7 @@ with master, MTU, MAC and state in the same request.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import time
@@ -276,7 +277,12 @@ class NodeLinks:
             self.refresh(missing)
 
     def delete(self, name: str) -> None:
-        self._request(f"interface {name}", "del", index=self.index.pop(name))
+        """Delete an interface; one already gone (a veth whose peer's namespace died) is fine."""
+        try:
+            self.ipr.link("del", index=self.index.pop(name))
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise _kernel_error(f"interface {name}", self.namespace, exc) from exc
 
     # -- addresses and routes --------------------------------------------
     def add_address(self, name: str, cidr: str) -> None:

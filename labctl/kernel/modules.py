@@ -26,15 +26,17 @@ def loaded(module: str) -> bool:
 
 
 def acquire(owner: str, module: str) -> None:
+    # recorded (owner, and that labctl loads it) before modprobe runs: a crash in between is undoable
     with locked_json(MODULES_FILE) as data:
         entry = data.setdefault(module, {"loaded_by_labctl": not loaded(module), "owners": []})
-        if not loaded(module):
-            result = subprocess.run(["modprobe", module], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise OSError(f"modprobe {module} failed: {result.stderr.strip()}")
-            entry["loaded_by_labctl"] = True
         if owner not in entry["owners"]:
             entry["owners"].append(owner)
+        if loaded(module):
+            return
+    result = subprocess.run(["modprobe", module], capture_output=True, text=True)
+    if result.returncode != 0:
+        release(owner)
+        raise OSError(f"modprobe {module} failed: {result.stderr.strip()}")
 
 
 def release(owner: str) -> list[str]:

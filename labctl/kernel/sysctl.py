@@ -107,9 +107,11 @@ class GlobalOverrides:
         if not is_global(key):
             raise SysctlError(f"{key} is per namespace, not global")
         text = format_value(value)
+        # the original is on disk before the kernel value changes, so a kill -9 between the two is undoable
         with locked_json(GLOBALS_FILE) as registry:
             entry = registry.setdefault(key, {"original": _read_here(key), "owners": {}})
             entry["owners"][owner] = text
+        with locked_json(GLOBALS_FILE):
             _write_here(key, text)
 
     @staticmethod

@@ -54,8 +54,8 @@ def write_in_namespace(namespace: str, relative: str, value: str) -> None:
             enter_with_own_sysfs(namespace)
             with open(os.path.join("/sys", relative), "w") as f:
                 f.write(value)
-        except OSError as exc:
-            os.write(write_end, f"{exc.strerror or exc}".encode())
+        except BaseException as exc:  # anything: the parent must hear of it, not read success
+            os.write(write_end, f"{getattr(exc, 'strerror', None) or exc!r}".encode())
             status = 1
         finally:
             os._exit(status)

@@ -82,6 +82,9 @@ class Builder:
 
     # -- steps -----------------------------------------------------------
     def namespaces(self, run: _Run) -> None:
+        for name in netns.list_labctl(self.lab):
+            if name not in self.ns.values():
+                netns.remove(name)  # a node that left the topology (and its veths' peers with it)
         for node, name in self.ns.items():
             if not netns.exists(name):
                 netns.create(name)
@@ -95,9 +98,6 @@ class Builder:
                 self.handles[node].refresh()
             else:
                 self.handles[node].index = {"lo": 1}
-        for name in netns.list_labctl(self.lab):
-            if name not in self.ns.values():
-                netns.remove(name)  # a node that left the topology
 
     def remove_stale_interfaces(self) -> None:
         for node, handle in self.handles.items():
@@ -255,8 +255,8 @@ class Builder:
             if old is not None and relay.alive(old, self.lab) and vm not in self.fresh:
                 pids[vm] = old
                 continue
-            if old is not None:
-                relay.stop([old])
+            if old is not None and relay.alive(old, self.lab):
+                relay.stop([old])  # never a pid the kernel may have given to another process
             pids[vm] = relay.start(self.lab, vm, pairs)
             run.relays.append(pids[vm])
         stale = [pid for pid, (_, vm) in relay.find(self.lab).items() if pids.get(vm) != pid]
@@ -333,9 +333,15 @@ def up(topo: Topology, file: str) -> LabState:
             _rollback(run, topo.name, first_up=previous is None)
             if previous is None:
                 state.forget(topo.name)
-            if isinstance(exc, OSError | sysctl.SysctlError | iptables.RuleError):
-                raise KernelError(f"lab {topo.name}: {exc}; rolled back what this run created") from exc
-            raise
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            undone = (
+                "rolled back what this run created"
+                if previous is None
+                else "the lab is partly converged: run up again, or down"
+            )
+            detail = str(exc) if isinstance(exc, OSError | sysctl.SysctlError | iptables.RuleError) else repr(exc)
+            raise KernelError(f"lab {topo.name}: {detail}; {undone}") from exc
         finally:
             builder.close()
         current.status = "up"

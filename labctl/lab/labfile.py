@@ -9,6 +9,7 @@ before anything is built, and still reported with file, line and key.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from labctl.errors import LabFileError, Problem
 from labctl.kernel import sysctl
@@ -31,6 +32,21 @@ def machine_problems(topo: Topology, source: SourceMap) -> list[Problem]:
         elif not os.path.exists(sysctl.proc_path(key)):
             problems.append(source.problem(("sysctls", key), f"this kernel has no sysctl {key}"))
     cpus = os.cpu_count() or 1
+    node_sysctls: list[tuple[tuple[str | int, ...], dict[str, Any]]] = [
+        (("topology", "nodes", n, "sysctls"), spec.sysctls) for n, spec in topo.nodes.items()
+    ]
+    for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
+        node_sysctls += [(("checks", i, "setup", "sysctls", n), values) for n, values in check.setup.sysctls.items()]
+    for base, values in node_sysctls:
+        for key in values:
+            if not key.startswith("net."):
+                problems.append(
+                    source.problem(
+                        (*base, key),
+                        f"{key} is not a network sysctl: outside net.* sysctls are not per namespace,"
+                        " so a node cannot have its own",
+                    )
+                )
     for name, node in topo.nodes.items():
         for key in node.sysctls:
             if sysctl.is_global(key):

@@ -8,6 +8,7 @@ exact is the rule, bounds are for what is statistical (backlog overflow).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 
@@ -116,14 +117,26 @@ class SendUdp(Strict):
     @model_validator(mode="after")
     def _to(self) -> SendUdp:
         host, sep, port = self.to.rpartition(":")
-        if not sep or not host or not port.isdigit():
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"'to' must be ADDRESS:PORT, got {self.to!r}")
+        _address(host)
         return self
+
+
+def _address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (lab traffic goes to lab addresses only)") from None
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
 
 
 class Ping(Strict):
     node: str
-    to: str
+    to: Address
     count: Annotated[int, Field(ge=1, le=100)] = 1
 
 
@@ -188,14 +201,14 @@ class Expect(Strict):
     ebtables: dict[str, dict[str, Count]] = {}
     send_error: str | None = None
     """errno name the sender must get (EPERM, ENETUNREACH); 'none' for a clean send."""
-    fdb: dict[str, list[str]] = {}
+    fdb: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
     """Per 'node:bridge', MACs (or 'node:iface' to mean that interface's MAC) the bridge must have learnt."""
-    hooks: dict[str, list[str]] = {}
+    hooks: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
     """Per node, netfilter steps that must appear in this order, as 'table:CHAIN' or 'bridge:table:CHAIN'."""
     conntrack: Count | None = None
     reachable: bool | None = None
     """Every ping of the check got its echo reply (True) or none did (False)."""
-    received_from: str | None = None
+    received_from: Address | None = None
     """Source address the listener must see (NAT)."""
 
 
@@ -252,11 +265,17 @@ def _check_references(lab: LabFile) -> list[Problem]:
             assert sent is not None
             iface_ok((*base, "traffic", j), sent.node, step.inject.interface if step.inject else None)
         captures = {c.node for c in check.setup.capture} | {f"{c.node}:{c.interface}" for c in check.setup.capture}
-        for key in check.expect.captured:
+        capture_refs: list[tuple[KeyPath, str]] = [((*base, "expect", "captured", k), k) for k in check.expect.captured]
+        capture_refs += [((*base, "expect", "captured_direction", k), k) for k in check.expect.captured_direction]
+        if check.expect.tap_after_qdisc is not None:
+            capture_refs.append(((*base, "expect", "tap_after_qdisc"), check.expect.tap_after_qdisc))
+        for path, key in capture_refs:
             if key not in captures:
-                problems.append(
-                    Problem((*base, "expect", "captured", key), f"no capture {key!r} in this check's setup")
-                )
+                problems.append(Problem(path, f"no capture {key!r} in this check's setup"))
+        for key in check.expect.fdb:
+            node, _, bridge = key.partition(":")
+            if node_ok((*base, "expect", "fdb", key), node) and bridge not in lab.nodes[node].bridges:
+                problems.append(Problem((*base, "expect", "fdb", key), f"node {node} has no bridge {bridge!r}"))
         for key in ("counters", "rules", "ebtables", "hooks"):
             for node in getattr(check.expect, key):
                 node_ok((*base, "expect", key, node), node)

@@ -83,7 +83,15 @@ def read_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     if root is None:
         raise LabFileError([Problem((), "the file is empty", file, 1)])
     problems: list[Problem] = []
-    data = _construct(root, (), source, problems)
+    try:
+        data = _construct(root, (), source, problems)
+    except yaml.YAMLError as exc:  # e.g. a !!python/... tag: plain YAML only
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise LabFileError([Problem((), f"not plain YAML: {reason}", file, line)]) from exc
+    except RecursionError as exc:
+        raise LabFileError([Problem((), "an alias refers to itself (recursive YAML)", file, None)]) from exc
     if problems:
         raise LabFileError(problems)
     return data, source

@@ -78,6 +78,8 @@ class QdiscConfig(Strict):
     def _rate(cls, value: str) -> str:
         if not re.match(r"^\d+(\.\d+)?([kmg]?bit|[kmg]?bps)$", value):
             raise ValueError(f"{value!r} is not a rate such as 1mbit or 500kbit")
+        if float(re.match(r"^[\d.]+", value).group()) == 0:  # type: ignore[union-attr]
+            raise ValueError("a tbf rate must be above zero")
         return value
 
 
@@ -293,6 +295,8 @@ class _Checker:
                 if key in seen:
                     self.add(path, f"{key} is already used by links[{seen[key]}]")
                 seen[key] = index
+                if end.interface == "lo":
+                    self.add(path, "lo is the node's loopback; a link needs an interface of its own")
                 if end.interface in self.topo.nodes[end.node].bridges:
                     self.add(path, f"{key} is a bridge of that node; a link needs its own interface")
             a, b = link.ends

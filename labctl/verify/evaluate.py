@@ -95,6 +95,10 @@ def evaluate(topo: Topology, check: Check, seen: Observation) -> list[Evidence]:
         )
     for node, wanted in exp.counters.items():
         for key, bound in wanted.items():
+            if key not in seen.counter_names.get(node, set()):
+                # a typo must not read as "did not move"
+                rows.append(Evidence(f"{node} counter {key} (delta)", bound, "no such counter", False))
+                continue
             value = seen.counters.get(node, {}).get(key, 0)
             rows.append(Evidence(f"{node} counter {key} (delta)", bound, value, matches(bound, value)))
     if exp.softnet_dropped is not None:
@@ -122,6 +126,9 @@ def evaluate(topo: Topology, check: Check, seen: Observation) -> list[Evidence]:
     keys = Counter(e.key for e in seen.events)
     keys.update(f"{e.key}@{dev}" for e in seen.events for dev in e.devices)
     for key, bound in exp.events.items():
+        if key.partition("@")[0] not in seen.traced_events:
+            rows.append(Evidence(f"trace events {key}", bound, "not traced (no such tracepoint here)", False))
+            continue
         rows.append(Evidence(f"trace events {key}", bound, keys.get(key, 0), matches(bound, keys.get(key, 0))))
     if exp.tap_after_qdisc is not None:
         node, _, ifname = exp.tap_after_qdisc.partition(":")

@@ -23,7 +23,7 @@ from labctl.kernel.packet import Capture, inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import SendResult, UdpListener, send_udp
 from labctl.lab import netfilter_stage, relay
-from labctl.lab.traffic import prepare_injection
+from labctl.lab.traffic import TrafficError, prepare_injection
 from labctl.topology.checks import Check, Listen, Traffic
 from labctl.topology.model import Topology
 
@@ -57,6 +57,10 @@ class Observation:
     sent_frames: int = 0
     queued_bytes: int = 0
     tasks: set[int] = field(default_factory=set)
+    counter_names: dict[str, set[str]] = field(default_factory=dict)
+    """Every counter each node has (a delta lists only those that moved)."""
+    traced_events: set[str] = field(default_factory=set)
+    """The tracepoints this kernel let the session enable."""
     timer_drops: list[tracefs.TraceEvent] = field(default_factory=list)
     """Drops of skbs never seen on a device nor by a task of ours (timer context, e.g. NEIGH_FAILED)."""
 
@@ -155,7 +159,10 @@ def _send(topo: Topology, step: Traffic, seen: Observation) -> None:
         argv = ["ping", "-n", "-q", "-c", str(step.ping.count), "-i", "0.01", "-W", "1", step.ping.to]
         proc = netns.popen(ns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seen.tasks.add(proc.pid)  # its echo requests are ours too
-        seen.ping_ok.append(proc.wait() == 0)
+        code = proc.wait()
+        if code not in (0, 1):  # 1 is "no reply"; anything else means ping could not even try
+            raise TrafficError(f"ping {step.ping.to} from {step.ping.node} failed to run (exit {code})")
+        seen.ping_ok.append(code == 0)
     time.sleep(step.settle)
 
 
@@ -194,7 +201,10 @@ def observe(topo: Topology, check: Check) -> Observation:
         rules_after = netfilter_stage.rule_counters(topo, check)
         _attribute(seen, trace, lab_devices(topo), since, until + 0.5)
         delta = counters.delta(before, after)
-        seen.counters = counters.by_node(delta, {n: netns.namespace_name(topo.name, n) for n in topo.nodes})
+        nodes = {n: netns.namespace_name(topo.name, n) for n in topo.nodes}
+        seen.counters = counters.by_node(delta, nodes)
+        seen.counter_names = _counter_names(after, nodes)
+        seen.traced_events = set(trace.enabled)
         seen.softnet_dropped = sum(cpu.get("dropped", 0) for cpu in delta.get("softnet", {}).values())
         seen.rules, seen.ebtables = netfilter_stage.rule_deltas(rules_before, rules_after)
         seen.hooks = {node: tracer.steps_text() for node, tracer in hook_tracers.items()}
@@ -210,6 +220,17 @@ def observe(topo: Topology, check: Check) -> Observation:
         if check.expect.conntrack is not None:
             seen.conntrack = netfilter_stage.conntrack_count(topo, check)
     return seen
+
+
+def _counter_names(snapshot: counters.Snapshot, nodes: dict[str, str]) -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {}
+    for node, ns in nodes.items():
+        taken = snapshot.namespaces[ns]
+        found = set(taken.snmp)
+        found |= {f"{ifname}.{key}" for ifname, stats in taken.links.items() for key in stats}
+        found |= {f"{ifname}.qdisc.{key}" for ifname, qs in taken.qdisc.items() for q in qs.values() for key in q}
+        names[node] = found
+    return names
 
 
 def _listener(topo: Topology, spec: Listen) -> UdpListener:

@@ -156,3 +156,30 @@ def test_pytest_plugin_collects_lab_checks() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "1 passed" in proc.stdout
+
+
+def test_a_typo_in_a_counter_or_event_fails_instead_of_reading_zero(tmp_path: Path, lab_name: str) -> None:
+    checks = """\
+  - name: typos
+    traffic: [{inject: {node: client, packet: "IP(dst='10.0.7.2')/UDP(dport=5999)"}}]
+    expect:
+      counters: {server: {Udp.NoPortz: 0}}
+      events: {"net:netif_rx_typo": 0}
+"""
+    check = run_lab(write_lab(tmp_path, lab_name, checks)).checks[0]
+    assert not check.passed
+    assert [r.observed for r in check.evidence] == ["no such counter", "not traced (no such tracepoint here)"]
+
+
+def test_host_wide_sysctls_cannot_hide_in_a_node(tmp_path: Path, lab_name: str) -> None:
+    topology = TWO_NODES.replace("    server:\n", "    server:\n      sysctls: {kernel.printk_ratelimit: 5}\n")
+    with pytest.raises(LabFileError, match="kernel.printk_ratelimit is not a network sysctl"):
+        load_lab_file(write_lab(tmp_path, lab_name, "  []\n", topology))
+    assert netns.list_labctl(lab_name) == []
+
+
+def test_down_refuses_a_lab_name_that_is_a_path(tmp_path: Path) -> None:
+    file = tmp_path / "evil.yaml"
+    file.write_text("name: ../../../tmp/evil\ntopology: {nodes: {}}\n")
+    proc = subprocess.run([sys.executable, "-m", "labctl.cli", "down", str(file)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a lab name" in proc.stderr
