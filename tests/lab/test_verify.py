@@ -173,7 +173,7 @@ def test_a_typo_in_a_counter_or_event_fails_instead_of_reading_zero(tmp_path: Pa
 
 def test_host_wide_sysctls_cannot_hide_in_a_node(tmp_path: Path, lab_name: str) -> None:
     topology = TWO_NODES.replace("    server:\n", "    server:\n      sysctls: {kernel.printk_ratelimit: 5}\n")
-    with pytest.raises(LabFileError, match="kernel.printk_ratelimit is not a network sysctl"):
+    with pytest.raises(LabFileError, match=r"kernel\.printk_ratelimit is not a network sysctl"):
         load_lab_file(write_lab(tmp_path, lab_name, "  []\n", topology))
     assert netns.list_labctl(lab_name) == []
 
