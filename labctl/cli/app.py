@@ -11,6 +11,7 @@ import typer
 
 from labctl.cli import render
 from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root
+from labctl.errors import LabctlError, LabFileError, Problem
 
 app = typer.Typer(
     name="labctl",
@@ -143,6 +144,7 @@ def run(
     if not files:
         raise typer.BadParameter(f"no lab files in {' '.join(paths)}")
     results: list[LabResult] = []
+    bad_input = False
     quiet = json
     with console.status("starting", spinner="dots") as progress:
         for file in files:
@@ -150,9 +152,12 @@ def run(
             def show(lab: str, check: str) -> None:
                 progress.update(f"{lab}: {check}")
 
-            results.append(run_lab(file, select=select, keep=keep, on_check=None if quiet else show))
-    if not any(r.checks for r in results):
-        from labctl.errors import LabFileError, Problem
+            try:
+                results.append(run_lab(file, select=select, keep=keep, on_check=None if quiet else show))
+            except LabctlError as exc:  # one broken lab must not cost the report of the others
+                bad_input = bad_input or exc.exit_code == 2
+                results.append(LabResult(lab=Path(file).stem, file=file, error=str(exc)))
+    if not any(r.checks or r.error for r in results):
 
         what = f"no check matches -k {select!r}" if select else "these lab files have no checks"
         raise LabFileError([Problem((), what, " ".join(files))])
@@ -162,6 +167,8 @@ def run(
         print(report.as_json(results))
     else:
         report.print_results(console, results)
+    if bad_input:
+        raise typer.Exit(2)
     if not all(r.passed for r in results):
         raise typer.Exit(1)
 

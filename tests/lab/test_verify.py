@@ -144,7 +144,7 @@ def test_cli_run_exit_codes_json_and_junit(tmp_path: Path, lab_name: str) -> Non
     bad = subprocess.run(
         [sys.executable, "-m", "labctl.cli", "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True
     )
-    assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+    assert bad.returncode == 2 and "missing.yaml" in bad.stdout + bad.stderr  # reported beside the other labs
 
 
 def test_pytest_plugin_collects_lab_checks() -> None:
