@@ -39,6 +39,8 @@ class LinkAttrs:
     promisc: bool = False
     up: bool = True
     master: str | None = None
+    detach: bool = False
+    """With no master: take the interface out of any bridge it is in (converge)."""
 
 
 @dataclass
@@ -199,6 +201,8 @@ class NodeLinks:
             kwargs["txqlen"] = attrs.txqueuelen
         if attrs.master:
             kwargs["master"] = self.index[attrs.master]
+        elif attrs.detach:
+            kwargs["master"] = 0
         flags = (IFF_UP if attrs.up else 0) | (IFF_PROMISC if attrs.promisc else 0)
         kwargs["flags"] = flags
         kwargs["change"] = IFF_UP | IFF_PROMISC

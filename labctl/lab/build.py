@@ -9,6 +9,7 @@ nothing half-built behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -183,7 +184,10 @@ class Builder:
                 if (node, ifname) in self.configured or ifname in self.topo.nodes[node].bridges:
                     continue
                 link = self.link_at.get((node, ifname))
-                handle.configure(ifname, self.attrs(node, ifname, link) if ifname != "lo" else LinkAttrs())
+                attrs = self.attrs(node, ifname, link) if ifname != "lo" else LinkAttrs()
+                if node not in self.fresh and link is not None:
+                    attrs = dataclasses.replace(attrs, detach=True)  # a port taken off a bridge's list
+                handle.configure(ifname, attrs)
 
     def addresses_and_routes(self) -> None:
         for node, spec in self.topo.nodes.items():
