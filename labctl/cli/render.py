@@ -55,4 +55,6 @@ def cleaned(done: Any) -> None:
     tree.add(f"host sysctls restored: {restored or 'none'}")
     tree.add(f"trace instances removed: {len(done.trace_instances)}")
     tree.add(f"lab states forgotten: {len(done.states)}")
+    if done.busy:
+        tree.add(f"[yellow]busy (another labctl command holds the lock), left alone:[/] {' '.join(done.busy)}")
     console.print(tree)

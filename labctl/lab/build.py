@@ -96,7 +96,10 @@ class Builder:
                 sysctl.write_here(wanted)  # before any link exists, so links inherit it
                 self.handles[node] = NodeLinks(name, IPRoute())
             if node not in self.fresh:
-                self.handles[node].refresh()
+                existing = self.handles[node].refresh()
+                # all/default reach only interfaces made later: a converge sets the existing ones too
+                value = wanted["net.ipv6.conf.all.disable_ipv6"]
+                sysctl.write_many({f"net.ipv6.conf.{ifname}.disable_ipv6": value for ifname in existing}, name)
             else:
                 self.handles[node].index = {"lo": 1}
 

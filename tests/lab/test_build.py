@@ -204,3 +204,21 @@ def test_rps_gro_promisc_txqueuelen(make_lab: LabFactory, lab_name: str) -> None
     ).stdout
     assert int(rps.strip().replace(",", ""), 16) == 1
     assert os.path.exists("/run/netns/" + c2)
+
+
+def test_clean_leaves_a_lab_alone_while_another_command_holds_it(make_lab: LabFactory, lab_name: str) -> None:
+    make_lab(CONTAINERS)
+    with state.locked(lab_name):
+        done = clean_all(lab_name)
+    assert done.busy == [lab_name] and done.namespaces == []
+    assert len(netns.list_labctl(lab_name)) == 3
+
+
+def test_converge_switches_ipv6_on_existing_interfaces(make_lab: LabFactory, lab_name: str, tmp_path: Path) -> None:
+    make_lab(CONTAINERS)
+    file = tmp_path / "v6.yaml"
+    with_ipv6 = CONTAINERS.replace("    c2:\n", "    c2:\n      ipv6: true\n")
+    file.write_text(f"name: {lab_name}\n{with_ipv6}")
+    topo, _ = load_lab(str(file))
+    build.up(topo, str(file))
+    assert sysctl.read("net.ipv6.conf.eth0.disable_ipv6", netns.namespace_name(lab_name, "c2")) == "0"
