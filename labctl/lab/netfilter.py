@@ -19,6 +19,7 @@ import os
 import random
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,6 +341,15 @@ def _verdicts(
     return found
 
 
+@contextlib.contextmanager
+def _hook_trace_errors(lab: str) -> Iterator[None]:
+    """What the tracer's kernel side refuses becomes one clear error naming the lab."""
+    try:
+        yield
+    except (nftrace.TraceError, tracefs.TraceError, iptables.RuleError) as exc:
+        raise KernelError(f"lab {lab}: cannot trace the hooks: {exc}") from exc
+
+
 def trace_hooks(
     lab: str,
     node: str,
@@ -357,74 +367,59 @@ def trace_hooks(
     shows where nat sits.  Without it the walk is exactly what the node does
     now (no nat steps where nothing else uses conntrack).
     """
-    try:
-        return _trace_hooks(lab, node, expr, via, interface, count, conntrack, settle)
-    except (nftrace.TraceError, tracefs.TraceError, iptables.RuleError) as exc:
-        raise KernelError(f"lab {lab}: cannot trace the hooks: {exc}") from exc
-
-
-def _trace_hooks(
-    lab: str,
-    node: str,
-    expr: str,
-    via: list[str] | None = None,
-    interface: str | None = None,
-    count: int = 1,
-    conntrack: bool = True,
-    settle: float = 0.3,
-) -> HookWalk:
-    current, topo = running_lab(lab)
-    if node not in current.nodes:
-        raise LabStateError(f"lab {lab} has no node {node!r} (nodes: {', '.join(sorted(current.nodes))})")
-    prepared = prepare_injection(topo, node, interface, expr)
-    frame, ip_id = _tag_frame(prepared.frame, expr)
-    match = _protocol_match(frame)
-    traced = _nodes(current, via)
-    tracers: dict[str, HookTracer] = {}
-    before: dict[str, dict[tuple[str, str, str, int], RuleCounter]] = {}
-    after: dict[str, dict[tuple[str, str, str, int], RuleCounter]] = {}
-    drops: Counter[str] = Counter()
-    with contextlib.ExitStack() as stack:
-        for name, namespace in traced.items():
-            bridge_tables = ("nat", "filter") if topo.nodes[name].bridges else ()
-            tracer = HookTracer(namespace, match=match, bridge_tables=bridge_tables, conntrack=conntrack)
-            stack.enter_context(tracer)
-            tracers[name] = tracer
-        for name, namespace in traced.items():
-            before[name] = _user_counts(namespace)
-        with tracefs.TraceSession(DROP_EVENTS) as session:
-            tasks = _thread_ids() | set(relay.find(lab))
-            since = time.monotonic()
-            try:
-                inject(prepared.namespace, prepared.ifname, frame, count)
-            except OSError as exc:
-                raise TrafficError(f"cannot inject on {node}:{prepared.ifname}: {exc}") from exc
-            time.sleep(settle)
-            until = time.monotonic()
-            session.stop()
-            events = session.events()
-        for name, namespace in traced.items():
-            after[name] = _user_counts(namespace)
-        devices = {i for n in topo.nodes for i in topo.interface_names(n)} - {"lo"}
-        for chain in tracefs.chains(events, devices, since=since, until=until + 0.5):
-            drop = chain.drop
-            if drop is not None and _injected_here(chain, prepared.ifname, tasks):
-                drops[f"{drop.reason or '?'} at {drop.function or '?'}"] += 1
-        walks = {}
-        for name, tracer in tracers.items():
-            steps = [s for s in tracer.steps() if ip_id is None or s.ip_id in (ip_id, None)]
-            walks[name] = NodeWalk(name, steps, _verdicts(before[name], after[name]))
-    order = _hop_order(topo, node, list(traced))
-    return HookWalk(
-        lab=lab,
-        node=node,
-        interface=prepared.ifname,
-        packet=_summary(frame),
-        count=count,
-        ip_id=ip_id,
-        nodes=[walks[n] for n in order],
-        drops=dict(drops),
-    )
+    with _hook_trace_errors(lab):
+        current, topo = running_lab(lab)
+        if node not in current.nodes:
+            raise LabStateError(f"lab {lab} has no node {node!r} (nodes: {', '.join(sorted(current.nodes))})")
+        prepared = prepare_injection(topo, node, interface, expr)
+        frame, ip_id = _tag_frame(prepared.frame, expr)
+        match = _protocol_match(frame)
+        traced = _nodes(current, via)
+        tracers: dict[str, HookTracer] = {}
+        before: dict[str, dict[tuple[str, str, str, int], RuleCounter]] = {}
+        after: dict[str, dict[tuple[str, str, str, int], RuleCounter]] = {}
+        drops: Counter[str] = Counter()
+        with contextlib.ExitStack() as stack:
+            for name, namespace in traced.items():
+                bridge_tables = ("nat", "filter") if topo.nodes[name].bridges else ()
+                tracer = HookTracer(namespace, match=match, bridge_tables=bridge_tables, conntrack=conntrack)
+                stack.enter_context(tracer)
+                tracers[name] = tracer
+            for name, namespace in traced.items():
+                before[name] = _user_counts(namespace)
+            with tracefs.TraceSession(DROP_EVENTS) as session:
+                tasks = _thread_ids() | set(relay.find(lab))
+                since = time.monotonic()
+                try:
+                    inject(prepared.namespace, prepared.ifname, frame, count)
+                except OSError as exc:
+                    raise TrafficError(f"cannot inject on {node}:{prepared.ifname}: {exc}") from exc
+                time.sleep(settle)
+                until = time.monotonic()
+                session.stop()
+                events = session.events()
+            for name, namespace in traced.items():
+                after[name] = _user_counts(namespace)
+            devices = {i for n in topo.nodes for i in topo.interface_names(n)} - {"lo"}
+            for chain in tracefs.chains(events, devices, since=since, until=until + 0.5):
+                drop = chain.drop
+                if drop is not None and _injected_here(chain, prepared.ifname, tasks):
+                    drops[f"{drop.reason or '?'} at {drop.function or '?'}"] += 1
+            walks = {}
+            for name, tracer in tracers.items():
+                steps = [s for s in tracer.steps() if ip_id is None or s.ip_id in (ip_id, None)]
+                walks[name] = NodeWalk(name, steps, _verdicts(before[name], after[name]))
+        order = _hop_order(topo, node, list(traced))
+        return HookWalk(
+            lab=lab,
+            node=node,
+            interface=prepared.ifname,
+            packet=_summary(frame),
+            count=count,
+            ip_id=ip_id,
+            nodes=[walks[n] for n in order],
+            drops=dict(drops),
+        )
 
 
 def _injected_here(chain: tracefs.SkbChain, ifname: str, tasks: set[int]) -> bool:

@@ -28,6 +28,7 @@ from labctl.cli.traffic import register
 from labctl.kernel import netns
 from labctl.kernel.sockets import send_udp
 from tests.conftest import LabFactory
+from tests.topologies import VMS as VM
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -44,21 +45,6 @@ topology:
     - endpoints: ["c1:eth0", "c2:eth0"]
 """
 
-VM = """\
-topology:
-  nodes:
-    host:
-      bridges:
-        br0: {ports: [tap1]}
-      interfaces:
-        br0: {addresses: [192.168.3.101/24]}
-    vm1:
-      kind: vm
-      interfaces:
-        eth0: {addresses: [192.168.3.102/24]}
-  links:
-    - endpoints: ["vm1:eth0", "host:tap1"]
-"""
 
 UDP = "IP(dst='192.168.9.3')/UDP(sport=4000, dport=5000)/Raw(b'hi')"
 
