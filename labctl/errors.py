@@ -62,3 +62,19 @@ class LabStateError(LabctlError):
 
 class KernelError(LabctlError):
     """The kernel refused an operation; the message names the object."""
+
+
+class BadNameError(LabctlError, ValueError):
+    """A lab, node or interface name given by the user is not acceptable; nothing was done.
+
+    A ValueError too, so a pydantic validator reports it at the key that holds the name.
+    """
+
+    exit_code = 2
+
+
+class UnsafePathError(LabctlError):
+    """A file or directory where labctl keeps its state is not labctl's own (a symlink, another owner).
+
+    labctl runs as root: it refuses to touch such a path rather than follow it.
+    """

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from labctl.kernel import netns
 from labctl.kernel.iptables import RuleCounter, RuleError, Token, tokenize
+from labctl.names import scratch_namespace_name
 
 EBTABLES = "ebtables-nft"
 RESTORE = "ebtables-nft-restore"
@@ -225,7 +226,7 @@ def _find_culprit(namespace: str, script: _Script) -> tuple[EbRule, str] | None:
     namespace -- finds the first rule that fails on its own.
     """
     state = netns.run(namespace, [SAVE], capture_output=True, text=True).stdout
-    scratch = netns.namespace_name(f"ebdiag{os.getpid()}", str(threading.get_ident()))
+    scratch = scratch_namespace_name(os.getpid(), threading.get_ident())
     netns.create(scratch)
     try:
         if state.strip() and _run_restore(scratch, state).returncode != 0:

@@ -6,9 +6,12 @@ descriptors and copies every frame between them, so a frame the "VM" sends
 leaves through a tap fd and enters the host on ``netif_receive_skb`` of the
 host tap -- the path in notes §3.
 
-It runs detached from ``labctl up`` and is found again by its command line
-(``-m labctl.lab.relay --lab NAME``), so ``down``/``clean`` can stop it even
-without state.
+It runs detached from ``labctl up`` and is found again by the pidfile it
+writes under /run/labctl/relays (a directory only root can write), checked
+against the live process: owned by root, the start time it recorded, and our
+module on its command line.  So ``down``/``clean`` can stop it even without
+lab state, and no other user's process -- whatever its argv says -- is ever
+taken for a relay.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import os
 import select
 import signal
@@ -24,12 +28,15 @@ import subprocess
 import sys
 import time
 
-from labctl.kernel import netns
+from labctl.errors import LabctlError
+from labctl.kernel import netns, procs, registry
+from labctl.names import check_lab_name, check_node_name
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 MODULE = "labctl.lab.relay"
+RELAYS_DIR = os.path.join(registry.STATE_DIR, "relays")
 
 
 def open_tap(namespace: str, ifname: str) -> int:
@@ -69,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vm", required=True)
     parser.add_argument("--pair", action="append", required=True, help="NS/IF=NS/IF")
     args = parser.parse_args(argv)
+    try:
+        check_lab_name(args.lab)
+        check_node_name(args.vm)
+    except LabctlError as exc:
+        parser.error(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _write_pidfile(args.lab, args.vm)
     fds: list[tuple[int, int]] = []
     for spec in args.pair:
         left, right = spec.split("=")
@@ -103,26 +116,65 @@ def start(lab: str, vm: str, pairs: list[tuple[str, str, str, str]], timeout: fl
     return proc.pid
 
 
-def _cmdline(pid: int) -> list[str]:
+def _pidfile(pid: int) -> str:
+    return f"{pid}.json"
+
+
+def _write_pidfile(lab: str, vm: str) -> None:
+    """Record this relay (pid, start time, lab, vm) before it touches a tap; only root can write there."""
+    pid = os.getpid()
+    record = {"pid": pid, "start": procs.start_time(pid), "lab": lab, "vm": vm}
+    dir_fd = registry.open_dir(RELAYS_DIR)
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
-    except OSError:
-        return []
+        registry.write_atomically(dir_fd, _pidfile(pid), json.dumps(record))
+    finally:
+        os.close(dir_fd)
+
+
+def _record(dir_fd: int, name: str) -> dict[str, object] | None:
+    try:
+        text = registry.read_text(dir_fd, name)
+        data = json.loads(text) if text else None
+    except (LabctlError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_relay(record: dict[str, object], pid: int) -> bool:
+    """The process at ``pid`` is the relay the record describes (and not a reused pid or a look-alike)."""
+    return (
+        record.get("pid") == pid
+        and record.get("start") is not None
+        and procs.start_time(pid) == record.get("start")
+        and procs.owned_by_root(pid)
+        and MODULE in procs.cmdline(pid)
+    )
 
 
 def find(lab: str | None = None) -> dict[int, tuple[str, str]]:
-    """Running relays (pid -> (lab, vm)), found by command line, not by state."""
+    """Running relays (pid -> (lab, vm)), found by their pidfiles, not by state or argv.
+
+    Pidfiles of relays that are gone are removed on the way.
+    """
     found: dict[int, tuple[str, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        argv = _cmdline(int(entry))
-        if MODULE not in argv or "--lab" not in argv or "--vm" not in argv:
-            continue
-        relay_lab = argv[argv.index("--lab") + 1]
-        if lab is None or relay_lab == lab:
-            found[int(entry)] = (relay_lab, argv[argv.index("--vm") + 1])
+    dir_fd = registry.open_dir(RELAYS_DIR)
+    try:
+        for name in os.listdir(dir_fd):
+            stem = name.removesuffix(".json")
+            if not name.endswith(".json") or not stem.isdigit():
+                continue
+            pid = int(stem)
+            record = _record(dir_fd, name)
+            if record is None or not _is_relay(record, pid):
+                if record is None or not procs.alive(pid) or procs.start_time(pid) != record.get("start"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dir_fd)
+                continue
+            relay_lab, vm = str(record.get("lab")), str(record.get("vm"))
+            if lab is None or relay_lab == lab:
+                found[pid] = (relay_lab, vm)
+    finally:
+        os.close(dir_fd)
     return found
 
 
@@ -144,6 +196,8 @@ def stop(pids: list[int], timeout: float = 2.0) -> None:
         if os.path.exists(f"/proc/{pid}"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    if pids:
+        find()  # drops the pidfiles of the relays just stopped
 
 
 if __name__ == "__main__":
