@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""labctl as users run it -- whole commands in new processes -- against ``ip -batch`` in the same run.
+
+Rows (each the median of ``--runs`` runs; the baseline is timed in the same
+run, interleaved with labctl, so machine load weighs on both sides):
+
+* ``star N``: ``labctl up star.yaml && labctl down LAB`` for N hosts on one
+  bridge, vs iproute2 doing the same operations (namespaces, bridge, veths,
+  links up, addresses; then deleting the namespaces).
+* ``chain N``: N routers in a line, one /24 per link, each router with a
+  default route towards r0 and a route to the far stub network towards the
+  other end (static routes), vs iproute2 doing the same.
+* ``converge``: a second ``labctl up`` of the unchanged largest star (nothing
+  to do), and ``labctl status LAB`` / ``--json`` on it.
+* ``--help``: ``labctl --help``, beside a bare ``python -c pass``.
+
+``ip -batch`` cannot switch namespace per line, so the baseline is one batch in
+the root namespace (``netns add``), one per namespace that creates veths, and
+one ``ip -n NS -batch`` per namespace for its addresses and routes: the fastest
+way to do it with iproute2.  labctl also turns IPv6 off in every namespace (two
+sysctl writes each) and waits until every link is operationally up, which the
+baseline does not.
+
+Nothing touches the root namespace: every namespace is created here (names
+``labctl-bn*``, so ``labctl clean --lab NAME`` finds leftovers) and deleted
+again, even when a step fails.
+
+    python bench/bench_cli.py                        # star 200,1000, chain 200, 5 runs
+    python bench/bench_cli.py --sizes 50 --chain 20 --runs 3   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+LABCTL = os.environ.get("LABCTL", str(Path(sys.executable).with_name("labctl")))
+"""The command under test (LABCTL=... to time another checkout)."""
+PREFIX = "labctl-"  # labctl's namespace prefix: leftovers of the baseline are found by clean too
+
+
+def star_yaml(lab: str, n: int) -> str:
+    lines = [f"name: {lab}", "topology:", "  nodes:", "    sw:", "      bridges:"]
+    lines.append(f"        br0: {{ports: [{', '.join(f'p{i}' for i in range(n))}]}}")
+    for i in range(n):
+        lines += [f"    h{i}:", "      interfaces:", f"        eth0: {{addresses: [{star_address(i)}]}}"]
+    lines.append("  links:")
+    lines += [f'    - endpoints: ["h{i}:eth0", "sw:p{i}"]' for i in range(n)]
+    return "\n".join(lines) + "\n"
+
+
+def star_address(i: int) -> str:
+    return f"10.{100 + i // 62500}.{(i // 250) % 250}.{i % 250 + 1}/8"
+
+
+def chain_subnet(i: int) -> str:
+    """The /24 of link i (between r<i> and r<i+1>), without the host part."""
+    return f"10.{i // 250}.{i % 250}"
+
+
+STUB = "10.255.0.0/16"  # the far end's network, reached through the whole chain
+
+
+def chain_routes(i: int, n: int) -> list[tuple[str, str]]:
+    routes = []
+    if i > 0:
+        routes.append(("default", f"{chain_subnet(i - 1)}.1"))
+    if i < n - 1:
+        routes.append((STUB, f"{chain_subnet(i)}.2"))
+    return routes
+
+
+def chain_addresses(i: int, n: int) -> dict[str, str]:
+    found = {}
+    if i > 0:
+        found["e0"] = f"{chain_subnet(i - 1)}.2/24"
+    if i < n - 1:
+        found["e1"] = f"{chain_subnet(i)}.1/24"
+    if i == n - 1:
+        found["lo"] = "10.255.0.1/16"
+    return found
+
+
+def chain_yaml(lab: str, n: int) -> str:
+    lines = [f"name: {lab}", "topology:", "  nodes:"]
+    for i in range(n):
+        lines += [f"    r{i}:", "      interfaces:"]
+        lines += [f"        {ifname}: {{addresses: [{cidr}]}}" for ifname, cidr in chain_addresses(i, n).items()]
+        routes = chain_routes(i, n)
+        if routes:
+            lines.append("      routes:")
+            lines += [f"        - {{dst: {dst}, via: {via}}}" for dst, via in routes]
+    lines.append("  links:")
+    lines += [f'    - endpoints: ["r{i}:e1", "r{i + 1}:e0"]' for i in range(n - 1)]
+    return "\n".join(lines) + "\n"
+
+
+# -- the iproute2 baseline ---------------------------------------------------
+def ip_batch(argv: list[str], lines: list[str]) -> None:
+    subprocess.run(["ip", *argv, "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True)
+
+
+def ip_star_up(lab: str, n: int) -> list[str]:
+    sw = f"{PREFIX}{lab}.sw"
+    hosts = [f"{PREFIX}{lab}.h{i}" for i in range(n)]
+    ip_batch([], [f"netns add {name}" for name in [sw, *hosts]])
+    switch = ["link add br0 type bridge stp_state 0 forward_delay 0", "link set br0 up", "link set lo up"]
+    for i, host in enumerate(hosts):
+        switch += [f"link add p{i} type veth peer name eth0 netns {host}", f"link set p{i} master br0 up"]
+    ip_batch(["-n", sw], switch)
+    for i, host in enumerate(hosts):
+        ip_batch(["-n", host], ["link set lo up", "link set eth0 up", f"addr add {star_address(i)} dev eth0"])
+    return [sw, *hosts]
+
+
+def ip_chain_up(lab: str, n: int) -> list[str]:
+    names = [f"{PREFIX}{lab}.r{i}" for i in range(n)]
+    ip_batch([], [f"netns add {name}" for name in names])
+    for i, name in enumerate(names):
+        lines = ["link set lo up"]
+        if i < n - 1:
+            lines += [f"link add e1 type veth peer name e0 netns {names[i + 1]}", "link set e1 up"]
+        if i > 0:
+            lines.append("link set e0 up")
+        lines += [f"addr add {cidr} dev {ifname}" for ifname, cidr in chain_addresses(i, n).items()]
+        lines += [f"route add {dst} via {via} proto static" for dst, via in chain_routes(i, n)]
+        ip_batch(["-n", name], lines)
+    return names
+
+
+def ip_down(names: list[str]) -> None:
+    ip_batch([], [f"netns del {name}" for name in names])
+
+
+def ip_cleanup(lab: str) -> None:
+    """Whatever a failed baseline run left (namespaces of this lab only)."""
+    left = [name for name in os.listdir("/run/netns") if name.startswith(f"{PREFIX}{lab}.")]
+    if left:
+        ip_down(left)
+
+
+# -- labctl as a user runs it -------------------------------------------------
+def labctl(*args: str, quiet: bool = True) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.DEVNULL if quiet else None
+    subprocess.run([LABCTL, *args], check=True, stdout=out)
+    return time.perf_counter() - t0
+
+
+def labctl_down(lab: str) -> None:
+    subprocess.run([LABCTL, "down", lab], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def timed(step: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+# -- rows ---------------------------------------------------------------------
+def up_down_row(label: str, file: Path, lab: str, baseline: Callable[[], list[str]], runs: int) -> float:
+    """Median (labctl up+down) / median (ip up+down), printed; returns the ratio."""
+    ip_times: list[float] = []
+    lc_times: list[float] = []
+    lc_up: list[float] = []
+    base_lab = lab.replace("bn", "bnip", 1)
+    for _ in range(runs):
+        try:
+            names: list[str] = []
+            ip_times.append(timed(lambda: names.extend(baseline())) + timed(lambda: ip_down(names)))
+        finally:
+            ip_cleanup(base_lab)
+        try:
+            up_s = labctl("up", str(file))
+            lc_up.append(up_s)
+            lc_times.append(up_s + labctl("down", lab))
+        finally:
+            labctl_down(lab)
+    ip_s, lc_s = statistics.median(ip_times), statistics.median(lc_times)
+    ratio = lc_s / ip_s
+    print(
+        f"{label:<24} {ip_s:>9.3f}s {lc_s:>9.3f}s {ratio:>6.2f}x   (labctl up alone {statistics.median(lc_up):.3f}s)",
+        flush=True,
+    )
+    return ratio
+
+
+def converge_rows(file: Path, lab: str, n: int, runs: int) -> None:
+    try:
+        labctl("up", str(file))
+        again = statistics.median(labctl("up", str(file)) for _ in range(runs))
+        human = statistics.median(labctl("status", lab) for _ in range(runs))
+        as_json = statistics.median(labctl("status", lab, "--json") for _ in range(runs))
+    finally:
+        labctl_down(lab)
+    print(f"{f'second up, star {n}':<24} {'':>10} {again:>9.3f}s   goal <= 1.5 s", flush=True)
+    print(f"{f'status, star {n}':<24} {'':>10} {human:>9.3f}s   goal <= 0.3 s", flush=True)
+    print(f"{f'status --json, star {n}':<24} {'':>10} {as_json:>9.3f}s   goal <= 0.3 s", flush=True)
+
+
+def help_row(runs: int) -> None:
+    bare = statistics.median(
+        timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(runs)
+    )
+    help_s = statistics.median(labctl("--help") for _ in range(runs))
+    print(f"{'labctl --help':<24} {bare:>9.3f}s {help_s:>9.3f}s   goal <= 0.15 s (left: python -c pass)", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="200,1000", help="star sizes; the largest is also converged")
+    parser.add_argument("--chain", type=int, default=200, help="routers in the chain (0: no chain row)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per row; the median is reported")
+    parser.add_argument("--rows", default="star,chain,converge,help", help="which rows to run")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_cli needs root (it builds namespaces)", file=sys.stderr)
+        return 2
+    rows = set(args.rows.split(","))
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    print(f"labctl as commands vs ip -batch; {os.cpu_count()} cores (nproc), kernel {platform.release()}, "
+          f"median of {args.runs}")
+    print(f"{'row':<24} {'ip -batch':>10} {'labctl':>10} {'ratio':>7}")
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        for n in sizes if "star" in rows or "converge" in rows else []:
+            lab = f"bnstar{n}"
+            file = Path(tmp, f"{lab}.yaml")
+            file.write_text(star_yaml(lab, n))
+            if "star" in rows:
+                base = lab.replace("bn", "bnip", 1)
+                ratios[f"star {n}"] = up_down_row(
+                    f"up+down, star {n}", file, lab, lambda n=n, base=base: ip_star_up(base, n), args.runs
+                )
+            if "converge" in rows and n == max(sizes):
+                converge_rows(file, lab, n, args.runs)
+        if "chain" in rows and args.chain > 1:
+            lab = f"bnchain{args.chain}"
+            file = Path(tmp, f"{lab}.yaml")
+            file.write_text(chain_yaml(lab, args.chain))
+            base = lab.replace("bn", "bnip", 1)
+            ratios[f"chain {args.chain}"] = up_down_row(
+                f"up+down, chain {args.chain}", file, lab, lambda: ip_chain_up(base, args.chain), args.runs
+            )
+    if "help" in rows:
+        help_row(args.runs)
+    for what, ratio in ratios.items():
+        print(f"goal up+down <= 1.0x ip -batch, {what}: {'met' if ratio <= 1.0 else 'NOT met'} ({ratio:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
