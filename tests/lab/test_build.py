@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from labctl.errors import KernelError
+from labctl.errors import KernelError, LabFileError
 from labctl.kernel import netns, sysctl
 from labctl.kernel.links import NodeLinks
 from labctl.lab import build, relay, state
@@ -108,7 +108,7 @@ def test_converge_applies_changes(make_lab: LabFactory, lab_name: str, tmp_path:
         .replace("ports: [veth1, veth2]", "ports: [veth1]")
     )
     changed = changed.replace("    c2:\n      interfaces:\n        eth0: {addresses: [192.168.9.30/24]}\n", "")
-    file = tmp_path / "changed.yaml"
+    file = tmp_path / f"{lab_name}.yaml"  # the lab's own file, edited
     file.write_text(f"name: {lab_name}\n{changed}")
     topo, _ = load_lab(str(file))
     build.up(topo, str(file))
@@ -216,9 +216,32 @@ def test_clean_leaves_a_lab_alone_while_another_command_holds_it(make_lab: LabFa
 
 def test_converge_switches_ipv6_on_existing_interfaces(make_lab: LabFactory, lab_name: str, tmp_path: Path) -> None:
     make_lab(CONTAINERS)
-    file = tmp_path / "v6.yaml"
+    file = tmp_path / f"{lab_name}.yaml"
     with_ipv6 = CONTAINERS.replace("    c2:\n", "    c2:\n      ipv6: true\n")
     file.write_text(f"name: {lab_name}\n{with_ipv6}")
     topo, _ = load_lab(str(file))
     build.up(topo, str(file))
     assert sysctl.read("net.ipv6.conf.eth0.disable_ipv6", netns.namespace_name(lab_name, "c2")) == "0"
+
+
+def test_up_of_another_file_with_the_same_lab_name_is_refused(
+    make_lab: LabFactory, lab_name: str, tmp_path: Path
+) -> None:
+    make_lab(CONTAINERS)
+    before = {node: links_of(lab_name, node) for node in ("host", "c1", "c2")}
+    other = tmp_path / "someone-else.yaml"
+    other.write_text(f"name: {lab_name}\n{CONTAINERS.replace('192.168.9.3/24', '192.168.9.33/24')}")
+    topo, _ = load_lab(str(other))
+    with pytest.raises(LabFileError, match=r"already up from .*: bring it down first") as refused:
+        build.up(topo, str(other))
+    assert refused.value.exit_code == 2
+    assert state.load(lab_name).file == str(tmp_path / f"{lab_name}.yaml")  # type: ignore[union-attr]
+    after = {node: links_of(lab_name, node) for node in ("host", "c1", "c2")}
+    assert {n: {i: v.addresses for i, v in links.items()} for n, links in after.items()} == {  # type: ignore[attr-defined]
+        n: {i: v.addresses for i, v in links.items()}  # type: ignore[attr-defined]
+        for n, links in before.items()
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "labctl.cli", "up", str(other)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2 and "already up from" in result.stderr
