@@ -80,18 +80,23 @@ class CheckItem(pytest.Item):
         parent = self.parent
         assert isinstance(parent, LabCollector) and parent.lab is not None
         result = run_check(parent.lab, self.check)
+        if result.status == "skip":
+            pytest.skip(f"not provable here: this kernel lacks {', '.join(result.not_provable)}")
         if not result.passed:
             raise CheckFailed(result)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, CheckFailed):
             result = excinfo.value.result
-            lines = [f"check {result.name} failed (covers {', '.join(result.covers) or 'nothing'})"]
+            lines = [f"check {result.name}: {result.status} (covers {', '.join(result.covers) or 'nothing'})"]
+            if result.error:
+                lines.append(f"  error: {result.error}")
             for row in result.evidence:
                 mark = "ok " if row.ok else "BAD"
                 lines.append(f"  {mark} {row.what}: expected {row.expected!r}, observed {row.observed!r}")
-            for chain in result.observation.get("path", [])[:4]:
-                lines.append(f"  path {chain['skb']}: {' -> '.join(chain['stages'])}")
+                if not row.ok:
+                    lines += [f"      {d}" for d in row.detail] + ([f"      hint: {row.hint}"] if row.hint else [])
+            lines += [f"  {line}" for line in result.explanation]
             return "\n".join(lines)
         return str(super().repr_failure(excinfo))
 

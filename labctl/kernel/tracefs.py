@@ -599,6 +599,16 @@ class TraceEvent:
         value = self.fields.get("reason")
         return value if isinstance(value, str) else None
 
+    @property
+    def protocol(self) -> int | None:
+        """The skb's ethertype, for events that record it (net_dev_start_xmit, *_entry, kfree_skb)."""
+        value = self.fields.get("protocol")
+        return value if isinstance(value, int) else None
+
+    def names(self) -> tuple[str, ...]:
+        """The forms an expectation may use: ``net:netif_rx`` and ``net:netif_rx@eth0``."""
+        return (self.key, *(f"{self.key}@{dev}" for dev in self.devices))
+
 
 _LINE = re.compile(
     r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d+)\]\s+(?:(?P<flags>\S+)\s+)?"

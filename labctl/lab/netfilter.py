@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labctl.errors import KernelError, LabStateError
+from labctl.evidence.netfilter import user_rows
 from labctl.kernel import ebtables, iptables, netns, nftrace, tracefs
 from labctl.kernel.iptables import RuleCounter
 from labctl.kernel.nftrace import HookStep, HookTracer
 from labctl.kernel.packet import inject
-from labctl.lab import netfilter_stage, relay, state
+from labctl.lab import relay, state
 from labctl.lab.live import TargetError
 from labctl.lab.traffic import TrafficError, prepare_injection
 from labctl.topology.model import Topology
@@ -312,7 +313,7 @@ def _user_counts(namespace: str) -> dict[tuple[str, str, str, int], RuleCounter]
     """(family, table, chain, number) -> rule, trace rules left out and the rest renumbered."""
     found: dict[tuple[str, str, str, int], RuleCounter] = {}
     for family, rows in (("ip", iptables.list_rules(namespace)), ("bridge", ebtables.list_rules(namespace))):
-        for row in netfilter_stage.user_rows(rows):
+        for row in user_rows(rows):
             found[(family, row.table, row.chain, row.position)] = row
     return found
 

@@ -8,56 +8,20 @@ exact is the rule, bounds are for what is statistical (backlog overflow).
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from labctl.errors import KeyPath, Problem
+from labctl.expect.base import LabView, kinds
+from labctl.expect.bounds import Count, matches, parse_bound
+from labctl.expect.values import Address, check_address
 from labctl.topology.model import NAME_PATTERN, Strict, Topology
 
-_BOUND_RE = re.compile(r"^\s*(?:(>=|<=|>|<|==)\s*(\d+)|(\d+)\s*\.\.\s*(\d+))\s*$")
+__all__ = ["Address", "Check", "Count", "Expect", "LabFile", "matches", "parse_bound"]
+
 CLAIM_RE = re.compile(r"^[A-Z]\d+$")
-
-
-def parse_bound(value: int | str) -> tuple[int, int | None]:
-    """A count expectation as an inclusive range (high None = no upper bound)."""
-    if isinstance(value, bool):
-        raise ValueError("a count is a number or a bound such as '>=1', not true/false")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a count cannot be negative")
-        return value, value
-    match = _BOUND_RE.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a count: use 3, '>=1', '<=5', '>2' or '10..200'")
-    op, num, low, high = match.groups()
-    if low is not None:
-        if int(low) > int(high):
-            raise ValueError(f"{value!r}: the low end is above the high end")
-        return int(low), int(high)
-    n = int(num)
-    return {
-        ">=": (n, None),
-        ">": (n + 1, None),
-        "<=": (0, n),
-        "<": (0, max(n - 1, 0)),
-        "==": (n, n),
-    }[op]
-
-
-def _count(value: int | str) -> int | str:
-    parse_bound(value)
-    return value
-
-
-Count = Annotated[int | str, AfterValidator(_count)]
-
-
-def matches(bound: int | str, observed: int) -> bool:
-    low, high = parse_bound(bound)
-    return observed >= low and (high is None or observed <= high)
 
 
 class Listen(Strict):
@@ -119,19 +83,8 @@ class SendUdp(Strict):
         host, sep, port = self.to.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"'to' must be ADDRESS:PORT, got {self.to!r}")
-        _address(host)
+        check_address(host)
         return self
-
-
-def _address(value: str) -> str:
-    try:
-        ipaddress.ip_address(value.strip("[]"))
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address (lab traffic goes to lab addresses only)") from None
-    return value
-
-
-Address = Annotated[str, AfterValidator(_address)]
 
 
 class Ping(Strict):
@@ -163,62 +116,27 @@ class Traffic(Strict):
         return step.node
 
 
-class DropExpect(Strict):
-    reason: str
-    at: str | None = None
-    """Function named by the drop's location (e.g. __udp4_lib_rcv); may be the inlined caller."""
-    count: Count = ">=1"
-    anywhere: bool = False
-    """Also count drops made in timer context of skbs that never reached a device
-    (NEIGH_FAILED): no task of the lab ran them, so they are matched by reason and time only."""
+def _expect_model() -> type[Strict]:
+    """The ``expect`` mapping, one optional key per registered expectation kind (labctl.expect.kinds)."""
+    fields: dict[str, Any] = {key: (kind.schema | None, None) for key, kind in kinds().items()}
+    model = create_model("Expect", __base__=Strict, __doc__="What the kernel must show; every key present is judged.",
+                         **fields)
+    return model
 
 
-class Expect(Strict):
-    """What the kernel must show; every key present is checked, absent keys are not."""
-
-    delivered: Count | None = None
-    """Datagrams received by the check's listeners (all of them together)."""
-    queued_bytes: Count | None = None
-    """Bytes (skb memory) waiting unread in the listeners' receive queues after the traffic."""
-    dropped: DropExpect | None = None
-    drops: dict[str, Count] = {}
-    """Attributed drops per reason name, e.g. {NO_SOCKET: 1, NETFILTER_DROP: 0}."""
-    counters: dict[str, dict[str, Count]] = {}
-    """Per node, deltas of /proc/net/snmp|netstat (Udp.NoPorts) and links (eth0.rx_packets)."""
-    softnet_dropped: Count | None = None
-    captured: dict[str, Count] = {}
-    """Per capture ('node' or 'node:interface'), frames that matched its filter."""
-    captured_direction: dict[str, Literal["in", "out"]] = {}
-    stages: list[str] = []
-    """Event keys (net:netif_rx, ...) that must appear, in this order, in the traffic's path."""
-    events: dict[str, Count] = {}
-    """Attributed events per key, e.g. {'net:napi_gro_receive_entry': '>=1', 'net:netif_rx@lo': 0}
-    ('@dev' counts only events on that device)."""
-    tap_after_qdisc: str | None = None
-    """'node:iface' with a capture: frames captured going out + that interface's qdisc drops == frames sent."""
-    rules: dict[str, dict[str, Count]] = {}
-    """Per node, packet-counter deltas of rules, keyed 'table:chain:N' or 'table:chain:policy'."""
-    ebtables: dict[str, dict[str, Count]] = {}
-    send_error: str | None = None
-    """errno name the sender must get (EPERM, ENETUNREACH); 'none' for a clean send."""
-    fdb: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
-    """Per 'node:bridge', MACs (or 'node:iface' to mean that interface's MAC) the bridge must have learnt."""
-    hooks: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
-    """Per node, netfilter steps that must appear in this order, as 'table:CHAIN' or 'bridge:table:CHAIN'."""
-    conntrack: Count | None = None
-    reachable: bool | None = None
-    """Every ping of the check got its echo reply (True) or none did (False)."""
-    received_from: Address | None = None
-    """Source address the listener must see (NAT)."""
+Expect = _expect_model()
 
 
 class Check(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     covers: list[str] = []
+    requires: list[Annotated[str, Field(pattern=r"^CONFIG_\w+(\|CONFIG_\w+)*$")]] = []
+    """Kernel options the check needs ('CONFIG_A|CONFIG_B' for either): on a kernel without them it is not run
+    and the claims it covers are reported as not provable here, never as proven by something else."""
     description: str = ""
     setup: Setup = Setup()
     traffic: list[Traffic] = []
-    expect: Expect = Expect()
+    expect: Expect = Expect()  # type: ignore[valid-type]
     repeat: Annotated[int, Field(ge=1, le=100)] = 1
 
 
@@ -265,24 +183,21 @@ def _check_references(lab: LabFile) -> list[Problem]:
             assert sent is not None
             iface_ok((*base, "traffic", j), sent.node, step.inject.interface if step.inject else None)
         captures = {c.node for c in check.setup.capture} | {f"{c.node}:{c.interface}" for c in check.setup.capture}
-        capture_refs: list[tuple[KeyPath, str]] = [((*base, "expect", "captured", k), k) for k in check.expect.captured]
-        capture_refs += [((*base, "expect", "captured_direction", k), k) for k in check.expect.captured_direction]
-        if check.expect.tap_after_qdisc is not None:
-            capture_refs.append(((*base, "expect", "tap_after_qdisc"), check.expect.tap_after_qdisc))
-        for path, key in capture_refs:
-            if key not in captures:
-                problems.append(Problem(path, f"no capture {key!r} in this check's setup"))
-        for key in check.expect.fdb:
-            node, _, bridge = key.partition(":")
-            if node_ok((*base, "expect", "fdb", key), node) and bridge not in lab.nodes[node].bridges:
-                problems.append(Problem((*base, "expect", "fdb", key), f"node {node} has no bridge {bridge!r}"))
-        for key in ("counters", "rules", "ebtables", "hooks"):
-            for node in getattr(check.expect, key):
-                node_ok((*base, "expect", key, node), node)
-        if (check.expect.delivered is not None or check.expect.queued_bytes is not None) and not check.setup.listen:
-            problems.append(Problem((*base, "expect", "delivered"), "'delivered' needs a listener in setup.listen"))
+        view = LabView(
+            nodes={n: frozenset(lab.interface_names(n)) for n in lab.nodes},
+            bridges={n: frozenset(spec.bridges) for n, spec in lab.nodes.items()},
+            captures=frozenset(captures),
+            listeners=len(check.setup.listen),
+        )
+        expect = check.expect
+        for key, kind in kinds().items():
+            value = getattr(expect, key)
+            if value is None:
+                continue
+            for sub, message in kind.references(value, view):
+                problems.append(Problem((*base, "expect", key, *sub), message))
     return problems
 
 
 def expectation_keys() -> list[str]:
-    return list(Expect.model_fields)
+    return list(kinds())

@@ -1,4 +1,10 @@
-"""Run lab files: bring the lab up, run its checks one by one, bring it down."""
+"""Run lab files: bring the lab up, run its checks one by one, bring it down.
+
+A check ends in one of four states: ``pass`` (every row agreed), ``fail``
+(a row disagreed), ``error`` (a step could not do what it said, or the check
+could not run), ``skip`` (this kernel lacks an option the check requires:
+the claims it covers are *not provable here*, never proven by a look-alike).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labctl.errors import LabctlError
-from labctl.lab import build
+from labctl.errors import LabctlError, LabStateError
+from labctl.expect.base import Row
+from labctl.kernel import kconfig
+from labctl.lab import build, state
 from labctl.lab.labfile import load_lab
 from labctl.topology.checks import Check, LabFile
-from labctl.verify.evaluate import Evidence, evaluate
-from labctl.verify.observe import Observation, observe
+from labctl.verify.explain import explain
+from labctl.verify.judge import judge
+from labctl.verify.stage import observe
 
 
 @dataclass
@@ -22,21 +31,31 @@ class CheckResult:
     name: str
     covers: list[str]
     description: str
-    passed: bool
-    evidence: list[Evidence]
+    status: str
+    evidence: list[Row]
     observation: dict[str, Any]
     seconds: float
     error: str | None = None
+    explanation: list[str] = field(default_factory=list)
+    not_provable: list[str] = field(default_factory=list)
+    """Kernel options this kernel lacks (status 'skip')."""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "covers": self.covers,
             "description": self.description,
+            "status": self.status,
             "passed": self.passed,
             "seconds": round(self.seconds, 3),
             "error": self.error,
+            "not_provable": self.not_provable,
             "evidence": [e.as_dict() for e in self.evidence],
+            "explanation": self.explanation,
             "observation": self.observation,
         }
 
@@ -51,7 +70,7 @@ class LabResult:
 
     @property
     def passed(self) -> bool:
-        return self.error is None and all(c.passed for c in self.checks)
+        return self.error is None and all(c.status in ("pass", "skip") for c in self.checks)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -81,32 +100,58 @@ def lab_files(paths: Iterable[str]) -> list[str]:
 
 def run_check(lab: LabFile, check: Check) -> CheckResult:
     start = time.monotonic()
-    evidence: list[Evidence] = []
-    seen = Observation()
+    lacking = kconfig.missing(check.requires)
+    if lacking:
+        return CheckResult(
+            check.name,
+            check.covers,
+            check.description,
+            "skip",
+            [Row("this kernel has what the check needs", check.requires, f"lacks {', '.join(lacking)}", True)],
+            {},
+            time.monotonic() - start,
+            not_provable=lacking,
+        )
+    rows: list[Row] = []
+    observation: dict[str, Any] = {}
+    explanation: list[str] = []
     error = None
+    status = "pass"
     for _ in range(check.repeat):
         try:
-            seen = observe(lab, check)
-            rows = evaluate(lab, check, seen)
+            evidence, ctx = observe(lab, check)
+            rows = judge(check, evidence, ctx)
+            observation = evidence.as_dict()
+            if evidence.errors:
+                error = "; ".join(evidence.errors)
+                status = "error"
+            elif not all(r.ok for r in rows):
+                status = "fail"
+                explanation = explain(evidence)
         except LabctlError as exc:
-            error = str(exc)
-            rows = [Evidence("the check ran", "no error", error, False)]
+            error, status = str(exc), "error"
+            rows = [Row("the check ran", "no error", error, False)]
         except Exception as exc:  # the report must say what broke, not hide it
             error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
-            rows = [Evidence("the check ran", "no error", f"{type(exc).__name__}: {exc}", False)]
-        evidence = rows
-        if not all(r.ok for r in rows):
+            status = "error"
+            rows = [Row("the check ran", "no error", f"{type(exc).__name__}: {exc}", False)]
+        if status != "pass":
             break
     return CheckResult(
-        name=check.name,
-        covers=check.covers,
-        description=check.description,
-        passed=all(r.ok for r in evidence),
-        evidence=evidence,
-        observation=seen.as_dict(),
-        seconds=time.monotonic() - start,
-        error=error,
+        check.name,
+        check.covers,
+        check.description,
+        status,
+        rows,
+        observation,
+        time.monotonic() - start,
+        error,
+        explanation,
     )
+
+
+def selected(lab: LabFile, select: str | None) -> list[Check]:
+    return [c for c in lab.checks if select is None or select in c.name or select in c.covers]
 
 
 def run_lab(
@@ -114,22 +159,35 @@ def run_lab(
     select: str | None = None,
     keep: bool = False,
     on_check: Callable[[str, str], None] | None = None,
+    reuse: bool = False,
 ) -> LabResult:
-    """Bring the lab up, run its (selected) checks, bring it down unless ``keep``."""
+    """Bring the lab up, run its (selected) checks, bring it down unless ``keep``.
+
+    A lab already up (``labctl up``) is never converged or torn down by a run:
+    without ``reuse`` the run refuses; with it the checks run against the lab
+    as it is and it stays up.
+    """
     start = time.monotonic()
     lab = load_lab_file(file)
     result = LabResult(lab=lab.name, file=file)
-    chosen = [c for c in lab.checks if select is None or select in c.name or select in c.covers]
+    chosen = selected(lab, select)
     if not chosen:
         return result  # nothing to prove here: do not build the lab for nothing
-    build.up(lab, file)
+    already_up = state.load(lab.name) is not None
+    if already_up and not reuse:
+        raise LabStateError(
+            f"lab {lab.name} is up already (labctl up); a run would converge and remove it: "
+            f"use --reuse to run the checks against it and leave it up, or labctl down {lab.name} first"
+        )
+    if not already_up:
+        build.up(lab, file)
     try:
         for check in chosen:
             if on_check:
                 on_check(lab.name, check.name)
             result.checks.append(run_check(lab, check))
     finally:
-        if not keep:
+        if not keep and not already_up:
             build.down(lab.name)
     result.seconds = time.monotonic() - start
     return result

@@ -1,0 +1,1 @@
+"""The evidence room: one observation window, one attribution rule, one immutable Evidence value."""

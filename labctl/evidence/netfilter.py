@@ -1,0 +1,96 @@
+"""Netfilter evidence: rule counters as the user numbers them, and hook walks grouped per packet.
+
+**Rule numbers are the user's.**  A hook trace inserts an NFLOG rule at the
+top of every traced chain (see :mod:`labctl.kernel.nftrace`); the counters
+skip those rules and number the rest as ``iptables -L --line-numbers`` would
+without the trace, so ``filter:INPUT:1`` means the same whether or not the
+check also traces hooks.
+
+**Walks are per packet.**  nfnetlink_log numbers every message of a group,
+so the steps of all packets come back in one kernel order; each step carries
+the IPv4 id of the packet as it was at that hook (NAT rewrites addresses, not
+the id), which splits the sequence into one walk per packet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from labctl.evidence.model import WalkStep
+from labctl.kernel import ebtables, iptables
+from labctl.kernel.iptables import RuleCounter
+from labctl.kernel.nftrace import HookStep
+
+RuleCounts = dict[str, dict[str, int]]
+
+TRACE_RULE = re.compile(r"lt[0-9a-f]{6}\|(?:ip|bridge)\|")
+"""The NFLOG prefix a HookTracer's own rules carry (``lt<tag>|ip|raw|PREROUTING``)."""
+
+
+def rule_key(table: str, chain: str, position: int, policy: str | None) -> str:
+    return f"{table}:{chain}:{'policy' if policy is not None and position == 0 else position}"
+
+
+def is_trace_rule(row: RuleCounter) -> bool:
+    """A rule a HookTracer inserted (it disappears when the trace ends)."""
+    return bool(TRACE_RULE.search(row.rule))
+
+
+def user_rows(rows: list[RuleCounter]) -> list[RuleCounter]:
+    """``rows`` without trace rules, renumbered per table and chain as if the trace were absent."""
+    kept: list[RuleCounter] = []
+    numbers: dict[tuple[str, str], int] = {}
+    for row in rows:
+        if row.position == 0:
+            kept.append(row)
+            continue
+        if is_trace_rule(row):
+            continue
+        key = (row.table, row.chain)
+        numbers[key] = numbers.get(key, 0) + 1
+        kept.append(RuleCounter(row.table, row.chain, numbers[key], row.rule, row.packets, row.bytes, row.policy))
+    return kept
+
+
+def counts(rows: list[RuleCounter]) -> dict[str, int]:
+    """``table:CHAIN:N`` (and ``table:CHAIN:policy``) -> packets, trace rules left out."""
+    return {rule_key(r.table, r.chain, r.position, r.policy): r.packets for r in user_rows(rows)}
+
+
+def read_rule_counts(ip_nodes: Mapping[str, str], bridge_nodes: Mapping[str, str]) -> tuple[RuleCounts, RuleCounts]:
+    """Packet counters of every rule and policy of the given nodes (node -> namespace)."""
+    ip = {node: counts(iptables.list_rules(ns)) for node, ns in ip_nodes.items()}
+    eb = {node: counts(ebtables.list_rules(ns)) for node, ns in bridge_nodes.items()}
+    return ip, eb
+
+
+def rule_deltas(
+    before: tuple[RuleCounts, RuleCounts], after: tuple[RuleCounts, RuleCounts]
+) -> tuple[RuleCounts, RuleCounts]:
+    """Per node and rule, packets counted between the two readings.
+
+    A rule that did not exist before (a table the trace instantiated) counts
+    from zero.  ebtables-nft policies have no counter (-1 both times): delta 0.
+    """
+
+    def diff(old: RuleCounts, new: RuleCounts) -> RuleCounts:
+        return {
+            node: {key: value - old.get(node, {}).get(key, 0) for key, value in rows.items()}
+            for node, rows in new.items()
+        }
+
+    return diff(before[0], after[0]), diff(before[1], after[1])
+
+
+def packet_of(step: HookStep) -> str:
+    return f"id {step.ip_id}" if step.ip_id is not None else "non-IP"
+
+
+def walks_per_packet(steps: Iterable[HookStep]) -> tuple[tuple[WalkStep, ...], ...]:
+    """The steps, in kernel order, split into one walk per packet (in the order packets first appeared)."""
+    walks: dict[str, list[WalkStep]] = {}
+    for step in sorted(steps, key=lambda s: s.seq):
+        packet = packet_of(step)
+        walks.setdefault(packet, []).append(WalkStep(step.name, packet))
+    return tuple(tuple(w) for w in walks.values())

@@ -1,0 +1,278 @@
+"""The observation window: read everything before, let the caller act, read everything after.
+
+One window serves every consumer -- a check's traffic, ``labctl trace``'s
+injection, ``labctl hooks``' walk -- and returns one immutable
+:class:`~labctl.evidence.model.Evidence`.  The order is what makes evidence
+attributable: counters and rule counters are read, captures, hook tracers,
+neighbour watches and the trace instance are opened, the caller acts (and
+tells the window which tasks acted for it and what they sent), the kernel is
+given its settle time, and everything is read again.  Whatever happens, every
+kernel-side resource the window opened is closed before it returns or raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+
+from labctl.evidence import netfilter as nf_evidence
+from labctl.evidence.attribution import Scope, attribute
+from labctl.evidence.model import (
+    CaptureEvidence,
+    Evidence,
+    FdbEntry,
+    SendEvidence,
+    SocketEvidence,
+    frozen_nested,
+)
+from labctl.kernel import conntrack, counters, netns, tracefs
+from labctl.kernel.neighwatch import NeighWatch, fdb_entries
+from labctl.kernel.nftrace import HookTracer
+from labctl.kernel.packet import Capture
+from labctl.lab import relay
+from labctl.topology.model import Topology
+
+BASE_EVENTS: tuple[str, ...] = (
+    "skb:kfree_skb",
+    "skb:consume_skb",
+    "net:net_dev_queue",
+    "net:net_dev_start_xmit",
+    "net:netif_rx",
+    "net:netif_receive_skb",
+    "net:napi_gro_receive_entry",
+)
+"""Always traced: enough to follow an skb across lab devices to its end, and to know its ethertype."""
+
+LATE_EVENTS_SECONDS = 0.5
+"""Events are kept until this long after the caller's last action (frees of queued skbs)."""
+
+
+@dataclass
+class CaptureRequest:
+    node: str
+    interface: str | None = None
+    filter: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}:{self.interface}" if self.interface else self.node
+
+
+@dataclass
+class WalkRequest:
+    """A netfilter walk to record on one node: bridge tables too, nat (conntrack on), packets matched."""
+
+    bridge_tables: set[str] = field(default_factory=set)
+    nat: bool = False
+    match: str = ""
+
+
+@dataclass
+class WindowSpec:
+    """What to record beyond the counters, which are always read."""
+
+    events: tuple[str, ...] = BASE_EVENTS
+    buffer_kb: int | None = None
+    captures: list[CaptureRequest] = field(default_factory=list)
+    walks: dict[str, WalkRequest] = field(default_factory=dict)
+    rules: set[str] = field(default_factory=set)
+    """Nodes whose iptables rule counters are read."""
+    ebtables: set[str] = field(default_factory=set)
+    fdb: set[str] = field(default_factory=set)
+    conntrack: bool = False
+
+
+def lab_devices(topo: Topology) -> set[str]:
+    names: set[str] = set()
+    for node in topo.nodes:
+        names |= topo.interface_names(node)
+    return names
+
+
+def own_tasks() -> set[int]:
+    """Thread ids of this process: the window's senders, readers and injectors are among them."""
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+class Window:
+    """``with Window(topo, spec) as w: act(); w.add_tasks(...); evidence = w.close()``."""
+
+    def __init__(self, topo: Topology, spec: WindowSpec) -> None:
+        self.topo = topo
+        self.spec = spec
+        self.nodes = {n: netns.namespace_name(topo.name, n) for n in topo.nodes}
+        self._stack = contextlib.ExitStack()
+        self._tasks: set[int] = set()
+        self._sends: list[SendEvidence] = []
+        self._sockets: list[SocketEvidence] = []
+        self._errors: list[str] = []
+        self._evidence: Evidence | None = None
+        self._raw: list[tracefs.TraceEvent] = []
+        self.since = 0.0
+        self.until = 0.0
+
+    # ------------------------------------------------------------ opening
+
+    def __enter__(self) -> Window:
+        try:
+            self._open()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        spec = self.spec
+        self._captures = {
+            c.key: self._stack.enter_context(Capture(self.nodes[c.node], c.interface, c.filter)) for c in spec.captures
+        }
+        self._tracers = {
+            node: self._stack.enter_context(
+                HookTracer(self.nodes[node], match=w.match, bridge_tables=sorted(w.bridge_tables), conntrack=w.nat)
+            )
+            for node, w in spec.walks.items()
+        }
+        self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
+        self._rules_before = self._rule_counts()
+        self._before = counters.Snapshot.take(self.nodes.values())
+        events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
+        buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
+        self._trace = self._stack.enter_context(tracefs.TraceSession(events, buffer_kb=buffer_kb))
+        self._tasks |= own_tasks() | set(relay.find(self.topo.name))
+        self.since = time.monotonic()
+
+    def _rule_counts(self) -> tuple[nf_evidence.RuleCounts, nf_evidence.RuleCounts]:
+        return nf_evidence.read_rule_counts(
+            {n: self.nodes[n] for n in self.spec.rules}, {n: self.nodes[n] for n in self.spec.ebtables}
+        )
+
+    # ------------------------------------------------------------ what the caller tells
+
+    def add_tasks(self, pids: Iterable[int]) -> None:
+        """Processes the caller started for this window (ping): their events are the lab's."""
+        self._tasks |= set(pids)
+
+    def record_send(self, send: SendEvidence) -> None:
+        self._sends.append(send)
+
+    def record_sockets(self, sockets: Iterable[SocketEvidence]) -> None:
+        self._sockets += list(sockets)
+
+    def error(self, text: str) -> None:
+        """A step that could not do what it said: the verdict must be ERROR, never PASS."""
+        self._errors.append(text)
+
+    def raw_events(self) -> list[tracefs.TraceEvent]:
+        """Events recorded so far (consumed): for a caller that waits until its packets settle."""
+        fresh = self._trace.events()
+        self._raw.extend(fresh)
+        return fresh
+
+    # ------------------------------------------------------------ closing
+
+    def close(self) -> Evidence:
+        """Stop recording, read everything again, attribute, and release every resource."""
+        if self._evidence is not None:
+            return self._evidence
+        try:
+            self.until = time.monotonic()
+            self._tasks |= own_tasks()
+            self._trace.stop()
+            self._raw.extend(self._trace.events())
+            lost = self._trace.lost_events()
+            traced = frozenset(self._trace.enabled)
+            after = counters.Snapshot.take(self.nodes.values())
+            rules_after = self._rule_counts()
+            notes = {node: watch.notes() for node, watch in self._watches.items()}
+            walks = {node: nf_evidence.walks_per_packet(tracer.steps()) for node, tracer in self._tracers.items()}
+            captures = {key: _capture(capture) for key, capture in self._captures.items()}
+            fdb = {key: self._fdb(key) for key in sorted(self.spec.fdb)}
+            macs = self._macs() if self.spec.fdb else {}
+            ct = sum(len(conntrack.entries(ns)) for ns in self.nodes.values()) if self.spec.conntrack else 0
+        finally:
+            self._stack.close()
+        scope = Scope(
+            devices=lab_devices(self.topo),
+            tasks=self._tasks,
+            since=self.since,
+            until=self.until + LATE_EVENTS_SECONDS,
+            notes=notes,
+        )
+        packets, events = attribute(self._raw, scope)
+        delta = counters.delta(self._before, after)
+        rules, bridge_rules = nf_evidence.rule_deltas(self._rules_before, rules_after)
+        self._evidence = Evidence(
+            packets=packets,
+            events=events,
+            traced=traced,
+            lost_events=lost,
+            counters=frozen_nested(counters.by_node(delta, self.nodes)),
+            counter_names=MappingProxyType(_counter_names(after, self.nodes)),
+            softnet=frozen_nested(
+                {
+                    str(cpu): {k: v for k, v in cols.items() if isinstance(v, int)}
+                    for cpu, cols in delta.get("softnet", {}).items()
+                }
+            ),
+            captures=MappingProxyType(captures),
+            sockets=tuple(self._sockets),
+            sends=tuple(self._sends),
+            rules=frozen_nested(rules),
+            ebtables=frozen_nested(bridge_rules),
+            walks=MappingProxyType(walks),
+            fdb=MappingProxyType(fdb),
+            macs=MappingProxyType(macs),
+            conntrack=ct,
+            notifications=MappingProxyType({n: tuple(x.text() for x in v) for n, v in notes.items() if v}),
+            errors=tuple(self._errors),
+        )
+        return self._evidence
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._evidence is None:
+            self._stack.close()
+
+    # ------------------------------------------------------------ readers
+
+    def _fdb(self, key: str) -> tuple[FdbEntry, ...]:
+        node, _, bridge = key.partition(":")
+        return tuple(FdbEntry(r.mac, r.port, r.flags) for r in fdb_entries(self.nodes[node], bridge))
+
+    def _macs(self) -> dict[str, str]:
+        found = {}
+        for node, ns in self.nodes.items():
+            ipr = netns.netlink(ns)
+            try:
+                for link in ipr.get_links():
+                    name, mac = link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS")
+                    if name and mac:
+                        found[f"{node}:{name}"] = str(mac).lower()
+            finally:
+                ipr.close()
+        return found
+
+
+def _capture(capture: Capture) -> CaptureEvidence:
+    frames = capture.stop()
+    directions: dict[str, int] = {}
+    for frame in frames:
+        directions[frame.direction] = directions.get(frame.direction, 0) + 1
+    sources = tuple(":".join(f"{b:02x}" for b in frame.data[6:12]) for frame in frames)
+    return CaptureEvidence(len(frames), capture.stats().drops, MappingProxyType(directions), sources)
+
+
+def _counter_names(snapshot: counters.Snapshot, nodes: Mapping[str, str]) -> dict[str, frozenset[str]]:
+    names: dict[str, frozenset[str]] = {}
+    for node, ns in nodes.items():
+        taken = snapshot.namespaces[ns]
+        found = set(taken.snmp)
+        found |= {f"{ifname}.{key}" for ifname, stats in taken.links.items() for key in stats}
+        found |= {f"{ifname}.qdisc.{key}" for ifname, qs in taken.qdisc.items() for q in qs.values() for key in q}
+        names[node] = frozenset(found)
+    return names

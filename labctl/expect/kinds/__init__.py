@@ -1,0 +1,1 @@
+"""One module per expectation kind; each registers itself with :func:`labctl.expect.base.register`."""

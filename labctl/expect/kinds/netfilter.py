@@ -1,0 +1,97 @@
+"""hooks and conntrack: the ordered netfilter walk of each packet, and the flows conntrack kept."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field
+
+from labctl.expect.base import Issue, JudgeContext, Kind, LabView, MachineFacts, Needs, Row, WalkSpec, register
+from labctl.expect.bounds import Count, matches
+from labctl.expect.walks import WalkForm, form_steps, judge_walks
+
+if TYPE_CHECKING:
+    from labctl.evidence.model import Evidence
+
+
+def full_name(step: str) -> str:
+    """'filter:INPUT' is an iptables step ('ip:filter:INPUT'); 'bridge:nat:PREROUTING' an ebtables one."""
+    return step if step.count(":") == 2 else f"ip:{step}"
+
+
+def step_issue(step: str, facts: MachineFacts) -> str | None:
+    parts = full_name(step).split(":")
+    if len(parts) != 3 or parts[0] not in ("ip", "bridge"):
+        return f"{step!r} is not 'table:CHAIN' (iptables) or 'bridge:table:CHAIN' (ebtables)"
+    family, table, chain = parts
+    tables = facts.ip_tables if family == "ip" else facts.bridge_tables
+    if table not in tables:
+        return f"{family} has no traceable table {table!r} (tables: {', '.join(tables)})"
+    if chain not in tables[table]:
+        return f"{family} {table} has no built-in chain {chain!r} (chains: {', '.join(tables[table])})"
+    return None
+
+
+@register
+class Hooks(Kind):
+    key = "hooks"
+    schema = Annotated[dict[str, WalkForm], Field(min_length=1)]
+    doc = (
+        "Per node, the netfilter walk of each packet of the check: exactly this list of 'table:CHAIN' / "
+        "'bridge:table:CHAIN' ({contains: [...]} or {packets: [[...], ...]} for the other forms)."
+    )
+    order = 90
+
+    def references(self, value: Any, lab: LabView) -> list[Issue]:
+        return [((node,), f"unknown node {node!r}") for node in value if node not in lab.nodes]
+
+    def machine(self, value: Any, facts: MachineFacts) -> list[Issue]:
+        issues: list[Issue] = []
+        for node, form in value.items():
+            for step in form_steps(form):
+                problem = step_issue(step, facts)
+                if problem:
+                    issues.append(((node,), problem))
+        return issues
+
+    def needs(self, value: Any, needs: Needs) -> None:
+        for node, form in value.items():
+            steps = [full_name(s) for s in form_steps(form)]
+            spec = needs.walks.setdefault(node, WalkSpec())
+            spec.bridge_tables |= {s.split(":")[1] for s in steps if s.startswith("bridge:")}
+            spec.nat |= any(s.split(":")[1] == "nat" for s in steps)
+
+    def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
+        rows = []
+        for node, form in value.items():
+            walks = [[s.name for s in walk] for walk in ev.walks.get(node, ())]
+            wanted = _normalised(form)
+            ok, detail = judge_walks(wanted, walks)
+            expected = wanted if isinstance(wanted, list) else wanted.model_dump(exclude_none=True)
+            rows.append(Row(f"{node} netfilter walk of each packet", expected, walks, ok, detail=detail))
+        return rows
+
+
+def _normalised(form: Any) -> Any:
+    if isinstance(form, list):
+        return [full_name(s) for s in form]
+    return form.model_copy(
+        update={
+            k: ([full_name(s) for s in v] if k != "packets" else [[full_name(s) for s in w] for w in v])
+            for k, v in form.model_dump(exclude_none=True).items()
+        }
+    )
+
+
+@register
+class Conntrack(Kind):
+    key = "conntrack"
+    schema = Count
+    doc = "Conntrack entries in all the lab's nodes after the traffic (the stage empties them first)."
+    order = 91
+
+    def needs(self, value: Any, needs: Needs) -> None:
+        needs.conntrack = True
+
+    def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
+        return [Row("conntrack entries", value, ev.conntrack, matches(value, ev.conntrack))]

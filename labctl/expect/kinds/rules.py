@@ -1,0 +1,88 @@
+"""rules and ebtables: packet-counter deltas of the lab's netfilter rules and chain policies."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field
+
+from labctl.expect.base import Issue, JudgeContext, Kind, LabView, MachineFacts, Row, register
+from labctl.expect.bounds import Count, matches
+
+if TYPE_CHECKING:
+    from labctl.evidence.model import Evidence
+
+RuleCounts = Annotated[dict[str, Annotated[dict[str, Count], Field(min_length=1)]], Field(min_length=1)]
+_KEY = re.compile(r"^(?P<table>\w+):(?P<chain>[\w-]+):(?P<n>\d+|policy)$")
+
+
+def _key_issues(value: Any, lab: LabView, tables: dict[str, tuple[str, ...]], family: str) -> list[Issue]:
+    issues: list[Issue] = []
+    for node, wanted in value.items():
+        if node not in lab.nodes:
+            issues.append(((node,), f"unknown node {node!r}"))
+            continue
+        for key in wanted:
+            match = _KEY.match(key)
+            if match is None:
+                issues.append(((node, key), f"{key!r} is not 'table:CHAIN:N' or 'table:CHAIN:policy'"))
+            elif match["table"] not in tables:
+                issues.append(((node, key), f"{family} has no table {match['table']!r} ({', '.join(tables)})"))
+            elif match["n"] == "policy" and match["chain"] not in tables[match["table"]]:
+                issues.append(((node, key), f"{match['table']} has no built-in chain {match['chain']!r}"))
+    return issues
+
+
+class _RuleKind(Kind):
+    family = ""
+    label = ""
+
+    def tables(self, facts: MachineFacts) -> dict[str, tuple[str, ...]]:
+        return dict(facts.ip_tables if self.family == "ip" else facts.bridge_tables)
+
+    def machine(self, value: Any, facts: MachineFacts) -> list[Issue]:
+        view = LabView(nodes={n: frozenset() for n in value}, bridges={}, captures=frozenset(), listeners=0)
+        return _key_issues(value, view, self.tables(facts), self.label)
+
+    def references(self, value: Any, lab: LabView) -> list[Issue]:
+        return [((node,), f"unknown node {node!r}") for node in value if node not in lab.nodes]
+
+    def source(self, ev: Evidence) -> Any:
+        return ev.rules if self.family == "ip" else ev.ebtables
+
+    def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
+        rows = []
+        for node, wanted in value.items():
+            for key, bound in wanted.items():
+                delta = self.source(ev).get(node, {}).get(key)
+                observed: Any = delta if delta is not None else "no such rule"
+                rows.append(
+                    Row(
+                        f"{node} {self.label} {key} packets (delta)",
+                        bound,
+                        observed,
+                        delta is not None and matches(bound, delta),
+                    )
+                )
+        return rows
+
+
+@register
+class Rules(_RuleKind):
+    key = "rules"
+    schema = RuleCounts
+    doc = "Per node, packet-counter deltas of iptables rules: 'table:chain:N' (N-th rule) or 'table:chain:policy'."
+    order = 60
+    family = "ip"
+    label = "iptables"
+
+
+@register
+class Ebtables(_RuleKind):
+    key = "ebtables"
+    schema = RuleCounts
+    doc = "Per node, packet-counter deltas of ebtables rules, keyed as for 'rules'."
+    order = 61
+    family = "bridge"
+    label = "ebtables"

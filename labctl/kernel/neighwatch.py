@@ -1,0 +1,174 @@
+"""Neighbour and bridge-fdb notifications of one namespace, and its fdb table with ports.
+
+Tracepoints such as ``bridge:br_fdb_update`` and ``neigh:*`` carry a device
+name but no namespace, so another namespace with the same names (every lab
+has an eth0) produces look-alike events.  rtnetlink notifications are
+delivered only to sockets of the namespace they happened in: a socket bound
+to RTNLGRP_NEIGH inside a lab namespace hears exactly that namespace's
+neighbour state changes (``FAILED`` after unanswered ARP) and the fdb entries
+its bridges learn.  They are what makes those tracepoint events attributable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from dataclasses import dataclass
+
+from labctl.kernel import netns
+
+NETLINK_ROUTE = 0
+RTMGRP_NEIGH = 0x4
+AF_BRIDGE = 7
+RTM_NEWNEIGH = 28
+
+NUD_STATES = {
+    0x01: "INCOMPLETE",
+    0x02: "REACHABLE",
+    0x04: "STALE",
+    0x08: "DELAY",
+    0x10: "PROBE",
+    0x20: "FAILED",
+    0x40: "NOARP",
+    0x80: "PERMANENT",
+}
+NTF_EXT_LEARNED = 0x10
+NTF_STICKY = 0x40
+
+
+@dataclass(frozen=True)
+class NeighNote:
+    """One notification: ``neigh`` (an IP neighbour) or ``fdb`` (a MAC a bridge port learnt)."""
+
+    kind: str
+    device: str
+    address: str
+    state: str
+    master: str | None = None
+
+    def text(self) -> str:
+        if self.kind == "fdb":
+            return f"fdb {self.address} {self.device} {self.state}"
+        return f"neigh {self.address} {self.device} {self.state}"
+
+
+def _state_name(state: int) -> str:
+    names = [name for bit, name in NUD_STATES.items() if state & bit]
+    return "|".join(names) or "NONE"
+
+
+class NeighWatch:
+    """Listen, inside ``namespace``, for neighbour and fdb notifications until :meth:`close`."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        with netns.entered(namespace):
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self._sock.bind((0, RTMGRP_NEIGH))
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._names: dict[int, str] = {}
+
+    def _ifname(self, index: int) -> str:
+        if index not in self._names:
+            with netns.entered(self.namespace):
+                try:
+                    self._names[index] = socket.if_indextoname(index)
+                except OSError:
+                    self._names[index] = f"if{index}"
+        return self._names[index]
+
+    def notes(self) -> list[NeighNote]:
+        """Everything heard so far, in the kernel's order; the socket stays open."""
+        from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+        marshal = MarshalRtnl()
+        found: list[NeighNote] = []
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return found
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # overrun: report what we have, never hang
+                    continue
+                raise
+            for msg in marshal.parse(data):
+                if msg.get("header", {}).get("type") != RTM_NEWNEIGH:
+                    continue
+                device = self._ifname(msg["ifindex"])
+                if msg["family"] == AF_BRIDGE:
+                    mac = msg.get_attr("NDA_LLADDR")
+                    master = msg.get_attr("NDA_MASTER")
+                    if mac:
+                        found.append(
+                            NeighNote(
+                                "fdb",
+                                device,
+                                str(mac).lower(),
+                                _state_name(msg["state"]),
+                                self._ifname(master) if master else None,
+                            )
+                        )
+                else:
+                    dst = msg.get_attr("NDA_DST")
+                    if dst:
+                        found.append(NeighNote("neigh", device, str(dst), _state_name(msg["state"])))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> NeighWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class FdbRow:
+    mac: str
+    port: str
+    flags: tuple[str, ...]
+
+
+def fdb_entries(namespace: str, bridge: str) -> list[FdbRow]:
+    """The bridge's learnt and static entries with their port (local permanent entries of its own ports left out)."""
+    ipr = netns.netlink(namespace)
+    try:
+        index = ipr.link_lookup(ifname=bridge)
+        if not index:
+            return []
+        links = ipr.get_links()
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+        local = {str(link.get_attr("IFLA_ADDRESS")).lower() for link in links}
+        rows: list[FdbRow] = []
+        for msg in ipr.get_neighbours(family=AF_BRIDGE, master=index[0]):
+            mac = msg.get_attr("NDA_LLADDR")
+            if not mac:
+                continue
+            state, flags = msg["state"], msg["flags"]
+            port = names.get(msg["ifindex"], str(msg["ifindex"]))
+            if state & 0x80 and str(mac).lower() in local:
+                continue  # a port's own MAC (local, permanent) is not something the bridge learnt
+            words = []
+            if state & 0x80:
+                words.append("permanent")
+            elif state & 0x40:
+                words.append("static")
+            else:
+                words.append("learned")
+            if flags & NTF_STICKY:
+                words.append("sticky")
+            if flags & NTF_EXT_LEARNED:
+                words.append("extern_learn")
+            rows.append(FdbRow(str(mac).lower(), port, tuple(words)))
+        return rows
+    finally:
+        ipr.close()

@@ -1,0 +1,245 @@
+"""A check's stage and traffic: what is put in place, what is sent, all of it undone afterwards.
+
+The stage guarantees, and why:
+
+* **Temporary rules and sysctls** are applied on entry and, on exit, each
+  touched node is put back to the topology's own rules and values, so the next
+  check starts from the lab file, never from what an earlier check left.
+* **Conntrack starts empty.**  Entries outlive a check (UDP: 30 s unreplied),
+  and ``nat`` runs only for a flow's first packet: a flow an earlier check
+  created would skip the nat table and count as an entry of this check.
+* **A step that cannot do what it says is an error**, recorded in the
+  evidence: the check is ERROR, never PASS on traffic that never left.
+
+The traffic runs inside one :class:`~labctl.evidence.window.Window`; which
+expectations are stated decides what the window records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from labctl.evidence.model import Evidence, SendEvidence, SocketEvidence
+from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSpec
+from labctl.expect.base import JudgeContext, Needs
+from labctl.kernel import ebtables, iptables, netns, sysctl
+from labctl.kernel.packet import inject
+from labctl.kernel.sched import pinned
+from labctl.kernel.sockets import UdpListener, send_udp
+from labctl.lab.traffic import PreparedFrame, TrafficError, prepare_injection
+from labctl.topology.checks import Check, Listen, Traffic
+from labctl.topology.model import Topology
+from labctl.verify.judge import needs_of
+
+ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
+
+
+def trace_match(check: Check) -> str:
+    """iptables match syntax that singles out the check's own packets for the hook trace."""
+    if check.setup.hooks_match is not None:
+        return check.setup.hooks_match
+    for step in check.traffic:
+        if step.udp is not None:
+            return f"-p udp --dport {step.udp.to.rpartition(':')[2]}"
+        if step.ping is not None:
+            return "-p icmp"
+        if step.inject is not None:
+            return _match_of_packet(step.inject.packet)
+    return ""
+
+
+def _match_of_packet(expr: str) -> str:
+    from labctl.traffic.expr import ExprError, parse_packet
+
+    try:
+        pkt = parse_packet(expr)
+    except ExprError:
+        return ""
+    for name, proto in (("UDP", "udp"), ("TCP", "tcp")):
+        if pkt.haslayer(name):
+            dport = pkt[name].fields.get("dport")
+            return f"-p {proto} --dport {dport}" if isinstance(dport, int) else f"-p {proto}"
+    if pkt.haslayer("ICMP"):
+        return "-p icmp"
+    return ""
+
+
+def window_spec(check: Check, needs: Needs) -> WindowSpec:
+    match = trace_match(check)
+    return WindowSpec(
+        events=tuple(sorted(needs.events)),
+        captures=[CaptureRequest(c.node, c.interface, c.filter) for c in check.setup.capture],
+        walks={node: WalkRequest(w.bridge_tables, w.nat, match) for node, w in needs.walks.items()},
+        rules=set(getattr(check.expect, "rules") or {}),  # noqa: B009 - the model is built from the registry
+        ebtables=set(getattr(check.expect, "ebtables") or {}),  # noqa: B009
+        fdb=needs.fdb,
+        conntrack=needs.conntrack,
+    )
+
+
+def _ns(topo: Topology, node: str) -> str:
+    return netns.namespace_name(topo.name, node)
+
+
+def flush_conntrack(namespace: str) -> None:
+    """Empty the conntrack table of ``namespace`` (the thread stays inside while pyroute2 opens its socket)."""
+    from pyroute2.conntrack import Conntrack
+
+    with netns.entered(namespace):
+        ct = Conntrack()
+        try:
+            ct.flush()
+        finally:
+            ct.close()
+
+
+@contextlib.contextmanager
+def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
+    """Apply the check's rules on an empty conntrack table; afterwards restore the topology's rules."""
+    touched_ip = list(check.setup.iptables)
+    touched_eb = list(check.setup.ebtables)
+    try:
+        for node in topo.nodes:
+            flush_conntrack(_ns(topo, node))
+        for node, rules in check.setup.iptables.items():
+            iptables.apply_rules(_ns(topo, node), rules)
+        for node, rules in check.setup.ebtables.items():
+            ebtables.apply_rules(_ns(topo, node), rules)
+        yield
+    finally:
+        for node in touched_ip:
+            iptables.flush(_ns(topo, node))
+            if topo.nodes[node].iptables:
+                iptables.apply_rules(_ns(topo, node), topo.nodes[node].iptables)
+        for node in touched_eb:
+            ebtables.flush(_ns(topo, node))
+            if topo.nodes[node].ebtables:
+                ebtables.apply_rules(_ns(topo, node), topo.nodes[node].ebtables)
+
+
+@contextlib.contextmanager
+def temporary_sysctls(topo: Topology, check: Check) -> Iterator[None]:
+    saved: list[tuple[str, str, str]] = []
+    try:
+        for node, settings in check.setup.sysctls.items():
+            ns = _ns(topo, node)
+            for key, value in settings.items():
+                saved.append((ns, key, sysctl.read(key, ns)))
+                sysctl.write_many({key: sysctl.format_value(value)}, ns)
+        yield
+    finally:
+        for ns, key, old in reversed(saved):
+            with contextlib.suppress(sysctl.SysctlError):
+                sysctl.write_many({key: old}, ns)
+
+
+def _listener(topo: Topology, spec: Listen) -> UdpListener:
+    return UdpListener(
+        _ns(topo, spec.node),
+        spec.port,
+        addr=spec.address,
+        rcvbuf=spec.rcvbuf,
+        read=spec.read,
+        socket_filter=spec.filter,
+    )
+
+
+@dataclass
+class _Step:
+    traffic: Traffic
+    frame: PreparedFrame | None = None
+
+
+def _ethertype(frame: bytes) -> int:
+    return int.from_bytes(frame[12:14], "big") if len(frame) >= 14 else 0
+
+
+def _ip_protocol(address: str) -> int:
+    return ETH_P_IPV6 if ":" in address else ETH_P_IP
+
+
+_PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
+
+
+def _send(topo: Topology, step: _Step, window: Window) -> None:
+    traffic = step.traffic
+    if traffic.inject is not None and step.frame is not None:
+        spec = traffic.inject
+        try:
+            with pinned(spec.cpu):
+                sent = inject(step.frame.namespace, step.frame.ifname, step.frame.frame, spec.count, spec.rate)
+        except OSError as exc:
+            window.error(f"inject on {spec.node}:{step.frame.ifname} failed: {exc}")
+            sent = 0
+        window.record_send(SendEvidence(spec.node, "inject", spec.count, sent))
+    elif traffic.udp is not None:
+        spec_u = traffic.udp
+        host, _, port = spec_u.to.rpartition(":")
+        payload = spec_u.payload.encode()
+        if spec_u.size is not None:
+            payload = (payload * (spec_u.size // max(len(payload), 1) + 1))[: spec_u.size]
+        result = send_udp(_ns(topo, spec_u.node), host.strip("[]"), int(port), payload, count=spec_u.count)
+        errors = tuple(name for name in [result.error_name] if name)
+        window.record_send(SendEvidence(spec_u.node, "udp", spec_u.count, result.sent, errors))
+    elif traffic.ping is not None:
+        spec_p = traffic.ping
+        argv = ["ping", "-n", "-q", "-c", str(spec_p.count), "-i", "0.01", "-W", "1", spec_p.to]
+        proc = netns.popen(_ns(topo, spec_p.node), argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        window.add_tasks([proc.pid])  # its echo requests are the lab's too
+        out, _ = proc.communicate()
+        counts = _PING_COUNTS.search(out or "")
+        if proc.returncode not in (0, 1) or counts is None:
+            window.error(f"ping {spec_p.to} from {spec_p.node} could not run (exit {proc.returncode})")
+            window.record_send(SendEvidence(spec_p.node, "ping", spec_p.count, 0, replies=0))
+        else:
+            window.record_send(SendEvidence(spec_p.node, "ping", spec_p.count, int(counts[1]), replies=int(counts[2])))
+    time.sleep(traffic.settle)
+
+
+def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
+    """Stage the check, send its traffic inside one window, undo the stage; the evidence and its context."""
+    needs = needs_of(check)
+    steps = [
+        _Step(t, prepare_injection(topo, t.inject.node, t.inject.interface, t.inject.packet) if t.inject else None)
+        for t in check.traffic
+    ]
+    protocols = set()
+    for step in steps:
+        if step.frame is not None:
+            protocols.add(_ethertype(step.frame.frame))
+        elif step.traffic.udp is not None:
+            protocols.add(_ip_protocol(step.traffic.udp.to.rpartition(":")[0]))
+        elif step.traffic.ping is not None:
+            protocols.add(_ip_protocol(step.traffic.ping.to))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(temporary_sysctls(topo, check))
+        stack.enter_context(temporary_rules(topo, check))
+        listeners = [(spec, stack.enter_context(_listener(topo, spec))) for spec in check.setup.listen]
+        window = stack.enter_context(Window(topo, window_spec(check, needs)))
+        for step in steps:
+            _send(topo, step, window)
+        window.record_sockets(_socket_evidence(spec, listener) for spec, listener in listeners)
+        evidence = window.close()
+    return evidence, JudgeContext(traffic_protocols=frozenset(protocols))
+
+
+def _socket_evidence(spec: Listen, listener: UdpListener) -> SocketEvidence:
+    stats = listener.stats()
+    received = listener.received()
+    return SocketEvidence(
+        node=spec.node,
+        port=spec.port,
+        received=len(received),
+        received_bytes=sum(len(payload) for payload, _ in received),
+        queued_bytes=stats.queued_bytes,
+        drops=stats.drops,
+        sources=tuple(source for _, (source, _port) in received),
+    )
+
+
+__all__ = ["TrafficError", "observe"]
