@@ -94,25 +94,15 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
     return problems
 
 
-def drop_reason_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
-    """Reason names come from this kernel's kfree_skb format, not from a list in labctl."""
-    from labctl.kernel.tracefs import drop_reason_names
-
-    wanted: list[tuple[tuple[str | int, ...], str]] = []
-    for i, check in enumerate(lab.checks):
-        if check.expect.dropped is not None:
-            wanted.append((("checks", i, "expect", "dropped", "reason"), check.expect.dropped.reason))
-        wanted += [(("checks", i, "expect", "drops", reason), reason) for reason in check.expect.drops]
-    if not wanted:
+def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
+    """Names the checks expect (drop reasons, tracepoints, counters, hook steps) exist in this kernel."""
+    if not lab.checks:
         return []
-    names = drop_reason_names()
-    problems = []
-    for path, reason in wanted:
-        if reason not in names:
-            close = sorted(n for n in names if reason.split("_")[0] in n)[:6]
-            hint = f" (similar: {', '.join(close)})" if close else ""
-            problems.append(source.problem(path, f"this kernel has no drop reason {reason!r}{hint}"))
-    return problems
+    from labctl.expect.validate import machine_issues
+    from labctl.lab.facts import machine_facts
+
+    interfaces = {n: frozenset(lab.interface_names(n)) for n in lab.nodes}
+    return [source.problem(path, message) for path, message in machine_issues(lab.checks, interfaces, machine_facts())]
 
 
 def load_lab(file: str) -> tuple[LabFile, SourceMap]:
@@ -121,7 +111,7 @@ def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     Raises LabFileError listing every problem with file, line and key.
     """
     lab, source = load_file(file, LabFile)
-    problems = machine_problems(lab, source) + rule_problems(lab, source) + drop_reason_problems(lab, source)
+    problems = machine_problems(lab, source) + rule_problems(lab, source) + expectation_problems(lab, source)
     if problems:
         raise LabFileError(problems)
     return lab, source
