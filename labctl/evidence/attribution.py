@@ -14,7 +14,8 @@ holds, and never because of a device name alone:
    packet's whole receive path carries the sender's pid; later events of the
    chain may run anywhere (another CPU's backlog, a NAPI thread).  A chain is
    cut where a *foreign* user task touches the address in process context:
-   that is a new skb reusing the address after an untraced free.
+   that is a new skb reusing the address after an untraced free; so is a
+   transmit in process context (a fresh send reusing a GRO-merged segment's address).
 2. **It has no skb and ran in a lab task** (a fib lookup, a napi poll of a
    NAPI thread that handled the lab's skbs).
 3. **It has no skb and the lab's own namespace vouches for it.**  Bridge fdb
@@ -71,11 +72,18 @@ def _foreign_process(event: TraceEvent, tasks: set[int]) -> bool:
     return not event.in_interrupt and event.pid not in tasks and not is_kernel_thread(event)
 
 
+def _starts_an_skb(event: TraceEvent) -> bool:
+    """A transmit in process context is a new skb's first step (a socket's or AF_PACKET's send):
+    the address was freed without a traced free (a GRO-merged segment) and is reused."""
+    return event.key == "net:net_dev_queue" and not event.in_interrupt
+
+
 def _split(events: Sequence[TraceEvent], tasks: set[int]) -> list[list[TraceEvent]]:
-    """Cut one address's events where a foreign task starts touching it (a reused address)."""
+    """Cut one address's events where a new skb starts using it (a foreign task's, or a fresh send)."""
     pieces: list[list[TraceEvent]] = [[]]
     for event in events:
-        if pieces[-1] and _foreign_process(event, tasks) and not _foreign_process(pieces[-1][-1], tasks):
+        foreign = _foreign_process(event, tasks) and not _foreign_process(pieces[-1][-1], tasks) if pieces[-1] else False
+        if pieces[-1] and (foreign or _starts_an_skb(event)):
             pieces.append([])
         pieces[-1].append(event)
     return [p for p in pieces if p]

@@ -39,6 +39,15 @@ class WalkMatch(Strict):
 WalkForm = Steps | WalkMatch
 
 StepMatch = Callable[[str, str], bool]
+
+
+def walk_counts(walks: Sequence[Sequence[str]], show: Callable[[str], str] | None = None) -> dict[str, int]:
+    """Distinct walks with how many packets took each: a compact 'observed' for a report line."""
+    counts: dict[str, int] = {}
+    for walk in walks:
+        text = " → ".join(show(s) if show else s for s in walk) or "(nothing)"
+        counts[text] = counts.get(text, 0) + 1
+    return counts
 """(expected step, observed step) -> whether they name the same thing."""
 
 

@@ -53,6 +53,9 @@ class Setup(Strict):
     iptables: dict[str, list[str]] = {}
     ebtables: dict[str, list[str]] = {}
     sysctls: dict[str, dict[str, int | str | bool]] = {}
+    napi_threaded: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = []
+    """'node:iface' whose NAPI runs in its own kernel thread for the check (/sys/class/net/IFACE/threaded),
+    undone afterwards: with GRO on a veth, batching in the thread is what lets GRO merge."""
     hooks_match: str | None = None
     """iptables match limiting the hook trace to the check's packets (derived from the traffic when omitted)."""
 
@@ -76,7 +79,9 @@ class SendUdp(Strict):
     to: str
     payload: str = "labctl"
     size: Annotated[int, Field(ge=0, le=65000)] | None = None
-    count: Annotated[int, Field(ge=1)] = 1
+    count: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    cpu: Annotated[int, Field(ge=0)] | None = None
+    """Send from this CPU (RPS experiments)."""
 
     @model_validator(mode="after")
     def _to(self) -> SendUdp:
@@ -182,6 +187,9 @@ def _check_references(lab: LabFile) -> list[Problem]:
             sent = step.inject or step.udp or step.ping
             assert sent is not None
             iface_ok((*base, "traffic", j), sent.node, step.inject.interface if step.inject else None)
+        for j, ref in enumerate(check.setup.napi_threaded):
+            node, _, ifname = ref.partition(":")
+            iface_ok((*base, "setup", "napi_threaded", j), node, ifname)
         captures = {c.node for c in check.setup.capture} | {f"{c.node}:{c.interface}" for c in check.setup.capture}
         view = LabView(
             nodes={n: frozenset(lab.interface_names(n)) for n in lab.nodes},

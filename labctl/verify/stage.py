@@ -31,6 +31,7 @@ from labctl.kernel import ebtables, iptables, netns, sysctl
 from labctl.kernel.packet import inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import UdpListener, send_udp
+from labctl.kernel.sysfs import write_in_namespace
 from labctl.lab.traffic import PreparedFrame, TrafficError, prepare_injection
 from labctl.topology.checks import Check, Listen, Traffic
 from labctl.topology.model import Topology
@@ -123,6 +124,22 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def threaded_napi(topo: Topology, check: Check) -> Iterator[None]:
+    """Switch the named interfaces' NAPI to a kernel thread for the check; back to softirq afterwards."""
+    done: list[tuple[str, str]] = []
+    try:
+        for ref in check.setup.napi_threaded:
+            node, _, ifname = ref.partition(":")
+            write_in_namespace(_ns(topo, node), f"class/net/{ifname}/threaded", "1")
+            done.append((node, ifname))
+        yield
+    finally:
+        for node, ifname in reversed(done):
+            with contextlib.suppress(OSError):
+                write_in_namespace(_ns(topo, node), f"class/net/{ifname}/threaded", "0")
+
+
+@contextlib.contextmanager
 def temporary_sysctls(topo: Topology, check: Check) -> Iterator[None]:
     saved: list[tuple[str, str, str]] = []
     try:
@@ -183,7 +200,8 @@ def _send(topo: Topology, step: _Step, window: Window) -> None:
         payload = spec_u.payload.encode()
         if spec_u.size is not None:
             payload = (payload * (spec_u.size // max(len(payload), 1) + 1))[: spec_u.size]
-        result = send_udp(_ns(topo, spec_u.node), host.strip("[]"), int(port), payload, count=spec_u.count)
+        with pinned(spec_u.cpu):
+            result = send_udp(_ns(topo, spec_u.node), host.strip("[]"), int(port), payload, count=spec_u.count)
         errors = tuple(name for name in [result.error_name] if name)
         window.record_send(SendEvidence(spec_u.node, "udp", spec_u.count, result.sent, errors))
     elif traffic.ping is not None:
@@ -219,6 +237,7 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(temporary_sysctls(topo, check))
         stack.enter_context(temporary_rules(topo, check))
+        stack.enter_context(threaded_napi(topo, check))
         listeners = [(spec, stack.enter_context(_listener(topo, spec))) for spec in check.setup.listen]
         window = stack.enter_context(Window(topo, window_spec(check, needs)))
         for step in steps:

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from labctl.expect.base import Issue, JudgeContext, Kind, LabView, MachineFacts, Needs, Row, WalkSpec, register
 from labctl.expect.bounds import Count, matches
-from labctl.expect.walks import WalkForm, form_steps, judge_walks
+from labctl.expect.walks import WalkForm, form_steps, judge_walks, walk_counts
 
 if TYPE_CHECKING:
     from labctl.evidence.model import Evidence
@@ -68,7 +68,9 @@ class Hooks(Kind):
             wanted = _normalised(form)
             ok, detail = judge_walks(wanted, walks)
             expected = wanted if isinstance(wanted, list) else wanted.model_dump(exclude_none=True)
-            rows.append(Row(f"{node} netfilter walk of each packet", expected, walks, ok, detail=detail))
+            rows.append(
+                Row(f"{node} netfilter walk of each packet", expected, walk_counts(walks), ok, detail=detail)
+            )
         return rows
 
 

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from labctl.expect.base import Issue, JudgeContext, Kind, MachineFacts, Needs, Row, register, suggest
 from labctl.expect.bounds import Count, has_upper_bound, matches
-from labctl.expect.walks import WalkForm, form_steps, judge_walks
+from labctl.expect.walks import WalkForm, form_steps, judge_walks, walk_counts
 
 if TYPE_CHECKING:
     from labctl.evidence.model import Evidence, Packet
@@ -90,6 +90,6 @@ class Stages(Kind):
         ]
         walks = [packet_walk(p, keys) for p in packets]
         ok, detail = judge_walks(value, walks, _same, shown)
-        observed = [[shown(s) for s in w] for w in walks]
+        observed = walk_counts(walks, shown)
         expected = value if isinstance(value, list) else value.model_dump(exclude_none=True)
         return [Row("path stages of each packet", expected, observed, ok, detail=detail)]
