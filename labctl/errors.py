@@ -42,7 +42,22 @@ class Problem:
         where = self.file or "<lab>"
         if self.line is not None:
             where += f":{self.line}"
-        return f"{where}: {format_key(self.path)}: {self.message}"
+        return _one_line(f"{where}: {format_key(self.path)}: {self.message}")
+
+
+MESSAGE_MAX = 400
+"""A problem is one line of output: it names the place, it never quotes a file."""
+
+
+def _one_line(text: str) -> str:
+    """``text`` without control characters (shown escaped) and cut to MESSAGE_MAX characters.
+
+    Keys and values come from a file anyone may have written; printed raw,
+    a newline would forge another problem line and an escape sequence would
+    rewrite the terminal.
+    """
+    clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return clean if len(clean) <= MESSAGE_MAX else clean[: MESSAGE_MAX - 1] + "…"
 
 
 @dataclass

@@ -63,7 +63,7 @@ def test_link_to_unknown_node() -> None:
 
 def test_interface_name_too_long() -> None:
     found = problems(GOOD.replace('"host:veth1"', '"host:averyveryverylongname"'))
-    assert any("15 characters" in p and p.startswith("lab.yaml:15: topology.links[0].endpoints[1]") for p in found)
+    assert any("15 bytes" in p and p.startswith("lab.yaml:15: topology.links[0].endpoints[1]") for p in found)
 
 
 def test_bridge_port_not_in_node() -> None:

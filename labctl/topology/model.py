@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
 from labctl.errors import KeyPath, Problem
+from labctl.names import check_ifname, check_lab_name, check_node_name
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
-IFNAME_MAX = 15  # IFNAMSIZ - 1
+"""Kept for callers that match names themselves; the checks are labctl.names' (one function per kind)."""
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 RPS_MASK_RE = re.compile(r"^[0-9a-fA-F]+(,[0-9a-fA-F]+)*$")
 
-LabName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=32)]
+LabName = Annotated[str, AfterValidator(check_lab_name)]
+NodeName = Annotated[str, AfterValidator(check_node_name)]
 
 
 def _ip_interface(value: Any) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -46,14 +49,6 @@ def _ip_address(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 IPInterface = Annotated[ipaddress.IPv4Interface | ipaddress.IPv6Interface, PlainValidator(_ip_interface)]
 IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, PlainValidator(_ip_address)]
 SysctlValue = int | str | bool
-
-
-def check_ifname(name: str) -> str:
-    if not name or len(name) > IFNAME_MAX:
-        raise ValueError(f"interface name {name!r} must be 1 to {IFNAME_MAX} characters (the kernel's limit)")
-    if name in (".", "..") or any(c in name for c in "/: \t\n"):
-        raise ValueError(f"interface name {name!r} may not contain '/', ':' or whitespace")
-    return name
 
 
 class Strict(BaseModel):
@@ -222,7 +217,7 @@ class Link(Strict):
 
 
 class TopologyBody(Strict):
-    nodes: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=32)], Node]
+    nodes: dict[NodeName, Node]
     links: list[Link] = []
 
 
@@ -245,14 +240,17 @@ class Topology(Strict):
 
     def link_interfaces(self, node: str) -> dict[str, tuple[int, Endpoint]]:
         """Interfaces of ``node`` made by links: name -> (link index, the far end)."""
-        found: dict[str, tuple[int, Endpoint]] = {}
-        for index, link in enumerate(self.links):
+        return dict(self._link_index.get(node, {}))
+
+    @cached_property
+    def _link_index(self) -> dict[str, dict[str, tuple[int, Endpoint]]]:
+        """node -> its link interfaces, built once: asking per node must not walk every link (O(N^2))."""
+        index: dict[str, dict[str, tuple[int, Endpoint]]] = {}
+        for number, link in enumerate(self.links):
             a, b = link.ends
-            if a.node == node:
-                found[a.interface] = (index, b)
-            if b.node == node:
-                found[b.interface] = (index, a)
-        return found
+            index.setdefault(a.node, {})[a.interface] = (number, b)
+            index.setdefault(b.node, {})[b.interface] = (number, a)
+        return index
 
     def is_tap_link(self, link: Link) -> bool:
         """A link that touches a VM is realised as a tap on each side, joined by the VM's relay."""
@@ -323,6 +321,8 @@ class _Checker:
                 elif port in port_of:
                     self.add(path, f"{port!r} is already a port of bridge {port_of[port]}")
                 port_of[port] = bridge
+        if "lo" in node.bridges:
+            self.add((*base, "bridges", "lo"), "lo is the node's loopback; a bridge needs a name of its own")
         if node.kind == "vm" and node.bridges:
             self.add((*base, "bridges"), "a vm node has only NICs; put the bridge in the host node")
         for index, route in enumerate(node.routes):
