@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from labctl.errors import LabFileError, Problem
+from labctl.errors import KeyPath, LabFileError, Problem
 from labctl.kernel import sysctl
 from labctl.topology.checks import LabFile
 from labctl.topology.loader import SourceMap, load_file
@@ -19,44 +19,9 @@ from labctl.topology.model import Topology
 
 
 def machine_problems(topo: Topology, source: SourceMap) -> list[Problem]:
-    problems = []
-    for key in topo.sysctls:
-        if not sysctl.is_global(key):
-            problems.append(
-                source.problem(
-                    ("sysctls", key),
-                    f"{key} is not a host-wide sysctl; per-namespace sysctls go under a node's 'sysctls'"
-                    f" (host-wide ones labctl knows: {', '.join(sorted(sysctl.GLOBAL_KEYS))})",
-                )
-            )
-        elif not os.path.exists(sysctl.proc_path(key)):
-            problems.append(source.problem(("sysctls", key), f"this kernel has no sysctl {key}"))
+    problems = _host_sysctl_problems(topo, source) + _node_sysctl_problems(topo, source)
     cpus = os.cpu_count() or 1
-    node_sysctls: list[tuple[tuple[str | int, ...], dict[str, Any]]] = [
-        (("topology", "nodes", n, "sysctls"), spec.sysctls) for n, spec in topo.nodes.items()
-    ]
-    for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
-        node_sysctls += [(("checks", i, "setup", "sysctls", n), values) for n, values in check.setup.sysctls.items()]
-    for base, values in node_sysctls:
-        for key in values:
-            if not key.startswith("net."):
-                problems.append(
-                    source.problem(
-                        (*base, key),
-                        f"{key} is not a network sysctl: outside net.* sysctls are not per namespace,"
-                        " so a node cannot have its own",
-                    )
-                )
     for name, node in topo.nodes.items():
-        for key in node.sysctls:
-            if sysctl.is_global(key):
-                problems.append(
-                    source.problem(
-                        ("topology", "nodes", name, "sysctls", key),
-                        f"{key} is host-wide, not per namespace; set it in the lab's top-level 'sysctls'"
-                        " so it is recorded and restored",
-                    )
-                )
         for ifname, cfg in node.interfaces.items():
             if cfg.rps_cpus is not None:
                 mask = int(cfg.rps_cpus.replace(",", ""), 16)
@@ -68,6 +33,106 @@ def machine_problems(topo: Topology, source: SourceMap) -> list[Problem]:
                         )
                     )
     return problems
+
+
+def _host_sysctl_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    problems = []
+    for key, value in topo.sysctls.items():
+        path = ("sysctls", key)
+        if (bad := sysctl.key_problem(key)) is not None:
+            problems.append(source.problem(path, bad))
+        elif not sysctl.is_global(key):
+            problems.append(
+                source.problem(
+                    path,
+                    f"{key} is not a host-wide sysctl; per-namespace sysctls go under a node's 'sysctls'"
+                    f" (host-wide ones labctl knows: {', '.join(sorted(sysctl.GLOBAL_KEYS))})",
+                )
+            )
+        elif not os.path.exists(sysctl.proc_path(key)):
+            problems.append(source.problem(path, f"this kernel has no sysctl {key}"))
+        elif (bad := sysctl.value_problem(key, value, sysctl.read_host(key))) is not None:
+            problems.append(source.problem(path, bad))
+    return problems
+
+
+def _node_sysctl_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    """Per-node sysctls (the topology's and the checks'): real, this node's own, and of the right shape.
+
+    Whether a key exists and is writable inside a node is asked of a fresh
+    unnamed namespace (see sysctl.probe_fresh_namespace); per-interface keys
+    are asked of ``lo``, since the node's interfaces do not exist yet.
+    """
+    places: list[tuple[KeyPath, str, dict[str, Any]]] = [
+        (("topology", "nodes", n, "sysctls"), n, spec.sysctls) for n, spec in topo.nodes.items()
+    ]
+    for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
+        places += [(("checks", i, "setup", "sysctls", n), n, values) for n, values in check.setup.sysctls.items()]
+    problems: list[Problem] = []
+    to_probe: dict[tuple[KeyPath, str], str] = {}
+    for base, node, values in places:
+        for key in values:
+            path = (*base, key)
+            message = _node_key_problem(topo, node, key)
+            if message is not None:
+                problems.append(source.problem(path, message))
+                continue
+            per_interface = sysctl.interface_of(key)
+            to_probe[(path, key)] = per_interface[1] if per_interface else key
+    probed = sysctl.probe_fresh_namespace(sorted(set(to_probe.values())))
+    for (path, key), probe_key in to_probe.items():
+        seen = probed.get(probe_key) if probed is not None else None
+        if seen is None:  # no probe (not root): the host's /proc/sys is the best evidence
+            seen = "writable" if os.path.exists(sysctl.proc_path(probe_key)) else "missing"
+        if seen == "missing" and key.startswith("net.bridge.") and not os.path.isdir("/proc/sys/net/bridge"):
+            seen = "writable"  # br_netfilter, loaded by up for these keys, brings them
+        if seen == "missing":
+            where = (
+                "only the host's namespace has it (it is host-wide)"
+                if os.path.exists(sysctl.proc_path(probe_key))
+                else "this kernel has no such sysctl"
+            )
+            problems.append(source.problem(path, f"{key} does not exist in a node's namespace: {where}"))
+        elif seen == "read-only":
+            problems.append(source.problem(path, f"{key} is read-only in a node's namespace: the host owns it"))
+        else:
+            value = _value_at(topo, path)
+            if (bad := sysctl.value_problem(key, value, sysctl.read_host(probe_key))) is not None:
+                problems.append(source.problem(path, bad))
+    return problems
+
+
+def _node_key_problem(topo: Topology, node: str, key: str) -> str | None:
+    """What is wrong with ``key`` as a sysctl of ``node`` without asking the kernel, or None."""
+    if (bad := sysctl.key_problem(key)) is not None:
+        return bad
+    if not key.startswith("net."):
+        return (
+            f"{key} is not a network sysctl: outside net.* sysctls are not per namespace,"
+            " so a node cannot have its own"
+        )
+    if sysctl.is_global(key):
+        return (
+            f"{key} is host-wide, not per namespace; set it in the lab's top-level 'sysctls'"
+            " so it is recorded and restored"
+        )
+    if key in sysctl.NOT_PER_NODE:
+        return f"{key} cannot be a node's sysctl: {sysctl.NOT_PER_NODE[key]}"
+    per_interface = sysctl.interface_of(key)
+    if per_interface is not None and node in topo.nodes:
+        ifname = per_interface[0]
+        own = topo.interface_names(node)
+        if ifname not in own | {"all", "default"}:
+            return f"node {node} has no interface {ifname!r} (it has: {', '.join(sorted(own))})"
+    return None
+
+
+def _value_at(topo: Topology, path: KeyPath) -> Any:
+    """The sysctl value at ``path`` (a node's or a check's setup) in the parsed lab."""
+    if path[0] == "topology":
+        return topo.nodes[str(path[2])].sysctls[str(path[4])]
+    assert isinstance(topo, LabFile)
+    return topo.checks[int(path[1])].setup.sysctls[str(path[4])][str(path[5])]
 
 
 def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
