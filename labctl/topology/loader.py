@@ -234,13 +234,14 @@ def read_lab_text(file: str) -> str:
         fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise _fail(file, None, (), f"cannot read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
-            raise _fail(file, None, (), f"not a regular file ({kind}); a lab file is a YAML file")
-        if info.st_size > MAX_FILE_BYTES:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
+        os.close(fd)
+        if info.st_size > MAX_FILE_BYTES and stat.S_ISREG(info.st_mode):
             raise _fail(file, None, (), f"{info.st_size} bytes is too large for a lab file (at most {MAX_FILE_BYTES})")
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+        raise _fail(file, None, (), f"not a regular file ({kind}); a lab file is a YAML file")
+    with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise _fail(file, None, (), f"too large for a lab file (at most {MAX_FILE_BYTES} bytes)")

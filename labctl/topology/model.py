@@ -48,7 +48,16 @@ def _ip_address(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 IPInterface = Annotated[ipaddress.IPv4Interface | ipaddress.IPv6Interface, PlainValidator(_ip_interface)]
 IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, PlainValidator(_ip_address)]
-SysctlValue = int | str | bool
+
+
+def _sysctl_value(value: Any) -> int | str | bool:
+    if isinstance(value, bool | int | str):
+        return value
+    kind = "a decimal number" if isinstance(value, float) else f"a {type(value).__name__}"
+    raise ValueError(f"{value!r} is {kind}; a sysctl takes an integer, a boolean or a word")
+
+
+SysctlValue = Annotated[int | str | bool, PlainValidator(_sysctl_value)]
 
 
 class Strict(BaseModel):

@@ -69,8 +69,7 @@ def test_a_pidfile_with_another_start_time_is_not_a_relay(lab_name: str) -> None
 
 def test_a_real_relay_is_found_and_stopped(make_lab: LabFactory, lab_name: str) -> None:
     make_lab(
-        "topology:\n  nodes:\n    host: {}\n    vm1: {kind: vm}\n"
-        '  links:\n    - endpoints: ["vm1:eth0", "host:tap1"]\n'
+        'topology:\n  nodes:\n    host: {}\n    vm1: {kind: vm}\n  links:\n    - endpoints: ["vm1:eth0", "host:tap1"]\n'
     )
     found = relay.find(lab_name)
     assert list(found.values()) == [(lab_name, "vm1")]
