@@ -336,6 +336,43 @@ def listen(
 
 # ---------------------------------------------------------------- capture
 
+RING_SHARE = 4
+"""A capture ring may take at most 1/RING_SHARE of the memory available now (it is pinned kernel memory)."""
+
+
+def ring_bytes(buffer_kib: int) -> int:
+    """The ring size for ``-B KIB``, page-aligned, refused (exit 2) when the machine cannot spare it.
+
+    The ring is kernel memory that cannot be swapped: 1 GiB takes 1 GB at
+    once, and a size beyond the machine's memory stalls the allocation
+    instead of failing, so the bound is checked before any socket exists.
+    """
+    from labctl.lab.live import TargetError
+
+    available = _mem_available()
+    if available is None:
+        return max(4096, buffer_kib * 1024 // 4096 * 4096)
+    limit_kib = max(4, available // RING_SHARE // 1024)
+    if buffer_kib > limit_kib:
+        raise TargetError(
+            f"-B {buffer_kib} KiB is more than this machine can give a capture ring: at most {limit_kib} KiB"
+            f" (a quarter of the {available // (1 << 20)} MiB available now)"
+        )
+    return max(4096, buffer_kib * 1024 // 4096 * 4096)
+
+
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None when the kernel does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 
 def capture(
     lab: LabArg,
@@ -360,6 +397,7 @@ def capture(
     from labctl.kernel.packet import Capture, CaptureError
     from labctl.lab.live import TargetError, check_capture_filter
 
+    ring = ring_bytes(buffer_kib)
     live = _open(lab)
     where = live.target(target)
     check_capture_filter(bpf)
@@ -368,7 +406,6 @@ def capture(
             write.open("wb").close()  # fail now, not after a long capture
         except OSError as exc:
             raise TargetError(f"cannot write {write}: {exc.strerror}") from None
-    ring = max(4096, buffer_kib * 1024 // 4096 * 4096)
     printing = write is None or show
     if printing:
         # Ether() only decodes the layers whose modules were imported; load them all
