@@ -111,6 +111,7 @@ def test_local_delivery_order(routed: tuple[str, str, str]) -> None:
         "ip:nat:PREROUTING",
         "ip:mangle:INPUT",
         "ip:filter:INPUT",
+        "ip:security:INPUT",  # security (prio 50) after filter
         "ip:nat:INPUT",  # nat INPUT (SNAT, prio 100) is last
     ]
     steps = tracer.steps()
@@ -129,6 +130,7 @@ def test_forward_order(routed: tuple[str, str, str]) -> None:
         "ip:nat:PREROUTING",
         "ip:mangle:FORWARD",
         "ip:filter:FORWARD",
+        "ip:security:FORWARD",
         "ip:mangle:POSTROUTING",
         "ip:nat:POSTROUTING",
     ]
@@ -146,6 +148,7 @@ def test_local_output_order(routed: tuple[str, str, str]) -> None:
         "ip:mangle:OUTPUT",
         "ip:nat:OUTPUT",
         "ip:filter:OUTPUT",
+        "ip:security:OUTPUT",
         "ip:mangle:POSTROUTING",
         "ip:nat:POSTROUTING",
     ]
@@ -172,6 +175,7 @@ def test_without_conntrack_nat_chains_never_run(routed: tuple[str, str, str]) ->
         "ip:mangle:PREROUTING",
         "ip:mangle:INPUT",
         "ip:filter:INPUT",
+        "ip:security:INPUT",
     ]
 
 
@@ -239,6 +243,7 @@ def test_bridged_order_with_br_netfilter(topo: Topo) -> None:
         "bridge:filter:FORWARD",
         "ip:mangle:FORWARD",
         "ip:filter:FORWARD",
+        "ip:security:FORWARD",
         "bridge:nat:POSTROUTING",
         "ip:mangle:POSTROUTING",
         "ip:nat:POSTROUTING",

@@ -51,6 +51,7 @@ FORWARDED = [
     "nat:PREROUTING",
     "mangle:FORWARD",
     "filter:FORWARD",
+    "security:FORWARD",
     "mangle:POSTROUTING",
     "nat:POSTROUTING",
 ]

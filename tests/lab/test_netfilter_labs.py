@@ -95,8 +95,10 @@ def test_wrong_hook_order_fails(tmp_path: Path) -> None:
     (check,) = result.checks
     assert not check.passed and check.error is None
     (bad,) = [row for row in check.evidence if not row.ok]
-    assert bad.what == "router netfilter hook order"
-    assert bad.observed.index("ip:mangle:INPUT") < bad.observed.index("ip:filter:INPUT")
+    assert bad.what == "router netfilter walk of each packet"
+    (walk,) = bad.observed  # the one packet's whole walk, as the kernel ran it
+    assert walk.index("ip:mangle:INPUT") < walk.index("ip:filter:INPUT")
+    assert any(line.startswith("✗") for line in bad.detail)  # the first differing step is marked
 
 
 def test_broute_is_not_available_here() -> None:
