@@ -42,19 +42,24 @@ class Problem:
         where = self.file or "<lab>"
         if self.line is not None:
             where += f":{self.line}"
-        return _one_line(f"{where}: {format_key(self.path)}: {self.message}")
+        lines = self.message.split("\n")[:MESSAGE_LINES]
+        text = "\n".join(_printable(line) for line in lines)
+        return f"{_printable(where)}: {_printable(format_key(self.path))}: {text}"
 
 
 MESSAGE_MAX = 400
-"""A problem is one line of output: it names the place, it never quotes a file."""
+"""Characters per line of a problem: it names the place, it never quotes a file."""
+MESSAGE_LINES = 3
+"""A problem is one line, plus at most a rule and a caret under the bad word (iptables.RuleError)."""
 
 
-def _one_line(text: str) -> str:
-    """``text`` without control characters (shown escaped) and cut to MESSAGE_MAX characters.
+def _printable(text: str) -> str:
+    """``text`` with control characters shown escaped, cut to MESSAGE_MAX characters.
 
     Keys and values come from a file anyone may have written; printed raw,
     a newline would forge another problem line and an escape sequence would
-    rewrite the terminal.
+    rewrite the terminal.  (Values with control characters are refused by the
+    loader, so only labctl's own caret lines have newlines.)
     """
     clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return clean if len(clean) <= MESSAGE_MAX else clean[: MESSAGE_MAX - 1] + "…"

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from labctl.kernel import netns
 from labctl.kernel.iptables import RuleCounter, RuleError, Token, tokenize
-from labctl.names import scratch_namespace_name
+from labctl.names import has_control, scratch_namespace_name
 
 EBTABLES = "ebtables-nft"
 RESTORE = "ebtables-nft-restore"
@@ -100,6 +100,8 @@ def _quote(word: str) -> str:
 
 def parse_rule(text: str) -> EbRule:
     """Split an ebtables command line (no kernel access); RuleError points at bad words."""
+    if has_control(text):  # ebtables-restore reads lines: a newline would make a second rule
+        raise _error(text, "control characters (a newline, a tab, ...) are not allowed in a rule", None)
     tokens = tokenize(text)
     table = "filter"
     command: str | None = None
@@ -114,6 +116,8 @@ def parse_rule(text: str) -> EbRule:
             table, i = _argument(text, tokens, i), i + 2
             if table not in BUILTIN_CHAINS:
                 raise _error(text, f"unknown bridge table {table!r}", tokens[i - 1])
+            if table == "broute":  # refused with the file's line, before anything is built
+                raise _error(text, BROUTE_UNSUPPORTED, tokens[i - 1])
             continue
         if token.value in _COMMANDS:
             if command is not None:
@@ -188,9 +192,6 @@ def apply_rules(namespace: str, rules: Sequence[str]) -> None:
             parsed.append(parse_rule(text))
         except RuleError as exc:
             raise exc.in_namespace(namespace) from exc
-    for rule in parsed:
-        if rule.table == "broute":
-            raise RuleError(rule.text, BROUTE_UNSUPPORTED, namespace)
     if parsed:
         _restore(namespace, build_script(parsed))
 

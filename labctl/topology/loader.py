@@ -55,6 +55,10 @@ _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SCALAR_LOADER = yaml.SafeLoader("")
 _RESOLVER = yaml.resolver.Resolver()
 _STR_TAG = "tag:yaml.org,2002:str"
+_PLAIN_SCALAR_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "timestamp")
+)
+"""What a lab file's scalars may be: no !!binary (bytes pass for text), no !!python/..."""
 _PLAIN_COLLECTION_TAGS = (None, "!", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 _MULTILINE_KEYS = ("description",)
 """Keys whose text may span lines (and hold tabs); everything else is a name, a value or a rule."""
@@ -159,13 +163,15 @@ class _Composer:
             tag = _RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit)
         if tag == _STR_TAG:
             value: Any = event.value
+        elif tag not in _PLAIN_SCALAR_TAGS:
+            raise _fail(self.file, line, path, f"not plain YAML: tag {shorten(tag)} is not allowed")
         else:
             node = yaml.ScalarNode(tag, event.value, style=event.style)
             try:
                 value = _SCALAR_LOADER.construct_object(node, deep=True)
-            except yaml.YAMLError as exc:  # e.g. a !!python/... tag: plain YAML only
-                reason = getattr(exc, "problem", None) or "cannot be read"
-                raise _fail(self.file, line, path, f"not plain YAML: {reason}") from None
+            except (yaml.YAMLError, ValueError, TypeError, OverflowError):  # e.g. !!int abc
+                what = tag.rpartition(":")[2]
+                raise _fail(self.file, line, path, f"not plain YAML: {shorten(event.value)} is not a {what}") from None
         if isinstance(value, str):
             self.check_text(value, path, line, multiline=bool(path) and path[-1] in _MULTILINE_KEYS)
         if event.anchor is not None:
@@ -177,7 +183,7 @@ class _Composer:
         if path is None:
             raise _fail(self.file, line, self.stack[-1].path, "keys must be plain strings")
         if event.tag not in _PLAIN_COLLECTION_TAGS:
-            raise _fail(self.file, line, path, f"not plain YAML: tag {event.tag} is not allowed")
+            raise _fail(self.file, line, path, f"not plain YAML: tag {shorten(event.tag)} is not allowed")
         if len(self.stack) >= MAX_DEPTH:
             raise _fail(self.file, line, path, f"nested deeper than {MAX_DEPTH} levels")
         if event.anchor is not None:
