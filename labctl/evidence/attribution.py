@@ -82,8 +82,9 @@ def _split(events: Sequence[TraceEvent], tasks: set[int]) -> list[list[TraceEven
     """Cut one address's events where a new skb starts using it (a foreign task's, or a fresh send)."""
     pieces: list[list[TraceEvent]] = [[]]
     for event in events:
-        foreign = _foreign_process(event, tasks) and not _foreign_process(pieces[-1][-1], tasks) if pieces[-1] else False
-        if pieces[-1] and (foreign or _starts_an_skb(event)):
+        last = pieces[-1][-1] if pieces[-1] else None
+        foreign = last is not None and _foreign_process(event, tasks) and not _foreign_process(last, tasks)
+        if last is not None and (foreign or _starts_an_skb(event)):
             pieces.append([])
         pieces[-1].append(event)
     return [p for p in pieces if p]

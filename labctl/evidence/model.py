@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from labctl.kernel.nftrace import HookStep
 from labctl.kernel.tracefs import TraceEvent
 
 FROZEN_EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -214,16 +215,22 @@ class FdbEntry:
         return cls(str(data["mac"]), str(data["port"]), tuple(data.get("flags", ())))
 
 
-@dataclass(frozen=True, slots=True)
-class WalkStep:
-    """One netfilter table/chain a packet passed on a node (``ip:filter:INPUT``), in kernel order."""
+WalkStep = HookStep
+"""One netfilter table/chain a packet passed on a node (``.name``: ``ip:filter:INPUT``), in kernel order."""
 
-    name: str
-    packet: str
-    """Which packet: its IPv4 id (``id 1234``) or ``frame N`` for non-IP frames."""
+_STEP_FIELDS = ("family", "table", "chain", "seq", "ifin", "ifout", "mark", "physin", "physout", "src", "dst", "ip_id")
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "packet": self.packet}
+
+def step_as_dict(step: HookStep) -> dict[str, Any]:
+    return {"name": step.name, **{f: getattr(step, f) for f in _STEP_FIELDS}}
+
+
+def step_from_dict(data: Mapping[str, Any]) -> HookStep:
+    if "family" not in data:  # the short form a golden file may use: just the name
+        family, table, chain = str(data["name"]).split(":")
+        return HookStep(family, table, chain, int(data.get("seq", 0)), None, None, 0)
+    values: dict[str, Any] = {f: data.get(f) for f in _STEP_FIELDS}
+    return HookStep(**values)
 
 
 @dataclass(frozen=True)
@@ -294,7 +301,7 @@ class Evidence:
             "sends": [s.as_dict() for s in self.sends],
             "rules": {n: dict(r) for n, r in self.rules.items()},
             "ebtables": {n: dict(r) for n, r in self.ebtables.items()},
-            "walks": {n: [[s.as_dict() for s in w] for w in walks] for n, walks in self.walks.items()},
+            "walks": {n: [[step_as_dict(s) for s in w] for w in walks] for n, walks in self.walks.items()},
             "fdb": {k: [e.as_dict() for e in v] for k, v in self.fdb.items()},
             "macs": dict(self.macs),
             "conntrack": self.conntrack,
@@ -323,7 +330,7 @@ class Evidence:
             ebtables=frozen_nested(data.get("ebtables", {})),
             walks=MappingProxyType(
                 {
-                    n: tuple(tuple(WalkStep(s["name"], s["packet"]) for s in w) for w in walks)
+                    n: tuple(tuple(step_from_dict(s) for s in w) for w in walks)
                     for n, walks in data.get("walks", {}).items()
                 }
             ),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from labctl.evidence.model import WalkStep
 from labctl.kernel import ebtables, iptables
 from labctl.kernel.iptables import RuleCounter
 from labctl.kernel.nftrace import HookStep
@@ -87,10 +86,9 @@ def packet_of(step: HookStep) -> str:
     return f"id {step.ip_id}" if step.ip_id is not None else "non-IP"
 
 
-def walks_per_packet(steps: Iterable[HookStep]) -> tuple[tuple[WalkStep, ...], ...]:
+def walks_per_packet(steps: Iterable[HookStep]) -> tuple[tuple[HookStep, ...], ...]:
     """The steps, in kernel order, split into one walk per packet (in the order packets first appeared)."""
-    walks: dict[str, list[WalkStep]] = {}
+    walks: dict[str, list[HookStep]] = {}
     for step in sorted(steps, key=lambda s: s.seq):
-        packet = packet_of(step)
-        walks.setdefault(packet, []).append(WalkStep(step.name, packet))
+        walks.setdefault(packet_of(step), []).append(step)
     return tuple(tuple(w) for w in walks.values())

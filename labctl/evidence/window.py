@@ -44,8 +44,11 @@ BASE_EVENTS: tuple[str, ...] = (
     "net:netif_rx",
     "net:netif_receive_skb",
     "net:napi_gro_receive_entry",
+    "neigh:neigh_timer_handler",
+    "bridge:br_fdb_update",
 )
-"""Always traced: enough to follow an skb across lab devices to its end, and to know its ethertype."""
+"""Always traced: enough to follow an skb across lab devices to its end, to know its ethertype, and to
+attribute timer-context neighbour drops and fdb learning (rare events, nearly free)."""
 
 LATE_EVENTS_SECONDS = 0.5
 """Events are kept until this long after the caller's last action (frees of queued skbs)."""
@@ -114,6 +117,8 @@ class Window:
         self._raw: list[tracefs.TraceEvent] = []
         self.since = 0.0
         self.until = 0.0
+        self.skipped: dict[str, str] = {}
+        """Tracepoints asked for that this kernel does not have, and why (filled on close)."""
 
     # ------------------------------------------------------------ opening
 
@@ -185,6 +190,7 @@ class Window:
             self._raw.extend(self._trace.events())
             lost = self._trace.lost_events()
             traced = frozenset(self._trace.enabled)
+            self.skipped = dict(self._trace.skipped)
             after = counters.Snapshot.take(self.nodes.values())
             rules_after = self._rule_counts()
             notes = {node: watch.notes() for node, watch in self._watches.items()}

@@ -15,21 +15,22 @@ exist.  ebtables is ``ebtables-nft`` (this kernel has no legacy ebtables).
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from labctl.errors import KernelError, LabStateError
+from labctl.evidence.model import SendEvidence
 from labctl.evidence.netfilter import user_rows
+from labctl.evidence.window import WalkRequest, Window, WindowSpec
 from labctl.kernel import ebtables, iptables, netns, nftrace, tracefs
 from labctl.kernel.iptables import RuleCounter
-from labctl.kernel.nftrace import HookStep, HookTracer
+from labctl.kernel.nftrace import HookStep
 from labctl.kernel.packet import inject
-from labctl.lab import relay, state
+from labctl.lab import state
 from labctl.lab.live import TargetError
 from labctl.lab.traffic import TrafficError, prepare_injection
 from labctl.topology.model import Topology
@@ -376,40 +377,36 @@ def trace_hooks(
         frame, ip_id = _tag_frame(prepared.frame, expr)
         match = _protocol_match(frame)
         traced = _nodes(current, via)
-        tracers: dict[str, HookTracer] = {}
-        before: dict[str, dict[tuple[str, str, str, int], RuleCounter]] = {}
-        after: dict[str, dict[tuple[str, str, str, int], RuleCounter]] = {}
+        before = {name: _user_counts(namespace) for name, namespace in traced.items()}
+        spec = WindowSpec(
+            events=DROP_EVENTS,
+            walks={
+                name: WalkRequest(
+                    {"nat", "filter"} if topo.nodes[name].bridges else set(), nat=conntrack, match=match
+                )
+                for name in traced
+            },
+        )
+        with Window(topo, spec) as window:
+            try:
+                sent = inject(prepared.namespace, prepared.ifname, frame, count)
+            except OSError as exc:
+                raise TrafficError(f"cannot inject on {node}:{prepared.ifname}: {exc}") from exc
+            window.record_send(SendEvidence(node, "inject", count, sent))
+            time.sleep(settle)
+            evidence = window.close()
+        after = {name: _user_counts(namespace) for name, namespace in traced.items()}
         drops: Counter[str] = Counter()
-        with contextlib.ExitStack() as stack:
-            for name, namespace in traced.items():
-                bridge_tables = ("nat", "filter") if topo.nodes[name].bridges else ()
-                tracer = HookTracer(namespace, match=match, bridge_tables=bridge_tables, conntrack=conntrack)
-                stack.enter_context(tracer)
-                tracers[name] = tracer
-            for name, namespace in traced.items():
-                before[name] = _user_counts(namespace)
-            with tracefs.TraceSession(DROP_EVENTS) as session:
-                tasks = _thread_ids() | set(relay.find(lab))
-                since = time.monotonic()
-                try:
-                    inject(prepared.namespace, prepared.ifname, frame, count)
-                except OSError as exc:
-                    raise TrafficError(f"cannot inject on {node}:{prepared.ifname}: {exc}") from exc
-                time.sleep(settle)
-                until = time.monotonic()
-                session.stop()
-                events = session.events()
-            for name, namespace in traced.items():
-                after[name] = _user_counts(namespace)
-            devices = {i for n in topo.nodes for i in topo.interface_names(n)} - {"lo"}
-            for chain in tracefs.chains(events, devices, since=since, until=until + 0.5):
-                drop = chain.drop
-                if drop is not None and _injected_here(chain, prepared.ifname, tasks):
-                    drops[f"{drop.reason or '?'} at {drop.function or '?'}"] += 1
-            walks = {}
-            for name, tracer in tracers.items():
-                steps = [s for s in tracer.steps() if ip_id is None or s.ip_id in (ip_id, None)]
-                walks[name] = NodeWalk(name, steps, _verdicts(before[name], after[name]))
+        for packet in evidence.packets:
+            drop = packet.drop
+            if drop is not None and _injected_here(packet.events, prepared.ifname):
+                drops[f"{drop.reason or '?'} at {drop.function or '?'}"] += 1
+        walks = {}
+        for name in traced:
+            steps = [
+                s for walk in evidence.walks.get(name, ()) for s in walk if ip_id is None or s.ip_id in (ip_id, None)
+            ]
+            walks[name] = NodeWalk(name, sorted(steps, key=lambda s: s.seq), _verdicts(before[name], after[name]))
         order = _hop_order(topo, node, list(traced))
         return HookWalk(
             lab=lab,
@@ -423,20 +420,13 @@ def trace_hooks(
         )
 
 
-def _injected_here(chain: tracefs.SkbChain, ifname: str, tasks: set[int]) -> bool:
-    """The skb is one this process injected: its story starts with our dev_queue_xmit on ``ifname``.
+def _injected_here(events: Sequence[tracefs.TraceEvent], ifname: str) -> bool:
+    """The skb is the one injected: its story starts with a transmit on ``ifname``.
 
-    Only the traced skb's own fate counts.  Matching on "an event ran in our
-    thread" is not enough: softirq work runs in whichever task is current, so
-    another namespace's packet backlogged on the same CPU can be processed
-    (and dropped) in our context; veth and forwarding keep the skb, so the
-    injected skb carries its address from the injecting device to its end.
+    Only the traced skb's own fate counts, not the replies or ICMP errors it
+    provokes (other skbs); veth and forwarding keep the skb, so the injected
+    skb carries its address from the injecting device to its end.  That it is
+    the lab's at all is the window's attribution rule.
     """
-    first = chain.events[0]
-    return first.key == "net:net_dev_queue" and first.pid in tasks and ifname in first.devices
-
-
-def _thread_ids() -> set[int]:
-    """This process's thread ids: softirq work on veth runs in the injecting thread's context,
-    so the trace events of the injected packet carry one of them (other labs' never do)."""
-    return {int(t) for t in os.listdir("/proc/self/task")}
+    first = events[0]
+    return first.key == "net:net_dev_queue" and ifname in first.devices

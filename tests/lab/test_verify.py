@@ -80,7 +80,8 @@ def test_blocked_traffic_fails_a_delivery_check(tmp_path: Path, lab_name: str) -
     check = result.checks[0]
     assert not check.passed
     assert check.evidence[0].observed == 0
-    assert any("NETFILTER_DROP at nf_hook_slow" in line for line in check.explanation)  # the failure shows where it died
+    # the failure shows where it died
+    assert any("NETFILTER_DROP at nf_hook_slow" in line for line in check.explanation)
 
 
 def test_a_check_without_expectations_cannot_pass(tmp_path: Path, lab_name: str) -> None:

@@ -6,13 +6,15 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 
-from labctl.kernel import counters, tracefs
+from labctl.evidence.model import SendEvidence
+from labctl.evidence.window import Window, WindowSpec
+from labctl.kernel import tracefs
 from labctl.kernel.packet import Injector
 from labctl.kernel.sched import pinned
-from labctl.kernel.tracefs import TraceEvent, TraceSession
+from labctl.kernel.tracefs import TraceEvent
 from labctl.lab.trace.explain import explain, is_injection
 from labctl.lab.trace.frame import FrameInfo
-from labctl.lab.trace.knowledge import Knowledge, counter_deltas
+from labctl.lab.trace.knowledge import Knowledge
 from labctl.lab.trace.model import TraceResult
 from labctl.lab.trace.rules import moved_rules, read_rules, rule_deltas
 from labctl.lab.traffic import PreparedFrame, prepare_injection
@@ -136,30 +138,22 @@ def trace_frame(
     knowledge = Knowledge(topo)
     knowledge.read_interfaces()
     knowledge.read_sockets(after=False)
-    namespaces = list(knowledge.namespaces.values())
     rules_before = read_rules(knowledge)
-    before = counters.Snapshot.take(namespaces)
     tid = threading.get_native_id()
     wanted = tuple(events) if events is not None else _events_for(count)
-    collected: list[TraceEvent] = []
-    with (
-        TraceSession(wanted, buffer_kb=_buffer_kb(count, wanted)) as session,
-        pinned(cpu),
-        Injector(prepared.namespace, prepared.ifname) as injector,
-    ):
-        result.events_enabled, result.events_skipped = list(session.enabled), dict(session.skipped)
+    spec = WindowSpec(events=wanted, buffer_kb=_buffer_kb(count, wanted))
+    with Window(topo, spec) as window, pinned(cpu), Injector(prepared.namespace, prepared.ifname) as injector:
         settler = _Settler(tid, prepared.ifname, len(prepared.frame), count)
         since = time.monotonic()
         result.sent = injector.send(prepared.frame, count)
         result.inject_seconds = time.monotonic() - since
         result.send_errors = dict(injector.errors)
+        window.record_send(SendEvidence(node, "inject", count, result.sent))
         settler.count = result.sent
         deadline = time.monotonic() + settle
         if count <= BULK:
             while True:
-                fresh = session.events()
-                collected.extend(fresh)
-                settler.feed(fresh)
+                settler.feed(window.raw_events())
                 if settler.settled():
                     result.settled = True
                     break
@@ -169,23 +163,20 @@ def trace_frame(
         else:
             time.sleep(min(settle, 0.2))
             result.settled = True
-        session.stop()
-        collected.extend(session.events())
-        result.lost_events = session.lost_events()
-    after = counters.Snapshot.take(namespaces)
+        evidence = window.close()
+    result.events_enabled = sorted(evidence.traced)
+    result.events_skipped = dict(window.skipped)
+    result.lost_events = evidence.lost_events
     rules_after = read_rules(knowledge)
     knowledge.read_sockets(after=True)
-    delta = counters.delta(before, after)
-    knowledge.deltas = counter_deltas(delta, knowledge)
-    knowledge.softnet = {str(cpu_id): cols for cpu_id, cols in delta.get("softnet", {}).items()}
+    knowledge.deltas = {node: dict(c) for node, c in evidence.counters.items() if c}
+    knowledge.softnet = {cpu_id: dict(cols) for cpu_id, cols in evidence.softnet.items()}
     knowledge.rules = rule_deltas(rules_before, rules_after)
     knowledge.rules_known = True
-    knowledge.set_fib(collected)
+    knowledge.set_fib(evidence.events)
     result.counters = knowledge.deltas
-    result.softnet = {
-        cpu_id: {k: v for k, v in cols.items() if isinstance(v, int)} for cpu_id, cols in knowledge.softnet.items()
-    }
+    result.softnet = {cpu_id: dict(cols) for cpu_id, cols in knowledge.softnet.items()}
     result.rules = moved_rules(knowledge.rules)
-    result.packets, result.related = explain(collected, knowledge, prepared, info, tid, since, result.sent)
+    result.packets, result.related = explain(list(evidence.events), knowledge, prepared, info, tid, since, result.sent)
     result.elapsed_seconds = time.monotonic() - started
     return result
