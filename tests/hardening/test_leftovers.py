@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,39 @@ def test_reclaim_dead_owners_touches_nothing_alive() -> None:
         assert netns.exists(live)
     finally:
         netns.remove(live)
+
+
+_HOLDER = """
+import os, sys, time
+from labctl.kernel import netns, tracefs
+from labctl.names import scratch_namespace_name
+netns.create(scratch_namespace_name(os.getpid(), 1))
+session = tracefs.TraceSession(["skb:kfree_skb"])
+session.start()
+print(session.name, flush=True)
+time.sleep(60)
+"""
+
+
+def test_kill_9_of_a_tracer_and_a_diagnosis_leaves_nothing_after_clean_lab(lab_name: str) -> None:
+    """A real trace session and scratch namespace, owner killed with SIGKILL: ``clean --lab`` reclaims both."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    instance = proc.stdout.readline().strip()
+    scratch = scratch_namespace_name(proc.pid, 1)
+    assert instance in tracefs.list_instances() and netns.exists(scratch)
+    proc.kill()
+    proc.wait()
+    try:
+        result = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "labctl"), "clean", "--lab", lab_name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert instance not in tracefs.list_instances()
+        assert not netns.exists(scratch)
+    finally:
+        netns.remove(scratch)
+        tracefs.remove_stale_instances()
