@@ -360,7 +360,7 @@ class HookTracer:
     def __init__(
         self,
         namespace: str,
-        tables: Sequence[str] = ("raw", "mangle", "nat", "filter"),
+        tables: Sequence[str] = ("raw", "mangle", "nat", "filter", "security"),
         match: str = "",
         bridge_tables: Sequence[str] = (),
         bridge_match: str | None = None,
