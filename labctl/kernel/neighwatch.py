@@ -33,6 +33,7 @@ NUD_STATES = {
     0x40: "NOARP",
     0x80: "PERMANENT",
 }
+NTF_MASTER = 0x04
 NTF_EXT_LEARNED = 0x10
 NTF_STICKY = 0x40
 
@@ -170,5 +171,28 @@ def fdb_entries(namespace: str, bridge: str) -> list[FdbRow]:
                 words.append("extern_learn")
             rows.append(FdbRow(str(mac).lower(), port, tuple(words)))
         return rows
+    finally:
+        ipr.close()
+
+
+def flush_learned(namespace: str, bridge: str) -> int:
+    """Forget what ``bridge`` learnt (entries neither permanent nor static); returns how many were removed.
+
+    A check about learning and flooding must start from a bridge that knows
+    nothing yet, whatever ran before it.
+    """
+    ipr = netns.netlink(namespace)
+    try:
+        index = ipr.link_lookup(ifname=bridge)
+        if not index:
+            return 0
+        removed = 0
+        for msg in ipr.get_neighbours(family=AF_BRIDGE, master=index[0]):
+            mac = msg.get_attr("NDA_LLADDR")
+            if not mac or msg["state"] & (0x80 | 0x40):  # permanent (local) or static (the user's)
+                continue
+            ipr.neigh("del", family=AF_BRIDGE, ifindex=msg["ifindex"], lladdr=mac, flags=NTF_MASTER, state=msg["state"])
+            removed += 1
+        return removed
     finally:
         ipr.close()

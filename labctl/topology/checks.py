@@ -53,6 +53,8 @@ class Setup(Strict):
     iptables: dict[str, list[str]] = {}
     ebtables: dict[str, list[str]] = {}
     sysctls: dict[str, dict[str, int | str | bool]] = {}
+    fdb_flush: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = []
+    """'node:bridge' whose learnt entries are forgotten before the traffic (a learning check starts clean)."""
     napi_threaded: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = []
     """'node:iface' whose NAPI runs in its own kernel thread for the check (/sys/class/net/IFACE/threaded),
     undone afterwards: with GRO on a veth, batching in the thread is what lets GRO merge."""
@@ -187,6 +189,10 @@ def _check_references(lab: LabFile) -> list[Problem]:
             sent = step.inject or step.udp or step.ping
             assert sent is not None
             iface_ok((*base, "traffic", j), sent.node, step.inject.interface if step.inject else None)
+        for j, ref in enumerate(check.setup.fdb_flush):
+            node, _, bridge = ref.partition(":")
+            if node_ok((*base, "setup", "fdb_flush", j), node) and bridge not in lab.nodes[node].bridges:
+                problems.append(Problem((*base, "setup", "fdb_flush", j), f"node {node} has no bridge {bridge!r}"))
         for j, ref in enumerate(check.setup.napi_threaded):
             node, _, ifname = ref.partition(":")
             iface_ok((*base, "setup", "napi_threaded", j), node, ifname)

@@ -28,6 +28,7 @@ from labctl.evidence.model import Evidence, SendEvidence, SocketEvidence
 from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSpec
 from labctl.expect.base import JudgeContext, Needs
 from labctl.kernel import ebtables, iptables, netns, sysctl
+from labctl.kernel.neighwatch import flush_learned
 from labctl.kernel.packet import inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import UdpListener, send_udp
@@ -238,6 +239,9 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
         stack.enter_context(temporary_sysctls(topo, check))
         stack.enter_context(temporary_rules(topo, check))
         stack.enter_context(threaded_napi(topo, check))
+        for ref in check.setup.fdb_flush:
+            node, _, bridge = ref.partition(":")
+            flush_learned(_ns(topo, node), bridge)
         listeners = [(spec, stack.enter_context(_listener(topo, spec))) for spec in check.setup.listen]
         window = stack.enter_context(Window(topo, window_spec(check, needs)))
         for step in steps:
