@@ -184,3 +184,18 @@ def test_known_labs_skips_names_that_are_not_labs(lab_name: str) -> None:
         assert "..hidden" not in state.known_labs()
     finally:
         odd.unlink()
+
+
+def test_clean_removes_only_free_lock_files_of_gone_labs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labs = tmp_path / "labs"
+    monkeypatch.setattr(state, "LABS_DIR", str(labs))
+    state.known_labs()  # makes the directory, 0700
+    for name in ("gone", "busy", "kept"):
+        (labs / f"{name}.lock").touch()
+    target = tmp_path / "target"
+    (labs / "link.lock").symlink_to(target)
+    with state.locked("busy"):
+        state.save(state.LabState(name="busy", file="f", status="up", nodes={}))
+        state.remove_lock_files(keep={"kept"})
+        assert sorted(p.name for p in labs.iterdir()) == ["busy.json", "busy.lock", "kept.lock", "link.lock"]
+    assert not target.exists()
