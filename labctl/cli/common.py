@@ -8,17 +8,35 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from rich.console import Console
 
 from labctl.errors import LabctlError, LabFileError, Problem
-from labctl.topology.model import NAME_PATTERN
 
-console = Console()
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _LazyConsole:
+    """A Rich console made on first use: importing Rich costs more than ``labctl --help`` may."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return getattr(self._console, name)
+
+
+console: Console = _LazyConsole()  # type: ignore[assignment]
+err_console: Console = _LazyConsole(stderr=True)  # type: ignore[assignment]
 
 
 def reports_errors(func: F) -> F:
@@ -49,6 +67,8 @@ def lab_name(lab_or_file: str) -> str:
     The name becomes file names under /run/labctl, so it is checked here even
     when it comes from a file that was not validated (``down FILE``).
     """
+    from labctl.topology.model import NAME_PATTERN  # pydantic: only when a name is checked
+
     name = _lab_name(lab_or_file)
     if not re.match(NAME_PATTERN, name) or len(name) > 32:
         raise LabFileError([Problem(("name",), f"{name!r} is not a lab name (letters, digits, - and _)", lab_or_file)])

@@ -1,36 +1,66 @@
-"""Rich renderings of results for people (programs use --json)."""
+"""Rich renderings of results for people (programs use --json).
+
+Rich is imported inside each function: ``labctl --help`` and the JSON paths
+never pay for it.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
-
-from rich.table import Table
-from rich.tree import Tree
 
 from labctl.cli.common import console
 
+SUMMARY_ABOVE = 50
+"""Labs with more nodes than this are summarised: a table of thousands of rows helps no one."""
 
-def status(data: dict[str, Any]) -> None:
+
+def status(data: dict[str, Any], full: bool = False) -> None:
+    """One lab: every interface, or past :data:`SUMMARY_ABOVE` nodes a summary and what is wrong."""
     colour = {"up": "green", "building": "yellow"}.get(data["state"], "red")
     head = f"[bold]{data['lab']}[/] [{colour}]{data['state']}[/]"
     if data.get("file"):
         head += f"  ({data['file']})"
-    console.print(head)
+    console.print(head, highlight=False)
     if data["missing_nodes"]:
-        console.print(f"  [red]missing nodes:[/] {', '.join(data['missing_nodes'])}")
+        console.print(f"  [red]missing nodes:[/] {', '.join(data['missing_nodes'])}", highlight=False)
+    if full or len(data["nodes"]) <= SUMMARY_ABOVE:
+        _interfaces_table(data)
+        for node, info in sorted(data["nodes"].items()):
+            for route in info["routes"]:
+                if route["via"] or route["dst"] == "default":
+                    console.print(f"  {node}: route {route['dst']} via {route['via'] or route['dev']}", highlight=False)
+    else:
+        _summary(data)
+    for vm, relay in data["relays"].items():
+        alive = "[green]running[/]" if relay["alive"] else "[red]dead[/]"
+        console.print(f"  relay for {vm}: pid {relay['pid']} {alive}", highlight=False)
+
+
+def _state(iface: dict[str, Any]) -> str:
+    if not iface["up"]:
+        return "down"
+    if not iface["carrier"] and iface["kind"] != "loopback":
+        return "no-carrier"
+    return "up"
+
+
+def _interfaces_table(data: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(show_edge=False, pad_edge=False)
-    for column in ("node", "interface", "kind", "state", "mac", "mtu", "master", "addresses"):
+    for column in ("node", "interface", "kind", "state", "peer", "mac", "mtu", "master", "addresses"):
         table.add_column(column, overflow="fold")
+    colours = {"up": "green", "down": "red", "no-carrier": "yellow"}
     for node, info in sorted(data["nodes"].items()):
         for iface in info["interfaces"]:
-            state = "[green]up[/]" if iface["up"] else "[red]down[/]"
-            if iface["up"] and not iface["carrier"] and iface["kind"] != "loopback":
-                state = "[yellow]no-carrier[/]"
+            state = _state(iface)
             table.add_row(
                 node,
                 iface["name"],
                 iface["kind"],
-                state,
+                f"[{colours[state]}]{state}[/]",
+                iface.get("peer") or "",
                 iface["mac"],
                 str(iface["mtu"]),
                 iface["master"] or "",
@@ -38,16 +68,45 @@ def status(data: dict[str, Any]) -> None:
             )
             node = ""
     console.print(table)
-    for node, info in sorted(data["nodes"].items()):
-        routes = [r for r in info["routes"] if r["via"] or r["dst"] == "default"]
-        for route in routes:
-            console.print(f"  {node}: route {route['dst']} via {route['via'] or route['dev']}")
-    for vm, relay in data["relays"].items():
-        alive = "[green]running[/]" if relay["alive"] else "[red]dead[/]"
-        console.print(f"  relay for {vm}: pid {relay['pid']} {alive}")
+
+
+def _summary(data: dict[str, Any]) -> None:
+    """Counts, the bridges, and every interface that is not up (those are what a user looks for)."""
+    nodes = data["nodes"]
+    interfaces = [(node, iface) for node, info in sorted(nodes.items()) for iface in info["interfaces"]]
+    states = Counter(_state(iface) for _, iface in interfaces)
+    kinds = Counter(iface["kind"] for _, iface in interfaces)
+    addresses = sum(len(iface["addresses"]) for _, iface in interfaces)
+    routes = sum(1 for info in nodes.values() for r in info["routes"] if r["via"] or r["dst"] == "default")
+    console.print(
+        f"  {len(nodes)} nodes, {len(interfaces)} interfaces"
+        f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}),"
+        f" {addresses} addresses, {routes} gateway routes",
+        highlight=False,
+    )
+    console.print(
+        f"  interfaces: [green]{states['up']} up[/], [red]{states['down']} down[/],"
+        f" [yellow]{states['no-carrier']} no-carrier[/]",
+        highlight=False,
+    )
+    for node, info in sorted(nodes.items()):
+        for bridge, ports in sorted(info["bridges"].items()):
+            console.print(f"  bridge {node}:{bridge}: {len(ports)} ports", highlight=False)
+    trouble = [(node, iface) for node, iface in interfaces if _state(iface) != "up"]
+    for node, iface in trouble[:20]:
+        console.print(f"  [red]{_state(iface)}:[/] {node}:{iface['name']} (peer {iface.get('peer') or '-'})")
+    if len(trouble) > 20:
+        console.print(f"  ... and {len(trouble) - 20} more not up")
+    console.print(
+        f"  [dim]summarised ({len(nodes)} nodes > {SUMMARY_ABOVE}): `labctl status {data['lab']} --json`"
+        " has every interface, address and route[/]",
+        highlight=False,
+    )
 
 
 def cleaned(done: Any) -> None:
+    from rich.tree import Tree
+
     tree = Tree("[bold]labctl clean[/]")
     tree.add(f"relays stopped: {len(done.relays)}")
     tree.add(f"namespaces removed: {len(done.namespaces)} {' '.join(done.namespaces)}")

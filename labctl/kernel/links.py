@@ -35,6 +35,8 @@ from labctl.kernel import netns
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
+PEER_ALIAS = "labctl peer "
+"""Prefix of the ifalias labctl gives each link end; the far end's ``node:interface`` follows."""
 IFF_UP = 0x1
 IFF_PROMISC = 0x100
 RTPROT_LABCTL = 4  # "static": routes labctl added, so converge only touches its own
@@ -49,7 +51,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_TXQLEN = 1, 3, 4, 10, 13
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_TXQLEN, IFLA_IFALIAS = 1, 3, 4, 5, 10, 13, 20
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_STATS64, IFLA_NET_NS_FD, IFLA_CARRIER = 16, 18, 23, 28, 33
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
@@ -87,6 +89,8 @@ class LinkAttrs:
     master: str | None = None
     detach: bool = False
     """With no master: take the interface out of any bridge it is in (converge)."""
+    alias: str | None = None
+    """The device's ifalias; labctl writes the far end of the link there ("labctl peer h1:eth0")."""
 
 
 @dataclass
@@ -105,6 +109,9 @@ class LinkInfo:
     master: str | None
     addresses: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
+    alias: str | None = None
+    link_index: int | None = None
+    """A veth's peer ifindex (in the peer's namespace), from IFLA_LINK."""
 
 
 # -- encoding and decoding -----------------------------------------------------
@@ -314,6 +321,7 @@ class NodeLinks:
             info = _attrs(attrs[IFLA_LINKINFO]) if IFLA_LINKINFO in attrs else {}
             kind = _cstr(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else ("loopback" if name == "lo" else "device")
             master = struct.unpack("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
+            link = struct.unpack("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
             stats = attrs.get(IFLA_STATS64)
             result[name] = LinkInfo(
                 index=index,
@@ -327,6 +335,8 @@ class NodeLinks:
                 txqueuelen=struct.unpack("=I", attrs[IFLA_TXQLEN])[0] if IFLA_TXQLEN in attrs else 0,
                 master=by_index.get(master) if master else None,
                 stats=dict(zip(STATS64, struct.unpack_from(f"={len(STATS64)}Q", stats), strict=True)) if stats else {},
+                alias=_cstr(attrs[IFLA_IFALIAS]) if IFLA_IFALIAS in attrs else None,
+                link_index=link if link and link != index else None,
             )
         self.index = {name: info.index for name, info in result.items()}
         for name, addrs in self.addresses().items():
@@ -445,6 +455,8 @@ class NodeLinks:
             parts += _u32(IFLA_MASTER, self.index[attrs.master])
         elif attrs.detach:
             parts += _u32(IFLA_MASTER, 0)
+        if attrs.alias is not None:
+            parts += _text(IFLA_IFALIAS, attrs.alias)
         flags = (IFF_UP if attrs.up else 0) | (IFF_PROMISC if attrs.promisc else 0)
         return flags, IFF_UP | IFF_PROMISC, parts
 

@@ -8,7 +8,7 @@ nothing half-built behind.
 Speed comes from doing per node what the kernel needs and no more: every
 device in a namespace this run created gets its ifindex chosen here (so no
 lookups), each node's changes go out as one netlink batch per step, veth
-peers are born up and configured, and a converge reads each namespace's
+peers are born with their settings, and a converge reads each namespace's
 state once.  python-iptables (0.3 s to import) is loaded only when a node
 has rules or had tables.
 """
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from labctl.errors import KernelError, LabFileError, Problem
 from labctl.kernel import modules, netns, sysctl
-from labctl.kernel.links import LinkAttrs, Netlink, NodeLinks
+from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import relay, state
 from labctl.lab.state import LabState
@@ -60,7 +60,6 @@ class Builder:
         self.handles: dict[str, NodeLinks] = {}
         self.fresh: set[str] = set()  # nodes whose namespace this run created
         self.tables: dict[str, tuple[bool, bool]] = {}  # existing node -> (has iptables, has ebtables tables)
-        self.configured: set[tuple[str, str]] = set()  # interfaces fully set at creation
         self.next_index: dict[str, int] = {}
         # lookups the steps make per interface, computed once (labs have thousands of links)
         self.link_at: dict[tuple[str, str], Link] = {}
@@ -87,9 +86,15 @@ class Builder:
         cfg = self.topo.nodes[node].interfaces.get(ifname)
         master = self.port_of.get((node, ifname)) if link is not None else None
         mtu = (cfg.mtu if cfg else None) or (link.mtu if link else None)
+        alias = None
+        if link is not None:
+            far = next(end for end in link.ends if (end.node, end.interface) != (node, ifname))
+            alias = f"{PEER_ALIAS}{far}"
         if cfg is None:
-            return LinkAttrs(mtu=mtu, master=master)
-        return LinkAttrs(mac=cfg.mac, mtu=mtu, txqueuelen=cfg.txqueuelen, promisc=cfg.promisc, up=cfg.up, master=master)
+            return LinkAttrs(mtu=mtu, master=master, alias=alias)
+        return LinkAttrs(
+            mac=cfg.mac, mtu=mtu, txqueuelen=cfg.txqueuelen, promisc=cfg.promisc, up=cfg.up, master=master, alias=alias
+        )
 
     # -- steps -----------------------------------------------------------
     def namespaces(self, run: _Run) -> None:
@@ -167,9 +172,8 @@ class Builder:
                 index=self.fresh_index(main.node),
                 peer_index=self.fresh_index(other.node),
             )
-            if other.node in self.fresh and other.interface in self.wanted_interfaces[other.node]:
+            if other.node in self.fresh:
                 h_other.index[other.interface] = self.next_index[other.node]
-            self.configured.add((main.node, main.interface))
 
     def near_and_far(self, a: Endpoint, b: Endpoint) -> tuple[Endpoint, Endpoint]:
         """Which end of a veth the request creates: a bridge port, so its master is set in the same request."""
@@ -192,7 +196,7 @@ class Builder:
             if node not in self.fresh:
                 handle.refresh()
             for ifname in self.wanted_interfaces[node]:
-                if (node, ifname) in self.configured or ifname in self.topo.nodes[node].bridges:
+                if ifname in self.topo.nodes[node].bridges:
                     continue
                 link = self.link_at.get((node, ifname))
                 attrs = self.attrs(node, ifname, link) if ifname != "lo" else LinkAttrs()

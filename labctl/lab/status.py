@@ -1,4 +1,10 @@
-"""What a lab looks like on the kernel right now (not what the file asked for)."""
+"""What a lab looks like on the kernel right now (not what the file asked for).
+
+One shape for every caller: a lab is a dict of its nodes, each node its
+interfaces (with the ``peer`` at the other end of the cable), bridges and
+routes.  Reading a node costs one namespace switch, one netlink socket and
+four dumps, so a thousand-node lab is read in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Any
 
 from labctl.errors import LabStateError
 from labctl.kernel import netns
-from labctl.kernel.links import NodeLinks
+from labctl.kernel.links import PEER_ALIAS, LinkInfo, NodeLinks
 from labctl.lab import relay, state
 
 
@@ -21,21 +27,29 @@ def running_labs() -> list[str]:
     return sorted(names)
 
 
-def lab_status(lab: str) -> dict[str, Any]:
+def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
+    """The lab as the kernel has it; ``nodes`` limits it to those nodes (same shape, fewer entries)."""
     namespaces = netns.list_labctl(lab)
     saved = state.load(lab)
     if not namespaces and saved is None:
         raise LabStateError(f"lab {lab} is not up (labs up: {', '.join(running_labs()) or 'none'})")
+    if nodes is not None:
+        wanted = {netns.namespace_name(lab, node) for node in nodes}
+        unknown = sorted(set(nodes) - {netns.split_namespace_name(ns)[1] for ns in namespaces})  # type: ignore[index]
+        if unknown:
+            raise LabStateError(f"lab {lab} has no node {', '.join(unknown)} up")
+        namespaces = [ns for ns in namespaces if ns in wanted]
     relays = relay.find(lab)
-    nodes: dict[str, Any] = {}
+    found: dict[str, tuple[str, dict[str, LinkInfo], list[dict[str, Any]]]] = {}
     for ns in namespaces:
         node = netns.split_namespace_name(ns)[1]  # type: ignore[index]
         with NodeLinks(ns) as handle:
-            links = handle.links()
-            routes = handle.routes()
-        nodes[node] = {
+            found[node] = (ns, handle.links(), handle.routes())
+    result: dict[str, Any] = {}
+    for node, (ns, links, routes) in found.items():
+        result[node] = {
             "namespace": ns,
-            "interfaces": [dataclasses.asdict(info) for info in links.values()],
+            "interfaces": [{**dataclasses.asdict(info), "peer": _peer(info, found)} for info in links.values()],
             "bridges": {
                 name: sorted(i.name for i in links.values() if i.master == name)
                 for name, info in links.items()
@@ -43,12 +57,36 @@ def lab_status(lab: str) -> dict[str, Any]:
             },
             "routes": routes,
         }
-    expected = set(saved.nodes) if saved else set(nodes)
+    expected = set(saved.nodes) if saved else set(result)
+    if nodes is not None:
+        expected &= set(nodes)
     return {
         "lab": lab,
         "file": saved.file if saved else None,
-        "state": (saved.status if saved else "orphaned") if expected <= set(nodes) else "incomplete",
-        "missing_nodes": sorted(expected - set(nodes)),
-        "nodes": nodes,
+        "state": (saved.status if saved else "orphaned") if expected <= set(result) else "incomplete",
+        "missing_nodes": sorted(expected - set(result)),
+        "nodes": result,
         "relays": {vm: {"pid": pid, "alive": pid in relays} for vm, pid in (saved.relays if saved else {}).items()},
     }
+
+
+def _peer(info: LinkInfo, found: dict[str, tuple[str, dict[str, LinkInfo], list[dict[str, Any]]]]) -> str | None:
+    """``node:interface`` at the other end of this link end, or None (not a link, or not verified).
+
+    The name comes from the ifalias ``up`` wrote; the kernel confirms it
+    where it can: a veth's IFLA_LINK must be the index of that far end, and
+    the far end's must be ours.  A far node outside ``found`` (status of one
+    node) is taken from the alias alone.
+    """
+    if not info.alias or not info.alias.startswith(PEER_ALIAS):
+        return None
+    peer = info.alias[len(PEER_ALIAS) :]
+    node, _, ifname = peer.partition(":")
+    if node not in found:
+        return peer
+    far = found[node][1].get(ifname)
+    if far is None:
+        return None
+    if info.link_index is not None and (far.index != info.link_index or far.link_index != info.index):
+        return None
+    return peer
