@@ -119,11 +119,14 @@ def test_converge_applies_changes(make_lab: LabFactory, lab_name: str, tmp_path:
 
 def test_failure_rolls_back_everything(tmp_path: Path, lab_name: str) -> None:
     before = host_snapshot()
-    bad = CONTAINERS.replace("    c2:\n", "    c2:\n      sysctls: {net.ipv4.no_such_knob: 1}\n")
+    # what only the kernel can refuse, late in the build (sysctls are already checked by load_lab)
+    bad = CONTAINERS.replace(
+        "eth0: {addresses: [192.168.9.3/24]}", "eth0: {addresses: [192.168.9.3/24], features: {no-such: true}}"
+    )
     file = tmp_path / "bad.yaml"
     file.write_text(f"name: {lab_name}\nsysctls:\n  net.core.netdev_max_backlog: 9\n{bad}")
     topo, _ = load_lab(str(file))
-    with pytest.raises(KernelError, match=r"no such sysctl: net\.ipv4\.no_such_knob"):
+    with pytest.raises(KernelError, match=r"eth0 in labctl-.*c2 has no ethtool feature no-such"):
         build.up(topo, str(file))
     assert netns.list_labctl(lab_name) == []
     assert state.load(lab_name) is None
