@@ -312,14 +312,19 @@ def run_mutations(
     mutations: Iterable[Mutation],
     *,
     fresh: Iterable[str] = (),
+    control: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[MutationResult]:
     """Run every mutation of one lab file against one build of the lab; results in the given order.
 
     Checks run in the lab file's order (a check may rely on an earlier one,
-    e.g. for ARP), each as baseline, its mutants, control.  A check named in
-    ``fresh`` changes state its own run depends on (a bridge that has not
-    learnt yet): the lab is rebuilt before each of its runs.
+    e.g. for ARP), each as baseline, its mutants, and (``control``) the
+    original once more.  A check named in ``fresh`` changes state its own run
+    depends on (a bridge that has not learnt yet): the lab is rebuilt before
+    each of its runs.  Without the control a kill may be the mutant's stage
+    left behind by an earlier run, not the mutation; the control costs one
+    more run per check, so a suite with a time budget may run it only when
+    the catalogue changes.
     """
     mutations = list(mutations)
     data = read_lab_data(file)
@@ -378,15 +383,17 @@ def run_mutations(
                     "" if outcome.passed else _summary(outcome),
                     time.monotonic() - start,
                 )
+            if not control:
+                continue
             say(f"{check.name}: control")
-            control = run(lab, check.name, rebuild)
-            if not control.passed:
+            again = run(lab, check.name, rebuild)
+            if not again.passed:
                 for i in pending:
                     if results[i].outcome == "killed":
                         results[i] = MutationResult(
                             mutations[i],
                             "control-failed",
-                            f"the original check failed after its mutants: {_summary(control)}",
+                            f"the original check failed after its mutants: {_summary(again)}",
                             results[i].seconds,
                         )
     finally:
@@ -404,6 +411,9 @@ class LabMutations(BaseModel):
 
     fresh: list[str] = []
     """Checks whose own run changes state it depends on: the lab is rebuilt before each run of them."""
+    alone: bool = False
+    """Run while no other lab of the suite runs: the lab changes host-wide state, or some of its
+    evidence is matched by time only, so another lab running at the same time could decide a verdict."""
     checks: dict[str, list[dict[str, Any]]] = {}
 
     def mutations(self) -> list[Mutation]:
@@ -438,3 +448,59 @@ def load_catalogue(file: str) -> Catalogue:
     if problems:
         raise LabFileError(problems)
     return catalogue
+
+
+# -- a whole catalogue -------------------------------------------------------
+
+
+@dataclass
+class LabRun:
+    """The mutations of one lab file, run: results in catalogue order, wall time, or why none ran."""
+
+    file: str
+    results: list[MutationResult]
+    seconds: float
+    error: str | None = None
+
+
+def run_lab(file: str, group: LabMutations, control: bool = True) -> LabRun:
+    """Run one lab file's mutations; any failure becomes ``error`` so other labs still run."""
+    start = time.monotonic()
+    try:
+        results = run_mutations(file, group.mutations(), fresh=group.fresh, control=control)
+    except Exception as exc:  # a lab that cannot load or build is a result, not a crash of the suite
+        return LabRun(file, [], time.monotonic() - start, f"{type(exc).__name__}: {exc}")
+    return LabRun(file, results, time.monotonic() - start)
+
+
+def must_run_alone(file: str, group: LabMutations) -> bool:
+    """Host-wide sysctls of a lab change every other lab's kernel too, so such a lab runs alone."""
+    try:
+        return group.alone or bool(read_lab_data(file).get("sysctls"))
+    except (OSError, LabctlError):
+        return group.alone
+
+
+def run_catalogue(work: Sequence[tuple[str, LabMutations]], jobs: int = 1, control: bool = True) -> dict[str, LabRun]:
+    """Run several lab files' mutations, ``jobs`` labs at a time, by file.
+
+    Each lab runs in a worker process of its own: evidence is attributed to
+    the tasks of the process that runs a check, and the unique lab name carries
+    the worker's pid, so two labs at once cannot adopt each other's packets.
+    Labs that must run alone (:func:`must_run_alone`) run while nothing else does.
+    """
+    if jobs <= 1:
+        return {file: run_lab(file, group, control) for file, group in work}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    alone = [(f, g) for f, g in work if must_run_alone(f, g)]
+    together = [(f, g) for f, g in work if f not in {a for a, _ in alone}]
+    runs: dict[str, LabRun] = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for file, group in alone:
+            runs[file] = pool.submit(run_lab, file, group, control).result()
+        futures = {file: pool.submit(run_lab, file, group, control) for file, group in together}
+        for file, future in futures.items():
+            runs[file] = future.result()
+    return {file: runs[file] for file, _ in work}
