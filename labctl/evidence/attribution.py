@@ -32,8 +32,7 @@ Everything else is someone else's, whatever its device is called.
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from labctl.evidence.model import Packet
@@ -47,6 +46,8 @@ VOUCHED = ("bridge:br_fdb_update", "neigh:")
 """Deviceless-by-namespace events that only a lab-side notification can attribute."""
 
 TIMER_HANDLER = "neigh:neigh_timer_handler"
+VOUCH_WINDOW = 0.25
+"""Seconds a notification may be read after its tracepoint fired (the reader thread's wake-up under load)."""
 TIMER_GAP = 0.005
 """Seconds between a neighbour's purged-queue drops and its timer tracepoint on the same CPU."""
 
@@ -61,6 +62,8 @@ class Scope:
     until: float
     notes: dict[str, list[NeighNote]] = field(default_factory=dict)
     """Per node, the rtnetlink neighbour/fdb notifications heard in its namespace."""
+    unreachable: dict[str, int] = field(default_factory=dict)
+    """Per node, its Icmp.OutDestUnreachs delta: how many queued skbs its failed neighbours gave back."""
 
 
 def is_kernel_thread(event: TraceEvent) -> bool:
@@ -104,7 +107,7 @@ def lab_packets(events: Sequence[TraceEvent], scope: Scope) -> list[Packet]:
             # if it then reaches a lab device (a deviceless one may be another namespace's timer or backlog)
             if first.in_interrupt and not any(set(e.devices) & scope.devices for e in piece):
                 continue
-            found.append(Packet(chain.skbaddr, tuple(piece)))
+            found.append(Packet(chain.skbaddr, tuple(piece), origin="task" if first.in_interrupt else "sent"))
     return found
 
 
@@ -135,39 +138,76 @@ def _neigh_key(event: TraceEvent) -> tuple[str, str, str]:
     return ("neigh", str(event.fields.get("dev", "")), address)
 
 
-def _note_keys(notes: Iterable[NeighNote]) -> Counter[tuple[str, str, str]]:
-    return Counter((n.kind, n.device, n.address) for n in notes)
+def _event_key(event: TraceEvent) -> tuple[str, str, str]:
+    return _fdb_key(event) if event.key == "bridge:br_fdb_update" else _neigh_key(event)
+
+
+def _purged_before(timer: TraceEvent, events: Sequence[TraceEvent], scope: Scope) -> list[TraceEvent]:
+    """The deviceless NEIGH_FAILED drops of the queue this timer event's neighbour purged.
+
+    neigh_invalidate frees the queue and then the timer's tracepoint fires, on
+    one CPU in one call: the drops are those on that CPU after the previous
+    timer event there (another neighbour's, perhaps another namespace's, in the
+    same timer run) and just before this one.  ``events`` is in trace order.
+    """
+    index = next(i for i, e in enumerate(events) if e is timer)
+    found = []
+    for event in reversed(events[:index]):
+        if event.cpu != timer.cpu:
+            continue
+        if event.key == TIMER_HANDLER or timer.timestamp - event.timestamp > TIMER_GAP:
+            break
+        if event.key == "skb:kfree_skb" and event.reason == "NEIGH_FAILED" and event.skbaddr is not None:
+            found.append(event)
+    return [e for e in reversed(found) if scope.since <= e.timestamp]
 
 
 def vouched_events(events: Sequence[TraceEvent], scope: Scope) -> list[TraceEvent]:
-    """Rule 3: fdb and neighbour tracepoint events matched one to one with the lab's notifications."""
-    budget = _note_keys(n for notes in scope.notes.values() for n in notes)
-    # a neighbour notification may be echoed by several tracepoints (update, timer): budget per event kind
-    budgets: dict[str, Counter[tuple[str, str, str]]] = {}
-    kept = []
+    """Rule 3: each lab notification vouches for one matching tracepoint event just before it.
+
+    The kernel fires the tracepoint and then sends the notification in the
+    same call; the window reads notifications as they arrive and stamps them
+    with the trace clock, so *this* namespace's event is a matching one shortly
+    before the stamp.  Among several look-alikes (another namespace with the
+    same device name and address), the one whose consequences agree with what
+    the namespace itself counted is chosen: for a neighbour that failed, the
+    queue it purged has as many skbs as the node sent ICMP host-unreachable
+    errors for (``Icmp.OutDestUnreachs``); otherwise the closest.  Each event
+    kind is vouched separately.
+    """
+    candidates: dict[tuple[str, tuple[str, str, str]], list[TraceEvent]] = {}
     for event in events:
-        if not (scope.since <= event.timestamp <= scope.until) or not event.key.startswith(VOUCHED):
-            continue
-        key = _fdb_key(event) if event.key == "bridge:br_fdb_update" else _neigh_key(event)
-        left = budgets.setdefault(event.key, Counter(budget))
-        if left[key] > 0:
-            left[key] -= 1
-            kept.append(event)
-    return kept
+        if scope.since <= event.timestamp <= scope.until and event.key.startswith(VOUCHED):
+            candidates.setdefault((event.key, _event_key(event)), []).append(event)
+    kept: list[TraceEvent] = []
+    taken: set[int] = set()
+    for node, notes in scope.notes.items():
+        for note in notes:
+            key = (note.kind, note.device, note.address)
+            for (kind, event_key), group in candidates.items():
+                if event_key != key:
+                    continue
+                before = [e for e in group if id(e) not in taken and 0 <= note.received - e.timestamp <= VOUCH_WINDOW]
+                if not before:
+                    continue
+                chosen = max(before, key=lambda e: e.timestamp)
+                errors = scope.unreachable.get(node)
+                if kind == TIMER_HANDLER and "FAILED" in note.state and errors is not None:
+                    agreeing = [e for e in before if len(_purged_before(e, events, scope)) == errors]
+                    chosen = max(agreeing, key=lambda e: e.timestamp) if agreeing else chosen
+                taken.add(id(chosen))
+                kept.append(chosen)
+    return sorted(kept, key=lambda e: e.timestamp)
 
 
 def timer_drops(events: Sequence[TraceEvent], scope: Scope, vouched: Sequence[TraceEvent]) -> list[Packet]:
-    """Rule 3 for drops: deviceless drops that precede a vouched neighbour timer event on the same CPU."""
-    timers = [e for e in vouched if e.key == TIMER_HANDLER]
-    found = []
-    for event in events:
-        if event.key != "skb:kfree_skb" or event.skbaddr is None:
-            continue
-        if not (scope.since <= event.timestamp <= scope.until):
-            continue
-        if any(t.cpu == event.cpu and 0 <= t.timestamp - event.timestamp <= TIMER_GAP for t in timers):
-            found.append(Packet(event.skbaddr, (event,), origin="confirmed"))
-    return found
+    """Rule 3 for drops: the queue a vouched neighbour timer event purged (NEIGH_FAILED, deviceless)."""
+    found: dict[int, Packet] = {}
+    for timer in vouched:
+        if timer.key == TIMER_HANDLER:
+            for event in _purged_before(timer, events, scope):
+                found.setdefault(id(event), Packet(event.skbaddr or 0, (event,), origin="confirmed"))
+    return list(found.values())
 
 
 def attribute(events: Sequence[TraceEvent], scope: Scope) -> tuple[tuple[Packet, ...], tuple[TraceEvent, ...]]:

@@ -60,14 +60,17 @@ FREE_EVENTS = frozenset({"skb:kfree_skb", "skb:consume_skb"})
 class Packet:
     """One skb of the lab, from its first sighting in the window to its end.
 
-    ``origin`` says why it is the lab's: ``task`` (its first event ran in a lab
-    task), or ``confirmed`` (a deviceless drop in timer context that the lab's
-    own netlink notifications vouch for, e.g. NEIGH_FAILED).
+    ``origin`` says why it is the lab's: ``sent`` (a lab task sent it: its first
+    event ran in the task's own call -- a socket send, an AF_PACKET inject, a
+    relay's tap write), ``task`` (it first appeared in softirq work of a lab
+    task: a reply, an ICMP error, a packet generated on the way), or
+    ``confirmed`` (a deviceless drop in timer context that the lab's own
+    netlink notifications vouch for, e.g. NEIGH_FAILED).
     """
 
     skb: int
     events: tuple[Event, ...]
-    origin: str = "task"
+    origin: str = "sent"
 
     @property
     def fate(self) -> str | None:

@@ -30,7 +30,7 @@ from labctl.evidence.model import (
     frozen_nested,
 )
 from labctl.kernel import conntrack, counters, netns, tracefs
-from labctl.kernel.neighwatch import NeighWatch, fdb_entries
+from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries
 from labctl.kernel.nftrace import HookTracer
 from labctl.kernel.packet import Capture
 from labctl.lab import relay
@@ -142,6 +142,7 @@ class Window:
             for node, w in spec.walks.items()
         }
         self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
+        self._pump = self._stack.enter_context(WatchPump(list(self._watches.values())))
         self._rules_before = self._rule_counts()
         self._before = counters.Snapshot.take(self.nodes.values())
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
@@ -193,6 +194,7 @@ class Window:
             self.skipped = dict(self._trace.skipped)
             after = counters.Snapshot.take(self.nodes.values())
             rules_after = self._rule_counts()
+            self._pump.close()
             notes = {node: watch.notes() for node, watch in self._watches.items()}
             walks = {node: nf_evidence.walks_per_packet(tracer.steps()) for node, tracer in self._tracers.items()}
             captures = {key: _capture(capture) for key, capture in self._captures.items()}
@@ -201,22 +203,24 @@ class Window:
             ct = sum(len(conntrack.entries(ns)) for ns in self.nodes.values()) if self.spec.conntrack else 0
         finally:
             self._stack.close()
+        delta = counters.delta(self._before, after)
+        by_node = counters.by_node(delta, self.nodes)
         scope = Scope(
             devices=lab_devices(self.topo),
             tasks=self._tasks,
             since=self.since,
             until=self.until + LATE_EVENTS_SECONDS,
             notes=notes,
+            unreachable={node: c.get("Icmp.OutDestUnreachs", 0) for node, c in by_node.items()},
         )
         packets, events = attribute(self._raw, scope)
-        delta = counters.delta(self._before, after)
         rules, bridge_rules = nf_evidence.rule_deltas(self._rules_before, rules_after)
         self._evidence = Evidence(
             packets=packets,
             events=events,
             traced=traced,
             lost_events=lost,
-            counters=frozen_nested(counters.by_node(delta, self.nodes)),
+            counters=frozen_nested(by_node),
             counter_names=MappingProxyType(_counter_names(after, self.nodes)),
             softnet=frozen_nested(
                 {

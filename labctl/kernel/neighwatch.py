@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import select
 import socket
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from labctl.kernel import netns
@@ -47,6 +52,8 @@ class NeighNote:
     address: str
     state: str
     master: str | None = None
+    received: float = 0.0
+    """CLOCK_MONOTONIC seconds when it was read (the trace clock): it follows the kernel's tracepoint closely."""
 
     def text(self) -> str:
         if self.kind == "fdb":
@@ -74,6 +81,7 @@ class NeighWatch:
             self._sock.close()
             raise
         self._names: dict[int, str] = {}
+        self._notes: list[NeighNote] = []
 
     def _ifname(self, index: int) -> str:
         if index not in self._names:
@@ -84,21 +92,24 @@ class NeighWatch:
                     self._names[index] = f"if{index}"
         return self._names[index]
 
-    def notes(self) -> list[NeighNote]:
-        """Everything heard so far, in the kernel's order; the socket stays open."""
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def pump(self) -> None:
+        """Read what is waiting now, stamping each notification with the time it was read."""
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
         marshal = MarshalRtnl()
-        found: list[NeighNote] = []
         while True:
             try:
                 data = self._sock.recv(1 << 16)
             except BlockingIOError:
-                return found
+                return
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:  # overrun: report what we have, never hang
+                if exc.errno == errno.ENOBUFS:  # overrun: keep what we have, never hang
                     continue
                 raise
+            now = time.monotonic()
             for msg in marshal.parse(data):
                 if msg.get("header", {}).get("type") != RTM_NEWNEIGH:
                     continue
@@ -107,25 +118,67 @@ class NeighWatch:
                     mac = msg.get_attr("NDA_LLADDR")
                     master = msg.get_attr("NDA_MASTER")
                     if mac:
-                        found.append(
+                        self._notes.append(
                             NeighNote(
                                 "fdb",
                                 device,
                                 str(mac).lower(),
                                 _state_name(msg["state"]),
                                 self._ifname(master) if master else None,
+                                now,
                             )
                         )
                 else:
                     dst = msg.get_attr("NDA_DST")
                     if dst:
-                        found.append(NeighNote("neigh", device, str(dst), _state_name(msg["state"])))
+                        self._notes.append(NeighNote("neigh", device, str(dst), _state_name(msg["state"]), None, now))
+
+    def notes(self) -> list[NeighNote]:
+        """Everything heard so far, in the kernel's order; the socket stays open."""
+        self.pump()
+        return list(self._notes)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.close()
 
     def __enter__(self) -> NeighWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WatchPump:
+    """One thread that reads every watch as notifications arrive, so each gets a close timestamp."""
+
+    def __init__(self, watches: Sequence[NeighWatch]) -> None:
+        self._watches = list(watches)
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="neighwatch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        by_fd = {w.fileno(): w for w in self._watches}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._stop_r:
+                    return
+                by_fd[fd].pump()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            os.write(self._stop_w, b"x")
+            self._thread.join(timeout=2)
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> WatchPump:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -68,7 +68,7 @@ class Stages(Kind):
     key = "stages"
     schema = WalkForm
     doc = (
-        "Each packet of the check's traffic, projected onto the tracepoints named, walks exactly this list "
+        "Each packet the check's steps sent, projected onto the tracepoints named, walks exactly this list "
         "({contains: [...]} for in-order with others between; {packets: [[...], ...]} per packet)."
     )
     order = 51
@@ -82,10 +82,11 @@ class Stages(Kind):
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         keys = {s.partition("@")[0] for s in form_steps(value)}
-        packets = [
+        packets = [  # the packets the check's steps sent (not the replies they provoke), of their protocol
             p
             for p in ev.packets
-            if (p.protocol is None or not ctx.traffic_protocols or p.protocol in ctx.traffic_protocols)
+            if p.origin == "sent"
+            and (p.protocol is None or not ctx.traffic_protocols or p.protocol in ctx.traffic_protocols)
             and packet_walk(p, keys)
         ]
         walks = [packet_walk(p, keys) for p in packets]
