@@ -89,4 +89,6 @@ def _lab_name(lab_or_file: str) -> str:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Indented on a terminal; compact into a pipe (json's C encoder works only without indent: 10x faster)."""
+    indent = 2 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")

@@ -53,7 +53,11 @@ RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_TXQLEN, IFLA_IFALIAS = 1, 3, 4, 5, 10, 13, 20
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_STATS64, IFLA_NET_NS_FD, IFLA_CARRIER = 16, 18, 23, 28, 33
+IFLA_AF_SPEC, IFLA_INET6_CONF, DEVCONF_DISABLE_IPV6 = 26, 2, 26
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+_NAME_ONLY = frozenset({IFLA_IFNAME})
+_NAME_AND_STATE = frozenset({IFLA_IFNAME, IFLA_OPERSTATE})
+_NAME_AND_AF = frozenset({IFLA_IFNAME, IFLA_AF_SPEC})
 VETH_INFO_PEER = 1
 IFLA_BR_FORWARD_DELAY, IFLA_BR_AGEING_TIME, IFLA_BR_STP_STATE = 1, 4, 5
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -67,6 +71,7 @@ STATS64 = (  # struct rtnl_link_stats64, in order (pyroute2's names)
     *("rx_fifo_errors", "rx_missed_errors", "tx_aborted_errors", "tx_carrier_errors", "tx_fifo_errors"),
     *("tx_heartbeat_errors", "tx_window_errors", "rx_compressed", "tx_compressed"),
 )
+_NLA = struct.Struct("=HH")
 _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
@@ -132,15 +137,25 @@ def _nested(kind: int, *parts: bytes) -> bytes:
     return _attr(kind | NLA_F_NESTED, b"".join(parts))
 
 
-def _attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """type -> payload of the attributes in ``data[offset:]`` (the nested flag dropped)."""
+def _attrs(data: bytes, offset: int = 0, wanted: frozenset[int] | None = None) -> dict[int, bytes]:
+    """type -> payload of the attributes in ``data[offset:]`` (the nested flag dropped).
+
+    With ``wanted``, only those are kept and decoding stops once all are
+    found: a link carries some fifty attributes, and a big lab is dumped
+    a few times per node.
+    """
     found: dict[int, bytes] = {}
     end = len(data)
+    unpack = _NLA.unpack_from
     while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
+        length, kind = unpack(data, offset)
         if length < 4:
             break
-        found[kind & 0x3FFF] = data[offset + 4 : offset + length]
+        kind &= 0x3FFF
+        if wanted is None or kind in wanted:
+            found[kind] = data[offset + 4 : offset + length]
+            if wanted is not None and len(found) == len(wanted):
+                break
         offset += (length + 3) & ~3
     return found
 
@@ -300,16 +315,31 @@ class NodeLinks:
             raise _kernel_error(what, self.namespace, code)
 
     # -- reading ---------------------------------------------------------
-    def _dump_links(self) -> Iterator[tuple[int, dict[int, bytes], int]]:
+    def _dump_links(self, wanted: frozenset[int] | None = None) -> Iterator[tuple[int, dict[int, bytes], int]]:
         self.commit()
         for _, data, offset in self.nl.dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
             _, _, index, flags, _ = _IFINFO.unpack_from(data, offset)
-            yield index, _attrs(data, offset + _IFINFO.size), flags
+            yield index, _attrs(data, offset + _IFINFO.size, wanted), flags
 
     def refresh(self, names: set[str] | None = None) -> dict[str, int]:
-        """Learn interface indexes (one dump: cheaper than a request per name)."""
-        self.index = {_cstr(attrs[IFLA_IFNAME]): index for index, attrs, _ in self._dump_links()}
+        """Learn interface indexes; one dump serves any ``names`` (cheaper than a request per name)."""
+        self.index = {_cstr(attrs[IFLA_IFNAME]): index for index, attrs, _ in self._dump_links(_NAME_ONLY)}
         return self.index
+
+    def ipv6_disabled(self) -> dict[str, bool]:
+        """Each interface's ``disable_ipv6``, from the same dump that refreshes the indexes.
+
+        Reading it here saves a /proc/sys open per interface on converge.
+        """
+        found: dict[str, bool] = {}
+        self.index = {}
+        for index, attrs, _ in self._dump_links(_NAME_AND_AF):
+            name = _cstr(attrs[IFLA_IFNAME])
+            self.index[name] = index
+            conf = _attrs(_attrs(attrs.get(IFLA_AF_SPEC, b"")).get(socket.AF_INET6, b"")).get(IFLA_INET6_CONF, b"")
+            if len(conf) >= 4 * (DEVCONF_DISABLE_IPV6 + 1):
+                found[name] = bool(struct.unpack_from("=i", conf, 4 * DEVCONF_DISABLE_IPV6)[0])
+        return found
 
     def links(self) -> dict[str, LinkInfo]:
         """One dump of every interface (and one of addresses); also refreshes the name -> index cache."""
@@ -394,7 +424,7 @@ class NodeLinks:
         while True:
             pending = [
                 _cstr(attrs[IFLA_IFNAME])
-                for _, attrs, _ in self._dump_links()
+                for _, attrs, _ in self._dump_links(_NAME_AND_STATE)
                 if _cstr(attrs[IFLA_IFNAME]) in names
                 and OPERSTATES.get(attrs.get(IFLA_OPERSTATE, b"\0")[0]) not in ("UP", "UNKNOWN")
             ]
@@ -548,7 +578,7 @@ class NodeLinks:
 
     def ensure_indexes(self, names: set[str]) -> None:
         """Learn the indexes of ``names`` that are not known yet (addresses and qdiscs need them)."""
-        if names - set(self.index):
+        if not names <= self.index.keys():
             self.refresh()
 
     def delete(self, name: str) -> None:

@@ -111,10 +111,10 @@ class Builder:
                 sysctl.write_here(wanted)  # before any link exists, so links inherit it
                 self.handles[node] = handle = NodeLinks(name, Netlink(), batch=True)
                 if node not in self.fresh:
-                    existing = handle.refresh()
-                    # all/default reach only interfaces made later: a converge sets the existing ones too
-                    value = wanted["net.ipv6.conf.all.disable_ipv6"]
-                    sysctl.write_here({f"net.ipv6.conf.{ifname}.disable_ipv6": value for ifname in existing})
+                    # all/default may not reach existing interfaces: a converge sets those that differ
+                    off = wanted["net.ipv6.conf.all.disable_ipv6"] == "1"
+                    differ = [name for name, disabled in handle.ipv6_disabled().items() if disabled != off]
+                    sysctl.write_here({f"net.ipv6.conf.{name}.disable_ipv6": "1" if off else "0" for name in differ})
                     self.tables[node] = (_has_iptables_here(), handle.has_bridge_tables())
             if node in self.fresh:
                 handle.index = {"lo": 1}
@@ -194,7 +194,7 @@ class Builder:
     def configure(self) -> None:
         for node, handle in self.handles.items():
             if node not in self.fresh:
-                handle.refresh()
+                handle.ensure_indexes(self.wanted_interfaces[node])  # a dump only if this run made some
             for ifname in self.wanted_interfaces[node]:
                 if ifname in self.topo.nodes[node].bridges:
                     continue
