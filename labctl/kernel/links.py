@@ -393,24 +393,26 @@ class NodeLinks:
         self.commit()
         names = {index: name for name, index in self.index.items()}
         result = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for _, data, offset in self.nl.dump(RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
-                _, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(data, offset)
-                attrs = _attrs(data, offset + _RTMSG.size)
-                if RTA_TABLE in attrs:
-                    table = struct.unpack("=I", attrs[RTA_TABLE])[0]
-                if table != ROUTE_TABLE_MAIN or (own_only and proto != RTPROT_LABCTL):
-                    continue
-                oif = struct.unpack("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
-                result.append(
-                    {
-                        "dst": f"{_ip_text(family, attrs[RTA_DST])}/{dst_len}" if RTA_DST in attrs else "default",
-                        "via": _ip_text(family, attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None,
-                        "dev": names.get(oif) if oif is not None else None,
-                        "proto": proto,
-                        "family": family,
-                    }
-                )
+        # one dump of every family (the kernel walks them in order: IPv4, then IPv6)
+        for _, data, offset in self.nl.dump(RTM_GETROUTE, _RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)):
+            family, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(data, offset)
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            attrs = _attrs(data, offset + _RTMSG.size)
+            if RTA_TABLE in attrs:
+                table = struct.unpack("=I", attrs[RTA_TABLE])[0]
+            if table != ROUTE_TABLE_MAIN or (own_only and proto != RTPROT_LABCTL):
+                continue
+            oif = struct.unpack("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
+            result.append(
+                {
+                    "dst": f"{_ip_text(family, attrs[RTA_DST])}/{dst_len}" if RTA_DST in attrs else "default",
+                    "via": _ip_text(family, attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None,
+                    "dev": names.get(oif) if oif is not None else None,
+                    "proto": proto,
+                    "family": family,
+                }
+            )
         return result
 
     def wait_operational(self, names: set[str], timeout: float = 2.0) -> list[str]:

@@ -8,7 +8,6 @@ four dumps, so a thousand-node lab is read in a fraction of a second.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from labctl.errors import LabStateError
@@ -49,7 +48,8 @@ def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
     for node, (ns, links, routes) in found.items():
         result[node] = {
             "namespace": ns,
-            "interfaces": [{**dataclasses.asdict(info), "peer": _peer(info, found)} for info in links.values()],
+            # vars, not dataclasses.asdict: its deep copies cost 1.3 s at 1000 nodes
+            "interfaces": [{**vars(info), "peer": _peer(info, found)} for info in links.values()],
             "bridges": {
                 name: sorted(i.name for i in links.values() if i.master == name)
                 for name, info in links.items()
