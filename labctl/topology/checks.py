@@ -53,6 +53,9 @@ class Setup(Strict):
     iptables: dict[str, list[str]] = {}
     ebtables: dict[str, list[str]] = {}
     sysctls: dict[str, dict[str, int | str | bool]] = {}
+    warm_neighbours: bool = True
+    """Before the window, resolve the next hop of every udp step (one ping): the traffic's datagrams are then
+    sent by the sender itself, not later from the softirq of an ARP reply. false to watch the resolution."""
     fdb_flush: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = []
     """'node:bridge' whose learnt entries are forgotten before the traffic (a learning check starts clean)."""
     napi_threaded: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = []

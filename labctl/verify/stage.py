@@ -220,6 +220,24 @@ def _send(topo: Topology, step: _Step, window: Window) -> None:
     time.sleep(traffic.settle)
 
 
+def warm_neighbours(topo: Topology, check: Check) -> None:
+    """Resolve each udp destination's next hop before the window (best effort: an unanswered ping is fine)."""
+    if not check.setup.warm_neighbours:
+        return
+    for node, to in dict.fromkeys(
+        (t.udp.node, t.udp.to.rpartition(":")[0].strip("[]")) for t in check.traffic if t.udp
+    ):
+        if to.startswith("127.") or to == "::1":
+            continue
+        netns.run(
+            _ns(topo, node),
+            ["ping", "-n", "-q", "-c", "1", "-W", "1", to],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+
+
 def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
     """Stage the check, send its traffic inside one window, undo the stage; the evidence and its context."""
     needs = needs_of(check)
@@ -235,6 +253,7 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
             protocols.add(_ip_protocol(step.traffic.udp.to.rpartition(":")[0]))
         elif step.traffic.ping is not None:
             protocols.add(_ip_protocol(step.traffic.ping.to))
+    warm_neighbours(topo, check)  # before the stage: its conntrack flush forgets the warm-up's flows
     with contextlib.ExitStack() as stack:
         stack.enter_context(temporary_sysctls(topo, check))
         stack.enter_context(temporary_rules(topo, check))
