@@ -1061,22 +1061,6 @@ def chains(
     return [c for c in _all_chains(ordered, devices) if c.on_lab]
 
 
-def attribute(
-    events: Iterable[TraceEvent], devices: set[str], since: float | None = None, until: float | None = None
-) -> list[TraceEvent]:
-    """The events that belong to the lab: its skbs' chains plus skb-less events on its devices.
-
-    Device names are not namespace-qualified in tracepoints: a lab whose
-    devices share names with other namespaces' (``eth0``) attracts their events.
-    """
-    ordered = _windowed(events, since, until)
-    keep = {id(e) for c in _all_chains(ordered, devices) if c.on_lab for e in c.events}
-    for event in ordered:
-        if event.skbaddr is None and _device_verdict(event, devices):
-            keep.add(id(event))
-    return [e for e in ordered if id(e) in keep]
-
-
 def all_chains(
     events: Iterable[TraceEvent], devices: set[str], since: float | None = None, until: float | None = None
 ) -> list[SkbChain]:
