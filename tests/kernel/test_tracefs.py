@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
+from labctl.evidence.attribution import Scope, attribute
 from labctl.kernel import counters, tracefs
+from labctl.kernel.neighwatch import NeighNote
 from labctl.kernel.tracefs import TraceEvent, TraceSession
 from tests.kernel.conftest import Topo
 from tests.kernel.conftest import VethPair as Pair
@@ -137,7 +139,8 @@ def test_attribution_excludes_concurrent_noise(pair: Pair, noise: Pair) -> None:
     assert any(e.device in noise_devices for e in events), "the noise never reached the trace"
     assert len(_no_socket_drops(events)) > 3
 
-    kept = tracefs.attribute(events, lab_devices, since=since)
+    # the one attribution rule: the lab's skbs start in the sending thread (the noise has its own)
+    _, kept = attribute(events, Scope(lab_devices, {threading.get_native_id()}, since, time.monotonic()))
     assert not any(e.device in noise_devices for e in kept)
     assert {e.device for e in kept if e.device is not None} <= lab_devices
     assert len(_no_socket_drops(kept)) == 3
@@ -329,18 +332,27 @@ def test_a_reused_address_starts_a_new_skb() -> None:
     lab = tracefs.chains(events, {"lab0", "lab1"})
     assert [[e.timestamp for e in c.events] for c in lab] == [[1.0, 1.1, 1.2], [3.0]]
     assert [c.fate for c in lab] == ["consumed", None]
-    kept = tracefs.attribute(events, {"lab0", "lab1"})
+    _, kept = attribute(events, Scope({"lab0", "lab1"}, {1}, 0.0, 10.0))
     assert [e.timestamp for e in kept] == [1.0, 1.1, 1.2, 3.0]
-    assert [e.timestamp for e in tracefs.attribute(events, {"lab0", "lab1"}, since=1.05, until=3.0)] == [1.1, 1.2, 3.0]
+    _, kept = attribute(events, Scope({"lab0", "lab1"}, {1}, 1.05, 3.0))
+    assert [e.timestamp for e in kept] == [1.1, 1.2, 3.0]
 
 
-def test_skbless_events_are_kept_by_device() -> None:
+def test_skbless_events_are_kept_only_when_the_labs_namespace_vouches_for_them() -> None:
+    """A device name proves nothing (every lab has a br0): the lab's own fdb notification does."""
+    def fdb(ts: float, bridge: str, port: str, mac: str) -> TraceEvent:
+        return TraceEvent(ts, 0, 1, "test", "bridge", "br_fdb_update", {"br_dev": bridge, "dev": port, "addr": mac})
+
     events = [
-        _event(1.0, "bridge:br_fdb_update", br_dev="br0", dev="lab0"),
-        _event(1.0, "bridge:br_fdb_update", br_dev="docker0", dev="vethx"),
+        fdb(1.0, "br0", "lab0", "02:00:00:00:00:01"),
+        fdb(1.5, "br0", "lab0", "02:00:00:00:00:01"),  # a look-alike in another namespace, later
+        fdb(1.0, "docker0", "vethx", "02:00:00:00:00:02"),
     ]
-    kept = tracefs.attribute(events, {"br0", "lab0"})
-    assert [e.fields["br_dev"] for e in kept] == ["br0"]
+    scope = Scope({"br0", "lab0"}, {1}, 0.0, 10.0)
+    assert attribute(events, scope)[1] == ()  # nobody vouched
+    scope.notes = {"sw": [NeighNote("fdb", "lab0", "02:00:00:00:00:01", "REACHABLE", "br0", received=1.001)]}
+    kept = attribute(events, scope)[1]
+    assert [e.timestamp for e in kept] == [1.0]
     assert kept[0].device == "lab0" and kept[0].devices == ("lab0", "br0")
 
 
