@@ -23,7 +23,9 @@ def main(file: str, name: str, iterations: int) -> None:
                 statuses[check.name].append(result.status)
                 expected = "fail" if check.name == "wrong-on-purpose" else "pass"
                 if result.status != expected:
-                    bad = [f"{r.what}: expected {r.expected}, observed {r.observed}" for r in result.evidence if not r.ok]
+                    bad = [
+                        f"{r.what}: expected {r.expected}, observed {r.observed}" for r in result.evidence if not r.ok
+                    ]
                     failures.append(f"{check.name}: {result.status}: {bad} {result.error or ''} {result.explanation}")
     finally:
         build.down(name)
