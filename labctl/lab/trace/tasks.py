@@ -8,7 +8,8 @@ import time
 from collections.abc import Sequence
 
 from labctl.kernel import netns
-from labctl.lab.trace.knowledge import Knowledge, read_in
+from labctl.kernel.procnet import read_in
+from labctl.lab.trace.knowledge import Knowledge
 
 LAB_TASK_TTL = 60.0
 OTHER_TASK_TTL = 1.0
