@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 
 from labctl.errors import LabctlError, LabFileError, Problem
+from labctl.names import lab_name_problem
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -67,11 +67,10 @@ def lab_name(lab_or_file: str) -> str:
     The name becomes file names under /run/labctl, so it is checked here even
     when it comes from a file that was not validated (``down FILE``).
     """
-    from labctl.topology.model import NAME_PATTERN  # pydantic: only when a name is checked
-
     name = _lab_name(lab_or_file)
-    if not re.match(NAME_PATTERN, name) or len(name) > 32:
-        raise LabFileError([Problem(("name",), f"{name!r} is not a lab name (letters, digits, - and _)", lab_or_file)])
+    problem = lab_name_problem(name)  # names.py, not the pydantic model: ``down`` never imports it
+    if problem is not None:
+        raise LabFileError([Problem(("name",), problem, lab_or_file)])
     return name
 
 
