@@ -73,8 +73,10 @@ class Mutation(BaseModel):
       another one).
     - ``replace``: in a string, replace ``value.old`` (which must occur) by ``value.new``
       (an injected packet's port, a filter's address).
-    - ``reverse``: reverse a list; ``swap``: exchange the items at ``value`` = [i, j];
-      ``shorten``: drop a list's last item.
+    - ``reverse``: reverse a list; ``shorten``: drop a list's last item.
+    - ``swap``: exchange two items of a list, named by ``value`` = [i, j] (indices)
+      or by the items themselves (``[filter:INPUT, nat:INPUT]``, each present
+      once) -- by item is what survives a step being inserted into the list.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -190,7 +192,7 @@ def apply(check: dict[str, Any], mutation: Mutation) -> dict[str, Any]:
             _list_at(target, mutation, 2).reverse()
         elif op == "swap":
             items = _list_at(target, mutation, 2)
-            i, j = _indices(mutation, len(items))
+            i, j = _indices(mutation, items)
             items[i], items[j] = items[j], items[i]
         elif op == "shorten":
             _list_at(target, mutation, 1).pop()
@@ -206,10 +208,16 @@ def _old_new(mutation: Mutation) -> tuple[str, str]:
     return str(value["old"]), str(value["new"])
 
 
-def _indices(mutation: Mutation, length: int) -> tuple[int, int]:
+def _indices(mutation: Mutation, items: list[Any]) -> tuple[int, int]:
     value = mutation.value
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
-        raise MutationError(f"{_name(mutation)}: swap needs value [i, j], got {value!r}")
+    length = len(items)
+    if not (isinstance(value, list) and len(value) == 2):
+        raise MutationError(f"{_name(mutation)}: swap needs value [i, j] or [item, item], got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        for v in value:
+            if items.count(v) != 1:
+                raise MutationError(f"{_name(mutation)}: swap: {v!r} is not once in {items!r}")
+        value = [items.index(v) for v in value]
     i, j = value
     if not (-length <= i < length and -length <= j < length) or i % length == j % length:
         raise MutationError(f"{_name(mutation)}: swap indices {value} do not name two items of {length}")
@@ -218,7 +226,7 @@ def _indices(mutation: Mutation, length: int) -> tuple[int, int]:
 
 # -- running ---------------------------------------------------------------
 
-Outcome = Literal["killed", "survived", "invalid", "stale", "baseline-failed", "control-failed"]
+Outcome = Literal["killed", "survived", "invalid", "stale", "baseline-failed", "control-failed", "skipped"]
 
 
 @dataclass
@@ -228,7 +236,9 @@ class MutationResult:
     ``killed`` is the only outcome that shows the check has teeth; ``survived``
     means the mutated check still PASSed.  ``invalid``/``stale`` are catalogue
     problems, ``baseline-failed``/``control-failed`` mean the original check did
-    not pass before or after its mutants, so nothing is known.
+    not pass before or after its mutants, so nothing is known.  ``skipped``: the
+    check cannot run on this kernel (it requires an option this kernel lacks),
+    so neither can its mutants -- not provable here, not a failure.
     """
 
     mutation: Mutation
@@ -300,9 +310,16 @@ def unique_name(original: str, pid: int | None = None) -> str:
     return f"m{os.getpid() if pid is None else pid}-{original}"[:LAB_NAME_MAX]
 
 
+def _skipped(result: CheckResult) -> bool:
+    """The runner's 'skip' (a kernel option the check requires is missing); older runners have no status."""
+    return getattr(result, "status", None) == "skip"
+
+
 def _summary(result: CheckResult) -> str:
     if result.error:
         return "ERROR " + result.error.strip().splitlines()[0]
+    if _skipped(result):
+        return "not provable here: " + ", ".join(getattr(result, "not_provable", []) or ["a kernel option"])
     failed = [e for e in result.evidence if not e.ok]
     return "; ".join(f"{e.what}: expected {e.expected!r}, saw {e.observed!r}" for e in failed)[:400]
 
@@ -360,6 +377,10 @@ def run_mutations(
             say(f"{check.name}: baseline")
             baseline = run(lab, check.name, rebuild)
             pending = by_check[check.name]
+            if _skipped(baseline):
+                for i in pending:
+                    results[i] = MutationResult(mutations[i], "skipped", _summary(baseline))
+                continue
             if not baseline.passed:
                 for i in pending:
                     results[i] = MutationResult(mutations[i], "baseline-failed", _summary(baseline))
@@ -377,9 +398,10 @@ def run_mutations(
                     continue
                 say(f"{check.name}: {mutation.label()}")
                 outcome = run(mutant, check.name, rebuild)
+                verdict: Outcome = "survived" if outcome.passed else "killed"
                 results[i] = MutationResult(
                     mutation,
-                    "survived" if outcome.passed else "killed",
+                    "skipped" if _skipped(outcome) else verdict,
                     "" if outcome.passed else _summary(outcome),
                     time.monotonic() - start,
                 )

@@ -90,9 +90,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
         for name, run in runs.runs.items():
             survived = [r for r in run.results if r.outcome == "survived"]
-            write(f"  {name}: {run.seconds:.1f} s, {len(run.results)} mutations, {len(survived)} survived")
+            skipped = [r for r in run.results if r.outcome == "skipped"]
+            more = f", {len(skipped)} skipped (not provable on this kernel)" if skipped else ""
+            write(f"  {name}: {run.seconds:.1f} s, {len(run.results)} mutations, {len(survived)} survived{more}")
             if run.error:
                 write(f"    ERROR {run.error}")
             for r in survived:
                 tag = "known" if r.mutation.known_survivor else "NEW"
                 write(f"    [{tag}] {r.mutation.check}: {r.mutation.label()} -- {r.mutation.why}")
+        slowest = sorted((r for run in runs.runs.values() for r in run.results), key=lambda r: -r.seconds)[:8]
+        write("slowest mutations (where to cut when over budget):")
+        for r in slowest:
+            write(f"  {r.seconds:5.2f} s  {r.mutation.check}: {r.mutation.label()}")

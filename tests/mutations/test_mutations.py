@@ -60,7 +60,8 @@ def test_every_mutation_kills(lab_file: str, mutation_runs: MutationRuns) -> Non
     run = mutation_runs.get(lab_file)
     assert run.error is None, f"{lab_file}: the mutations could not run: {run.error}"
     survived = [r for r in run.results if r.outcome == "survived" and r.mutation.known_survivor is None]
-    other = [r for r in run.results if r.outcome not in ("killed", "survived")]
+    # skipped: the check requires a kernel option this kernel lacks -- not provable here, not a failure
+    other = [r for r in run.results if r.outcome not in ("killed", "survived", "skipped")]
     lines = []
     if survived:
         lines.append(f"{len(survived)} mutation(s) still PASS -- the check proves less than it claims:")
@@ -94,6 +95,8 @@ def test_known_survivor(lab_file: str, index: int, mutation_runs: MutationRuns) 
     assert run.error is None, f"{lab_file}: the mutations could not run: {run.error}"
     result = run.results[index]
     mutation: Mutation = result.mutation
+    if result.outcome == "skipped":
+        pytest.skip(result.detail)
     if result.outcome not in ("killed", "survived"):
         # not an AssertionError, so the xfail (raises=AssertionError) does not swallow it
         pytest.fail(f"not judged: {result.line()}", pytrace=False)
