@@ -62,6 +62,8 @@ class Scope:
     until: float
     notes: dict[str, list[NeighNote]] = field(default_factory=dict)
     """Per node, the rtnetlink neighbour/fdb notifications heard in its namespace."""
+    relays: set[int] = field(default_factory=set)
+    """The lab's VM relays (among ``tasks``): what they write on a tap is a VM's frame, not the check's send."""
     unreachable: dict[str, int] = field(default_factory=dict)
     """Per node, its Icmp.OutDestUnreachs delta: how many queued skbs its failed neighbours gave back."""
 
@@ -107,7 +109,8 @@ def lab_packets(events: Sequence[TraceEvent], scope: Scope) -> list[Packet]:
             # if it then reaches a lab device (a deviceless one may be another namespace's timer or backlog)
             if first.in_interrupt and not any(set(e.devices) & scope.devices for e in piece):
                 continue
-            found.append(Packet(chain.skbaddr, tuple(piece), origin="task" if first.in_interrupt else "sent"))
+            origin = "task" if first.in_interrupt else ("relayed" if first.pid in scope.relays else "sent")
+            found.append(Packet(chain.skbaddr, tuple(piece), origin=origin))
     return found
 
 

@@ -61,8 +61,8 @@ class Packet:
     """One skb of the lab, from its first sighting in the window to its end.
 
     ``origin`` says why it is the lab's: ``sent`` (a lab task sent it: its first
-    event ran in the task's own call -- a socket send, an AF_PACKET inject, a
-    relay's tap write), ``task`` (it first appeared in softirq work of a lab
+    event ran in the task's own call -- a socket send, an AF_PACKET inject),
+    ``relayed`` (a VM relay wrote it on a tap: a VM's frame), ``task`` (it first appeared in softirq work of a lab
     task: a reply, an ICMP error, a packet generated on the way), or
     ``confirmed`` (a deviceless drop in timer context that the lab's own
     netlink notifications vouch for, e.g. NEIGH_FAILED).

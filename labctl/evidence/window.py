@@ -115,6 +115,7 @@ class Window:
         self._errors: list[str] = []
         self._evidence: Evidence | None = None
         self._raw: list[tracefs.TraceEvent] = []
+        self._relays: set[int] = set()
         self.since = 0.0
         self.until = 0.0
         self.skipped: dict[str, str] = {}
@@ -148,7 +149,8 @@ class Window:
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
         buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
         self._trace = self._stack.enter_context(tracefs.TraceSession(events, buffer_kb=buffer_kb))
-        self._tasks |= own_tasks() | set(relay.find(self.topo.name))
+        self._relays = set(relay.find(self.topo.name))
+        self._tasks |= own_tasks() | self._relays
         self.since = time.monotonic()
 
     def _rule_counts(self) -> tuple[nf_evidence.RuleCounts, nf_evidence.RuleCounts]:
@@ -211,6 +213,7 @@ class Window:
             since=self.since,
             until=self.until + LATE_EVENTS_SECONDS,
             notes=notes,
+            relays=self._relays,
             unreachable={node: c.get("Icmp.OutDestUnreachs", 0) for node, c in by_node.items()},
         )
         packets, events = attribute(self._raw, scope)
