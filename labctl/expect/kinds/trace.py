@@ -77,8 +77,8 @@ class Stages(Kind):
         return _event_issues([((), s) for s in form_steps(value)], facts)
 
     def needs(self, value: Any, needs: Needs) -> None:
-        needs.events |= {s.partition("@")[0] for s in form_steps(value)}
-        needs.whole_trace = True
+        needs.events |= {s.partition("@")[0] for s in form_steps(value)} | {"net:net_dev_start_xmit"}
+        needs.whole_trace = True  # net_dev_start_xmit: the packet's ethertype (only the traffic's are judged)
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         keys = {s.partition("@")[0] for s in form_steps(value)}
