@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from labctl.errors import KernelError, LabFileError, Problem
 from labctl.kernel import modules, netns, sysctl
-from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks
+from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks, bridge_tables_here
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import relay, state
 from labctl.lab.state import LabState
@@ -115,7 +115,7 @@ class Builder:
                     off = wanted["net.ipv6.conf.all.disable_ipv6"] == "1"
                     differ = [name for name, disabled in handle.ipv6_disabled().items() if disabled != off]
                     sysctl.write_here({f"net.ipv6.conf.{name}.disable_ipv6": "1" if off else "0" for name in differ})
-                    self.tables[node] = (_has_iptables_here(), handle.has_bridge_tables())
+                    self.tables[node] = (_has_iptables_here(), bridge_tables_here())
             if node in self.fresh:
                 handle.index = {"lo": 1}
 
