@@ -2,7 +2,11 @@
 
 The first test that needs a verdict runs all the labs the session selected
 (``-k rx-path`` builds only rx-path), ``LABCTL_MUTATION_JOBS`` at a time
-(default 2, the CI machine's cores); every later test only reads the result.
+(default 2, the CI machine's cores; labs marked ``alone`` or with host-wide
+sysctls run while no other does); every later test only reads the result.
+Control runs (the original check again after its mutants, to catch kills that
+are really state left by an earlier run) cost a run per check: set
+``LABCTL_MUTATION_CONTROL=1`` when the catalogue or a lab changes.
 The terminal summary prints the wall time and every mutation that survived,
 so the cost stays visible next to the two-minute budget.
 """
@@ -68,7 +72,7 @@ def mutation_runs(request: pytest.FixtureRequest) -> MutationRuns:
         name = callspec.params.get("lab_file") if callspec is not None else None
         if "mutation_runs" in getattr(item, "fixturenames", ()) and name and name not in wanted:
             wanted.append(name)
-    jobs = int(os.environ.get("LABCTL_MUTATION_JOBS", "1"))
+    jobs = int(os.environ.get("LABCTL_MUTATION_JOBS", "2"))
     control = os.environ.get("LABCTL_MUTATION_CONTROL", "0") == "1"
     runs = MutationRuns(wanted, jobs, control)
     _RUNS.append(runs)
