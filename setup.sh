@@ -12,20 +12,47 @@ cd "$(dirname "$(readlink -f "$0")")"
 
 DEBS=(python3 python3-venv python3-pip iproute2 iptables ebtables tcpdump ethtool netsniff-ng
       nftables graphviz iputils-ping conntrack libpcap0.8 kmod procps)
+# python-iptables is published as source only: its small C extension (libxtwrapper, no Python.h)
+# needs a C compiler and libc headers, installed only when the machine has no working compiler.
+BUILD_DEBS=(gcc libc6-dev)
+LOG=${TMPDIR:-/tmp}/labctl-setup.log
 
 die() { echo "setup.sh: $*" >&2; exit 1; }
+say() { echo "setup.sh: $*"; }
+
+# Run a noisy step with its output in $LOG; on failure show the end of it (a clean run prints nothing).
+quietly() {
+    if ! "$@" >>"$LOG" 2>&1; then
+        echo "setup.sh: failed: $*" >&2
+        tail -n 40 "$LOG" | grep -v '^WARNING: Location' >&2
+        die "full log: $LOG"
+    fi
+}
 
 [ "$(id -u)" = 0 ] || die "run as root: labctl builds namespaces, links and netfilter rules"
 
-install_debs() {
-    local missing=()
-    for pkg in "${DEBS[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+apt_updated=0
+apt_install() {
+    if [ $apt_updated = 0 ]; then
+        quietly apt-get update -qq
+        apt_updated=1
+    fi
+    quietly env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+missing_debs() {
+    local pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || echo "$pkg"
     done
+}
+
+install_debs() {
+    local missing
+    mapfile -t missing < <(missing_debs "${DEBS[@]}")
     if [ ${#missing[@]} -gt 0 ]; then
-        echo "setup.sh: installing Debian packages: ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        say "installing ${#missing[@]} Debian packages: ${missing[*]}"
+        apt_install "${missing[@]}"
     fi
 }
 
@@ -39,20 +66,44 @@ python_bin() {
     die "labctl needs Python 3.11 or newer"
 }
 
+# True when the compiler this Python builds extensions with exists and can build a C file.
+can_compile() {
+    local py=$1 cc tmp ok=1
+    cc=$("$py" -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')
+    command -v "$cc" >/dev/null || return 1
+    tmp=$(mktemp -d)
+    printf '#include <stdio.h>\n#include <setjmp.h>\nint main(void) { return 0; }\n' >"$tmp/t.c"
+    "$cc" -c "$tmp/t.c" -o "$tmp/t.o" >/dev/null 2>&1 && ok=0
+    rm -rf "$tmp"
+    return $ok
+}
+
 install_venv() {
-    local stamp=.venv/.labctl-installed want
+    local stamp=.venv/.labctl-installed want py
     want=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [ -x .venv/bin/labctl ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         return
     fi
-    echo "setup.sh: creating .venv"
-    "$(python_bin)" -m venv .venv
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e ".[dev]"
+    py=$(python_bin)
+    if ! can_compile "$py"; then
+        local missing
+        mapfile -t missing < <(missing_debs "${BUILD_DEBS[@]}")
+        if [ ${#missing[@]} -gt 0 ]; then
+            say "installing a C compiler for python-iptables' extension: ${missing[*]}"
+            apt_install "${missing[@]}"
+        fi
+        can_compile "$py" || die "no working C compiler for python-iptables ($("$py" -c 'import sysconfig; print(sysconfig.get_config_var("CC"))'))"
+    fi
+    say "creating .venv with labctl and its Python packages ($("$py" --version))"
+    quietly "$py" -m venv .venv
+    quietly .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+    quietly .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
     echo "$want" > "$stamp"
+    say "installed $(.venv/bin/labctl --version)"
 }
 
 install_all() {
+    : >"$LOG"
     install_debs
     install_venv
     # tracefs is where the kernel path observer reads tracepoints
@@ -62,7 +113,10 @@ install_all() {
 cmd=${1:-demo}
 shift || true
 case "$cmd" in
-    install) install_all ;;
+    install)
+        install_all
+        say "ready: .venv/bin/labctl (source .venv/bin/activate puts it on PATH)"
+        ;;
     demo)
         install_all
         exec .venv/bin/labctl demo "$@"
