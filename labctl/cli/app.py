@@ -17,12 +17,29 @@ app = typer.Typer(
     name="labctl",
     help="Build Linux network labs on the real kernel and prove how packets travel through it.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion; `labctl completion SHELL` prints the script
     pretty_exceptions_enable=False,
 )
 
 LabArg = Annotated[str, typer.Argument(help="lab name, or the lab file that defines it")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from labctl import __version__
+
+        print(f"labctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print labctl's version and exit")
+    ] = False,
+) -> None:
+    """Build Linux network labs on the real kernel and prove how packets travel through it."""
 
 
 @app.command()
@@ -183,12 +200,14 @@ def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = P
 def _register_command_groups() -> None:
     """Commands that live in their own modules (one module per area of the CLI)."""
     from labctl.cli.netfilter import register as register_netfilter
+    from labctl.cli.tooling import register as register_tooling
     from labctl.cli.trace import register as register_trace
     from labctl.cli.traffic import register as register_traffic
 
     register_traffic(app)
     register_trace(app)
     register_netfilter(app)
+    register_tooling(app)
 
 
 _register_command_groups()
@@ -204,4 +223,8 @@ def main() -> None:
     # SIGTERM (timeout, systemd, CI) unwinds like Ctrl-C, so trace instances,
     # captures and half-built labs are cleaned up by their context managers
     signal.signal(signal.SIGTERM, _interrupt)
+    from labctl.cli.tooling import COMPLETE_VAR, complete
+
+    if os.environ.get(COMPLETE_VAR):
+        complete(app)  # the shell asks what may follow on its command line; exits
     app()
