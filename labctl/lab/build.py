@@ -357,10 +357,9 @@ def up(topo: Topology, file: str) -> LabState:
         run = _Run()
         try:
             if topo.sysctls or previous is not None:
-                GlobalOverrides.release(owner(topo.name))
-            for key, value in topo.sysctls.items():
-                GlobalOverrides.acquire(owner(topo.name), key, value)
-                run.globals_acquired = True
+                # converge, not release-then-acquire: a value kept is never written back and forth
+                GlobalOverrides.converge(owner(topo.name), dict(topo.sysctls))
+                run.globals_acquired = bool(topo.sysctls)
             builder.namespaces(run)
             builder.remove_stale_interfaces()
             builder.bridges()
