@@ -366,8 +366,48 @@ def complete(app: typer.Typer) -> None:
     for cmd in _walk(command):
         for param in cmd.params:
             _attach(param)
-    command.main(prog_name="labctl", complete_var=COMPLETE_VAR)
-    raise SystemExit(0)  # pragma: no cover - main() exits when answering a completion request
+    strip = _join_bash_colon() if os.environ.get(COMPLETE_VAR) == "complete_bash" else ""
+    if not strip:
+        command.main(prog_name="labctl", complete_var=COMPLETE_VAR)
+        raise SystemExit(0)  # pragma: no cover - main() exits when answering a completion request
+    import io
+
+    answer = io.StringIO()
+    with contextlib.redirect_stdout(answer), contextlib.suppress(SystemExit):
+        command.main(prog_name="labctl", complete_var=COMPLETE_VAR)
+    # bash replaces only the word after the ':', so it gets back only that part of each candidate
+    print("\n".join(line.removeprefix(strip) for line in answer.getvalue().splitlines() if line.startswith(strip)))
+    raise SystemExit(0)
+
+
+def _join_bash_colon() -> str:
+    """Undo bash splitting ``NODE:IFACE`` at ':' (it is in COMP_WORDBREAKS); return the ``NODE:`` joined back.
+
+    bash hands ``r2:e`` over as the words ``r2``, ``:``, ``e``; joined, the
+    node's interfaces can be completed like in zsh and fish.
+    """
+    import shlex
+
+    text = os.environ.get("COMP_WORDS", "")
+    try:
+        words = shlex.split(text)  # the script joins the words with newlines; Typer splits them the same way
+        cword = int(os.environ.get("COMP_CWORD", ""))
+    except ValueError:
+        return ""
+    if not 0 <= cword <= len(words):
+        return ""
+    current = words[cword] if cword < len(words) else ""
+    if current == ":" and cword >= 1:
+        start, prefix = cword - 1, words[cword - 1] + ":"
+        joined = prefix
+    elif cword >= 2 and words[cword - 1] == ":":
+        start, prefix = cword - 2, words[cword - 2] + ":"
+        joined = prefix + current
+    else:
+        return ""
+    os.environ["COMP_WORDS"] = shlex.join([*words[:start], joined])
+    os.environ["COMP_CWORD"] = str(start)
+    return prefix
 
 
 def register(app: typer.Typer) -> None:

@@ -212,3 +212,20 @@ def test_help_does_not_import_heavy_modules() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ)).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("words", "cword", "expected"),
+    [("labctl capture tgfake r2 :", 4, ["eth0", "eth1"]), ("labctl capture tgfake r2 : eth1", 5, ["eth1"])],
+)
+def test_bash_split_node_colon_interface_still_completes(
+    fake_state: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], words: str, cword: int,
+    expected: list[str],
+) -> None:
+    """bash splits r2:eth at ':' (COMP_WORDBREAKS) and replaces only the part after it."""
+    monkeypatch.setenv(tooling.COMPLETE_VAR, "complete_bash")
+    monkeypatch.setenv("COMP_WORDS", words)
+    monkeypatch.setenv("COMP_CWORD", str(cword))
+    with pytest.raises(SystemExit):
+        tooling.complete(app)
+    assert capsys.readouterr().out.split() == expected

@@ -68,3 +68,21 @@ def test_completion_offers_lab_and_node_names_from_state(generated: tuple[str, s
     assert _complete(f"labctl capture {name} r2:") == ["r2:eth0", "r2:eth1"]
     assert sorted(_complete(f"labctl send {name} ")) == ["h1", "h2", "r1", "r2", "r3"]
     assert _complete("labctl exec no-such-lab ") == []
+
+
+@pytest.mark.parametrize("generated", ["linear"], indirect=True)
+def test_bash_itself_completes_with_the_printed_script(generated: tuple[str, str, str], tmp_path: Path) -> None:
+    """The script from ``labctl completion bash``, run by bash with the words split as bash splits them."""
+    name, _, _ = generated
+    (tmp_path / "labctl").write_text(f"#!/bin/sh\nexec {sys.executable} -m labctl.cli \"$@\"\n")
+    (tmp_path / "labctl").chmod(0o755)
+    script = labctl("completion", "bash").stdout
+    probe = f"""{script}
+reply() {{ COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); _labctl_completion labctl; echo "${{COMPREPLY[*]}}"; }}
+reply labctl exec {name} r
+reply labctl capture {name} r2 :
+reply labctl capture {name} r2 : eth1
+"""
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env=env, timeout=60).stdout
+    assert out.splitlines() == ["r1 r2 r3", "eth0 eth1", "eth1"]
