@@ -58,7 +58,7 @@ class Setup(Strict):
     sent by the sender itself, not later from the softirq of an ARP reply. false to watch the resolution."""
     fdb_flush: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = []
     """'node:bridge' whose learnt entries are forgotten before the traffic (a learning check starts clean)."""
-    napi_threaded: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = []
+    napi_threaded: list[Annotated[str, Field(pattern=r"^[^:@]+:[^:@]+(@\d+)?$")]] = []
     """'node:iface' whose NAPI runs in its own kernel thread for the check (/sys/class/net/IFACE/threaded),
     undone afterwards: with GRO on a veth, batching in the thread is what lets GRO merge."""
     hooks_match: str | None = None
@@ -197,7 +197,7 @@ def _check_references(lab: LabFile) -> list[Problem]:
             if node_ok((*base, "setup", "fdb_flush", j), node) and bridge not in lab.nodes[node].bridges:
                 problems.append(Problem((*base, "setup", "fdb_flush", j), f"node {node} has no bridge {bridge!r}"))
         for j, ref in enumerate(check.setup.napi_threaded):
-            node, _, ifname = ref.partition(":")
+            node, _, ifname = ref.partition("@")[0].partition(":")
             iface_ok((*base, "setup", "napi_threaded", j), node, ifname)
         captures = {c.node for c in check.setup.capture} | {f"{c.node}:{c.interface}" for c in check.setup.capture}
         view = LabView(

@@ -48,6 +48,11 @@ class Events(Kind):
         return rows
 
 
+PATH_EVENTS = frozenset({"net:net_dev_queue", "net:netif_rx", "net:netif_receive_skb", "net:napi_gro_receive_entry"})
+"""Where a packet enters a device's transmit and receive paths: a walk is always judged over these (plus the
+tracepoints it names), so leaving a step out of the list is a false statement, not a weaker one."""
+
+
 def _same(wanted: str, observed: str) -> bool:
     """'net:netif_rx' matches any device; 'net:netif_rx@eth0' only that one (observed steps carry all names)."""
     return wanted in observed.split("|")
@@ -68,7 +73,8 @@ class Stages(Kind):
     key = "stages"
     schema = WalkForm
     doc = (
-        "Each packet the check's steps sent, projected onto the tracepoints named, walks exactly this list "
+        "Each packet the check's steps sent walks exactly this list over the path tracepoints (net_dev_queue, "
+        "netif_rx, netif_receive_skb, napi_gro_receive_entry) and any others named "
         "({contains: [...]} for in-order with others between; {packets: [[...], ...]} per packet)."
     )
     order = 51
@@ -77,11 +83,11 @@ class Stages(Kind):
         return _event_issues([((), s) for s in form_steps(value)], facts)
 
     def needs(self, value: Any, needs: Needs) -> None:
-        needs.events |= {s.partition("@")[0] for s in form_steps(value)} | {"net:net_dev_start_xmit"}
+        needs.events |= {s.partition("@")[0] for s in form_steps(value)} | PATH_EVENTS | {"net:net_dev_start_xmit"}
         needs.whole_trace = True  # net_dev_start_xmit: the packet's ethertype (only the traffic's are judged)
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
-        keys = {s.partition("@")[0] for s in form_steps(value)}
+        keys = {s.partition("@")[0] for s in form_steps(value)} | PATH_EVENTS
         packets = [  # the packets the check's steps sent (not the replies they provoke), of their protocol
             p
             for p in ev.packets
