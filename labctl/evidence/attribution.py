@@ -83,13 +83,23 @@ def _starts_an_skb(event: TraceEvent) -> bool:
     return event.key == "net:net_dev_queue" and not event.in_interrupt
 
 
+DRIVER_RECEIVES = frozenset({"net:netif_rx", "net:napi_gro_receive_entry"})
+"""Entry points a driver calls for a frame it received: on veth, from the peer's transmit."""
+
+
+def _received_anew(event: TraceEvent, previous: TraceEvent) -> bool:
+    """A driver receive not right after a transmit is another skb: one already up the stack never
+    re-enters a driver without being sent again (its address was freed untraced -- a read datagram)."""
+    return event.key in DRIVER_RECEIVES and not (previous.key.startswith(("net:net_dev_", "qdisc:")))
+
+
 def _split(events: Sequence[TraceEvent], tasks: set[int]) -> list[list[TraceEvent]]:
     """Cut one address's events where a new skb starts using it (a foreign task's, or a fresh send)."""
     pieces: list[list[TraceEvent]] = [[]]
     for event in events:
         last = pieces[-1][-1] if pieces[-1] else None
         foreign = last is not None and _foreign_process(event, tasks) and not _foreign_process(last, tasks)
-        if last is not None and (foreign or _starts_an_skb(event)):
+        if last is not None and (foreign or _starts_an_skb(event) or _received_anew(event, last)):
             pieces.append([])
         pieces[-1].append(event)
     return [p for p in pieces if p]
