@@ -79,7 +79,7 @@ def status(
     labs = [lab_name(lab)] if lab else running_labs()
     data = [lab_status(name) for name in labs]
     if json:
-        print_json(data if lab is None else data[0])
+        print_json(data)  # one shape whatever the arguments: a list of labs
         return
     if not data:
         console.print("no labs are up")
@@ -98,11 +98,12 @@ def exec(
     from labctl.errors import LabStateError
     from labctl.kernel import netns
     from labctl.kernel.sysfs import enter_with_own_sysfs
+    from labctl.lab.live import LabNotUpError
 
     require_root()
     name = netns.namespace_name(lab_name(lab), node)
     if not netns.exists(name):
-        raise LabStateError(f"lab {lab_name(lab)} has no node {node} up")
+        raise LabNotUpError(f"lab {lab_name(lab)} has no node {node} up")
     enter_with_own_sysfs(name)
     sys.stdout.flush()
     try:
@@ -151,6 +152,9 @@ def run(
     junit: Annotated[Path | None, typer.Option("--junit", help="write a JUnit XML report")] = None,
     select: Annotated[str | None, typer.Option("-k", help="only checks whose name or claim id contains this")] = None,
     keep: Annotated[bool, typer.Option("--keep", help="leave the labs up afterwards")] = False,
+    reuse: Annotated[
+        bool, typer.Option("--reuse", help="run against a lab already up (labctl up) and leave it up")
+    ] = False,
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
@@ -170,7 +174,9 @@ def run(
                 progress.update(f"{lab}: {check}")
 
             try:
-                results.append(run_lab(file, select=select, keep=keep, on_check=None if quiet else show))
+                results.append(
+                    run_lab(file, select=select, keep=keep, on_check=None if quiet else show, reuse=reuse)
+                )
             except LabctlError as exc:  # one broken lab must not cost the report of the others
                 bad_input = bad_input or exc.exit_code == 2
                 results.append(LabResult(lab=Path(file).stem, file=file, error=str(exc)))
@@ -194,7 +200,7 @@ def run(
 @reports_errors
 def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = Path("labs")) -> None:
     """The main job: run every verification lab in FOLDER and show the kernel's evidence."""
-    run([str(folder)], json=False, junit=None, select=None, keep=False)
+    run([str(folder)], json=False, junit=None, select=None, keep=False, reuse=False)
 
 
 def _register_command_groups() -> None:
@@ -227,4 +233,11 @@ def main() -> None:
 
     if os.environ.get(COMPLETE_VAR):
         complete(app)  # the shell asks what may follow on its command line; exits
+    if os.geteuid() == 0 and len(sys.argv) > 1 and sys.argv[1] not in ("--help", "--version", "validate", "generate"):
+        import contextlib
+
+        from labctl.lab.clean import reclaim_dead_owners
+
+        with contextlib.suppress(Exception):  # trace instances and scratch namespaces of killed labctl processes
+            reclaim_dead_owners()
     app()

@@ -47,7 +47,7 @@ def reports_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except LabctlError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True, emoji=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -76,12 +76,12 @@ def lab_name(lab_or_file: str) -> str:
 
 def _lab_name(lab_or_file: str) -> str:
     if lab_or_file.endswith((".yaml", ".yml")) or os.path.sep in lab_or_file:
-        from labctl.topology.loader import default_name, read_yaml
+        from labctl.topology.loader import default_name, read_lab_text, read_yaml
 
         if not os.path.exists(lab_or_file):
             raise LabFileError([Problem((), "no such file", lab_or_file)])
-        with open(lab_or_file, encoding="utf-8") as f:
-            data, _ = read_yaml(f.read(), lab_or_file)
+        # the loader's reader: a directory, FIFO, /dev/zero or non-UTF-8 file is a message, never a hang
+        data, _ = read_yaml(read_lab_text(lab_or_file), lab_or_file)
         name = data.get("name") if isinstance(data, dict) else None
         return str(name) if name else default_name(lab_or_file)
     return lab_or_file

@@ -41,6 +41,10 @@ def split_namespace_name(name: str) -> tuple[str, str] | None:
     """Inverse of :func:`namespace_name`; None for a namespace that is not ours."""
     if not name.startswith(PREFIX) or "." not in name:
         return None
+    from labctl.names import scratch_owner
+
+    if scratch_owner(name) is not None:  # a diagnosis scratch namespace, reclaimed by its owner pid
+        return None
     lab, _, node = name[len(PREFIX) :].rpartition(".")
     return lab, node
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from labctl.errors import LabStateError
 from labctl.kernel import netns
 from labctl.kernel.links import PEER_ALIAS, LinkInfo, NodeLinks
 from labctl.lab import relay, state
+from labctl.names import lab_name_problem
 
 
 def running_labs() -> list[str]:
@@ -21,22 +21,24 @@ def running_labs() -> list[str]:
     names = set(state.known_labs())
     for ns in netns.list_labctl():
         parts = netns.split_namespace_name(ns)
-        if parts:
+        if parts and lab_name_problem(parts[0]) is None:
             names.add(parts[0])
     return sorted(names)
 
 
 def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
     """The lab as the kernel has it; ``nodes`` limits it to those nodes (same shape, fewer entries)."""
+    from labctl.lab.live import LabNotUpError  # the one "not up" error (exit 2); live.py is heavy to import
+
     namespaces = netns.list_labctl(lab)
     saved = state.load(lab)
     if not namespaces and saved is None:
-        raise LabStateError(f"lab {lab} is not up (labs up: {', '.join(running_labs()) or 'none'})")
+        raise LabNotUpError(f"lab {lab} is not up (labs up: {', '.join(running_labs()) or 'none'})")
     if nodes is not None:
         wanted = {netns.namespace_name(lab, node) for node in nodes}
         unknown = sorted(set(nodes) - {netns.split_namespace_name(ns)[1] for ns in namespaces})  # type: ignore[index]
         if unknown:
-            raise LabStateError(f"lab {lab} has no node {', '.join(unknown)} up")
+            raise LabNotUpError(f"lab {lab} has no node {', '.join(unknown)} up")
         namespaces = [ns for ns in namespaces if ns in wanted]
     relays = relay.find(lab)
     found: dict[str, tuple[str, dict[str, LinkInfo], list[dict[str, Any]]]] = {}

@@ -73,7 +73,6 @@ def test_bad_names_exit_2_and_create_nothing(command: list[str], name: str) -> N
     assert _run_listing() - before == set()
 
 
-@pytest.mark.xfail(reason="cli/common.py _lab_name opens the path itself; change requested (see report)")
 @pytest.mark.parametrize("command", [["down"], ["status"], ["exec"]])
 def test_a_directory_for_a_lab_file_is_a_message(command: list[str], tmp_path: Path) -> None:
     argv = [LABCTL, *command, str(tmp_path)] + (["node", "--", "true"] if command == ["exec"] else [])
