@@ -1,3 +1,3 @@
-"""twin.yaml is the attribution test's lab (one check fails on purpose): test_twins.py runs it, pytest must not collect it."""
+"""The twin lab (one check fails on purpose) is run by test_twins.py: pytest must not collect it."""
 
 collect_ignore = ["twin.yaml", "twin_worker.py", "twin_noise.py"]
