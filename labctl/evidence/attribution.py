@@ -119,6 +119,8 @@ def lab_packets(events: Sequence[TraceEvent], scope: Scope) -> list[Packet]:
             # if it then reaches a lab device (a deviceless one may be another namespace's timer or backlog)
             if first.in_interrupt and not any(set(e.devices) & scope.devices for e in piece):
                 continue
+            if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
+                continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab
             origin = "task" if first.in_interrupt else ("relayed" if first.pid in scope.relays else "sent")
             found.append(Packet(chain.skbaddr, tuple(piece), origin=origin))
     return found
@@ -170,9 +172,22 @@ def _purged_before(timer: TraceEvent, events: Sequence[TraceEvent], scope: Scope
             continue
         if event.key == TIMER_HANDLER or timer.timestamp - event.timestamp > TIMER_GAP:
             break
-        if event.key == "skb:kfree_skb" and event.reason == "NEIGH_FAILED" and event.skbaddr is not None:
+        if (
+            event.key == "skb:kfree_skb"
+            and event.reason == "NEIGH_FAILED"
+            and event.skbaddr is not None
+            and event.in_interrupt  # the timer runs in softirq; a task's own NEIGH_FAILED is not this purge
+        ):
             found.append(event)
     return [e for e in reversed(found) if scope.since <= e.timestamp]
+
+
+def _state_agrees(event: TraceEvent, note: NeighNote) -> bool:
+    """A neighbour tracepoint vouched for by a notification must report the state the notification announced."""
+    if note.kind != "neigh":
+        return True
+    state = event.fields.get("nud_state")
+    return not isinstance(state, str) or state.upper() in note.state.split("|")
 
 
 def vouched_events(events: Sequence[TraceEvent], scope: Scope) -> list[TraceEvent]:
@@ -198,9 +213,15 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope) -> list[TraceEven
         for note in notes:
             key = (note.kind, note.device, note.address)
             for (kind, event_key), group in candidates.items():
-                if event_key != key:
+                if event_key != key or not _state_agrees(group[0], note):
                     continue
-                before = [e for e in group if id(e) not in taken and 0 <= note.received - e.timestamp <= VOUCH_WINDOW]
+                before = [
+                    e
+                    for e in group
+                    if id(e) not in taken
+                    and 0 <= note.received - e.timestamp <= VOUCH_WINDOW
+                    and _state_agrees(e, note)
+                ]
                 if not before:
                     continue
                 chosen = max(before, key=lambda e: e.timestamp)

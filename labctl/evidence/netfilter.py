@@ -70,12 +70,14 @@ def rule_deltas(
     """Per node and rule, packets counted between the two readings.
 
     A rule that did not exist before (a table the trace instantiated) counts
-    from zero.  ebtables-nft policies have no counter (-1 both times): delta 0.
+    from zero.  ebtables-nft policies have no counter (-1): they have no delta, so an expectation
+    on one reads "no such rule" and fails instead of passing on a made-up 0.
     """
 
     def diff(old: RuleCounts, new: RuleCounts) -> RuleCounts:
+        # a counter the kernel does not keep (-1: nf_tables base chain policies) has no delta at all
         return {
-            node: {key: value - old.get(node, {}).get(key, 0) for key, value in rows.items()}
+            node: {key: value - old.get(node, {}).get(key, 0) for key, value in rows.items() if value >= 0}
             for node, rows in new.items()
         }
 

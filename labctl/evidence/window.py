@@ -199,6 +199,11 @@ class Window:
             rules_after = self._rule_counts()
             self._pump.close()
             notes = {node: watch.notes() for node, watch in self._watches.items()}
+            if self._pump.error:
+                self.error(self._pump.error)
+            lost_notes = sum(w.overruns for w in self._watches.values())
+            if lost_notes:
+                self.error(f"{lost_notes} overruns of the neighbour notification sockets: some were lost")
             walks = {node: nf_evidence.walks_per_packet(tracer.steps()) for node, tracer in self._tracers.items()}
             captures = {key: _capture(capture) for key, capture in self._captures.items()}
             fdb = {key: self._fdb(key) for key in sorted(self.spec.fdb)}

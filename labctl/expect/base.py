@@ -138,6 +138,7 @@ class Kind:
 
 
 _REGISTRY: dict[str, Kind] = {}
+_loaded = False
 
 
 def register(cls: type[Kind]) -> type[Kind]:
@@ -150,7 +151,9 @@ def register(cls: type[Kind]) -> type[Kind]:
 
 def kinds() -> Mapping[str, Kind]:
     """Every kind, by key, in report order (the ``kinds`` package is imported on first use)."""
-    if not _REGISTRY:
+    global _loaded
+    if not _loaded:  # not "registry empty": importing one kind module directly must not hide the others
+        _loaded = True
         from labctl.expect import kinds as package
 
         for info in pkgutil.iter_modules(package.__path__):

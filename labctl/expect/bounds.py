@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, StrictInt
 
 _BOUND_RE = re.compile(r"^\s*(?:(>=|<=|>|<|==)\s*(\d+)|(\d+)\s*\.\.\s*(\d+))\s*$")
 
@@ -31,11 +31,13 @@ def parse_bound(value: int | str) -> tuple[int, int | None]:
             raise ValueError(f"{value!r}: the low end is above the high end")
         return int(low), int(high)
     n = int(num)
+    if op == "<" and n == 0:
+        raise ValueError(f"{value!r}: no count is below 0")
     return {
         ">=": (n, None),
         ">": (n + 1, None),
         "<=": (0, n),
-        "<": (0, max(n - 1, 0)),
+        "<": (0, n - 1),
         "==": (n, n),
     }[op]
 
@@ -45,7 +47,8 @@ def _count(value: int | str) -> int | str:
     return value
 
 
-Count = Annotated[int | str, AfterValidator(_count)]
+Count = Annotated[StrictInt | str, AfterValidator(_count)]
+"""StrictInt: ``true`` is not a count (pydantic would make it 1)."""
 
 
 def matches(bound: int | str, observed: int) -> bool:

@@ -82,6 +82,8 @@ class NeighWatch:
             raise
         self._names: dict[int, str] = {}
         self._notes: list[NeighNote] = []
+        self.overruns = 0
+        """Times the socket overflowed (ENOBUFS): notifications were lost, so vouching may miss events."""
 
     def _ifname(self, index: int) -> str:
         if index not in self._names:
@@ -106,7 +108,8 @@ class NeighWatch:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:  # overrun: keep what we have, never hang
+                if exc.errno == errno.ENOBUFS:  # overrun: some notifications are lost -- say so
+                    self.overruns += 1
                     continue
                 raise
             now = time.monotonic()
@@ -154,21 +157,30 @@ class WatchPump:
 
     def __init__(self, watches: Sequence[NeighWatch]) -> None:
         self._watches = list(watches)
+        self.error: str | None = None
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="neighwatch", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            os.close(self._stop_r)
+            os.close(self._stop_w)
+            raise
 
     def _run(self) -> None:
-        poller = select.poll()
-        by_fd = {w.fileno(): w for w in self._watches}
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        while True:
-            for fd, _ in poller.poll():
-                if fd == self._stop_r:
-                    return
-                by_fd[fd].pump()
+        try:
+            poller = select.poll()
+            by_fd = {w.fileno(): w for w in self._watches}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            poller.register(self._stop_r, select.POLLIN)
+            while True:
+                for fd, _ in poller.poll():
+                    if fd == self._stop_r:
+                        return
+                    by_fd[fd].pump()
+        except Exception as exc:  # reported by the window, which turns it into an ERROR
+            self.error = f"neighbour notifications could not be read: {exc!r}"
 
     def close(self) -> None:
         if self._thread.is_alive():

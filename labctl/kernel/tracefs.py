@@ -33,6 +33,8 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from labctl.errors import KernelError
+
 TRACEFS = "/sys/kernel/tracing"
 INSTANCE_PREFIX = "labctl-"
 """Every tracefs instance labctl creates starts with this; ``clean`` relies on it."""
@@ -68,8 +70,8 @@ _READ_CHUNK = 1 << 20
 _RMDIR_ATTEMPTS = 20
 
 
-class TraceError(RuntimeError):
-    """tracefs is unusable, or refused a setting (bad filter, buffer size …)."""
+class TraceError(KernelError, RuntimeError):
+    """tracefs is unusable, or refused a setting (bad filter, buffer size …): a message, never a traceback."""
 
 
 # --------------------------------------------------------------------------- tracefs

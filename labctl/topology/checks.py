@@ -199,7 +199,7 @@ def _check_references(lab: LabFile) -> list[Problem]:
         for j, ref in enumerate(check.setup.napi_threaded):
             node, _, ifname = ref.partition("@")[0].partition(":")
             iface_ok((*base, "setup", "napi_threaded", j), node, ifname)
-        captures = {c.node for c in check.setup.capture} | {f"{c.node}:{c.interface}" for c in check.setup.capture}
+        captures = {f"{c.node}:{c.interface}" if c.interface else c.node for c in check.setup.capture}
         view = LabView(
             nodes={n: frozenset(lab.interface_names(n)) for n in lab.nodes},
             bridges={n: frozenset(spec.bridges) for n, spec in lab.nodes.items()},

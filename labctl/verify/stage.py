@@ -18,6 +18,7 @@ expectations are stated decides what the window records.
 from __future__ import annotations
 
 import contextlib
+import errno as errno_codes
 import os
 import re
 import subprocess
@@ -231,7 +232,7 @@ def _send(topo: Topology, step: _Step, window: Window) -> None:
             payload = (payload * (spec_u.size // max(len(payload), 1) + 1))[: spec_u.size]
         with pinned(spec_u.cpu):
             result = send_udp(_ns(topo, spec_u.node), host.strip("[]"), int(port), payload, count=spec_u.count)
-        errors = tuple(name for name in [result.error_name] if name)
+        errors = tuple(sorted({errno_codes.errorcode.get(code, str(code)) for code in result.errors}))
         window.record_send(SendEvidence(spec_u.node, "udp", spec_u.count, result.sent, errors))
     elif traffic.ping is not None:
         spec_p = traffic.ping

@@ -21,9 +21,9 @@ class SendError(Kind):
         sends = [s for s in ev.sends if s.kind == "udp"]
         errors = sorted({e for s in sends for e in s.errors})
         if value == "none":
-            ok = bool(sends) and not errors
-        else:
-            ok = bool(sends) and errors == [value] and all(s.errors for s in sends)
+            ok = bool(sends) and not errors and all(s.sent == s.attempted for s in sends)
+        else:  # every datagram refused, with this errno and no other
+            ok = bool(sends) and errors == [value] and all(s.sent == 0 for s in sends)
         return [Row("sender's errno", value, errors or "none", ok)]
 
 
@@ -37,7 +37,10 @@ class Reachable(Kind):
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         pings = [s for s in ev.sends if s.kind == "ping"]
         replies = [(s.replies or 0, s.sent) for s in pings]
-        ok = bool(pings) and all((r == sent) if value else r == 0 for r, sent in replies)
+        if value:  # every echo request went out and was answered
+            ok = bool(pings) and all(s.sent == s.attempted > 0 and (s.replies or 0) == s.sent for s in pings)
+        else:
+            ok = bool(pings) and all(s.sent > 0 and not s.replies for s in pings)
         return [
             Row(
                 "ping replies (received/sent)",

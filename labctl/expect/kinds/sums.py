@@ -57,6 +57,8 @@ def value_of(term: str, ev: Evidence) -> int:
         return sum(1 for e in ev.drops() if e.reason == rest)
     if head == "captured":
         return ev.captures[rest].frames
+    if rest not in ev.counter_names.get(head, frozenset()):
+        raise KeyError(f"{head} has no counter {rest}")
     return ev.counters.get(head, {}).get(rest, 0)
 
 
@@ -82,7 +84,9 @@ class Sums(Kind):
                 problem = term_issue(term, lab)
                 if problem:
                     issues.append(((i, "terms", j), problem))
-            if isinstance(item.equal, str) and not _is_count(item.equal):
+            if isinstance(item.equal, int) and item.equal < 0:
+                issues.append(((i, "equal"), "a sum cannot be negative"))
+            elif isinstance(item.equal, str) and not _is_count(item.equal):
                 problem = term_issue(item.equal, lab)
                 if problem:
                     issues.append(((i, "equal"), problem))
@@ -91,12 +95,17 @@ class Sums(Kind):
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         rows = []
         for item in value:
-            parts = {t: value_of(t, ev) for t in item.terms}
-            total = sum(parts.values())
-            if isinstance(item.equal, int) or _is_count(item.equal):
+            try:
+                values = [value_of(t, ev) for t in item.terms]
+                target = None if isinstance(item.equal, int) or _is_count(item.equal) else value_of(item.equal, ev)
+            except KeyError as exc:  # a counter this node does not have: never "did not move"
+                rows.append(Row(" + ".join(item.terms), item.equal, str(exc.args[0]), False))
+                continue
+            parts = dict(zip(item.terms, values, strict=True))
+            total = sum(values)
+            if target is None:
                 ok, expected = matches(item.equal, total), item.equal
             else:
-                target = value_of(item.equal, ev)
                 ok, expected = total == target, f"{item.equal} = {target}"
             rows.append(Row(f"{' + '.join(item.terms)}", expected, {"sum": total, **parts}, ok))
         return rows
