@@ -62,10 +62,10 @@ def _run_listing() -> set[str]:
         (["exec"], ".."),
     ],
 )
-def test_bad_names_exit_2_and_create_nothing(command: list[str], name: str) -> None:
+def test_bad_names_exit_2_and_create_nothing(command: list[str], name: str, tmp_path: Path) -> None:
     before = _run_listing()
     argv = [LABCTL, *command, name] + (["node", "--", "true"] if command == ["exec"] else [])
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/work")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "lab name" in result.stderr
