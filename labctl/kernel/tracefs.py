@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from labctl.errors import KernelError
+from labctl.kernel import procs
 
 TRACEFS = "/sys/kernel/tracing"
 INSTANCE_PREFIX = "labctl-"
@@ -115,16 +116,6 @@ def _instances_dir() -> str:
     return os.path.join(ensure_mounted(), "instances")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _instance_pid(name: str) -> int | None:
     match = re.fullmatch(re.escape(INSTANCE_PREFIX) + r"(\d+)-\d+", name)
     return int(match.group(1)) if match else None
@@ -159,7 +150,7 @@ def remove_stale_instances(*, include_live: bool = False) -> list[str]:
     removed = []
     for name in list_instances():
         pid = _instance_pid(name)
-        stale = pid is not None and not _pid_alive(pid)
+        stale = pid is not None and not procs.alive(pid)
         if not (stale or include_live):
             continue
         try:
