@@ -80,17 +80,20 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
-_libc = ctypes.CDLL(None, use_errno=True)
+LIBC = ctypes.CDLL(None, use_errno=True)
+"""libc, for the namespace and mount calls labctl makes itself (sysfs.py shares it)."""
 
 
-def _check(result: int, what: str) -> None:
+def check_call(result: int, what: str) -> None:
+    """Raise OSError with errno when a libc call returned non-zero."""
     if result != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
-def _setns(fd: int) -> None:
-    _check(_libc.setns(fd, CLONE_NEWNET), "setns")
+def setns_fd(fd: int) -> None:
+    """Move the calling thread into the network namespace ``fd`` refers to."""
+    check_call(LIBC.setns(fd, CLONE_NEWNET), "setns")
 
 
 @contextlib.contextmanager
@@ -101,7 +104,7 @@ def _saved_namespace() -> Iterator[None]:
         yield
     finally:
         try:
-            _setns(saved)
+            setns_fd(saved)
         finally:
             os.close(saved)
 
@@ -116,9 +119,9 @@ def _share_run_dir() -> None:
         return
     os.makedirs(NETNS_RUN_DIR, exist_ok=True)
     run_dir = NETNS_RUN_DIR.encode()
-    if _libc.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None) != 0:
-        _check(_libc.mount(run_dir, run_dir, b"none", MS_BIND | MS_REC, None), f"bind {NETNS_RUN_DIR}")
-        _check(_libc.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None), f"share {NETNS_RUN_DIR}")
+    if LIBC.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None) != 0:
+        check_call(LIBC.mount(run_dir, run_dir, b"none", MS_BIND | MS_REC, None), f"bind {NETNS_RUN_DIR}")
+        check_call(LIBC.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None), f"share {NETNS_RUN_DIR}")
     _run_dir_shared = True
 
 
@@ -134,8 +137,8 @@ def create(name: str) -> None:
         raise NamespaceError(f"cannot create network namespace {name}: {exc}") from exc
     try:
         with _saved_namespace():
-            _check(_libc.unshare(CLONE_NEWNET), "unshare")
-            _check(_libc.mount(b"/proc/thread-self/ns/net", target.encode(), b"none", MS_BIND, None), "bind mount")
+            check_call(LIBC.unshare(CLONE_NEWNET), "unshare")
+            check_call(LIBC.mount(b"/proc/thread-self/ns/net", target.encode(), b"none", MS_BIND, None), "bind mount")
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(target)
@@ -156,7 +159,7 @@ def entered(name: str) -> Iterator[None]:
         raise NamespaceError(f"network namespace {name} does not exist") from None
     try:
         with _saved_namespace():
-            _setns(fd)
+            setns_fd(fd)
             yield
     finally:
         os.close(fd)
@@ -173,8 +176,8 @@ def netlink(name: str) -> IPRoute:
 def remove(name: str) -> None:
     """Unmount and unlink the namespace; the kernel frees it once unused."""
     target = path(name)
-    if _libc.umount2(target.encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
-        _check(-1, f"umount {target}")
+    if LIBC.umount2(target.encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+        check_call(-1, f"umount {target}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(target)
 

@@ -9,25 +9,15 @@ mounts untouched.
 
 from __future__ import annotations
 
-import ctypes
 import os
 
-from pyroute2 import netns as _pyroute2_netns
-
 from labctl.kernel import netns
+from labctl.kernel.netns import LIBC, check_call
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 MNT_DETACH = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def enter_with_own_sysfs(namespace: str) -> None:
@@ -36,11 +26,15 @@ def enter_with_own_sysfs(namespace: str) -> None:
     Only for a child process or right before ``exec``: the mount namespace is
     unshared for the whole process.
     """
-    _pyroute2_netns.setns(netns.path(namespace), flags=0)
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "make / a slave mount")
-    _libc.umount2(b"/sys", MNT_DETACH)
-    _check(_libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "mount sysfs")
+    fd = os.open(netns.path(namespace), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        netns.setns_fd(fd)
+    finally:
+        os.close(fd)
+    check_call(LIBC.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    check_call(LIBC.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "make / a slave mount")
+    LIBC.umount2(b"/sys", MNT_DETACH)
+    check_call(LIBC.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "mount sysfs")
 
 
 def write_in_namespace(namespace: str, relative: str, value: str) -> None:
