@@ -145,6 +145,15 @@ class SocketEvidence:
     queued_bytes: int
     drops: int
     sources: tuple[str, ...] = ()
+    proto: str = "udp"
+    state: str | None = None
+    """tcp: the socket's TCP state after the traffic (LISTEN)."""
+    accept_queue: int | None = None
+    """tcp: handshakes completed and waiting to be accepted (``received`` counts the accepted ones)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}:{self.port}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +164,9 @@ class SocketEvidence:
             "queued_bytes": self.queued_bytes,
             "drops": self.drops,
             "sources": list(self.sources),
+            "proto": self.proto,
+            "state": self.state,
+            "accept_queue": self.accept_queue,
         }
 
     @classmethod
@@ -167,6 +179,83 @@ class SocketEvidence:
             int(data["queued_bytes"]),
             int(data["drops"]),
             tuple(data.get("sources", ())),
+            str(data.get("proto", "udp")),
+            data.get("state"),
+            data.get("accept_queue"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEvidence:
+    """One TCP connection a ``tcp`` step attempted: how it ended (connected, refused, timed_out, error),
+    the errno when it did not connect, the bytes the client sent and its socket's state once they were sent."""
+
+    node: str
+    to: str
+    outcome: str
+    errno: str | None = None
+    sent_bytes: int = 0
+    state: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "to": self.to,
+            "outcome": self.outcome,
+            "errno": self.errno,
+            "sent_bytes": self.sent_bytes,
+            "state": self.state,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConnectionEvidence:
+        return cls(
+            str(data["node"]),
+            str(data["to"]),
+            str(data["outcome"]),
+            data.get("errno"),
+            int(data.get("sent_bytes", 0)),
+            str(data.get("state", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExecEvidence:
+    """One program an ``exec`` step ran in a node: its exit status and (bounded) output, or why it did not run."""
+
+    label: str
+    """'traffic[2]', 'setup.exec[0]', 'undo setup.exec[0]'."""
+    node: str
+    argv: tuple[str, ...]
+    exit: int | None
+    stdout: str = ""
+    stderr: str = ""
+    seconds: float = 0.0
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "node": self.node,
+            "argv": list(self.argv),
+            "exit": self.exit,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExecEvidence:
+        return cls(
+            str(data["label"]),
+            str(data["node"]),
+            tuple(data.get("argv", ())),
+            data.get("exit"),
+            str(data.get("stdout", "")),
+            str(data.get("stderr", "")),
+            float(data.get("seconds", 0.0)),
+            data.get("error"),
         )
 
 
@@ -273,6 +362,10 @@ class Evidence:
     notifications: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: FROZEN_EMPTY)
     errors: tuple[str, ...] = field(default=())
     """Steps that could not do what they said (a socket that failed, an exec that timed out)."""
+    connections: tuple[ConnectionEvidence, ...] = ()
+    """Every TCP connection the check's tcp steps attempted, in order."""
+    execs: tuple[ExecEvidence, ...] = ()
+    """Every program the check's exec steps ran (setup, traffic, undo), in order."""
 
     # ------------------------------------------------------------ derived views
 
@@ -310,6 +403,8 @@ class Evidence:
             "conntrack": self.conntrack,
             "notifications": {n: list(v) for n, v in self.notifications.items()},
             "errors": list(self.errors),
+            "connections": [c.as_dict() for c in self.connections],
+            "execs": [x.as_dict() for x in self.execs],
         }
 
     @classmethod
@@ -342,6 +437,8 @@ class Evidence:
             conntrack=int(data.get("conntrack", 0)),
             notifications=MappingProxyType({n: tuple(v) for n, v in data.get("notifications", {}).items()}),
             errors=tuple(data.get("errors", ())),
+            connections=tuple(ConnectionEvidence.from_dict(c) for c in data.get("connections", ())),
+            execs=tuple(ExecEvidence.from_dict(x) for x in data.get("execs", ())),
         )
 
 

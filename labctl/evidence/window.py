@@ -23,7 +23,9 @@ from labctl.evidence import netfilter as nf_evidence
 from labctl.evidence.attribution import Scope, attribute
 from labctl.evidence.model import (
     CaptureEvidence,
+    ConnectionEvidence,
     Evidence,
+    ExecEvidence,
     FdbEntry,
     SendEvidence,
     SocketEvidence,
@@ -114,6 +116,8 @@ class Window:
         self._sends: list[SendEvidence] = []
         self._sockets: list[SocketEvidence] = []
         self._errors: list[str] = []
+        self._connections: list[ConnectionEvidence] = []
+        self._execs: list[ExecEvidence] = []
         self._evidence: Evidence | None = None
         self._raw: list[tracefs.TraceEvent] = []
         self._relays: set[int] = set()
@@ -170,6 +174,12 @@ class Window:
 
     def record_sockets(self, sockets: Iterable[SocketEvidence]) -> None:
         self._sockets += list(sockets)
+
+    def record_connections(self, connections: Iterable[ConnectionEvidence]) -> None:
+        self._connections += list(connections)
+
+    def record_exec(self, run: ExecEvidence) -> None:
+        self._execs.append(run)
 
     def error(self, text: str) -> None:
         """A step that could not do what it said: the verdict must be ERROR, never PASS."""
@@ -248,6 +258,8 @@ class Window:
             conntrack=ct,
             notifications=MappingProxyType({n: tuple(x.text() for x in v) for n, v in notes.items() if v}),
             errors=tuple(self._errors),
+            connections=tuple(self._connections),
+            execs=tuple(self._execs),
         )
         return self._evidence
 

@@ -84,6 +84,12 @@ class LabView:
     """The check's capture keys ('node' and 'node:iface')."""
     listeners: int
     """How many listeners the check's setup has."""
+    sockets: Mapping[str, str] = field(default_factory=dict)
+    """The check's listeners: 'node:port' -> 'udp' or 'tcp'."""
+    exec_steps: frozenset[str] = frozenset()
+    """Labels of the check's exec traffic steps ('traffic[2]')."""
+    step_kinds: frozenset[str] = frozenset()
+    """Which kinds of traffic step the check has ('udp', 'tcp', 'exec', ...)."""
 
 
 @dataclass(frozen=True)

@@ -635,21 +635,8 @@ class NodeLinks:
 
         GRO on a veth switches its receive side to NAPI (notes §1, claim R13).
         """
-        from pyroute2 import Ethtool
-
         self.commit()
-        with netns.entered(self.namespace):
-            ethtool = Ethtool()
-            try:
-                features = ethtool.get_features(name)
-                unknown = sorted(set(wanted) - set(features.features))
-                if unknown:
-                    raise OSError(f"{name} in {self.namespace} has no ethtool feature {', '.join(unknown)}")
-                for feature, enabled in wanted.items():
-                    features.features[feature].enable = enabled
-                ethtool.set_features(name, features)
-            finally:
-                ethtool.close()
+        swap_features(self.namespace, name, wanted)
 
     def set_root_qdisc(self, name: str, kind: str, **params: Any) -> None:
         """Replace the root qdisc (delete first: the kernel refuses to replace across kinds)."""
@@ -670,3 +657,40 @@ class NodeLinks:
 
         self.commit()
         write_in_namespace(self.namespace, f"class/net/{name}/queues/rx-0/rps_cpus", mask)
+
+
+def swap_features(namespace: str, name: str, wanted: dict[str, bool], strict: bool = False) -> dict[str, bool]:
+    """ethtool -K ``name`` in ``namespace``; returns the values the named features had (to put them back).
+
+    A feature the device does not have is an error naming it; with ``strict``, so is one the driver did not
+    change (fixed, or needing another feature first): the values are put back and the error names it.
+    """
+    from pyroute2 import Ethtool
+
+    with netns.entered(namespace):
+        ethtool = Ethtool()
+        try:
+            features = ethtool.get_features(name)
+            unknown = sorted(set(wanted) - set(features.features))
+            if unknown:
+                raise OSError(f"{name} in {namespace} has no ethtool feature {', '.join(unknown)}")
+            before = {feature: bool(features.features[feature].enable) for feature in wanted}
+            for feature, enabled in wanted.items():
+                features.features[feature].enable = enabled
+            ethtool.set_features(name, features)
+            if not strict:
+                return before
+            after = ethtool.get_features(name)
+            stuck = sorted(f for f, on in wanted.items() if bool(after.features[f].enable) != on)
+            if stuck:
+                ethtool.set_features(name, _with(after, before))
+                raise OSError(f"{name} in {namespace}: the driver did not change {', '.join(stuck)} (fixed?)")
+            return before
+        finally:
+            ethtool.close()
+
+
+def _with(features: Any, values: dict[str, bool]) -> Any:
+    for feature, enabled in values.items():
+        features.features[feature].enable = enabled
+    return features

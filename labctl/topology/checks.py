@@ -9,15 +9,16 @@ exact is the rule, bounds are for what is statistical (backlog overflow).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from labctl.errors import KeyPath, Problem
 from labctl.expect.base import LabView, kinds
 from labctl.expect.bounds import Count, matches, parse_bound
 from labctl.expect.values import Address, check_address
 from labctl.topology.model import NAME_PATTERN, Strict, Topology
+from labctl.topology.steps import Exec, SendTcp, SetupExec, check_features, exec_expectations, exec_label
 
 __all__ = ["Address", "Check", "Count", "Expect", "LabFile", "matches", "parse_bound"]
 
@@ -25,11 +26,16 @@ CLAIM_RE = re.compile(r"^[A-Z]\d+$")
 
 
 class Listen(Strict):
-    """A UDP socket on a node, to deliver to, fill up, or filter."""
+    """A socket on a node: UDP to deliver to, fill up, or filter; TCP (``proto: tcp``) to accept or not."""
 
     node: str
     port: Annotated[int, Field(ge=1, le=65535)]
     address: str = "0.0.0.0"
+    proto: Literal["udp", "tcp"] = "udp"
+    backlog: Annotated[int, Field(ge=0, le=4096)] = 16
+    """tcp: listen()'s backlog, the accept queue's length."""
+    accept: bool = True
+    """tcp: False leaves completed handshakes waiting in the accept queue (it overflows past ``backlog``)."""
     rcvbuf: Annotated[int, Field(ge=1)] | None = None
     read: bool = True
     """False: the socket never reads, so its queue fills (SOCKET_RCVBUFF)."""
@@ -61,8 +67,16 @@ class Setup(Strict):
     napi_threaded: list[Annotated[str, Field(pattern=r"^[^:@]+:[^:@]+(@\d+)?$")]] = []
     """'node:iface' whose NAPI runs in its own kernel thread for the check (/sys/class/net/IFACE/threaded),
     undone afterwards: with GRO on a veth, batching in the thread is what lets GRO merge."""
+    features: dict[str, dict[str, bool]] = {}
+    """'node:iface' -> ethtool features for the check (rx-gro-list, rx-udp-gro-forwarding, tx-udp-segmentation;
+    gro and tso are rx-gro and tx-tcp-segmentation), put back to what they were afterwards."""
+    exec: list[SetupExec] = []
+    """Programs run in nodes before the traffic (each must end as said, exit 0 by default, or the check is an
+    ERROR); each ``undo`` argv runs when the check is undone, in reverse order."""
     hooks_match: str | None = None
     """iptables match limiting the hook trace to the check's packets (derived from the traffic when omitted)."""
+
+    _features = field_validator("features")(check_features)
 
 
 class Inject(Strict):
@@ -109,21 +123,30 @@ class Traffic(Strict):
     inject: Inject | None = None
     udp: SendUdp | None = None
     ping: Ping | None = None
+    tcp: SendTcp | None = None
+    exec: Exec | None = None
     settle: Annotated[float, Field(ge=0, le=10)] = 0.1
     """Seconds to wait after sending for the kernel to finish with the packets."""
 
     @model_validator(mode="after")
     def _one(self) -> Traffic:
-        given = [k for k in ("inject", "udp", "ping") if getattr(self, k) is not None]
+        given = [k for k in STEP_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("a traffic step has exactly one of 'inject', 'udp' or 'ping'")
+            raise ValueError(f"a traffic step has exactly one of {', '.join(repr(k) for k in STEP_KINDS)}")
         return self
 
     @property
+    def step(self) -> Inject | SendUdp | Ping | SendTcp | Exec:
+        found = self.inject or self.udp or self.ping or self.tcp or self.exec
+        assert found is not None
+        return found
+
+    @property
     def node(self) -> str:
-        step = self.inject or self.udp or self.ping
-        assert step is not None
-        return step.node
+        return self.step.node
+
+
+STEP_KINDS = ("inject", "udp", "ping", "tcp", "exec")
 
 
 def _expect_model() -> type[Strict]:
@@ -148,6 +171,12 @@ class Check(Strict):
     traffic: list[Traffic] = []
     expect: Expect = Expect()  # type: ignore[valid-type]
     repeat: Annotated[int, Field(ge=1, le=100)] = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exec_expectations(cls, data: Any) -> Any:
+        """An exec traffic step's exit/stdout/stderr are the ``exec`` expectation of its step (one judge)."""
+        return exec_expectations(data)
 
 
 class LabFile(Topology):
@@ -189,9 +218,12 @@ def _check_references(lab: LabFile) -> list[Problem]:
             for node in getattr(check.setup, table):
                 node_ok((*base, "setup", table, node), node)
         for j, step in enumerate(check.traffic):
-            sent = step.inject or step.udp or step.ping
-            assert sent is not None
-            iface_ok((*base, "traffic", j), sent.node, step.inject.interface if step.inject else None)
+            iface_ok((*base, "traffic", j), step.node, step.inject.interface if step.inject else None)
+        for j, run in enumerate(check.setup.exec):
+            node_ok((*base, "setup", "exec", j, "node"), run.node)
+        for ref in check.setup.features:
+            node, _, ifname = ref.partition(":")
+            iface_ok((*base, "setup", "features", ref), node, ifname)
         for j, ref in enumerate(check.setup.fdb_flush):
             node, _, bridge = ref.partition(":")
             if node_ok((*base, "setup", "fdb_flush", j), node) and bridge not in lab.nodes[node].bridges:
@@ -205,6 +237,9 @@ def _check_references(lab: LabFile) -> list[Problem]:
             bridges={n: frozenset(spec.bridges) for n, spec in lab.nodes.items()},
             captures=frozenset(captures),
             listeners=len(check.setup.listen),
+            sockets={f"{spec.node}:{spec.port}": spec.proto for spec in check.setup.listen},
+            exec_steps=frozenset(exec_label(j) for j, step in enumerate(check.traffic) if step.exec),
+            step_kinds=frozenset(k for step in check.traffic for k in STEP_KINDS if getattr(step, k) is not None),
         )
         expect = check.expect
         for key, kind in kinds().items():

@@ -18,6 +18,7 @@ expectations are stated decides what the window records.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno as errno_codes
 import os
 import re
@@ -26,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from labctl.evidence.model import Evidence, SendEvidence, SocketEvidence
+from labctl.evidence.model import Evidence, ExecEvidence, SendEvidence, SocketEvidence
 from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSpec
 from labctl.expect.base import JudgeContext, Needs
 from labctl.kernel import ebtables, iptables, netns, sysctl
@@ -35,10 +36,20 @@ from labctl.kernel.packet import inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import UdpListener, send_udp
 from labctl.kernel.sysfs import write_in_namespace
+from labctl.kernel.tcp import TcpListener
 from labctl.lab.traffic import PreparedFrame, TrafficError, prepare_injection
 from labctl.topology.checks import Check, Listen, Traffic
 from labctl.topology.model import Topology
 from labctl.verify.judge import needs_of
+from labctl.verify.steps import (
+    exec_label,
+    interface_features,
+    run_exec,
+    run_tcp,
+    setup_execs,
+    tcp_listener,
+    tcp_socket_evidence,
+)
 
 ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
 
@@ -50,6 +61,8 @@ def trace_match(check: Check) -> str:
     for step in check.traffic:
         if step.udp is not None:
             return f"-p udp --dport {step.udp.to.rpartition(':')[2]}"
+        if step.tcp is not None:
+            return f"-p tcp --dport {step.tcp.to.rpartition(':')[2]}"
         if step.ping is not None:
             return "-p icmp"
         if step.inject is not None:
@@ -185,7 +198,9 @@ def temporary_sysctls(topo: Topology, check: Check) -> Iterator[None]:
                 sysctl.write_many({key: old}, ns)
 
 
-def _listener(topo: Topology, spec: Listen) -> UdpListener:
+def _listener(topo: Topology, spec: Listen) -> UdpListener | TcpListener:
+    if spec.proto == "tcp":
+        return tcp_listener(topo, spec)
     return UdpListener(
         _ns(topo, spec.node),
         spec.port,
@@ -213,9 +228,13 @@ def _ip_protocol(address: str) -> int:
 _PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 
 
-def _send(topo: Topology, step: _Step, window: Window) -> None:
+def _send(topo: Topology, index: int, step: _Step, window: Window) -> None:
     traffic = step.traffic
-    if traffic.inject is not None and step.frame is not None:
+    if traffic.exec is not None:
+        run_exec(topo, exec_label(index), traffic.exec, window)
+    elif traffic.tcp is not None:
+        run_tcp(topo, traffic.tcp, window)
+    elif traffic.inject is not None and step.frame is not None:
         spec = traffic.inject
         try:
             with pinned(spec.cpu):
@@ -254,7 +273,7 @@ def warm_neighbours(topo: Topology, check: Check) -> None:
     if not check.setup.warm_neighbours:
         return
     for node, to in dict.fromkeys(
-        (t.udp.node, t.udp.to.rpartition(":")[0].strip("[]")) for t in check.traffic if t.udp
+        (t.node, s.to.rpartition(":")[0].strip("[]")) for t in check.traffic for s in (t.udp, t.tcp) if s
     ):
         if to.startswith("127.") or to == "::1":
             continue
@@ -278,28 +297,51 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
     for step in steps:
         if step.frame is not None:
             protocols.add(_ethertype(step.frame.frame))
-        elif step.traffic.udp is not None:
-            protocols.add(_ip_protocol(step.traffic.udp.to.rpartition(":")[0]))
+        elif step.traffic.udp is not None or step.traffic.tcp is not None:
+            sender = step.traffic.udp or step.traffic.tcp
+            assert sender is not None
+            protocols.add(_ip_protocol(sender.to.rpartition(":")[0]))
         elif step.traffic.ping is not None:
             protocols.add(_ip_protocol(step.traffic.ping.to))
     warm_neighbours(topo, check)  # before the stage: its conntrack flush forgets the warm-up's flows
+    execs: list[ExecEvidence] = []
+    stage_errors: list[str] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(temporary_sysctls(topo, check))
         stack.enter_context(temporary_rules(topo, check))
         stack.enter_context(threaded_napi(topo, check))
+        stack.enter_context(interface_features(topo, check))
         for ref in check.setup.fdb_flush:
             node, _, bridge = ref.partition(":")
             flush_learned(_ns(topo, node), bridge)
-        listeners = [(spec, stack.enter_context(_listener(topo, spec))) for spec in check.setup.listen]
+        stack.enter_context(setup_execs(topo, check, execs, stage_errors))
+        listeners: list[tuple[Listen, UdpListener | TcpListener]] = []
+        for spec in check.setup.listen:
+            listener = _listener(topo, spec)
+            stack.callback(listener.close)
+            listeners.append((spec, listener))
         window = stack.enter_context(Window(topo, window_spec(check, needs)))
-        for step in steps:
-            _send(topo, step, window)
+        for error in stage_errors:
+            window.error(error)
+        if not stage_errors:  # never traffic on a stage that is not in place
+            for index, step in enumerate(steps):
+                _send(topo, index, step, window)
         window.record_sockets(_socket_evidence(spec, listener) for spec, listener in listeners)
         evidence = window.close()
+    # the setup's exec steps and their undo ran outside the window: their results join its evidence
+    if execs or stage_errors:
+        undo = [x for x in execs if x.label.startswith("undo ")]
+        evidence = dataclasses.replace(
+            evidence,
+            execs=(*[x for x in execs if x not in undo], *evidence.execs, *undo),
+            errors=evidence.errors + tuple(e for e in stage_errors if e not in evidence.errors),
+        )
     return evidence, JudgeContext(traffic_protocols=frozenset(protocols))
 
 
-def _socket_evidence(spec: Listen, listener: UdpListener) -> SocketEvidence:
+def _socket_evidence(spec: Listen, listener: UdpListener | TcpListener) -> SocketEvidence:
+    if isinstance(listener, TcpListener):
+        return tcp_socket_evidence(spec, listener)
     stats = listener.stats()
     received = listener.received()
     return SocketEvidence(
