@@ -310,7 +310,7 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
         stack.enter_context(temporary_sysctls(topo, check))
         stack.enter_context(temporary_rules(topo, check))
         stack.enter_context(threaded_napi(topo, check))
-        stack.enter_context(interface_features(topo, check))
+        stack.enter_context(interface_features(topo, check, stage_errors))
         for ref in check.setup.fdb_flush:
             node, _, bridge = ref.partition(":")
             flush_learned(_ns(topo, node), bridge)

@@ -70,6 +70,8 @@ def setup_execs(topo: Topology, check: Check, record: list[ExecEvidence], errors
     done: list[tuple[int, SetupExec]] = []
     try:
         for index, step in enumerate(check.setup.exec):
+            if errors:  # an earlier part of the stage failed: nothing more is put in place
+                break
             label = f"setup.exec[{index}]"
             run = _evidence(label, step.node, run_in_node(_ns(topo, step.node), step.cmd, step.timeout))
             record.append(_stored(run))
@@ -100,14 +102,22 @@ def run_exec(topo: Topology, label: str, step: Exec, window: Window) -> None:
 
 
 @contextlib.contextmanager
-def interface_features(topo: Topology, check: Check) -> Iterator[None]:
-    """ethtool features for the check, each interface put back to its previous values afterwards."""
+def interface_features(topo: Topology, check: Check, errors: list[str]) -> Iterator[None]:
+    """ethtool features for the check, each interface put back to its previous values afterwards.
+
+    A feature the device lacks or the driver will not change is a stage error (``errors``): the check is
+    an ERROR naming it, and its traffic is not sent.
+    """
     done: list[tuple[str, str, dict[str, bool]]] = []
     try:
         for ref, wanted in check.setup.features.items():
             node, _, ifname = ref.partition(":")
             named = {feature_name(k): v for k, v in wanted.items()}
-            before = swap_features(_ns(topo, node), ifname, named, strict=True)
+            try:
+                before = swap_features(_ns(topo, node), ifname, named, strict=True)
+            except OSError as exc:
+                errors.append(f"setup.features[{ref}]: {exc}")
+                break
             done.append((node, ifname, before))
         yield
     finally:
