@@ -25,7 +25,7 @@ CASES = {
     "tx-path": ["arp-unanswered", "output-drop-fails-the-send", "full-qdisc-drops"],
     "forwarding": ["prerouting-decides-the-route"],
     "tcp-connect": ["refused-by-rst", "accepted-with-transfer", "handshake-waits-in-accept-queue",
-                    "syn-dropped-in-output"],
+                    "accept-queue-overflows", "syn-dropped-in-output"],
     "tcpbr-exec-bridge": ["isolated-ports-do-not-talk"],
 }
 
