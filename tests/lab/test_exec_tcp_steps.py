@@ -86,8 +86,10 @@ def test_tcp_outcomes_and_features_are_undone(tmp_path: Path, lab_name: str) -> 
   - name: transfer
     setup:
       listen: [{node: server, port: 8080, proto: tcp}]
-      features: {"server:eth0": {gro: false, rx-gro-list: true}}
-    traffic: [{tcp: {node: client, to: "10.0.77.2:8080", bytes: 100000}}]
+      features: {"server:eth0": {gro: true, rx-gro-list: true, rx-udp-gro-forwarding: true, tso: false}}
+    traffic:
+      - exec: {node: server, cmd: [ethtool, -k, eth0], stdout: "rx-gro-list: on", exit: 0}
+      - tcp: {node: client, to: "10.0.77.2:8080", bytes: 100000}
     expect:
       tcp: {connected: 1, sent_bytes: 100000}
       socket: {"server:8080": {received: 1, bytes: 100000, state: LISTEN}}
@@ -116,7 +118,7 @@ def test_tcp_outcomes_and_features_are_undone(tmp_path: Path, lab_name: str) -> 
         assert "rx-no-such-feature" in (by["unknown-feature-errors"].error or "")
         assert by["unknown-feature-errors"].observation["sends"] == []
         # the features were put back: swapping in the defaults again reports them as they were
-        before = swap_features(ns, "eth0", {"rx-gro": False, "rx-gro-list": False})
-        assert before == {"rx-gro": False, "rx-gro-list": False}
+        defaults = {"rx-gro": False, "rx-gro-list": False, "rx-udp-gro-forwarding": False, "tx-tcp-segmentation": True}
+        assert swap_features(ns, "eth0", defaults) == defaults
     finally:
         subprocess.run([".venv/bin/labctl", "down", lab_name], check=False, capture_output=True)
