@@ -139,3 +139,12 @@ def test_cli_exit_2_and_nothing_built(tmp_path: Path) -> None:
     assert done.returncode == 2, done
     assert "lab.yaml:12: checks[0].traffic[0].exec.cmd[1]" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_hook_trace_singles_out_the_tcp_step(tmp_path: Path) -> None:
+    from labctl.verify.stage import trace_match
+
+    file = tmp_path / "lab.yaml"
+    file.write_text(HEAD + "    traffic: [{exec: {node: a, cmd: [ip, link]}}, {tcp: {node: a, to: '10.0.0.2:8080'}}]\n")
+    lab, _ = load_lab(str(file))
+    assert trace_match(lab.checks[0]) == "-p tcp --dport 8080"
