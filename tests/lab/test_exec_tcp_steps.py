@@ -122,3 +122,26 @@ def test_tcp_outcomes_and_features_are_undone(tmp_path: Path, lab_name: str) -> 
         assert swap_features(ns, "eth0", defaults) == defaults
     finally:
         subprocess.run([".venv/bin/labctl", "down", lab_name], check=False, capture_output=True)
+
+
+def test_tcp_over_ipv6(tmp_path: Path, lab_name: str) -> None:
+    file = tmp_path / f"{lab_name}.yaml"
+    file.write_text(f"""\
+name: {lab_name}
+topology:
+  nodes:
+    server: {{ipv6: true}}
+checks:
+  - name: v6-loopback
+    setup:
+      listen: [{{node: server, port: 80, proto: tcp, address: "::"}}]
+    traffic:
+      - tcp: {{node: server, to: "[::1]:80", bytes: 1000}}
+      - tcp: {{node: server, to: "[::1]:81"}}
+    expect:
+      tcp: {{connected: 1, refused: 1}}
+      socket: {{"server:80": {{received: 1, bytes: 1000}}}}
+      dropped: {{reason: NO_SOCKET, at: tcp_v6_rcv, count: 1}}
+""")
+    result = run_lab(str(file))
+    assert result.checks[0].status == "pass", result.checks[0].evidence
