@@ -16,6 +16,7 @@ reports the accept queue's length in ``tcpi_unacked`` and the backlog in
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_codes
 import os
 import select
@@ -216,7 +217,7 @@ class Attempt:
     """One connection: how it ended, the errno when it did not connect, bytes sent, the socket's last state."""
 
     outcome: str
-    """connected | refused | timed_out | error"""
+    """connected | refused | timed_out | error (another errno) | not_tried (the call ran out of time)"""
     errno: str | None
     sent: int
     state: str
@@ -226,65 +227,123 @@ def _name(code: int) -> str:
     return errno_codes.errorcode.get(code, str(code))
 
 
-def connect_tcp(
-    namespace: str, host: str, port: int, payload: bytes = b"", timeout: float = 1.0, linger: float = 1.0
-) -> Attempt:
-    """Connect from the node's own stack, send ``payload``, half-close and wait (``linger``) for the peer's EOF.
+HANDSHAKE_GRACE = 2.0
+"""Seconds past the timeout (and past the kernel's first SYN retransmission at 1 s) to hear the verdict."""
+EOF_WAIT = 2.0
+"""Seconds, for all connections together, for the server to read everything and close."""
 
-    ``TCP_USER_TIMEOUT`` makes the kernel itself give up on an unanswered SYN at its first retransmission
-    timer after ``timeout`` (ETIMEDOUT, as a real client would see it), instead of after 2 minutes.
+
+STEP_BUDGET = 60.0
+"""Seconds the handshakes of one call may take together: past it, the connections not yet tried are errors."""
+
+
+def connect_tcp(
+    namespace: str, host: str, port: int, payload: bytes = b"", count: int = 1, timeout: float = 1.0
+) -> list[Attempt]:
+    """``count`` connections from the node's own stack, one handshake after the other (so what the first did
+    to the listener -- a full accept queue -- is what the second meets); then each sends ``payload``,
+    half-closes and waits for the server's EOF, all together (the bytes the server read are then final).
+
+    ``TCP_USER_TIMEOUT`` makes the kernel itself give up on an unanswered SYN (ETIMEDOUT, as a real client
+    sees it) instead of after two minutes.  The whole call is bounded: handshakes by ``STEP_BUDGET``, the
+    transfer and the wait for EOF by one deadline each for all connections.
     """
     with netns.entered(namespace):
-        sock = socket.socket(_family(host), socket.SOCK_STREAM)
-    with sock:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(timeout * 1000)))
-        code = sock.connect_ex((host.strip("[]"), port))
-        if code not in (0, errno_codes.EINPROGRESS):
-            return Attempt("error", _name(code), 0, tcp_info(sock).state)
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLOUT)
-        # the kernel's SYN timer fires at the first RTO (1 s) at the earliest: wait for its verdict
-        if not poller.poll(int((max(timeout, 1.0) + 2.0) * 1000)):
-            return Attempt("timed_out", "ETIMEDOUT", 0, tcp_info(sock).state)
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            outcome = {errno_codes.ECONNREFUSED: "refused", errno_codes.ETIMEDOUT: "timed_out"}.get(code, "error")
-            return Attempt(outcome, _name(code), 0, tcp_info(sock).state)
-        sent = _send_all(sock, payload, time.monotonic() + max(timeout, linger))
-        state = tcp_info(sock).state
-        sock.shutdown(socket.SHUT_WR)
+        socks = [socket.socket(_family(host), socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        results: dict[int, Attempt] = {}
+        connected: dict[int, socket.socket] = {}
+        budget = time.monotonic() + STEP_BUDGET
+        for index, sock in enumerate(socks):
+            if time.monotonic() > budget:
+                results[index] = Attempt("not_tried", None, 0, "")  # the step ran out of time
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(timeout * 1000)))
+            code = sock.connect_ex((host.strip("[]"), port))
+            if code not in (0, errno_codes.EINPROGRESS):
+                results[index] = Attempt("error", _name(code), 0, tcp_info(sock).state)
+                continue
+            deadline = min(budget, time.monotonic() + max(timeout, 1.0) + HANDSHAKE_GRACE)
+            connected |= _handshakes({index: sock}, results, deadline)
+        sent = _send_all(connected, payload, time.monotonic() + max(timeout, EOF_WAIT))
+        for index, sock in connected.items():
+            results[index] = Attempt("connected", None, sent[index], tcp_info(sock).state)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
         if payload:  # the transfer is done when the server has read it all and closed
-            _wait_eof(sock, time.monotonic() + linger)
-        return Attempt("connected", None, sent, state)
+            _wait_eof(connected, time.monotonic() + EOF_WAIT)
+        return [results[i] for i in range(count)]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
-def _send_all(sock: socket.socket, payload: bytes, deadline: float) -> int:
-    view = memoryview(payload)
-    sent = 0
+def _handshakes(
+    pending: dict[int, socket.socket], results: dict[int, Attempt], deadline: float
+) -> dict[int, socket.socket]:
+    """Wait for every pending connect's verdict; the connected sockets, by index."""
+    connected: dict[int, socket.socket] = {}
+    by_fd = {sock.fileno(): index for index, sock in pending.items()}
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
-    while sent < len(view) and time.monotonic() < deadline:
-        try:
-            sent += sock.send(view[sent:])
-        except BlockingIOError:
-            poller.poll(max(1, int((deadline - time.monotonic()) * 1000)))
-        except OSError:
-            break
+    for fd in by_fd:
+        poller.register(fd, select.POLLOUT)
+    while by_fd and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            index = by_fd.pop(fd)
+            poller.unregister(fd)
+            sock = pending[index]
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code == 0:
+                connected[index] = sock
+            else:
+                outcome = {errno_codes.ECONNREFUSED: "refused", errno_codes.ETIMEDOUT: "timed_out"}.get(code, "error")
+                results[index] = Attempt(outcome, _name(code), 0, tcp_info(sock).state)
+    for index in by_fd.values():  # the kernel had not given up yet: no answer within the step's time
+        results[index] = Attempt("timed_out", "ETIMEDOUT", 0, tcp_info(pending[index]).state)
+    return connected
+
+
+def _send_all(socks: dict[int, socket.socket], payload: bytes, deadline: float) -> dict[int, int]:
+    sent = dict.fromkeys(socks, 0)
+    if not payload:
+        return sent
+    view = memoryview(payload)
+    by_fd = {sock.fileno(): index for index, sock in socks.items()}
+    poller = select.poll()
+    for fd in by_fd:
+        poller.register(fd, select.POLLOUT)
+    while by_fd and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            index = by_fd[fd]
+            try:
+                sent[index] += socks[index].send(view[sent[index]:])
+            except BlockingIOError:
+                continue
+            except OSError:  # a reset mid-transfer: what went out is what counts
+                by_fd.pop(fd)
+                poller.unregister(fd)
+                continue
+            if sent[index] >= len(view):
+                by_fd.pop(fd)
+                poller.unregister(fd)
     return sent
 
 
-def _wait_eof(sock: socket.socket, deadline: float) -> None:
-    """Until the server closes its side (it read everything) or the deadline: then bytes received are final."""
+def _wait_eof(socks: dict[int, socket.socket], deadline: float) -> None:
+    """Until every server closed its side (it read everything) or the deadline."""
+    by_fd = {sock.fileno(): sock for sock in socks.values()}
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    while time.monotonic() < deadline:
-        if not poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-            return
-        try:
-            if not sock.recv(65536):
-                return
-        except BlockingIOError:
-            continue
-        except OSError:
-            return
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    while by_fd and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            try:
+                data = by_fd[fd].recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                by_fd.pop(fd)
+                poller.unregister(fd)

@@ -228,12 +228,12 @@ def _ip_protocol(address: str) -> int:
 _PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 
 
-def _send(topo: Topology, index: int, step: _Step, window: Window) -> None:
+def _send(topo: Topology, index: int, step: _Step, window: Window, tcp_errno_stated: bool = False) -> None:
     traffic = step.traffic
     if traffic.exec is not None:
         run_exec(topo, exec_label(index), traffic.exec, window)
     elif traffic.tcp is not None:
-        run_tcp(topo, traffic.tcp, window)
+        run_tcp(topo, traffic.tcp, window, tcp_errno_stated)
     elif traffic.inject is not None and step.frame is not None:
         spec = traffic.inject
         try:
@@ -323,9 +323,11 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
         window = stack.enter_context(Window(topo, window_spec(check, needs)))
         for error in stage_errors:
             window.error(error)
+        tcp_stated = getattr(check.expect, "tcp")  # noqa: B009 - the model is built from the registry
+        tcp_errno_stated = tcp_stated is not None and tcp_stated.errno is not None
         if not stage_errors:  # never traffic on a stage that is not in place
             for index, step in enumerate(steps):
-                _send(topo, index, step, window)
+                _send(topo, index, step, window, tcp_errno_stated)
         window.record_sockets(_socket_evidence(spec, listener) for spec, listener in listeners)
         evidence = window.close()
     # the setup's exec steps and their undo ran outside the window: their results join its evidence

@@ -126,16 +126,32 @@ def interface_features(topo: Topology, check: Check, errors: list[str]) -> Itera
                 swap_features(_ns(topo, node), ifname, before)
 
 
-def run_tcp(topo: Topology, step: SendTcp, window: Window) -> None:
+def run_tcp(topo: Topology, step: SendTcp, window: Window, errno_stated: bool) -> None:
+    """A tcp step.  Refused and timed-out connections are evidence; a connection that could not even be
+    attempted (no socket, out of time), or that failed with another errno the check does not state
+    (``tcp: {errno: ...}``), means the traffic never left: the check is an ERROR, not a PASS."""
     host, port = split_endpoint(step.to)
-    payload = b"x" * step.bytes
-    attempts = [
-        connect_tcp(_ns(topo, step.node), host, port, payload, timeout=step.timeout) for _ in range(step.count)
-    ]
+    try:
+        attempts = connect_tcp(
+            _ns(topo, step.node), host, port, b"x" * step.bytes, count=step.count, timeout=step.timeout
+        )
+    except OSError as exc:
+        window.error(f"tcp from {step.node} to {step.to}: no socket ({exc})")
+        window.record_send(SendEvidence(step.node, "tcp", step.count, 0))
+        return
     window.record_connections(
         ConnectionEvidence(step.node, step.to, a.outcome, a.errno, a.sent, a.state) for a in attempts
     )
-    window.record_send(SendEvidence(step.node, "tcp", step.count, step.count))
+    tried = sum(1 for a in attempts if a.outcome != "not_tried")
+    window.record_send(SendEvidence(step.node, "tcp", step.count, tried))
+    if tried < step.count:
+        window.error(f"tcp from {step.node} to {step.to}: only {tried} of {step.count} connections tried in time")
+    failed = sorted({a.errno or "" for a in attempts if a.outcome == "error"})
+    if failed and not errno_stated:
+        window.error(
+            f"tcp from {step.node} to {step.to}: connect failed ({', '.join(failed)}); state tcp: {{errno: ...}}"
+            " if that is the claim"
+        )
 
 
 def tcp_listener(topo: Topology, spec: Listen) -> TcpListener:

@@ -145,3 +145,19 @@ checks:
 """)
     result = run_lab(str(file))
     assert result.checks[0].status == "pass", result.checks[0].evidence
+
+
+def test_tcp_connect_that_cannot_leave_is_an_error_unless_stated(tmp_path: Path, lab_name: str) -> None:
+    checks = """\
+  - name: unstated
+    traffic: [{tcp: {node: client, to: "10.9.9.9:80"}}]
+    expect: {socket: {"server:80": {received: 0}}}
+    setup: {listen: [{node: server, port: 80, proto: tcp}]}
+  - name: stated
+    traffic: [{tcp: {node: client, to: "10.9.9.9:80"}}]
+    expect: {tcp: {connected: 0, errno: ENETUNREACH}}
+"""
+    result = run_lab(_lab(tmp_path, lab_name, checks))
+    by = {c.name: c for c in result.checks}
+    assert by["unstated"].status == "error" and "ENETUNREACH" in (by["unstated"].error or "")
+    assert by["stated"].status == "pass", by["stated"].evidence
