@@ -24,7 +24,7 @@ CASES = {
     "bridge-containers": ["flood-then-forward"],
     "tx-path": ["arp-unanswered", "output-drop-fails-the-send", "full-qdisc-drops"],
     "forwarding": ["prerouting-decides-the-route"],
-    "tcp-connect": ["refused-by-rst", "accepted-with-transfer", "handshake-waits-in-accept-queue",
+    "tcp-connect": ["refused-by-rst", "stray-ack-is-reset", "accepted-with-transfer", "handshake-waits-in-accept-queue",
                     "accept-queue-overflows", "syn-dropped-in-output"],
     "tcpbr-exec-bridge": ["isolated-ports-do-not-talk"],
 }
