@@ -20,14 +20,14 @@ def _needs_listener(key: str, lab: LabView) -> list[Issue]:
 class Delivered(Kind):
     key = "delivered"
     schema = Count
-    doc = "Datagrams the check's listeners read (all of them together)."
+    doc = "Datagrams the check's UDP listeners read (all of them together; per listener and TCP: 'socket')."
     order = 10
 
     def references(self, value: Any, lab: LabView) -> list[Issue]:
         return _needs_listener(self.key, lab)
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
-        got = sum(s.received for s in ev.sockets)
+        got = sum(s.received for s in ev.sockets if s.proto == "udp")
         return [
             Row(
                 "delivered to the listener",
