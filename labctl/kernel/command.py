@@ -20,9 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+from labctl.kernel.procs import descendants
 from labctl.kernel.sysfs import enter_with_own_sysfs
 
 OUTPUT_LIMIT = 64 * 1024
+FOLLOW_SECONDS = 0.02
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,13 @@ def run_in_node(
     argv: Sequence[str],
     timeout: float,
     limit: int = OUTPUT_LIMIT,
-    started: Callable[[int], None] | None = None,
+    started: Callable[[set[int]], None] | None = None,
 ) -> CommandResult:
-    """Run ``argv`` in ``namespace``; kill it (and its group) at ``timeout``. ``started`` gets the pid at once."""
+    """Run ``argv`` in ``namespace``; kill it (and its group) at ``timeout``.
+
+    ``started`` gets the program's pid at once, then the pids of the processes it starts (a shell's
+    commands) as they are seen, every ``FOLLOW_SECONDS``: they act for the step too.
+    """
     begin = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -64,8 +70,9 @@ def run_in_node(
     except (OSError, subprocess.SubprocessError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         return CommandResult(tuple(argv), None, "", "", time.monotonic() - begin, f"cannot run {argv[0]}: {reason}")
+    followed = {proc.pid}
     if started is not None:
-        started(proc.pid)
+        started({proc.pid})
     assert proc.stdout is not None and proc.stderr is not None
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     kept: dict[int, bytearray] = {}
@@ -84,6 +91,12 @@ def run_in_node(
         if left <= 0:
             timed_out = True
             break
+        if started is not None:
+            fresh = descendants(proc.pid) - followed
+            if fresh:
+                followed |= fresh
+                started(fresh)
+            left = min(left, FOLLOW_SECONDS)
         for fd, _ in poller.poll(int(left * 1000) + 1):
             try:
                 chunk = os.read(fd, 65536)

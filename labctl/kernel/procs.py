@@ -63,3 +63,24 @@ def cmdline(pid: int) -> list[str]:
             return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
     except OSError:
         return []
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (children of each of its threads, recursively; CONFIG_PROC_CHILDREN)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            threads = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in threads:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = {int(c) for c in f.read().split()}
+            except (OSError, ValueError):
+                continue
+            todo += [c for c in children if c not in found]
+            found |= children
+    return found

@@ -94,7 +94,7 @@ def setup_execs(topo: Topology, check: Check, record: list[ExecEvidence], errors
 
 def run_exec(topo: Topology, label: str, step: Exec, window: Window) -> None:
     """A traffic exec step: its program is a lab task (its packets are the lab's); its result is evidence."""
-    result = run_in_node(_ns(topo, step.node), step.cmd, step.timeout, started=lambda pid: window.add_tasks([pid]))
+    result = run_in_node(_ns(topo, step.node), step.cmd, step.timeout, started=window.add_tasks)
     run = _evidence(label, step.node, result)
     window.record_exec(_stored(run))
     if run.error:

@@ -161,3 +161,19 @@ def test_tcp_connect_that_cannot_leave_is_an_error_unless_stated(tmp_path: Path,
     by = {c.name: c for c in result.checks}
     assert by["unstated"].status == "error" and "ENETUNREACH" in (by["unstated"].error or "")
     assert by["stated"].status == "pass", by["stated"].evidence
+
+
+def test_packets_of_an_exec_steps_children_are_the_labs(tmp_path: Path, lab_name: str) -> None:
+    """The ping a shell starts is followed: its echo request's drop is attributed to the lab."""
+    checks = """\
+  - name: shell-ping
+    setup:
+      iptables: {server: ["-A INPUT -p icmp -j DROP"]}
+    traffic:
+      - exec: {node: client, cmd: [sh, -c, "sleep 0.1; ping -n -c1 -W1 10.0.77.2; exit 0"], exit: 0}
+    expect:
+      dropped: {reason: NETFILTER_DROP, at: nf_hook_slow, count: 1}
+      counters: {client: {Icmp.OutEchos: 1}}
+"""
+    result = run_lab(_lab(tmp_path, lab_name, checks))
+    assert result.checks[0].status == "pass", result.checks[0].evidence
