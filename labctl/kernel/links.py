@@ -659,6 +659,23 @@ class NodeLinks:
         write_in_namespace(self.namespace, f"class/net/{name}/queues/rx-0/rps_cpus", mask)
 
 
+def feature_names() -> frozenset[str]:
+    """The ethtool feature names this kernel knows (its netdev feature strings, the same for every device),
+    read from ``lo`` of the calling thread's namespace -- a read, nothing changes.  Empty if unreadable."""
+    from pyroute2 import Ethtool
+
+    try:
+        ethtool = Ethtool()
+    except OSError:
+        return frozenset()
+    try:
+        return frozenset(name for name in ethtool.get_features("lo").features if name)
+    except OSError:
+        return frozenset()
+    finally:
+        ethtool.close()
+
+
 def swap_features(namespace: str, name: str, wanted: dict[str, bool], strict: bool = False) -> dict[str, bool]:
     """ethtool -K ``name`` in ``namespace``; returns the values the named features had (to put them back).
 
@@ -666,6 +683,7 @@ def swap_features(namespace: str, name: str, wanted: dict[str, bool], strict: bo
     change (fixed, or needing another feature first): the values are put back and the error names it.
     """
     from pyroute2 import Ethtool
+    from pyroute2.ethtool.ioctl import EthtoolError
 
     with netns.entered(namespace):
         ethtool = Ethtool()
@@ -677,7 +695,13 @@ def swap_features(namespace: str, name: str, wanted: dict[str, bool], strict: bo
             before = {feature: bool(features.features[feature].enable) for feature in wanted}
             for feature, enabled in wanted.items():
                 features.features[feature].enable = enabled
-            ethtool.set_features(name, features)
+            try:
+                ethtool.set_features(name, features)
+            except EthtoolError as exc:  # the kernel refused the request (a fixed feature): nothing to undo
+                changing = sorted(f for f, on in wanted.items() if before[f] != on)
+                raise OSError(
+                    f"{name} in {namespace}: the driver did not change {', '.join(changing)} (fixed?)"
+                ) from exc
             if not strict:
                 return before
             after = ethtool.get_features(name)

@@ -174,6 +174,29 @@ def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
     return [source.problem(path, message) for path, message in machine_issues(lab.checks, interfaces, machine_facts())]
 
 
+def feature_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
+    """ethtool features a check sets exist in this kernel (with "did you mean"); whether a device lets them
+    change is only known when the check runs (an ERROR naming it)."""
+    wanted = [
+        (("checks", i, "setup", "features", ref, name), name)
+        for i, check in enumerate(lab.checks)
+        for ref, features in check.setup.features.items()
+        for name in features
+    ]
+    if not wanted:
+        return []
+    from labctl.expect.base import suggest
+    from labctl.kernel.links import feature_names
+    from labctl.topology.steps import feature_name
+
+    known = feature_names()
+    return [
+        source.problem(path, f"this kernel has no ethtool feature {feature_name(name)!r}{suggest(name, known)}")
+        for path, name in wanted
+        if known and feature_name(name) not in known
+    ]
+
+
 def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     """Load and validate a lab file (topology and checks) completely, before anything is built.
 
@@ -181,6 +204,7 @@ def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     """
     lab, source = load_file(file, LabFile)
     problems = machine_problems(lab, source) + rule_problems(lab, source) + expectation_problems(lab, source)
+    problems += feature_problems(lab, source)
     if problems:
         raise LabFileError(problems)
     return lab, source

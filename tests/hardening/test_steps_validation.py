@@ -73,6 +73,8 @@ def problems(tmp_path: Path, body: str) -> list[str]:
         ("    setup: {features: {'b': {gro: true}}}\n", "12: checks.0.setup.features", "keyed by 'node:iface'"),
         ("    setup: {features: {'b:eth0': {'GRO ON': true}}}\n", "12: checks.0.setup.features",
          "not an ethtool feature name"),
+        ("    setup: {features: {'b:eth0': {rx-gro-lists: true}}}\n", "12: checks.0.setup.features.b:eth0.rx-gro-lists",
+         "did you mean rx-gro-list"),
     ],
 )
 def test_bad_steps(tmp_path: Path, body: str, where: str, message: str) -> None:
