@@ -238,7 +238,8 @@ def _check_references(lab: LabFile) -> list[Problem]:
             captures=frozenset(captures),
             listeners=len(check.setup.listen),
             sockets={f"{spec.node}:{spec.port}": spec.proto for spec in check.setup.listen},
-            exec_steps=frozenset(exec_label(j) for j, step in enumerate(check.traffic) if step.exec),
+            exec_steps=frozenset(exec_label(j) for j, step in enumerate(check.traffic) if step.exec)
+            | {exec_label(j, "setup") for j in range(len(check.setup.exec))},
             step_kinds=frozenset(k for step in check.traffic for k in STEP_KINDS if getattr(step, k) is not None),
         )
         expect = check.expect

@@ -131,26 +131,33 @@ def check_features(value: dict[str, dict[str, bool]]) -> dict[str, dict[str, boo
     return value
 
 
-def exec_label(index: int) -> str:
-    """The ``exec`` expectation's key for traffic step ``index``."""
-    return f"traffic[{index}]"
+def exec_label(index: int, phase: str = "traffic") -> str:
+    """The ``exec`` expectation's key for exec step ``index``: 'traffic[2]', or 'setup.exec[0]'."""
+    return f"traffic[{index}]" if phase == "traffic" else f"setup.exec[{index}]"
 
 
 def exec_expectations(data: Any) -> Any:
-    """Raw check data with each exec traffic step's exit/stdout/stderr also under ``expect.exec``.
+    """Raw check data with each exec step's exit/stdout/stderr also under ``expect.exec``.
 
-    The step is where a user states them; the ``exec`` kind of the registry is what judges them, so a
-    key that is parsed is judged by the one mechanism every expectation goes through.
+    The step is where a user states them; the ``exec`` kind of the registry is what judges them (a row
+    each, on the recorded result), so a key that is parsed is judged by the one mechanism every
+    expectation goes through.  A setup step states ``exit: 0`` unless it says otherwise.
     """
-    if not isinstance(data, dict) or not isinstance(data.get("traffic"), list):
+    if not isinstance(data, dict):
         return data
     derived: dict[str, dict[str, Any]] = {}
-    for index, step in enumerate(data["traffic"]):
-        run = step.get("exec") if isinstance(step, dict) else None
-        if isinstance(run, dict):
-            stated = {k: run[k] for k in ("exit", "stdout", "stderr") if run.get(k) is not None}
+    setup = data.get("setup")
+    for phase, steps in (("setup", setup.get("exec") if isinstance(setup, dict) else None),
+                         ("traffic", data.get("traffic"))):
+        for index, step in enumerate(steps if isinstance(steps, list) else []):
+            run = (step.get("exec") if phase == "traffic" else step) if isinstance(step, dict) else None
+            if not isinstance(run, dict):
+                continue
+            defaults = {"exit": 0} if phase == "setup" else {}
+            stated = {k: run.get(k, defaults.get(k)) for k in ("exit", "stdout", "stderr")}
+            stated = {k: v for k, v in stated.items() if v is not None}
             if stated:
-                derived[exec_label(index)] = stated
+                derived[exec_label(index, phase)] = stated
     if not derived:
         return data
     expect = data.get("expect")

@@ -42,9 +42,16 @@ def record(lab_name: str, checks: list[str]) -> None:
             evidence, ctx = observe(lab, check)
             rows = judge(check, evidence, ctx)
             dumped = check.model_dump(mode="json", exclude_none=True)
-            for step in dumped.get("traffic", []):  # stated once: as the exec expectation the model made of them
+            # exec outcomes are stated once: a traffic step's as the exec expectation the model made of them,
+            # a setup step's on the step (it is also the stage's own rule: an ERROR when unmet)
+            for step in dumped.get("traffic", []):
                 for key in ("exit", "stdout", "stderr"):
                     step.get("exec", {}).pop(key, None)
+            derived = dumped.get("expect", {}).get("exec", {})
+            for label in [label for label in derived if label.startswith("setup.")]:
+                del derived[label]
+            if "exec" in dumped.get("expect", {}) and not derived:
+                del dumped["expect"]["exec"]
             data = {
                 "lab": lab_name,
                 "check": dumped,

@@ -103,7 +103,7 @@ LISTEN = "    setup: {listen: [{node: b, port: 80, proto: tcp}, {node: b, port: 
         (TCP + LISTEN + "    expect: {socket: {'b:80': {accept_queue: '>=x'}}}\n",
          "checks.0.expect.socket.b:80.accept_queue", ""),
         (TCP + "    expect: {exec: {'traffic[0]': {exit: 0}}}\n", "checks.0.expect.exec.traffic[0]",
-         "no exec traffic step"),
+         "no exec step"),
         ("    traffic: [{exec: {node: a, cmd: [ls], exit: 1}}]\n    expect: {exec: {'traffic[0]': {exit: 0}}}\n",
          "checks.0", "disagrees with what the step states"),
     ],

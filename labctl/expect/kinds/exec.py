@@ -1,7 +1,9 @@
-"""exec: what the check's exec traffic steps ended with (exit status, output), one row per stated key.
+"""exec: what the check's exec steps ended with (exit status, output), one row per stated key.
 
 A user states these on the step itself (``exec: {..., exit: 0, stdout: REGEX}``); the check model copies
-them here under the step's label (``traffic[2]``), so they are judged like every other expectation.
+them here under the step's label (``traffic[2]``, ``setup.exec[0]``: a setup step states exit 0 unless it
+says otherwise), so they are judged like every other expectation, on the recorded result.  A setup step
+that does not end as it says is also a stage error: the check is an ERROR and its traffic is not sent.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ if TYPE_CHECKING:
 class Exec(Kind):
     key = "exec"
     schema = dict[str, ExecOutcome]
-    doc = "Per exec traffic step ('traffic[N]'): its exit status, and patterns its stdout/stderr must match."
+    doc = "Per exec step ('traffic[N]', 'setup.exec[N]'): its exit status, patterns its stdout/stderr match."
     order = 73
 
     def references(self, value: Any, lab: LabView) -> list[Issue]:
         return [
-            ((label,), f"no exec traffic step {label!r} (exec steps: {', '.join(sorted(lab.exec_steps)) or 'none'})")
+            ((label,), f"no exec step {label!r} (exec steps: {', '.join(sorted(lab.exec_steps)) or 'none'})")
             for label in value
             if label not in lab.exec_steps
         ]
@@ -33,7 +35,7 @@ class Exec(Kind):
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         rows = []
         runs = {run.label: run for run in ev.execs}
-        for label, wanted in value.items():
+        for label, wanted in sorted(value.items(), key=lambda item: _order(item[0])):
             run = runs.get(label)
             if run is None or run.error:
                 reason = "did not run" if run is None else run.error
@@ -52,6 +54,12 @@ class Exec(Kind):
                 rows.append(Row(f"{label} {stream} matches", pattern, found.group(0) if found else _last_line(text),
                                 found is not None))
         return rows
+
+
+def _order(label: str) -> tuple[int, int, str]:
+    """Setup steps first, then traffic, each by index (however the labels were written)."""
+    found = re.search(r"\[(\d+)\]$", label)
+    return (0 if label.startswith("setup.") else 1, int(found[1]) if found else 0, label)
 
 
 def _last_line(text: str) -> str:
