@@ -155,6 +155,9 @@ def run(
     reuse: Annotated[
         bool, typer.Option("--reuse", help="run against a lab already up (labctl up) and leave it up")
     ] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="write a self-contained HTML report (path pictures, pcaps beside it)")
+    ] = None,
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
@@ -186,6 +189,10 @@ def run(
         raise LabFileError([Problem((), what, " ".join(files))])
     if junit is not None:
         junit.write_text(report.as_junit(results))
+    if html is not None:
+        from labctl.verify.html import write_report
+
+        write_report(html, results)
     if json:
         print(report.as_json(results))
     else:
