@@ -185,7 +185,8 @@ def _pictures(topo: Topology, check: CheckResult) -> str:
         for path, walk in zip(paths, walks, strict=True):
             key = (path.signature(), tuple((n, tuple(w)) for n, w in sorted(walk.items())))
             groups.setdefault(key, []).append((path, walk))
-        figures = []
+        sent: list[str] = []
+        related: list[str] = []
         for members in list(groups.values())[:MAX_PICTURES]:
             path, walk = members[0]
             caption = f"packet {path.index + 1}" + (f" ({path.kind})" if path.kind else "")
@@ -193,7 +194,15 @@ def _pictures(topo: Topology, check: CheckResult) -> str:
                 caption += f" and {len(members) - 1} more like it"
             svg = path_svg(topo, path, title=caption, walks=walk)
             words = " · ".join(ending_words(path.ending))
-            figures.append(f'<figure class="path">{svg}<figcaption>{_e(words)}</figcaption></figure>')
+            figure = f'<figure class="path">{svg}<figcaption>{_e(words)}</figcaption></figure>'
+            (sent if path.role == "injected" else related).append(figure)
+        figures = sent
+        if related:  # ARP exchanges, ICMP errors, replies: there, but not what the check is about
+            noun = "kind of path" if len(related) == 1 else "kinds of path"
+            figures.append(
+                f"<details><summary>{len(related)} {noun} of packets the kernel made on the way"
+                f" (ARP, replies, ICMP errors)</summary>{''.join(related)}</details>"
+            )
     except LabctlError as exc:  # no Graphviz: the page still has every row
         return f"<p><i>no picture: {_e(str(exc))}</i></p>"
     more = len(evidence.packets) - len(paths)

@@ -80,15 +80,21 @@ def _fixed(node: str) -> Hint:
 def walks_for(evidence: Evidence, paths: Sequence[PacketPath]) -> list[dict[str, list[str]]]:
     """Each path's netfilter walks, when the recorded walks line up with the packets one to one.
 
-    The window records, per node, one walk per packet in the order the
-    packets appeared.  When as many packets visited a node as it has walks,
-    the n-th visitor took the n-th walk; otherwise the pairing is unknown and
-    the walks are left to the report's table rather than guessed.
+    The window records, per node, one walk per packet it traced there, in the
+    order the packets appeared.  When as many packets visited a node as it
+    has walks -- counting every packet, or else only the ones the check sent
+    (an ARP exchange may be traced by neither) -- the n-th visitor took the
+    n-th walk; otherwise the pairing is unknown and the walks are left to the
+    evidence rows rather than guessed.
     """
     pairing: list[dict[str, list[str]]] = [{} for _ in paths]
+    if len(paths) != len(evidence.packets):
+        return pairing
     for node, walks in evidence.walks.items():
         visitors = [i for i, path in enumerate(paths) if node in path.nodes]
-        if len(visitors) != len(walks) or len(paths) != len(evidence.packets):
+        if len(visitors) != len(walks):
+            visitors = [i for i in visitors if paths[i].role == "injected"]
+        if len(visitors) != len(walks):
             continue
         for index, walk in zip(visitors, walks, strict=True):
             pairing[index][node] = [step.name for step in walk]
