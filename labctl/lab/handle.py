@@ -11,8 +11,12 @@ the commands check them (:mod:`labctl.lab.live`), so a typo is a
 from __future__ import annotations
 
 import contextlib
+import re
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from labctl.errors import LabStateError
@@ -31,7 +35,8 @@ if TYPE_CHECKING:
 
 
 class Lab:
-    """One lab file, up under ``name`` (the file's own name unless another is given).
+    """One lab file, up under ``name`` (the file's own name unless another is given: then a
+    renamed copy of the file is built, kept in a private folder until :meth:`down`).
 
     ``Lab(file)`` only loads and validates the file; :meth:`up` builds it and
     :meth:`down` removes it (or use it as a context manager).  A lab that is
@@ -40,9 +45,11 @@ class Lab:
     """
 
     def __init__(self, file: str, name: str | None = None) -> None:
-        loaded: LabFile = load_lab(file)[0]
+        self._copy_dir: str | None = None
+        if name:  # a renamed copy, so `labctl trace NAME ...` finds the file the lab was built from
+            file = self._renamed_copy(file, name)
         self.file = file
-        self.topo: LabFile = loaded.model_copy(update={"name": name}) if name else loaded
+        self.topo: LabFile = load_lab(file)[0]
         self.name = self.topo.name
         self.live = LiveLab(name=self.name, file=file, topo=self.topo)
         self._built = False
@@ -63,6 +70,19 @@ class Lab:
         if self._built:
             build.down(self.name)
             self._built = False
+        if self._copy_dir is not None:
+            shutil.rmtree(self._copy_dir, ignore_errors=True)
+            self._copy_dir = None
+
+    def _renamed_copy(self, file: str, name: str) -> str:
+        """The file with its top-level ``name:`` replaced (or added), in a private temporary folder."""
+        text = Path(file).read_text(encoding="utf-8")
+        line = f"name: {name}"
+        text, found = re.subn(r"^name:.*$", line, text, count=1, flags=re.MULTILINE)
+        self._copy_dir = tempfile.mkdtemp(prefix="labctl-lab-")
+        copy = Path(self._copy_dir) / f"{name}.yaml"
+        copy.write_text(text if found else f"{line}\n{text}", encoding="utf-8")
+        return str(copy)
 
     def __enter__(self) -> Lab:
         return self.up()

@@ -63,3 +63,17 @@ def test_claim_option_selects_tests_by_claim(tmp_path: Path) -> None:
     assert "1 passed, 2 deselected" in picked.stdout, picked.stdout
     marked = subprocess.run([*base, "-m", "claim(id='T1')"], capture_output=True, text=True, timeout=60)
     assert "1 passed, 2 deselected" in marked.stdout, marked.stdout
+
+
+def test_the_commands_work_on_the_fixture_lab_and_trace_draws_the_path(lab: Any, tmp_path: Path) -> None:
+    out = tmp_path / "path.svg"
+    result = subprocess.run(
+        [sys.executable, "-m", "labctl.cli", "trace", lab.name, "client:eth0", CLOSED, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"wrote {out}" in result.stdout
+    svg = out.read_text()
+    assert "NO_SOCKET" in svg and "1: eth0 → eth0" in svg and "LOCAL_IN" in svg
