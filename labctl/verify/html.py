@@ -205,8 +205,8 @@ def _pictures(topo: Topology, check: CheckResult) -> str:
             )
     except LabctlError as exc:  # no Graphviz: the page still has every row
         return f"<p><i>no picture: {_e(str(exc))}</i></p>"
-    more = len(evidence.packets) - len(paths)
-    tail = f"<p><small>{more} more packets are in --json</small></p>" if more > 0 else ""
+    drawn = sum(len(p.events) for p in paths) == sum(len(p.events) for p in evidence.packets)
+    tail = "" if drawn else f"<p><small>the first {len(paths)} packets are drawn; --json has them all</small></p>"
     if len(groups) > MAX_PICTURES:
         tail += f"<p><small>{len(groups) - MAX_PICTURES} more kinds of path not drawn</small></p>"
     return "".join(figures) + tail

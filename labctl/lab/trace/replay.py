@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from labctl.evidence.model import Evidence
+from labctl.evidence.model import Evidence, Packet
 from labctl.kernel.tracefs import SkbChain, TraceEvent
 from labctl.lab.trace.knowledge import Knowledge
 from labctl.lab.trace.model import Ending, PacketPath
 from labctl.lab.trace.path import PathBuilder
-from labctl.lab.trace.placement import Hint, Placer, Timeline
+from labctl.lab.trace.placement import RX_EVENTS, Hint, Placed, Placer, Timeline
+from labctl.lab.trace.vocabulary import CONSUMERS
 from labctl.topology.model import Topology
 
 MAX_PATHS = 12
@@ -36,16 +37,76 @@ def evidence_paths(topo: Topology, evidence: Evidence, limit: int = MAX_PATHS) -
     hints: list[Hint] = [_fixed(node) for node in senders] + [timeline.node_before]
     placer = Placer(knowledge)
     builder = PathBuilder(knowledge, rules_known=False)
+    packets = list(evidence.packets)
+    claimed: set[int] = set()
     paths: list[PacketPath] = []
-    for position, packet in enumerate(evidence.packets[:limit]):
+    for position, packet in enumerate(packets):
+        if position in claimed:
+            continue  # the far half of a frame a VM relay carried: drawn with its first half
+        if len(paths) >= limit:
+            break
         order = packet.origin in ("sent", "relayed")
         placed, hops = placer.place(packet.events, hints=hints if order else hints[::-1])
+        events = _through_relays(list(packet.events), placed, hops, packets, position, claimed, placer, knowledge)
         timeline.add(placed)
-        chain = SkbChain(packet.skb, list(packet.events), on_lab=True)
+        chain = SkbChain(packet.skb, events, on_lab=True)
         path = builder.build(chain, placed, hops, index=position, role="injected" if order else "related")
         path.ending = _settled(path.ending, evidence)
         paths.append(path)
     return paths
+
+
+def _through_relays(
+    events: list[TraceEvent],
+    placed: list[Placed],
+    hops: list[tuple[tuple[str, str], tuple[str, str]]],
+    packets: Sequence[Packet],
+    position: int,
+    claimed: set[int],
+    placer: Placer,
+    knowledge: Knowledge,
+) -> list[TraceEvent]:
+    """A frame a VM relay read from one tap goes on as a new skb the relay writes on the other.
+
+    As in a live trace, the new skb is the next relayed packet whose first
+    event is a receive on the far end of that tap link, after the read; its
+    events and hops are added to this path (``placed``/``hops`` in place) and
+    it is not drawn again on its own.
+    """
+    for _ in range(MAX_RELAYS):
+        last = placed[-1] if placed else None
+        if last is None or last.node is None or last.device is None:
+            break
+        end = (last.node, last.device)
+        read = last.event.key == "skb:consume_skb" and CONSUMERS.get(last.event.function or "", ("",))[0] == "relayed"
+        if not read or end not in knowledge.tap_ends or end not in knowledge.far:
+            break
+        far = knowledge.far[end]
+        follow = next(
+            (
+                i
+                for i in range(position + 1, len(packets))
+                if i not in claimed
+                and packets[i].origin == "relayed"
+                and packets[i].events
+                and packets[i].events[0].key in RX_EVENTS
+                and packets[i].events[0].device == far[1]
+                and packets[i].events[0].timestamp >= last.event.timestamp
+            ),
+            None,
+        )
+        if follow is None:
+            break
+        claimed.add(follow)
+        more, more_hops = placer.place(packets[follow].events, start=far)
+        hops.append((end, far))
+        hops.extend(more_hops)
+        placed.extend(more)
+        events.extend(packets[follow].events)
+    return events
+
+
+MAX_RELAYS = 8
 
 
 def _settled(ending: Ending, evidence: Evidence) -> Ending:
@@ -88,8 +149,8 @@ def walks_for(evidence: Evidence, paths: Sequence[PacketPath]) -> list[dict[str,
     evidence rows rather than guessed.
     """
     pairing: list[dict[str, list[str]]] = [{} for _ in paths]
-    if len(paths) != len(evidence.packets):
-        return pairing
+    if sum(len(p.events) for p in paths) != sum(len(p.events) for p in evidence.packets):
+        return pairing  # not every packet is drawn: the n-th visitor is unknown
     for node, walks in evidence.walks.items():
         visitors = [i for i, path in enumerate(paths) if node in path.nodes]
         if len(visitors) != len(walks):
