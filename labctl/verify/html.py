@@ -73,14 +73,29 @@ class HtmlReport:
         self.output = output
         self.topology_of = topology_of
         self.pcap_dir = output.with_name(output.stem + "-pcaps")
+        self._figures: dict[int, str] = {}
 
     def write(self, results: list[LabResult]) -> None:
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        self._draw_all(results)
         parts = [self._head(results)]
         for lab in results:
             parts.append(self._lab(lab))
         parts.append("</body></html>\n")
         self.output.write_text("".join(parts), encoding="utf-8")
+
+    def _draw_all(self, results: list[LabResult]) -> None:
+        """Every check's pictures, Graphviz processes run side by side (one per CPU)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = []
+        for lab in results:
+            topo = self.topology_of(lab.file) if lab.checks else None
+            if topo is not None:
+                jobs += [(topo, check) for check in lab.checks if check.recorded is not None]
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            drawn = pool.map(lambda job: _pictures(*job), jobs)
+            self._figures = {id(check): figures for (_, check), figures in zip(jobs, drawn, strict=True)}
 
     # ------------------------------------------------------------ page parts
 
@@ -113,13 +128,12 @@ class HtmlReport:
         ]
         if lab.error:
             out.append(f"<pre>{_e(lab.error)}</pre>")
-        topo = self.topology_of(lab.file) if lab.checks else None
         for check in lab.checks:
-            out.append(self._check(lab, check, topo))
+            out.append(self._check(lab, check))
         out.append("</section>")
         return "".join(out)
 
-    def _check(self, lab: LabResult, check: CheckResult, topo: Topology | None) -> str:
+    def _check(self, lab: LabResult, check: CheckResult) -> str:
         covers = f' <span class="claims">[{_e(", ".join(check.covers))}]</span>' if check.covers else ""
         out = [
             f'<article class="check {check.status}" id="{_safe(lab.lab)}--{_safe(check.name)}">'
@@ -134,8 +148,7 @@ class HtmlReport:
         if check.explanation:
             out.append(f"<pre>{_e(chr(10).join(check.explanation))}</pre>")
         out.append(self._pcaps(lab, check))
-        if topo is not None and check.recorded is not None:
-            out.append(_pictures(topo, check))
+        out.append(self._figures.get(id(check), ""))
         out.append("</article>")
         return "".join(out)
 
