@@ -187,14 +187,16 @@ def run(
         raise LabFileError([Problem((), what, " ".join(files))])
     if junit is not None:
         junit.write_text(report.as_junit(results))
-    if html is not None:
-        from labctl.verify.html import write_report
-
-        write_report(html, results)
     if json:
         print(report.as_json(results))
     else:
         report.print_results(console, results)
+    if html is not None:
+        from labctl.verify.html import write_report
+
+        written = write_report(html, results)
+        if not json:
+            console.print(f"wrote {written}", highlight=False)
     if bad_input:
         raise typer.Exit(2)
     if not all(r.passed for r in results):

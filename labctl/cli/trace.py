@@ -356,10 +356,17 @@ def trace(
     if follow:
         if target is not None or expr is not None:
             raise typer.BadParameter("--follow traces the lab's own traffic; give only LAB", param_hint="--follow")
+        if output is not None:
+            raise typer.BadParameter("pictures are drawn of an injected packet, not with --follow", param_hint="-o")
         _follow(lab, as_json)
         return
     if target is None or expr is None:
         raise typer.BadParameter("give NODE[:IFACE] and PACKET (or --follow)", param_hint="NODE[:IFACE] PACKET")
+    if output is not None:
+        from labctl.topology.graph import picture_type
+
+        if picture_type(output) not in ("svg", "png", "pdf", "dot", "gv"):
+            raise typer.BadParameter(f"{output}: use .svg, .png, .pdf or .dot", param_hint="-o")
     from labctl.lab.live import prepare
     from labctl.lab.trace import trace_frame
 
@@ -383,6 +390,9 @@ def _draw(live: LiveLab, result: TraceResult, output: str, *, quiet: bool) -> No
     from labctl.lab.trace.picture import write_pictures
 
     groups = result.groups()
+    if not groups:
+        _say("[yellow]no packet was traced: no picture written[/]", err=True)
+        return
     titles = [
         f"{result.lab}: packet {g[0].index + 1}"
         + (f" (and {len(g) - 1} like it)" if len(g) > 1 else "")

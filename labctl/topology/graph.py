@@ -10,6 +10,7 @@ two interface names in a small font (a 300-host star stays readable).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -35,8 +36,8 @@ def addresses(topo: Topology, node: str, ifname: str, sep: str = "\\n") -> str:
 
 
 def quote(text: str) -> str:
-    """A DOT string literal (quotes and backslashes escaped, except the ``\\n`` line breaks we put in)."""
-    return '"' + text.replace('"', '\\"') + '"'
+    """A DOT string literal: quotes and stray backslashes escaped, the ``\\n`` line breaks we put in kept."""
+    return '"' + re.sub(r"\\(?!n)", r"\\\\", text).replace('"', '\\"') + '"'
 
 
 def end_vertex(topo: Topology, node: str, ifname: str) -> str:

@@ -236,5 +236,8 @@ def write_report(output: str | os.PathLike[str], results: list[LabResult]) -> Pa
             return None
 
     path = Path(output)
-    HtmlReport(path, topology_of).write(results)
+    try:
+        HtmlReport(path, topology_of).write(results)
+    except OSError as exc:
+        raise LabctlError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
     return path

@@ -110,5 +110,8 @@ def test_graph_of_300_nodes_uses_a_layout_that_scales(tmp_path: Path) -> None:
     graph.write(topo, str(out))
     assert time.monotonic() - start < 30
     assert out.read_text().count('class="node"') == 302  # 301 nodes + the br0 hub
+    clos = tmp_path / "clos.svg"
+    graph.write(_topo(generate.clos(4, 8, 6, name="clos")), str(clos))
+    assert clos.read_text().count('class="node"') == 4 + 8 + 8 + 48  # spines, leaves, leaf bridges, hosts
     small = graph.dot(_topo(generate.linear(1, name="small")))
     assert "layout=sfdp" not in small and "cluster_h1" in small
