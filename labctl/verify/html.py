@@ -29,7 +29,7 @@ from labctl.verify.report import claims
 from labctl.verify.runner import CheckResult, LabResult
 
 MAX_PICTURES = 6
-"""Kinds of path drawn per check; the rest are counted."""
+"""Kinds of path drawn per check, of the packets it sent and of those the kernel made; the rest are counted."""
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em; color: #1d2330; }
@@ -53,7 +53,7 @@ code, pre { font-family: 'DejaVu Sans Mono', Menlo, Consolas, monospace; font-si
 pre { background: #f3f5f9; padding: .5em; overflow-x: auto; white-space: pre-wrap; }
 .hint { color: #00838f; } figure.path { margin: .8em 0; overflow-x: auto; }
 figure.path figcaption { font-size: .85em; color: #5a6270; } figure.path svg { max-width: 100%; height: auto; }
-.pcaps a { margin-right: 1em; } .summary span { margin-right: 1em; }
+.pcaps span { margin-right: 1.5em; } .summary span { margin-right: 1em; }
 """
 
 
@@ -162,7 +162,8 @@ class HtmlReport:
             write_pcap(self.pcap_dir / name, capture.captured)
             href = html.escape(f"{self.pcap_dir.name}/{name}", quote=True)
             lost = f", {capture.dropped} lost" if capture.dropped else ""
-            links.append(f'<a href="{href}">{_e(key)}.pcap</a> ({capture.frames} frames{lost})')
+            noun = "frame" if capture.frames == 1 else "frames"
+            links.append(f'<span><a href="{href}">{_e(key)}.pcap</a> ({capture.frames} {noun}{lost})</span>')
         return f'<div class="pcaps">captures: {"".join(links)}</div>'
 
 
@@ -200,16 +201,18 @@ def _pictures(topo: Topology, check: CheckResult) -> str:
             groups.setdefault(key, []).append((path, walk))
         sent: list[str] = []
         related: list[str] = []
-        for members in list(groups.values())[:MAX_PICTURES]:
+        for members in groups.values():
             path, walk = members[0]
+            shelf = sent if path.role == "injected" else related
+            if len(shelf) >= MAX_PICTURES:
+                continue
             caption = f"packet {path.index + 1}" + (f" ({path.kind})" if path.kind else "")
             if len(members) > 1:
                 caption += f" and {len(members) - 1} more like it"
             svg = path_svg(topo, path, title=caption, walks=walk)
             words = " · ".join(ending_words(path.ending))
-            figure = f'<figure class="path">{svg}<figcaption>{_e(words)}</figcaption></figure>'
-            (sent if path.role == "injected" else related).append(figure)
-        figures = sent
+            shelf.append(f'<figure class="path">{svg}<figcaption>{_e(words)}</figcaption></figure>')
+        figures = list(sent)
         if related:  # ARP exchanges, ICMP errors, replies: there, but not what the check is about
             noun = "kind of path" if len(related) == 1 else "kinds of path"
             figures.append(
@@ -220,8 +223,9 @@ def _pictures(topo: Topology, check: CheckResult) -> str:
         return f"<p><i>no picture: {_e(str(exc))}</i></p>"
     drawn = sum(len(p.events) for p in paths) == sum(len(p.events) for p in evidence.packets)
     tail = "" if drawn else f"<p><small>the first {len(paths)} packets are drawn; --json has them all</small></p>"
-    if len(groups) > MAX_PICTURES:
-        tail += f"<p><small>{len(groups) - MAX_PICTURES} more kinds of path not drawn</small></p>"
+    left = len(groups) - len(sent) - len(related)
+    if left > 0:
+        tail += f"<p><small>{left} more kinds of path not drawn</small></p>"
     return "".join(figures) + tail
 
 
