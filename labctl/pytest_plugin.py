@@ -139,6 +139,7 @@ def claims_of(item: pytest.Item) -> set[str]:
     return found
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m reads the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:  # a positional claim("R7") also answers -m "claim(id='R7')"
         for mark in list(item.iter_markers("claim")):
