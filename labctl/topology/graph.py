@@ -9,6 +9,7 @@ two interface names in a small font (a 300-host star stays readable).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -88,7 +89,7 @@ def _dot_large(topo: Topology) -> str:
     lines = [
         f"graph {quote(topo.name)} {{",
         "  graph [layout=sfdp, overlap=prism, overlap_scaling=2, splines=false, outputorder=edgesfirst,"
-        " fontname=Helvetica, K=1.2, repulsiveforce=1.5];",
+        " fontname=Helvetica, K=1.5, repulsiveforce=2, sep=\"+8\"];",
         "  node [fontname=Helvetica, fontsize=10, shape=box, style=filled, fillcolor=white, height=0.3];",
         "  edge [fontname=Helvetica, fontsize=7, fontcolor=gray30, color=gray50];",
     ]
@@ -102,8 +103,10 @@ def _dot_large(topo: Topology) -> str:
         for bridge in node.bridges:
             hub = f"{name}:{bridge}"
             label = f"{name}:{bridge}\\n{addresses(topo, name, bridge, ' ')}".rstrip("\\n")
+            size = 0.5 + 0.15 * math.sqrt(len(node.bridges[bridge].ports))  # room for its spokes
             lines.append(
-                f"  {quote(hub)} [shape=doublecircle, fillcolor=lightblue, fontsize=12, label={quote(label)}];"
+                f"  {quote(hub)} [shape=doublecircle, width={size:.2f}, fillcolor=lightblue, fontsize=11,"
+                f" label={quote(label)}];"
             )
             lines.append(f"  {quote(name)} -- {quote(hub)} [penwidth=2];")
     for link in topo.links:
