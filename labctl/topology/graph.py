@@ -89,7 +89,7 @@ def _dot_large(topo: Topology) -> str:
     lines = [
         f"graph {quote(topo.name)} {{",
         "  graph [layout=sfdp, overlap=prism, overlap_scaling=2, splines=false, outputorder=edgesfirst,"
-        " fontname=Helvetica, K=1.5, repulsiveforce=2, sep=\"+8\"];",
+        ' fontname=Helvetica, K=1.5, repulsiveforce=2, sep="+8"];',
         "  node [fontname=Helvetica, fontsize=10, shape=box, style=filled, fillcolor=white, height=0.3];",
         "  edge [fontname=Helvetica, fontsize=7, fontcolor=gray30, color=gray50];",
     ]
