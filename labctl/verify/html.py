@@ -53,7 +53,9 @@ code, pre { font-family: 'DejaVu Sans Mono', Menlo, Consolas, monospace; font-si
 pre { background: #f3f5f9; padding: .5em; overflow-x: auto; white-space: pre-wrap; }
 .hint { color: #00838f; } figure.path { margin: .8em 0; overflow-x: auto; }
 figure.path figcaption { font-size: .85em; color: #5a6270; } figure.path svg { max-width: 100%; height: auto; }
-.pcaps span { margin-right: 1.5em; } .summary span { margin-right: 1em; }
+.pcaps span { margin-right: 1.5em; }
+ul.contents { list-style: none; padding-left: 0; } ul.contents li { margin: .2em 0; }
+a.fail, a.error { color: #c62828; } .summary span { margin-right: 1em; }
 """
 
 
@@ -117,6 +119,7 @@ class HtmlReport:
             + (f"<br>claims not proven: <b>{_e(', '.join(verdicts.failed))}</b>" if verdicts.failed else "")
             + (f"<br>not provable here: {_e(not_provable)}" if not_provable else "")
             + "</p>"
+            + _contents(results)
         )
 
     def _lab(self, lab: LabResult) -> str:
@@ -165,6 +168,25 @@ class HtmlReport:
             noun = "frame" if capture.frames == 1 else "frames"
             links.append(f'<span><a href="{href}">{_e(key)}.pcap</a> ({capture.frames} {noun}{lost})</span>')
         return f'<div class="pcaps">captures: {"".join(links)}</div>'
+
+
+def _contents(results: list[LabResult]) -> str:
+    """One line per lab, linking to it and to each check that did not pass."""
+    items = []
+    for lab in results:
+        status = "pass" if lab.passed else "fail"
+        bad = [
+            f'<a href="#{_safe(lab.lab)}--{_safe(c.name)}" class="{c.status}">{_e(c.name)} ({c.status})</a>'
+            for c in lab.checks
+            if c.status in ("fail", "error")
+        ]
+        tail = f" — {', '.join(bad)}" if bad else ""
+        count = f"{sum(c.passed for c in lab.checks)}/{len(lab.checks)} checks passed"
+        items.append(
+            f'<li><span class="badge {status}">{status.upper()}</span>'
+            f'<a href="#lab-{_safe(lab.lab)}">{_e(lab.lab)}</a> <small>{count}</small>{tail}</li>'
+        )
+    return f'<ul class="contents">{"".join(items)}</ul>'
 
 
 def _rows(check: CheckResult) -> str:
