@@ -177,3 +177,24 @@ def test_packets_of_an_exec_steps_children_are_the_labs(tmp_path: Path, lab_name
 """
     result = run_lab(_lab(tmp_path, lab_name, checks))
     assert result.checks[0].status == "pass", result.checks[0].evidence
+
+
+def test_socket_per_udp_listener(tmp_path: Path, lab_name: str) -> None:
+    """Two UDP listeners judged apart: one reads, one never reads and overflows (its own drops)."""
+    checks = """\
+  - name: two-listeners
+    setup:
+      listen:
+        - {node: server, port: 5000}
+        - {node: server, port: 5001, rcvbuf: 1, read: false}
+    traffic:
+      - udp: {node: client, to: "10.0.77.2:5000", payload: hello, count: 2}
+      - udp: {node: client, to: "10.0.77.2:5001", size: 1000, count: 20}
+    expect:
+      socket:
+        "server:5000": {received: 2, bytes: 10, drops: 0, queued_bytes: 0}
+        "server:5001": {received: 0, queued_bytes: ">=1", drops: ">=1"}
+      delivered: 2
+"""
+    result = run_lab(_lab(tmp_path, lab_name, checks))
+    assert result.checks[0].status == "pass", result.checks[0].evidence
