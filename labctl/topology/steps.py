@@ -107,6 +107,10 @@ class SendTcp(Strict):
     count: Annotated[int, Field(ge=1, le=1000)] = 1
     timeout: Annotated[float, Field(gt=0, le=30)] = 1.0
     """Seconds a connection may wait for the handshake (TCP_USER_TIMEOUT): then it is timed out."""
+    cpu: Annotated[int, Field(ge=0)] | None = None
+    """Connect from this CPU: every packet of the step then takes that CPU's backlog, in order (a client's
+    last ACK is not overtaken by its next SYN, so what the first connection did to the listener is what the
+    second meets)."""
 
     @model_validator(mode="after")
     def _to(self) -> SendTcp:

@@ -15,6 +15,7 @@ from labctl.evidence.window import Window
 from labctl.kernel import netns
 from labctl.kernel.command import CommandResult, run_in_node
 from labctl.kernel.links import swap_features
+from labctl.kernel.sched import pinned
 from labctl.kernel.tcp import TcpListener, connect_tcp
 from labctl.topology.checks import Check, Listen
 from labctl.topology.model import Topology
@@ -132,9 +133,10 @@ def run_tcp(topo: Topology, step: SendTcp, window: Window, errno_stated: bool) -
     (``tcp: {errno: ...}``), means the traffic never left: the check is an ERROR, not a PASS."""
     host, port = split_endpoint(step.to)
     try:
-        attempts = connect_tcp(
-            _ns(topo, step.node), host, port, b"x" * step.bytes, count=step.count, timeout=step.timeout
-        )
+        with pinned(step.cpu):
+            attempts = connect_tcp(
+                _ns(topo, step.node), host, port, b"x" * step.bytes, count=step.count, timeout=step.timeout
+            )
     except OSError as exc:
         window.error(f"tcp from {step.node} to {step.to}: no socket ({exc})")
         window.record_send(SendEvidence(step.node, "tcp", step.count, 0))
