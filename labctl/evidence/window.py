@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 
@@ -52,6 +53,9 @@ BASE_EVENTS: tuple[str, ...] = (
 neighbour drops and fdb learning (rare events, nearly free).  Each costs 0.1-0.2 µs per packet, so a burst
 is traced with what it asks for and no more (the ethertype of a packet, from net_dev_start_xmit, is asked
 for by walk expectations)."""
+
+DRAIN_SECONDS = 0.05
+"""How often :meth:`Window.draining` reads the trace ring."""
 
 LATE_EVENTS_SECONDS = 0.5
 """Events are kept until this long after the caller's last action (frees of queued skbs)."""
@@ -190,6 +194,26 @@ class Window:
         fresh = self._trace.events()
         self._raw.extend(fresh)
         return fresh
+
+    @contextlib.contextmanager
+    def draining(self, every: float = DRAIN_SECONDS) -> Iterator[None]:
+        """Read the trace ring in the background while the body waits (a TCP handshake's 1 s retransmission,
+        a program): trace_pipe consumes what it reads, so other namespaces' traffic, which the global
+        tracepoints also record, does not fill the ring and lose this lab's events before the window closes.
+        """
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.wait(every):
+                self._raw.extend(self._trace.events())
+
+        thread = threading.Thread(target=drain, name="trace-drain", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     # ------------------------------------------------------------ closing
 

@@ -95,7 +95,8 @@ def setup_execs(topo: Topology, check: Check, record: list[ExecEvidence], errors
 
 def run_exec(topo: Topology, label: str, step: Exec, window: Window) -> None:
     """A traffic exec step: its program is a lab task (its packets are the lab's); its result is evidence."""
-    result = run_in_node(_ns(topo, step.node), step.cmd, step.timeout, started=window.add_tasks)
+    with window.draining():
+        result = run_in_node(_ns(topo, step.node), step.cmd, step.timeout, started=window.add_tasks)
     run = _evidence(label, step.node, result)
     window.record_exec(_stored(run))
     if run.error:
@@ -133,7 +134,7 @@ def run_tcp(topo: Topology, step: SendTcp, window: Window, errno_stated: bool) -
     (``tcp: {errno: ...}``), means the traffic never left: the check is an ERROR, not a PASS."""
     host, port = split_endpoint(step.to)
     try:
-        with pinned(step.cpu):
+        with window.draining(), pinned(step.cpu):  # the drainer is not pinned with the connects
             attempts = connect_tcp(
                 _ns(topo, step.node), host, port, b"x" * step.bytes, count=step.count, timeout=step.timeout
             )
