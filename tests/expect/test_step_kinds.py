@@ -87,3 +87,15 @@ def test_evidence_round_trips_the_new_fields() -> None:
     assert again.connections == ev.connections and again.sockets == ev.sockets and again.execs == ev.execs
     old = Evidence.from_dict({"sockets": [{k: v for k, v in UDP.as_dict().items() if k not in ("proto", "state")}]})
     assert old.sockets[0].proto == "udp"  # golden files recorded before tcp listeners still load
+
+
+def test_tcp_states_count_connections_per_state() -> None:
+    ev = Evidence(connections=(REFUSED, CONNECTED))
+    refused_closed = ConnectionEvidence("client", "10.0.0.2:81", "refused", "ECONNREFUSED", 0, "CLOSE")
+    assert _rows({"tcp": {"states": {"ESTABLISHED": 1}}}, ev) == [("tcp connections in state ESTABLISHED", True)]
+    ev2 = Evidence(connections=(refused_closed,))
+    assert _rows({"tcp": {"states": {"CLOSE": 1, "ESTABLISHED": 0}}}, ev2) == [
+        ("tcp connections in state CLOSE", True),
+        ("tcp connections in state ESTABLISHED", True),
+    ]
+    assert not _rows({"tcp": {"states": {"ESTABLISHED": 1}}}, ev2)[0][1]

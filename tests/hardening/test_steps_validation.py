@@ -94,6 +94,8 @@ LISTEN = "    setup: {listen: [{node: b, port: 80, proto: tcp}, {node: b, port: 
         (TCP + "    expect: {tcp: {errno: ECONREFUSED}}\n", "checks.0.expect.tcp.errno", "not an errno name"),
         (TCP + "    expect: {tcp: {refuse: 1}}\n", "checks.0.expect.tcp.refuse", "unknown key"),
         (TCP + "    expect: {tcp: {}}\n", "checks.0.expect.tcp", "states nothing"),
+        (TCP + "    expect: {tcp: {states: {ESTABLISH: 1}}}\n", "checks.0.expect.tcp.states.ESTABLISH",
+         "not a TCP state"),
         (TCP + LISTEN + "    expect: {socket: {'b:81': {received: 1}}}\n", "checks.0.expect.socket.b:81",
          "no listener 'b:81'"),
         (TCP + LISTEN + "    expect: {socket: {'b:53': {state: LISTEN}}}\n", "checks.0.expect.socket.b:53.state",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from labctl.expect.base import Issue, JudgeContext, Kind, LabView, Row, register
 from labctl.expect.bounds import Count, matches
+from labctl.kernel.tcp import TCP_STATES
 from labctl.topology.model import Strict
 
 if TYPE_CHECKING:
@@ -32,6 +33,9 @@ class TcpExpect(Strict):
     """The one errno every connection that did not connect got (ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH), or 'none'."""
     sent_bytes: Count | None = None
     """Bytes the clients sent over the connections that connected."""
+    states: dict[str, Count] | None = None
+    """Connections per TCP state of the client's socket when the step was done with it (a connected one:
+    once its bytes were sent, before it closed -- ESTABLISHED; a refused or timed-out one: CLOSE)."""
 
 
 @register
@@ -47,8 +51,11 @@ class Tcp(Kind):
             issues.append(((), "'tcp' needs a tcp traffic step"))
         if value.errno is not None and value.errno != "none" and not hasattr(errno_codes, value.errno):
             issues.append((("errno",), f"{value.errno!r} is not an errno name (ECONNREFUSED, ETIMEDOUT, ...)"))
+        for state in value.states or {}:
+            if state not in TCP_STATES[1:]:
+                issues.append((("states", state), f"{state!r} is not a TCP state ({', '.join(TCP_STATES[1:])})"))
         if all(getattr(value, k) is None for k in TcpExpect.model_fields):
-            issues.append(((), "states nothing: give connected, refused, timed_out, errno or sent_bytes"))
+            issues.append(((), "states nothing: give connected, refused, timed_out, errno, sent_bytes or states"))
         return issues
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
@@ -72,6 +79,10 @@ class Tcp(Kind):
             got = sum(c.sent_bytes for c in conns if c.outcome == "connected")
             rows.append(Row("tcp bytes sent by the clients", value.sent_bytes, got,
                             bool(conns) and matches(value.sent_bytes, got)))
+        for state, wanted in (value.states or {}).items():
+            got = sum(1 for c in conns if c.state == state)
+            rows.append(Row(f"tcp connections in state {state}", wanted, got, bool(conns) and matches(wanted, got),
+                            hint=", ".join(f"{c.outcome}: {c.state}" for c in conns)))
         return rows
 
 
