@@ -25,11 +25,11 @@ CLAIM_RE = re.compile(r"^[A-Z]\d+$")
 
 
 class Listen(Strict):
-    """A UDP socket on a node, to deliver to, fill up, or filter."""
+    """A UDP socket on a node, to deliver to, fill up, or filter (``address: "::"`` for IPv6)."""
 
     node: str
     port: Annotated[int, Field(ge=1, le=65535)]
-    address: str = "0.0.0.0"
+    address: Address = "0.0.0.0"
     rcvbuf: Annotated[int, Field(ge=1)] | None = None
     read: bool = True
     """False: the socket never reads, so its queue fills (SOCKET_RCVBUFF)."""
@@ -87,20 +87,70 @@ class SendUdp(Strict):
     count: Annotated[int, Field(ge=1, le=1_000_000)] = 1
     cpu: Annotated[int, Field(ge=0)] | None = None
     """Send from this CPU (RPS experiments)."""
+    gso_size: Annotated[int, Field(ge=1, le=65507)] | None = None
+    """UDP_SEGMENT: each send of ``size`` bytes leaves as ceil(size/gso_size) datagrams (UDP GSO)."""
+    df: bool = False
+    """Don't fragment: IP_PMTUDISC_DO (IPv4) / IPV6_DONTFRAG (IPv6); too big for the path is EMSGSIZE or ICMP."""
 
     @model_validator(mode="after")
     def _to(self) -> SendUdp:
         host, sep, port = self.to.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"'to' must be ADDRESS:PORT, got {self.to!r}")
+            raise ValueError(f"'to' must be ADDRESS:PORT ([ADDRESS]:PORT for IPv6), got {self.to!r}")
         check_address(host)
+        if ":" in host and not host.startswith("["):
+            raise ValueError(f"an IPv6 destination is written [ADDRESS]:PORT, got {self.to!r}")
+        if self.gso_size is not None:
+            size = len(self.payload) if self.size is None else self.size
+            if size > self.gso_size * UDP_MAX_SEGMENTS:
+                raise ValueError(
+                    f"size {size} with gso_size {self.gso_size} is more than {UDP_MAX_SEGMENTS} segments per send"
+                )
         return self
+
+    @property
+    def host(self) -> str:
+        """The destination address without brackets."""
+        return self.to.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.to.rpartition(":")[2])
+
+
+UDP_MAX_SEGMENTS = 64
+"""UDP_MAX_SEGMENTS of <linux/udp.h> on older kernels (128 since 6.x): the smaller bound is portable."""
 
 
 class Ping(Strict):
+    """iputils ping from a node; IPv4 or IPv6 by the address."""
+
     node: str
     to: Address
     count: Annotated[int, Field(ge=1, le=100)] = 1
+    size: Annotated[int, Field(ge=0, le=65507)] | None = None
+    """ICMP payload bytes (ping -s)."""
+    df: bool = False
+    """Don't fragment (ping -M do): too big for the path is an error or an ICMP frag-needed / too-big."""
+    ttl: Annotated[int, Field(ge=1, le=255)] | None = None
+    """IPv4 TTL / IPv6 hop limit of the echo requests (ping -t)."""
+    broadcast: bool = False
+    """Allow a broadcast destination (ping -b)."""
+    interval: Annotated[float, Field(ge=0.002, le=10)] = 0.01
+    """Seconds between echo requests (ping -i)."""
+
+    def argv(self) -> list[str]:
+        """The ping command line (-W 1: a lost reply costs a second, not ten)."""
+        argv = ["ping", "-n", "-q", "-c", str(self.count), "-i", str(self.interval), "-W", "1"]
+        if self.size is not None:
+            argv += ["-s", str(self.size)]
+        if self.df:
+            argv += ["-M", "do"]
+        if self.ttl is not None:
+            argv += ["-t", str(self.ttl)]
+        if self.broadcast:
+            argv.append("-b")
+        return [*argv, self.to]
 
 
 class Traffic(Strict):
