@@ -31,7 +31,7 @@ from labctl.kernel.packet import DLT_RAW, SockFilter, attach_filter, compile_fil
 
 SO_RCVBUFFORCE = 33
 SOL_UDP, UDP_SEGMENT = 17, 103  # <linux/udp.h>: one send of N*gso_size bytes leaves as N datagrams
-IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # <linux/in.h>: DF set, never fragmented locally
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO = 10, 0, 2  # <linux/in.h>: DF never / always set
 IPV6_DONTFRAG = 62  # <linux/in6.h>: a datagram over the path MTU is refused (EMSGSIZE), not fragmented
 SO_MEMINFO = 55
 SK_MEMINFO_RMEM_ALLOC, SK_MEMINFO_RCVBUF, SK_MEMINFO_DROPS = 0, 1, 8
@@ -228,17 +228,19 @@ def send_udp(
     src: str | None = None,
     timeout: float = 5.0,
     gso_size: int | None = None,
-    dont_fragment: bool = False,
+    dont_fragment: bool | None = None,
 ) -> SendResult:
     """Send ``count`` datagrams from the node's own stack; failures are counted by errno.
 
     The socket's family follows ``dst`` (IPv4 or IPv6).  ``timeout`` bounds a
     send blocked on a full send buffer (counted as EAGAIN).  ``gso_size`` sets
     UDP_SEGMENT: each send of ``payload`` leaves as ceil(len/gso_size)
-    datagrams, segmented by the stack (or the device).  ``dont_fragment`` sets
-    IP_PMTUDISC_DO / IPV6_DONTFRAG: a datagram over the known path MTU gets
-    EMSGSIZE, and a router on a smaller link answers with frag-needed /
-    packet-too-big instead of fragmenting.  A socket the kernel refuses (or an
+    datagrams, segmented by the stack (or the device).  ``dont_fragment=True``
+    sets IP_PMTUDISC_DO / IPV6_DONTFRAG: a datagram over the known path MTU
+    gets EMSGSIZE, and a router on a smaller link answers with frag-needed /
+    packet-too-big instead of fragmenting.  ``False`` sets IP_PMTUDISC_DONT
+    (IPv4 without DF: routers fragment); None keeps the kernel's default
+    (IPv4: IP_PMTUDISC_WANT, which also sets DF).  A socket the kernel refuses (or an
     option it lacks) raises OSError: the caller cannot claim to have sent.
     """
     family = family_of(dst)
@@ -252,10 +254,11 @@ def send_udp(
         try:
             if gso_size is not None:
                 sock.setsockopt(SOL_UDP, UDP_SEGMENT, gso_size)
-            if dont_fragment and family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
-            elif dont_fragment:
-                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+            if dont_fragment is not None and family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, int(dont_fragment))
+            elif dont_fragment is not None:
+                mode = IP_PMTUDISC_DO if dont_fragment else IP_PMTUDISC_DONT
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, mode)
         except OSError:
             sock.close()
             raise

@@ -89,8 +89,10 @@ class SendUdp(Strict):
     """Send from this CPU (RPS experiments)."""
     gso_size: Annotated[int, Field(ge=1, le=65507)] | None = None
     """UDP_SEGMENT: each send of ``size`` bytes leaves as ceil(size/gso_size) datagrams (UDP GSO)."""
-    df: bool = False
-    """Don't fragment: IP_PMTUDISC_DO (IPv4) / IPV6_DONTFRAG (IPv6); too big for the path is EMSGSIZE or ICMP."""
+    df: bool | None = None
+    """true: IP_PMTUDISC_DO / IPV6_DONTFRAG (too big for the known path MTU is EMSGSIZE, a router answers
+    frag-needed / too-big); false: IP_PMTUDISC_DONT / IPV6_DONTFRAG 0 (IPv4 leaves without DF, so routers
+    fragment).  Absent: the kernel's default -- for IPv4 that is IP_PMTUDISC_WANT, which sets DF too."""
 
     @model_validator(mode="after")
     def _to(self) -> SendUdp:

@@ -83,6 +83,7 @@ def window_spec(check: Check, needs: Needs) -> WindowSpec:
         ebtables=set(getattr(check.expect, "ebtables") or {}),  # noqa: B009
         fdb=needs.fdb,
         conntrack=needs.conntrack,
+        routes=set(needs.routes),
     )
 
 
