@@ -8,6 +8,7 @@ exact is the rule, bounds are for what is statistical (backlog overflow).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any
 
@@ -234,7 +235,10 @@ def _check_references(lab: LabFile) -> list[Problem]:
             if not CLAIM_RE.match(claim):
                 problems.append(Problem((*base, "covers", j), f"{claim!r} is not a claim id like R7 or E3"))
         for j, listen in enumerate(check.setup.listen):
-            node_ok((*base, "setup", "listen", j, "node"), listen.node)
+            if node_ok((*base, "setup", "listen", j, "node"), listen.node):
+                problem = _listen_address_problem(lab, listen)
+                if problem:
+                    problems.append(Problem((*base, "setup", "listen", j, "address"), problem))
         for j, cap in enumerate(check.setup.capture):
             iface_ok((*base, "setup", "capture", j), cap.node, cap.interface)
         for table in ("iptables", "ebtables", "sysctls"):
@@ -244,6 +248,12 @@ def _check_references(lab: LabFile) -> list[Problem]:
             sent = step.inject or step.udp or step.ping
             assert sent is not None
             iface_ok((*base, "traffic", j), sent.node, step.inject.interface if step.inject else None)
+            if sent.node in lab.nodes and (step.udp or step.ping):
+                step_key = "udp" if step.udp else "ping"
+                to = step.udp.host if step.udp else step.ping.to if step.ping else ""
+                problem = _family_problem(lab, sent.node, to)
+                if problem:
+                    problems.append(Problem((*base, "traffic", j, step_key, "to"), problem))
         for j, ref in enumerate(check.setup.fdb_flush):
             node, _, bridge = ref.partition(":")
             if node_ok((*base, "setup", "fdb_flush", j), node) and bridge not in lab.nodes[node].bridges:
@@ -266,6 +276,39 @@ def _check_references(lab: LabFile) -> list[Problem]:
             for sub, message in kind.references(value, view):
                 problems.append(Problem((*base, "expect", key, *sub), message))
     return problems
+
+
+def node_families(lab: Topology, node: str) -> set[int]:
+    """IP versions a node can send with: those of its addresses and of its routes."""
+    spec = lab.nodes[node]
+    versions: set[int] = {iface.version for cfg in spec.interfaces.values() for iface in cfg.addresses}
+    versions |= {route.network.version for route in spec.routes}
+    return versions
+
+
+def _family_problem(lab: Topology, node: str, to: str) -> str | None:
+    """Why ``node`` cannot send to ``to`` at all (wrong IP version for what it has), or None."""
+    address = ipaddress.ip_address(to.strip("[]"))
+    spec = lab.nodes[node]
+    if address.version == 6 and not spec.ipv6:
+        return f"{to} is an IPv6 address but node {node} has IPv6 off (ipv6: true)"
+    if address.is_loopback:
+        return None
+    if address.version not in node_families(lab, node):
+        return f"{to} is IPv{address.version} but node {node} has no IPv{address.version} address or route"
+    return None
+
+
+def _listen_address_problem(lab: Topology, listen: Listen) -> str | None:
+    address = ipaddress.ip_address(listen.address.strip("[]"))
+    if address.version == 6 and not lab.nodes[listen.node].ipv6:
+        return f"{listen.address} is an IPv6 address but node {listen.node} has IPv6 off (ipv6: true)"
+    if address.is_unspecified or address.is_loopback:
+        return None
+    own = {iface.ip for cfg in lab.nodes[listen.node].interfaces.values() for iface in cfg.addresses}
+    if address not in own:
+        return f"node {listen.node} has no address {listen.address} to bind"
+    return None
 
 
 def expectation_keys() -> list[str]:
