@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
@@ -57,13 +58,13 @@ class Route(Kind):
         return issues
 
     def needs(self, value: Any, needs: Needs) -> None:
-        needs.routes |= {(node, dst.strip("[]")) for node, lookups in value.items() for dst in lookups}
+        needs.routes |= {(node, canonical(dst)) for node, lookups in value.items() for dst in lookups}
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         rows: list[Row] = []
         for node, lookups in value.items():
             for dst, wanted in lookups.items():
-                got = ev.routes.get(f"{node} {dst.strip('[]')}")
+                got = ev.routes.get(f"{node} {canonical(dst)}")
                 for name in sorted(wanted.model_fields_set):
                     expected = getattr(wanted, name)
                     observed = None if got is None else got.get(name)
@@ -84,10 +85,13 @@ class Route(Kind):
         return rows
 
 
+def canonical(address: str) -> str:
+    """One spelling per address (2001:db8:0::2 and 2001:db8::2 are one lookup, one evidence key)."""
+    return str(ipaddress.ip_address(address.strip("[]")))
+
+
 def _same(name: str, expected: Any, observed: Any) -> bool:
     if name in ("via", "src") and expected is not None and observed is not None:
-        import ipaddress
-
         return bool(ipaddress.ip_address(str(expected).strip("[]")) == ipaddress.ip_address(str(observed)))
     return bool(expected == observed)
 
