@@ -120,6 +120,11 @@ class Builder:
                     off = wanted["net.ipv6.conf.all.disable_ipv6"] == "1"
                     differ = [name for name, disabled in handle.ipv6_disabled().items() if disabled != off]
                     sysctl.write_here({f"net.ipv6.conf.{name}.disable_ipv6": "1" if off else "0" for name in differ})
+                    if self.topo.nodes[node].ipv6:  # dad: applies to the interfaces that exist already too
+                        dad = DAD_ON["net.ipv6.conf.default.accept_dad"] if self.topo.nodes[node].dad else "0"
+                        sysctl.write_here(
+                            {f"net.ipv6.conf.{name}.accept_dad": dad for name in handle.ipv6_disabled() if name != "lo"}
+                        )
                     self.tables[node] = (_has_iptables_here(), bridge_tables_here())
             if node in self.fresh:
                 handle.index = {"lo": 1}

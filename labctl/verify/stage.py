@@ -187,14 +187,18 @@ def temporary_sysctls(topo: Topology, check: Check) -> Iterator[None]:
 
 
 def _listener(topo: Topology, spec: Listen) -> UdpListener:
-    return UdpListener(
-        _ns(topo, spec.node),
-        spec.port,
-        addr=spec.address,
-        rcvbuf=spec.rcvbuf,
-        read=spec.read,
-        socket_filter=spec.filter,
-    )
+    """The check's listener; one that cannot be made is the check's ERROR, with the kernel's reason."""
+    try:
+        return UdpListener(
+            _ns(topo, spec.node),
+            spec.port,
+            addr=spec.address.strip("[]"),
+            rcvbuf=spec.rcvbuf,
+            read=spec.read,
+            socket_filter=spec.filter,
+        )
+    except OSError as exc:
+        raise TrafficError(f"listen on {spec.node} udp {spec.address} port {spec.port}: {exc.strerror or exc}") from exc
 
 
 @dataclass

@@ -51,7 +51,7 @@ def write(tmp_path: Path, name: str, body: str) -> str:
     return str(file)
 
 
-@pytest.mark.parametrize("lab", ["ip6-router", "ip6-pmtu", "ip6-udp-gso"])
+@pytest.mark.parametrize("lab", ["ip6-router", "ip6-pmtu", "ip6-udp-gso", "ip6-ping"])
 def test_ip6_labs_pass(tmp_path: Path, lab_name: str, lab: str) -> None:
     """The labs of this issue, under a name of their own (the shipped names may be up elsewhere)."""
     text = (REPO / "labs" / f"{lab}.yaml").read_text()
@@ -112,3 +112,16 @@ def test_up_waits_for_dad_unless_the_node_turns_it_off(make_lab: LabFactory, lab
             handle.refresh()
             assert handle.unsettled_ipv6() == ([], [])  # up returned after DAD
         assert sysctl.read("net.ipv6.conf.eth0.accept_dad", namespace) == dad
+
+
+def test_a_listener_that_cannot_bind_is_an_error(tmp_path: Path, lab_name: str) -> None:
+    checks = """\
+checks:
+  - name: port-taken
+    setup: {listen: [{node: h2, port: 7200, address: "::"}, {node: h2, port: 7200, address: "::"}]}
+    traffic: [{udp: {node: h1, to: "[2001:db8:72::2]:7200"}}]
+    expect: {delivered: 1}
+"""
+    result = run_lab(write(tmp_path, lab_name, ROUTED + checks))
+    (check,) = result.checks
+    assert check.status == "error" and "listen on h2 udp :: port 7200" in (check.error or ""), check
