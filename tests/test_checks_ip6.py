@@ -186,3 +186,22 @@ def test_inject_fills_the_ipv6_source() -> None:
     kept = fill_defaults(parse_packet("IPv6(src='2001:db8::7', dst='2001:db8::2')"), src_mac="02:00:00:00:00:01",
                          dst_mac=None, src_ip="2001:db8::1")
     assert kept[IPv6].src == "2001:db8::7"
+
+
+def test_group_and_link_local_next_hop_macs() -> None:
+    from labctl.lab.traffic import eui64_mac, multicast_mac
+
+    assert multicast_mac("ff02::1") == "33:33:00:00:00:01"
+    assert multicast_mac("ff02::1:ff00:2") == "33:33:ff:00:00:02"
+    assert multicast_mac("224.0.0.251") == "01:00:5e:00:00:fb"
+    assert multicast_mac("239.255.1.2") == "01:00:5e:7f:01:02"
+    assert multicast_mac("10.0.0.1") is None
+    assert eui64_mac("fe80::ff:fe00:1") == "02:00:00:00:00:01"
+    assert eui64_mac("fe80::1") is None and eui64_mac("2001:db8::ff:fe00:1") is None
+
+
+def test_unknown_snmp6_counter_is_an_error_with_the_closest_names(tmp_path: Path) -> None:
+    found = problems(tmp_path, "  - name: c\n    expect: {counters: {v6: {Ip6.InRecieves: 1, Udp6.NoPorts: 1}}}\n")
+    assert len(found) == 1
+    assert "expect.counters.v6.Ip6.InRecieves: no counter 'Ip6.InRecieves' in this kernel" in found[0]
+    assert "did you mean Ip6.InReceives" in found[0]

@@ -45,8 +45,39 @@ def node_namespace(topo: Topology, node: str) -> str:
     return name
 
 
+def multicast_mac(address: str) -> str | None:
+    """The Ethernet group address of an IP multicast address (RFC 1112 / RFC 2464), None for unicast."""
+    ip = ipaddress.ip_address(address)
+    if not ip.is_multicast:
+        return None
+    if ip.version == 6:
+        return "33:33:" + ":".join(f"{b:02x}" for b in ip.packed[-4:])
+    low = int(ip) & 0x7FFFFF
+    return "01:00:5e:" + ":".join(f"{b:02x}" for b in low.to_bytes(3, "big"))
+
+
+def eui64_mac(address: str) -> str | None:
+    """The MAC an IPv6 link-local address was derived from (EUI-64, ``ff:fe`` in the middle), or None.
+
+    A route ``via fe80::...`` names the router by its link-local address, which the lab file never
+    lists; the kernel derives it from the MAC, so the MAC is read back from it.
+    """
+    ip = ipaddress.ip_address(address)
+    if ip.version != 6 or not ip.is_link_local or ip.packed[11:13] != b"\xff\xfe":
+        return None
+    iid = ip.packed[8:]
+    mac = bytes([iid[0] ^ 0x02, iid[1], iid[2], iid[5], iid[6], iid[7]])
+    return ":".join(f"{b:02x}" for b in mac)
+
+
 def mac_of_address(topo: Topology, address: str) -> str | None:
-    """The MAC of the lab interface that owns ``address`` (None when no lab node has it)."""
+    """The MAC of the lab interface that owns ``address`` (None when no lab node has it).
+
+    Multicast destinations map to their group MAC, and an EUI-64 link-local next hop to its MAC.
+    """
+    group = multicast_mac(address) or eui64_mac(address)
+    if group is not None:
+        return group
     ip = ipaddress.ip_address(address)
     for node, spec in topo.nodes.items():
         for ifname, cfg in spec.interfaces.items():
