@@ -64,7 +64,7 @@ def test_udp_ipv6_destination_is_bracketed_and_parsed() -> None:
 def test_ping_options_make_the_command_line() -> None:
     ping = Ping(node="a", to="10.0.0.255", count=3, size=1472, df=True, ttl=1, broadcast=True, interval=0.2)
     assert ping.argv() == [
-        "ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", "-s", "1472", "-M", "do", "-t", "1", "-b", "10.0.0.255"
+        "ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", "-s", "1472", "-M", "do", "-t", "1", "-b", "10.0.0.255"
     ]
 
 

@@ -143,8 +143,12 @@ class Ping(Strict):
     """Seconds between echo requests (ping -i)."""
 
     def argv(self) -> list[str]:
-        """The ping command line (-W 1: a lost reply costs a second, not ten)."""
-        argv = ["ping", "-n", "-q", "-c", str(self.count), "-i", str(self.interval), "-W", "1"]
+        """The ping command line (-W 1: a lost reply costs a second, not ten).
+
+        Not ``-q``: quiet ping also hides its "local error" lines, and an echo request the node's own
+        stack refused (EMSGSIZE over a learnt PMTU) must not pass for one that was sent and lost.
+        """
+        argv = ["ping", "-n", "-c", str(self.count), "-i", str(self.interval), "-W", "1"]
         if self.size is not None:
             argv += ["-s", str(self.size)]
         if self.df:

@@ -271,12 +271,19 @@ def _send(topo: Topology, step: _Step, window: Window, errors_expected: bool = F
         window.add_tasks([proc.pid])  # its echo requests are the lab's too
         out, err = proc.communicate()
         counts = _PING_COUNTS.search(out or "")
+        refused = [line for line in (err or "").splitlines() if "local error" in line]
         if proc.returncode not in (0, 1) or counts is None:
             reason = (err or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
             window.error(f"ping {spec_p.to} from {spec_p.node} could not run: {reason[0]}")
             window.record_send(SendEvidence(spec_p.node, "ping", spec_p.count, 0, replies=0))
         else:
-            window.record_send(SendEvidence(spec_p.node, "ping", spec_p.count, int(counts[1]), replies=int(counts[2])))
+            sent = max(0, int(counts[1]) - len(refused))
+            window.record_send(SendEvidence(spec_p.node, "ping", spec_p.count, sent, replies=int(counts[2])))
+            if refused:  # ping counts them as transmitted; they never left the node
+                window.error(
+                    f"ping {spec_p.to} from {spec_p.node}: {len(refused)} echo requests refused by the node's own"
+                    f" stack ({refused[0].removeprefix('ping: ').strip()})"
+                )
     time.sleep(traffic.settle)
 
 

@@ -125,3 +125,16 @@ checks:
     result = run_lab(write(tmp_path, lab_name, ROUTED + checks))
     (check,) = result.checks
     assert check.status == "error" and "listen on h2 udp :: port 7200" in (check.error or ""), check
+
+
+def test_a_ping_the_node_itself_refuses_is_an_error(tmp_path: Path, lab_name: str) -> None:
+    """ping -M do over the local MTU: ping counts the requests as transmitted, the check must not."""
+    checks = """\
+checks:
+  - name: too-big-locally
+    traffic: [{ping: {node: h1, to: "2001:db8:72::2", size: 2000, df: true}}]
+    expect: {reachable: false}
+"""
+    result = run_lab(write(tmp_path, lab_name, ROUTED + checks))
+    (check,) = result.checks
+    assert check.status == "error" and "refused by the node's own stack" in (check.error or ""), check
