@@ -307,9 +307,11 @@ def _listen_address_problem(lab: Topology, listen: Listen) -> str | None:
     address = ipaddress.ip_address(listen.address.strip("[]"))
     if address.version == 6 and not lab.nodes[listen.node].ipv6:
         return f"{listen.address} is an IPv6 address but node {listen.node} has IPv6 off (ipv6: true)"
-    if address.is_unspecified or address.is_loopback:
-        return None
-    own = {iface.ip for cfg in lab.nodes[listen.node].interfaces.values() for iface in cfg.addresses}
+    if address.is_unspecified or address.is_loopback or address.is_multicast:
+        return None  # a multicast group can be bound to receive it
+    ifaces = [iface for cfg in lab.nodes[listen.node].interfaces.values() for iface in cfg.addresses]
+    own = {iface.ip for iface in ifaces}
+    own |= {iface.network.broadcast_address for iface in ifaces if iface.version == 4}
     if address not in own:
         return f"node {listen.node} has no address {listen.address} to bind"
     return None
