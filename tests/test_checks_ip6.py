@@ -210,7 +210,8 @@ def test_unknown_snmp6_counter_is_an_error_with_the_closest_names(tmp_path: Path
 def test_listen_may_bind_a_group_or_the_subnet_broadcast(tmp_path: Path) -> None:
     file = tmp_path / "lab.yaml"
     file.write_text(
-        f"name: ip6unit\n{TOPOLOGY}checks:\n  - name: c\n    setup:\n      listen: [{{node: v4, port: 5, address: 10.0.0.255}},"
+        f"name: ip6unit\n{TOPOLOGY}checks:\n  - name: c\n    setup:\n"
+        "      listen: [{node: v4, port: 5, address: 10.0.0.255},"
         " {node: v4, port: 6, address: 224.0.0.251}, {node: v6, port: 7, address: 'ff02::fb'},"
         " {node: v6, port: 8, address: '2001:db8::2'}]\n    expect: {delivered: 0}\n"
     )
