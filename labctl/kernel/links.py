@@ -433,10 +433,20 @@ class NodeLinks:
         return tentative, failed
 
     def wait_ipv6_settled(self, timeout: float = 10.0) -> tuple[list[str], list[str]]:
-        """Poll until no IPv6 address is tentative; (still tentative, DAD failed) at the end."""
+        """Poll until no IPv6 address of a running interface is tentative; (still tentative, DAD failed).
+
+        An interface that is down (``up: false``, a bridge without ports) never runs DAD, so its
+        addresses stay tentative until it comes up: they are not waited for.
+        """
         deadline = time.monotonic() + timeout
         while True:
+            running = {
+                _cstr(attrs[IFLA_IFNAME])
+                for _, attrs, _ in self._dump_links(_NAME_AND_STATE)
+                if OPERSTATES.get(attrs.get(IFLA_OPERSTATE, b"\0")[0]) in ("UP", "UNKNOWN")
+            }
             tentative, failed = self.unsettled_ipv6()
+            tentative = [entry for entry in tentative if entry.split(" ", 1)[0] in running]
             if not tentative or time.monotonic() > deadline:
                 return tentative, failed
             time.sleep(0.05)

@@ -7,6 +7,7 @@ tests/mutations/.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,29 @@ def test_cli_send_listen_and_inject_take_ipv6(make_lab: LabFactory) -> None:
     assert [d["source"].rpartition(":")[0] for d in datagrams] == ["2001:db8:71::2", "2001:db8:71::2"]
     unbracketed = run("send", topo.name, "h1", "udp", "2001:db8:72::2:7300")
     assert unbracketed.exit_code == 2 and "is not an IPv4 address" in unbracketed.output
+
+
+def test_up_does_not_wait_for_interfaces_that_never_run_dad(make_lab: LabFactory) -> None:
+    """An interface kept down and a bridge without ports keep their addresses tentative: up returns anyway."""
+    started = time.monotonic()
+    make_lab(
+        """\
+topology:
+  nodes:
+    a:
+      ipv6: true
+      bridges:
+        br0: {}
+      interfaces:
+        eth0: {addresses: ["2001:db8:5::1/64"], up: false}
+        br0: {addresses: ["2001:db8:6::1/64"]}
+    b:
+      ipv6: true
+      dad: false
+      interfaces:
+        eth0: {addresses: ["2001:db8:5::2/64"]}
+  links:
+    - endpoints: ["a:eth0", "b:eth0"]
+"""
+    )
+    assert time.monotonic() - started < 8  # the DAD wait gives up only after 10 s
