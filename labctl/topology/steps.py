@@ -117,6 +117,15 @@ class SendTcp(Strict):
         split_endpoint(self.to)
         return self
 
+    @property
+    def host(self) -> str:
+        """The destination address without brackets."""
+        return split_endpoint(self.to)[0]
+
+    @property
+    def port(self) -> int:
+        return split_endpoint(self.to)[1]
+
 
 def feature_name(name: str) -> str:
     return FEATURE_ALIASES.get(name, name)

@@ -27,6 +27,9 @@ CASES = {
     "tcp-connect": ["refused-by-rst", "stray-ack-is-reset", "accepted-with-transfer", "handshake-waits-in-accept-queue",
                     "accept-queue-overflows", "syn-dropped-in-output"],
     "tcpbr-exec-bridge": ["isolated-ports-do-not-talk"],
+    "ip6-router": ["ip6-hop-limit-exceeded", "ip6-closed-port"],
+    "ip6-pmtu": ["pmtu-frag-needed", "pmtu-conntrack-entry-of-the-flow"],
+    "ip6-udp-gso": ["gso-one-send-ten-datagrams"],
 }
 
 
@@ -67,7 +70,7 @@ def record(lab_name: str, checks: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    only = set(sys.argv[1:])  # lab names: record only these (default: all)
+    chosen = sys.argv[1:]  # lab names: record only those (default: every case)
     for name, wanted in CASES.items():
-        if not only or name in only:
+        if not chosen or name in chosen:
             record(name, wanted)
