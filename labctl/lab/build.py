@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from labctl.errors import KernelError, LabFileError, Problem
-from labctl.kernel import modules, netns, sysctl
+from labctl.kernel import modules, netns, nft, sysctl
 from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks, bridge_tables_here
 from labctl.kernel.sysctl import GlobalOverrides
-from labctl.lab import relay, state
+from labctl.lab import nftables, relay, state
 from labctl.lab.state import LabState
 
 if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
@@ -60,6 +60,7 @@ class Builder:
         self.handles: dict[str, NodeLinks] = {}
         self.fresh: set[str] = set()  # nodes whose namespace this run created
         self.tables: dict[str, tuple[bool, bool]] = {}  # existing node -> (has iptables, has ebtables tables)
+        self.nft_tables: dict[str, list[tuple[str, str]]] = {}  # existing node -> its nf_tables tables
         self.next_index: dict[str, int] = {}
         # lookups the steps make per interface, computed once (labs have thousands of links)
         self.link_at: dict[tuple[str, str], Link] = {}
@@ -116,6 +117,7 @@ class Builder:
                     differ = [name for name, disabled in handle.ipv6_disabled().items() if disabled != off]
                     sysctl.write_here({f"net.ipv6.conf.{name}.disable_ipv6": "1" if off else "0" for name in differ})
                     self.tables[node] = (_has_iptables_here(), bridge_tables_here())
+                    self.nft_tables[node] = nft.tables_here()
             if node in self.fresh:
                 handle.index = {"lo": 1}
 
@@ -251,6 +253,16 @@ class Builder:
                 iptables.apply_rules(ns, spec.iptables)
             if spec.ebtables:
                 ebtables.apply_rules(ns, spec.ebtables)
+        self.nftables()
+
+    def nftables(self) -> None:
+        """Each node's nft ruleset, converged after ebtables (whose tables it leaves alone)."""
+        for node, spec in self.topo.nodes.items():
+            tables = self.nft_tables.get(node, [])
+            if spec.nftables is None and not tables:
+                continue
+            keep_ebtables = bool(spec.ebtables) or (spec.nftables is None)
+            nftables.converge(self.ns[node], spec.nftables, tables, keep_ebtables)
 
     def kernel_modules(self) -> None:
         """br_netfilter only when a node sets bridge-nf sysctls (it changes every bridge's behaviour)."""
@@ -384,7 +396,11 @@ def up(topo: Topology, file: str) -> LabState:
                 if previous is None
                 else "the lab is partly converged: run up again, or down"
             )
-            detail = str(exc) if isinstance(exc, OSError | sysctl.SysctlError) or _is_rule_error(exc) else repr(exc)
+            detail = (
+                str(exc)
+                if isinstance(exc, OSError | sysctl.SysctlError | nft.NftError) or _is_rule_error(exc)
+                else repr(exc)
+            )
             raise KernelError(f"lab {topo.name}: {detail}; {undone}") from exc
         finally:
             builder.close()

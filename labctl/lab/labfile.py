@@ -163,6 +163,61 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
     return problems
 
 
+def nft_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    """Every nft ruleset (the nodes' and the checks' setup) is loaded by libnftables in a scratch namespace.
+
+    A family this kernel lacks is named by its option first; otherwise nft's
+    own message is reported at the lab file's line nft names.  As a user who
+    cannot make a namespace nothing can be asked of the kernel: the rulesets
+    are then checked by ``up``, which runs as root, before anything is built.
+    """
+    places: list[tuple[KeyPath, str, str | None]] = []
+    for name, spec in topo.nodes.items():
+        if spec.nftables is not None:
+            places.append((("topology", "nodes", name, "nftables"), spec.nftables, None))
+    for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
+        if kconfig.missing(check.requires):
+            continue
+        for node, text in check.setup.nftables.items():
+            base = topo.nodes[node].nftables if node in topo.nodes else None
+            places.append((("checks", i, "setup", "nftables", node), text, base))
+    if not places:
+        return []
+    from labctl.kernel import nft
+    from labctl.topology import nft as nft_model
+
+    problems: list[Problem] = []
+    for path, text, base in places:
+        lacking = kconfig.missing(nft_model.requirements(text))
+        if lacking:
+            problems.append(source.problem(path, f"this kernel lacks {', '.join(lacking)} (nft tables of this family)"))
+            continue
+        if path[0] == "checks" and path[-1] not in topo.nodes:
+            continue  # the check's own reference check names the unknown node
+        if not nft.can_check():
+            continue
+        error = nft.check(text, base)
+        if error is None:
+            continue
+        problems.append(_nft_problem(source, path, text, error))
+    return problems
+
+
+def _nft_problem(source: SourceMap, path: KeyPath, text: str, error: Any) -> Problem:
+    """nft's message at the file line it names: a list item's own path, or the line inside a block."""
+    from labctl.topology import nft as nft_model
+
+    message = f"nft: {error}"
+    line = error.line
+    items = 0
+    while (*path, items) in source.lines:  # written as a list: each command is one line of the joined text
+        items += 1
+    if items and line is not None:
+        return source.problem((*path, min(line, items) - 1), message)
+    at = nft_model.file_line(line or 1, source.line_of(path), text)
+    return Problem(path=path, message=message, file=source.file, line=at)
+
+
 def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
     """Names the checks expect (drop reasons, tracepoints, counters, hook steps) exist in this kernel."""
     if not lab.checks:
@@ -180,7 +235,12 @@ def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     Raises LabFileError listing every problem with file, line and key.
     """
     lab, source = load_file(file, LabFile)
-    problems = machine_problems(lab, source) + rule_problems(lab, source) + expectation_problems(lab, source)
+    problems = (
+        machine_problems(lab, source)
+        + rule_problems(lab, source)
+        + nft_problems(lab, source)
+        + expectation_problems(lab, source)
+    )
     if problems:
         raise LabFileError(problems)
     return lab, source

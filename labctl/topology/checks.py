@@ -18,6 +18,7 @@ from labctl.expect.base import LabView, kinds
 from labctl.expect.bounds import Count, matches, parse_bound
 from labctl.expect.values import Address, check_address
 from labctl.topology.model import NAME_PATTERN, Strict, Topology
+from labctl.topology.nft import NftRuleset
 
 __all__ = ["Address", "Check", "Count", "Expect", "LabFile", "matches", "parse_bound"]
 
@@ -52,6 +53,8 @@ class Setup(Strict):
     capture: list[CaptureSpec] = []
     iptables: dict[str, list[str]] = {}
     ebtables: dict[str, list[str]] = {}
+    nftables: dict[str, NftRuleset] = {}
+    """Per node, nft commands run on top of the node's ruleset for the check; the ruleset is restored after."""
     sysctls: dict[str, dict[str, int | str | bool]] = {}
     warm_neighbours: bool = True
     """Before the window, resolve the next hop of every udp step (one ping): the traffic's datagrams are then

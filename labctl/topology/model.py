@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from labctl.errors import KeyPath, Problem
 from labctl.names import check_ifname, check_lab_name, check_node_name
+from labctl.topology.nft import NftRuleset
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 """Kept for callers that match names themselves; the checks are labctl.names' (one function per kind)."""
@@ -184,6 +185,8 @@ class Node(Strict):
     """Rules in iptables syntax (-t nat -A POSTROUTING -o eth1 -j MASQUERADE), applied in order."""
     ebtables: list[str] = []
     """Rules in ebtables syntax (-t broute -A BROUTING -p ipv4 -j DROP), applied in order."""
+    nftables: NftRuleset | None = None
+    """The node's nf_tables ruleset in nft syntax (a text, or a list of commands), loaded in one transaction."""
 
     @field_validator("interfaces", "bridges")
     @classmethod
