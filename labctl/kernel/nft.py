@@ -292,17 +292,43 @@ def apply_commands(namespace: str, commands: str) -> None:
 
 def list_json(namespace: str) -> list[dict[str, Any]]:
     """The node's whole ruleset as libnftables JSON objects (with handles and counters)."""
+    return _list_both(namespace)[0]
+
+
+def _list_both(namespace: str) -> tuple[list[dict[str, Any]], dict[tuple[str, str, str, int], str]]:
+    """The ruleset as JSON objects, and each rule's text as nft prints it (by family, table, chain, handle)."""
     with netns.entered(namespace), context_here() as ctx:
-        ctx.set_json_output(True)
         ctx.set_handle_output(True)
+        text = run_here(ctx, "list ruleset")
+        ctx.set_json_output(True)
         data = json.loads(run_here(ctx, "list ruleset") or '{"nftables": []}')
-    return list(data.get("nftables", []))
+    return list(data.get("nftables", [])), _rule_texts(text)
+
+
+_RULE_HANDLE = re.compile(r"^\s*(?P<rule>.*?)\s*# handle (?P<handle>\d+)$")
+
+
+def _rule_texts(listing: str) -> dict[tuple[str, str, str, int], str]:
+    """Rule lines of ``nft -a list ruleset`` keyed by where they are (counter values cut out)."""
+    texts: dict[tuple[str, str, str, int], str] = {}
+    family = table = chain = ""
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "table":
+            family, table = words[1], words[2]
+        elif len(words) >= 2 and words[0] == "chain":
+            chain = words[1]
+        elif (match := _RULE_HANDLE.match(line)) and chain and not line.lstrip().startswith(("type ", "chain ")):
+            rule = re.sub(r"counter packets \d+ bytes \d+", "counter", match["rule"])
+            texts[(family, table, chain, int(match["handle"]))] = rule
+    return texts
 
 
 def rule_counters(namespace: str) -> list[NftRuleCounter]:
     """Every rule of the node (ebtables-nft's included) with its counter, in listing order."""
     rows = []
-    for item in list_json(namespace):
+    objects, texts = _list_both(namespace)
+    for item in objects:
         rule = item.get("rule")
         if rule is None:
             continue
@@ -320,7 +346,7 @@ def rule_counters(namespace: str) -> list[NftRuleCounter]:
                 comment=rule.get("comment"),
                 packets=packets,
                 bytes=byte_count,
-                text=_expr_text(rule.get("expr", [])),
+                text=texts.get((rule["family"], rule["table"], rule["chain"], int(rule["handle"])), ""),
             )
         )
     return rows
@@ -338,37 +364,6 @@ def counts(rows: list[NftRuleCounter], skip: Callable[[NftRuleCounter], bool] = 
     return found
 
 
-def _expr_text(exprs: list[Any]) -> str:
-    """A short readable summary of a rule's statements (the JSON form; ``nft list`` has the exact text)."""
-    words = []
-    for expr in exprs:
-        if not isinstance(expr, dict) or not expr:
-            continue
-        (name, body), *_ = expr.items()
-        if name == "counter":
-            continue
-        if name == "match" and isinstance(body, dict):
-            left, right = body.get("left"), body.get("right")
-            words.append(f"{_operand(left)} {body.get('op', '==')} {_operand(right)}")
-        elif body is None or body == {}:
-            words.append(name)
-        else:
-            words.append(f"{name} {_operand(body)}")
-    return " ".join(words)
-
-
-def _operand(value: Any) -> str:
-    if isinstance(value, dict):
-        if "payload" in value and isinstance(value["payload"], dict):
-            return f"{value['payload'].get('protocol', '')} {value['payload'].get('field', '')}".strip()
-        if "meta" in value and isinstance(value["meta"], dict):
-            return f"meta {value['meta'].get('key', '')}"
-        return " ".join(f"{k} {_operand(v)}" for k, v in value.items())
-    if isinstance(value, list):
-        return "{" + ", ".join(_operand(v) for v in value) + "}"
-    return str(value)
-
-
 def base_chains(namespace: str) -> list[tuple[str, str, str]]:
     """(family, table, chain) of every base chain of the node (chains hooked into netfilter)."""
     chains = []
@@ -377,3 +372,65 @@ def base_chains(namespace: str) -> list[tuple[str, str, str]]:
         if chain is not None and "hook" in chain:
             chains.append((chain["family"], chain["table"], chain["name"]))
     return chains
+
+
+# --------------------------------------------------------------------------
+# the hook walk: a log rule at the top of every base chain (see labctl.kernel.nftrace)
+
+
+_MATCH_WORDS = {"-s": "ip saddr", "--source": "ip saddr", "-d": "ip daddr", "--destination": "ip daddr"}
+
+
+def nft_match(match: str) -> str:
+    """Translate the tracer's simple iptables match (``-p udp --dport 5000 -d 10.0.0.2``) to nft."""
+    words = match.split()
+    out: list[str] = []
+    proto = ""
+    i = 0
+    while i + 1 < len(words):
+        word, value = words[i], words[i + 1]
+        if word in ("-p", "--protocol"):
+            proto = value
+            out.append(f"meta l4proto {value}")
+        elif word in _MATCH_WORDS:
+            out.append(f"{_MATCH_WORDS[word]} {value}")
+        elif word in ("--dport", "--sport") and proto in ("udp", "tcp"):
+            out.append(f"{proto} {word[2:]} {value}")
+        else:
+            raise ValueError(f"cannot translate {word!r} of {match!r} for nft")
+        i += 2
+    return " ".join(out)
+
+
+def install_trace_rules(namespace: str, prefix: Callable[[str, str, str], str], group: int, match: str) -> int:
+    """Insert ``log group`` at the top of every base chain of the node's own tables; how many.
+
+    ``prefix(family, table, chain)`` names the step.  nft's ``log group``
+    calls nfnetlink_log directly, like iptables' NFLOG, so one listener numbers
+    the nft, iptables and ebtables steps in the single order the kernel ran them.
+    """
+    chains = [c for c in base_chains(namespace) if (c[0], c[1]) not in EBTABLES_TABLES]
+    if not chains:
+        return 0
+    condition = nft_match(match)
+    commands = [
+        f'insert rule {family} {table} {chain} {condition} log group {group} prefix "{prefix(family, table, chain)}"'
+        for family, table, chain in chains
+    ]
+    apply_commands(namespace, "\n".join(commands))
+    return len(chains)
+
+
+def remove_trace_rules(namespace: str, marker: str) -> None:
+    """Delete every rule whose log prefix starts with ``marker`` (one transaction)."""
+    deletes = []
+    for item in list_json(namespace):
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        for expr in rule.get("expr", []):
+            log = expr.get("log") if isinstance(expr, dict) else None
+            if isinstance(log, dict) and str(log.get("prefix", "")).startswith(marker):
+                deletes.append(f"delete rule {rule['family']} {rule['table']} {rule['chain']} handle {rule['handle']}")
+    if deletes:
+        apply_commands(namespace, "\n".join(deletes))

@@ -24,7 +24,7 @@ from typing import Any
 
 from labctl.errors import KernelError, LabStateError
 from labctl.evidence.model import SendEvidence
-from labctl.evidence.netfilter import user_rows
+from labctl.evidence.netfilter import TRACE_RULE, user_rows
 from labctl.evidence.window import WalkRequest, Window, WindowSpec
 from labctl.kernel import ebtables, iptables, netns, nftrace, tracefs
 from labctl.kernel.iptables import RuleCounter
@@ -128,8 +128,33 @@ def lab_rules(lab: str, node: str | None = None) -> list[RuleRow]:
         try:
             rows += _chain_order([_row(name, "ip", r) for r in iptables.list_rules(namespace)])
             rows += _chain_order([_row(name, "bridge", r) for r in ebtables.list_rules(namespace)])
+            rows += _nft_rows(name, namespace)
         except iptables.RuleError as exc:
             raise KernelError(f"lab {lab}: cannot list the rules of {name}: {exc}") from exc
+    return rows
+
+
+def _nft_rows(node: str, namespace: str) -> list[RuleRow]:
+    """The node's nf_tables rules (its ``nftables:``), numbered by handle; ebtables-nft's tables are listed above.
+
+    A rule without a ``counter`` statement has no counts (–).
+    """
+    from labctl.kernel import nft
+
+    with netns.entered(namespace):
+        if not nft.tables_here():
+            return []
+    rows = []
+    for r in nft.rule_counters(namespace):
+        if (r.family, r.table) in nft.EBTABLES_TABLES or TRACE_RULE.search(r.text):
+            continue
+        counted = r.packets >= 0
+        rows.append(
+            RuleRow(
+                node, "nft", f"{r.family} {r.table}", r.chain, r.handle, r.text,
+                r.packets if counted else None, r.bytes if counted else None,
+            )
+        )
     return rows
 
 

@@ -188,7 +188,7 @@ def _check_references(lab: LabFile) -> list[Problem]:
             node_ok((*base, "setup", "listen", j, "node"), listen.node)
         for j, cap in enumerate(check.setup.capture):
             iface_ok((*base, "setup", "capture", j), cap.node, cap.interface)
-        for table in ("iptables", "ebtables", "sysctls"):
+        for table in ("iptables", "ebtables", "nftables", "sysctls"):
             for node in getattr(check.setup, table):
                 node_ok((*base, "setup", table, node), node)
         for j, step in enumerate(check.traffic):
