@@ -26,7 +26,7 @@ from labctl.errors import KernelError, LabStateError
 from labctl.evidence.model import SendEvidence
 from labctl.evidence.netfilter import TRACE_RULE, user_rows
 from labctl.evidence.window import WalkRequest, Window, WindowSpec
-from labctl.kernel import ebtables, iptables, netns, nftrace, tracefs
+from labctl.kernel import ebtables, iptables, netns, nft, nftrace, tracefs
 from labctl.kernel.iptables import RuleCounter
 from labctl.kernel.nftrace import HookStep
 from labctl.kernel.packet import inject
@@ -139,8 +139,6 @@ def _nft_rows(node: str, namespace: str) -> list[RuleRow]:
 
     A rule without a ``counter`` statement has no counts (–).
     """
-    from labctl.kernel import nft
-
     with netns.entered(namespace):
         if not nft.tables_here():
             return []
@@ -373,7 +371,7 @@ def _hook_trace_errors(lab: str) -> Iterator[None]:
     """What the tracer's kernel side refuses becomes one clear error naming the lab."""
     try:
         yield
-    except (nftrace.TraceError, tracefs.TraceError, iptables.RuleError) as exc:
+    except (nftrace.TraceError, tracefs.TraceError, iptables.RuleError, nft.NftError) as exc:
         raise KernelError(f"lab {lab}: cannot trace the hooks: {exc}") from exc
 
 
@@ -407,7 +405,10 @@ def trace_hooks(
             events=DROP_EVENTS,
             walks={
                 name: WalkRequest(
-                    {"nat", "filter"} if topo.nodes[name].bridges else set(), nat=conntrack, match=match
+                    {"nat", "filter"} if topo.nodes[name].bridges else set(),
+                    nat=conntrack,
+                    match=match,
+                    nft=topo.nodes[name].nftables is not None,
                 )
                 for name in traced
             },
