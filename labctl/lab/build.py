@@ -26,7 +26,7 @@ from labctl.errors import KernelError, LabFileError, Problem
 from labctl.kernel import modules, netns, nft, sysctl
 from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks, bridge_tables_here
 from labctl.kernel.sysctl import GlobalOverrides
-from labctl.lab import nftables, relay, state
+from labctl.lab import nftables, relay, state, tc
 from labctl.lab.state import LabState
 
 if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
@@ -281,13 +281,26 @@ class Builder:
                     self.handles[node].set_features(ifname, features)
                 if cfg.rps_cpus is not None:
                     self.handles[node].set_rps_cpus(ifname, cfg.rps_cpus)
-                if cfg.qdisc is not None:
-                    self.handles[node].ensure_indexes({ifname})
-                    q = cfg.qdisc
-                    params = (
-                        {"rate": q.rate, "burst": q.burst, "limit": q.limit} if q.kind == "tbf" else {"limit": q.limit}
-                    )
-                    self.handles[node].set_root_qdisc(ifname, q.kind, **params)
+
+    def traffic_control(self, before: dict[str, str]) -> dict[str, str]:
+        """Each interface's tc (labctl.lab.tc); returns the fingerprints to remember in the state."""
+        built: dict[str, str] = {}
+        for node, spec in self.topo.nodes.items():
+            handle = self.handles[node]
+            handle.commit()
+            names = {i for i in spec.interfaces if spec.interfaces[i].traffic_control is not None}
+            names |= {key.partition(":")[2] for key in before if key.partition(":")[0] == node}
+            for ifname in sorted(names):
+                key = f"{node}:{ifname}"
+                cfg = spec.interfaces.get(ifname)
+                if ifname not in handle.index and cfg is None:
+                    continue  # the interface itself is gone
+                _done, mark = tc.converge(
+                    handle, ifname, cfg.traffic_control if cfg else None, before.get(key), node in self.fresh
+                )
+                if mark is not None:
+                    built[key] = mark
+        return built
 
     def relays(self, run: _Run, previous: dict[str, int]) -> dict[str, int]:
         pids: dict[str, int] = {}
@@ -382,6 +395,7 @@ def up(topo: Topology, file: str) -> LabState:
             builder.commit()
             builder.kernel_modules()
             builder.knobs()
+            current.tc = builder.traffic_control(previous.tc if previous else {})
             builder.netfilter()
             current.relays = builder.relays(run, current.relays)
             builder.settle()

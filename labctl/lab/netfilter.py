@@ -149,8 +149,14 @@ def _nft_rows(node: str, namespace: str) -> list[RuleRow]:
         counted = r.packets >= 0
         rows.append(
             RuleRow(
-                node, "nft", f"{r.family} {r.table}", r.chain, r.handle, r.text,
-                r.packets if counted else None, r.bytes if counted else None,
+                node,
+                "nft",
+                f"{r.family} {r.table}",
+                r.chain,
+                r.handle,
+                r.text,
+                r.packets if counted else None,
+                r.bytes if counted else None,
             )
         )
     return rows

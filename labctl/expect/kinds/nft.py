@@ -42,7 +42,11 @@ class Nft(Kind):
                 observed: Any = delta if delta is not None else "no such rule with a counter"
                 what = "rule" if _HANDLE_KEY.match(key) else "rule commented"
                 rows.append(
-                    Row(f"{node} nft {what} {key!r} packets (delta)", bound, observed,
-                        delta is not None and matches(bound, delta))
+                    Row(
+                        f"{node} nft {what} {key!r} packets (delta)",
+                        bound,
+                        observed,
+                        delta is not None and matches(bound, delta),
+                    )
                 )
         return rows
