@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from labctl.errors import KeyPath, LabFileError, Problem
+from labctl.errors import KernelLacksError, KeyPath, LabFileError, Problem
 from labctl.kernel import kconfig, sysctl
 from labctl.topology.checks import LabFile
 from labctl.topology.loader import SourceMap, load_file
@@ -188,10 +188,8 @@ def nft_problems(topo: Topology, source: SourceMap) -> list[Problem]:
 
     problems: list[Problem] = []
     for path, text, base in places:
-        lacking = kconfig.missing(nft_model.requirements(text))
-        if lacking:
-            problems.append(source.problem(path, f"this kernel lacks {', '.join(lacking)} (nft tables of this family)"))
-            continue
+        if kconfig.missing(nft_model.requirements(text)):
+            continue  # reported by traffic_kernel_problems, as what this kernel lacks
         if path[0] == "checks" and path[-1] not in topo.nodes:
             continue  # the check's own reference check names the unknown node
         if not nft.can_check():
@@ -218,6 +216,52 @@ def _nft_problem(source: SourceMap, path: KeyPath, text: str, error: Any) -> Pro
     return Problem(path=path, message=message, file=source.file, line=at)
 
 
+def traffic_requirements(topo: Topology) -> list[tuple[KeyPath, str, str]]:
+    """(key path, what, kernel option) for every qdisc, classifier, action and nft family the topology uses."""
+    from labctl.topology import nft as nft_model
+    from labctl.topology import tc as tc_model
+
+    needed: list[tuple[KeyPath, str, str]] = []
+    for name, spec in topo.nodes.items():
+        for ifname, cfg in spec.interfaces.items():
+            if cfg.tc is not None:
+                base: KeyPath = ("topology", "nodes", name, "interfaces", ifname, "tc")
+                needed += [((*base, *path), what, option) for path, what, option in tc_model.requirements(cfg.tc)]
+        if spec.nftables is not None:
+            for option in nft_model.requirements(spec.nftables):
+                needed.append((("topology", "nodes", name, "nftables"), "nftables", option))
+    return needed
+
+
+def traffic_kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
+    """What the topology's tc and nftables need that this kernel is built without, named by option."""
+    if kconfig.options() is None:
+        return [], []
+    problems: list[Problem] = []
+    lacking: list[str] = []
+    for path, what, option in traffic_requirements(topo):
+        if kconfig.missing([option]):
+            problems.append(source.problem(path, f"{what}: this kernel lacks {option}"))
+            if option not in lacking:
+                lacking.append(option)
+    return problems, lacking
+
+
+def tc_reference_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    """A mirred action sends to an interface of the same node."""
+    problems = []
+    for name, spec in topo.nodes.items():
+        own = topo.interface_names(name)
+        for ifname, cfg in spec.interfaces.items():
+            for index, flt in enumerate(cfg.tc.filters if cfg.tc else []):
+                if flt.action is not None and not isinstance(flt.action, str) and flt.action.mirred.to not in own:
+                    path = ("topology", "nodes", name, "interfaces", ifname, "tc", "filters", index, "action")
+                    problems.append(
+                        source.problem(path, f"node {name} has no interface {flt.action.mirred.to!r} to mirror to")
+                    )
+    return problems
+
+
 def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
     """Names the checks expect (drop reasons, tracepoints, counters, hook steps) exist in this kernel."""
     if not lab.checks:
@@ -235,12 +279,16 @@ def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     Raises LabFileError listing every problem with file, line and key.
     """
     lab, source = load_file(file, LabFile)
+    lacking_problems, lacking = traffic_kernel_problems(lab, source)
     problems = (
         machine_problems(lab, source)
         + rule_problems(lab, source)
+        + tc_reference_problems(lab, source)
         + nft_problems(lab, source)
         + expectation_problems(lab, source)
     )
     if problems:
-        raise LabFileError(problems)
+        raise LabFileError(lacking_problems + problems)
+    if lacking_problems:
+        raise KernelLacksError(lacking_problems, lacking=lacking)
     return lab, source
