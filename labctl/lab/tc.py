@@ -154,3 +154,43 @@ def converge(
     with netns.entered(handle.namespace):
         ktc.build(handle.ipr, handle.namespace, ifname, index, plan(config, dict(handle.index)))
     return ("replaced" if before is not None else "built"), wanted
+
+
+_DEFAULT_QDISCS = frozenset({"noqueue", "pfifo_fast", "mq", "noop"})
+"""What an interface has before anyone sets tc: not shown by status."""
+
+
+def _handle(value: int) -> str:
+    return f"{value >> 16:x}:{value & 0xFFFF:x}" if value & 0xFFFF else f"{value >> 16:x}:"
+
+
+def _parent(value: int) -> str:
+    return {ktc.TC_H_ROOT: "root", ktc.TC_H_INGRESS: "ingress", ktc.CLSACT_INGRESS: "ingress",
+            ktc.CLSACT_EGRESS: "egress"}.get(value, _handle(value))  # fmt: skip
+
+
+def status_here(ipr: Any) -> dict[int, dict[str, list[str]]]:
+    """ifindex -> {qdiscs, classes, filters} as the kernel has them (only interfaces with tc set)."""
+    found: dict[int, dict[str, list[str]]] = {}
+    for msg in ipr.get_qdiscs():
+        kind = msg.get_attr("TCA_KIND")
+        if kind in _DEFAULT_QDISCS:
+            continue
+        entry = found.setdefault(msg["index"], {"qdiscs": [], "classes": [], "filters": []})
+        entry["qdiscs"].append(f"{kind} {_handle(msg['handle'])} {_parent(msg['parent'])}")
+    for index, entry in found.items():
+        for msg in ipr.get_classes(index=index):
+            if msg.get_attr("TCA_KIND") == "htb":
+                entry["classes"].append(f"htb {_handle(msg['handle'])}")
+        parents = [ktc.ROOT_HANDLE, ktc.CLSACT_INGRESS, ktc.CLSACT_EGRESS, ktc.INGRESS_HANDLE]
+        for parent in parents:
+            try:
+                filters = ipr.get_filters(index=index, parent=parent)
+            except Exception:  # no such qdisc on this interface: nothing to list
+                continue
+            for msg in filters:
+                kind = msg.get_attr("TCA_KIND")
+                if msg["handle"] == 0 or (kind == "u32" and msg["handle"] & 0xFFF == 0):
+                    continue  # a prio's head entry, or u32's hash table: not a rule
+                entry["filters"].append(f"{kind} {_parent(parent)} pref {msg['info'] >> 16}")
+    return found
