@@ -353,6 +353,10 @@ def run_mutations(
     data = read_lab_data(file)
     data["name"] = unique_name(str(data.get("name") or Path(file).stem))
     lab = validate(data, file)
+    try:
+        load_lab(file)
+    except KernelLacksError as exc:  # the topology cannot be built here: every check is skipped, as run does
+        return [MutationResult(m, "skipped", f"this kernel lacks {', '.join(exc.lacking)}") for m in mutations]
     results: dict[int, MutationResult] = {}
     by_check: dict[str, list[int]] = {}
     for i, mutation in enumerate(mutations):
