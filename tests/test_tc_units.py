@@ -1,0 +1,90 @@
+"""tc's units and the shape of tc/nft keys, without a kernel."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from labctl.kernel import tc as ktc
+from labctl.topology import nft, tc
+
+
+@pytest.mark.parametrize(
+    ("text", "bytes_per_second"),
+    [
+        ("1mbit", 125_000),
+        ("500kbit", 62_500),
+        ("1gbit", 125_000_000),
+        ("8bit", 1),
+        ("1kbps", 1000),
+        ("1mibit", 131_072),
+    ],
+)
+def test_rates_are_tcs(text: str, bytes_per_second: int) -> None:
+    assert tc.parse_rate(text) == bytes_per_second
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("1600b", 1600), ("32kb", 32768), ("1k", 1024), ("1mb", 1 << 20), ("1500", 1500)]
+)
+def test_sizes_are_tcs(text: str, size: int) -> None:
+    assert tc.parse_size(text) == size
+
+
+@pytest.mark.parametrize(("text", "usec"), [("10ms", 10_000), ("1s", 1_000_000), ("250us", 250), ("0.5ms", 500)])
+def test_times_are_tcs(text: str, usec: int) -> None:
+    assert tc.parse_time(text) == usec
+
+
+@pytest.mark.parametrize("bad", ["1mbt", "fast", "0mbit", "", 100, "-1kbit"])
+def test_a_rate_that_does_not_parse_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError):
+        tc.parse_rate(bad)
+
+
+def test_filters_need_their_hook_and_kind_specific_shape() -> None:
+    with pytest.raises(ValidationError, match="needs clsact"):
+        tc.TcConfig(filters=[{"kind": "bpf", "attach": "egress", "match": "udp", "action": "drop"}])
+    with pytest.raises(ValidationError, match="tcpdump expression"):
+        tc.TcConfig(clsact=True, filters=[{"kind": "bpf", "attach": "egress", "match": {"protocol": "udp"},
+                                           "action": "drop"}])  # fmt: skip
+    with pytest.raises(ValidationError, match="not among the classes"):
+        tc.Qdisc(kind="htb", default="30", classes={"1:10": {"rate": "1mbit"}})
+
+
+def test_requirements_name_every_option() -> None:
+    config = tc.TcConfig(
+        qdisc=tc.Qdisc(kind="netem", delay="10ms"),
+        clsact=True,
+        filters=[
+            {"kind": "u32", "attach": "egress", "match": {"protocol": "udp"}, "action": "drop"},
+            {"kind": "bpf", "attach": "ingress", "match": "udp", "action": "drop"},
+        ],
+    )
+    options = [option for _, _, option in tc.requirements(config)]
+    assert options == [
+        "CONFIG_NET_SCH_NETEM",
+        "CONFIG_NET_SCH_INGRESS",
+        "CONFIG_NET_CLS_U32",
+        "CONFIG_NET_ACT_GACT",
+        "CONFIG_NET_CLS_BPF",
+    ]  # fmt: skip  (a bpf verdict needs no action module)
+
+
+def test_u32_keys_and_bpf_verdicts() -> None:
+    assert ktc.u32_keys("udp", None, "10.0.0.2", None, 5000) == [
+        "0x00110000/0x00ff0000+8", "0x0a000002/0xffffffff+16", "0x00001388/0x0000ffff+20",
+    ]  # fmt: skip
+    program = ktc.bpf_program("udp dst port 5999", ktc.TC_ACT_SHOT)
+    returns = {k for code, _, _, k in program if code == ktc.BPF_RET_K}
+    assert returns == {ktc.TC_ACT_SHOT, ktc.TC_ACT_UNSPEC}
+
+
+def test_nft_ruleset_shapes_and_families() -> None:
+    text = nft._ruleset(["add table ip6 t", "add chain ip6 t c"])
+    assert text == "add table ip6 t\nadd chain ip6 t c\n"
+    assert nft.requirements("table inet filter {\n}\ntable netdev x {\n}\n") == [
+        "CONFIG_NF_TABLES", "CONFIG_NF_TABLES_INET", "CONFIG_NF_TABLES_NETDEV",
+    ]  # fmt: skip
+    with pytest.raises(ValueError):
+        nft._ruleset("   ")
