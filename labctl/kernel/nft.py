@@ -414,9 +414,10 @@ def install_trace_rules(namespace: str, prefix: Callable[[str, str, str], str], 
         return 0
     condition = nft_match(match)
     commands = [
-        f'insert rule {family} {table} {chain} {condition} log group {group} prefix "{prefix(family, table, chain)}"'
+        f"insert rule {family} {table} {chain} {condition if family != 'arp' else ''}"
+        f' log group {group} prefix "{prefix(family, table, chain)}"'
         for family, table, chain in chains
-    ]
+    ]  # an arp chain sees no IP: its packets are all traced
     apply_commands(namespace, "\n".join(commands))
     return len(chains)
 
