@@ -88,3 +88,12 @@ def test_nft_ruleset_shapes_and_families() -> None:
     ]  # fmt: skip
     with pytest.raises(ValueError):
         nft._ruleset("   ")
+
+
+def test_nft_include_is_refused() -> None:
+    """nft would read any host file as root and quote it in its error messages."""
+    with pytest.raises(ValueError, match="include is not allowed"):
+        nft._ruleset('include "/etc/shadow"\n')
+    with pytest.raises(ValueError, match="include is not allowed"):
+        nft._ruleset(["add table ip t", ' include "/etc/passwd"'])
+    assert nft._ruleset('add rule ip t c meta mark 1 comment "include me"')  # a word in a string is fine

@@ -25,7 +25,7 @@ FAMILY_OPTIONS = {
 }
 """The kernel option each nft table family needs (besides CONFIG_NF_TABLES)."""
 
-_TABLE = re.compile(r"(?:^|[\s;{])(?:(?:add|create|table)\s+)?table\s+(?P<family>ip6?|inet|arp|bridge|netdev)\s")
+_INCLUDE = re.compile(r"(?:^|[\s;{}])include\s", re.MULTILINE)
 _TABLE_WORD = re.compile(r"(?:^|[\s;{])table\s+(?P<family>ip6?|inet|arp|bridge|netdev)\s+\S")
 
 
@@ -41,6 +41,9 @@ def _ruleset(value: Any) -> str:
         raise ValueError("an empty ruleset: leave nftables out instead")
     if len(text) > MAX_RULESET_CHARS:
         raise ValueError(f"a ruleset of {len(text)} characters (at most {MAX_RULESET_CHARS})")
+    if _INCLUDE.search(text):
+        # nft would read (and quote in its errors) any file of the host, as root
+        raise ValueError("include is not allowed: a lab's ruleset is all in the lab file")
     return text if text.endswith("\n") else text + "\n"
 
 
