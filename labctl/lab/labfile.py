@@ -248,17 +248,26 @@ def traffic_kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Pro
 
 
 def tc_reference_problems(topo: Topology, source: SourceMap) -> list[Problem]:
-    """A mirred action sends to an interface of the same node."""
+    """A mirred action sends to an interface of the same node; a bpf filter's expression compiles (libpcap)."""
     problems = []
     for name, spec in topo.nodes.items():
         own = topo.interface_names(name)
         for ifname, cfg in spec.interfaces.items():
             for index, flt in enumerate(cfg.tc.filters if cfg.tc else []):
+                path: KeyPath = ("topology", "nodes", name, "interfaces", ifname, "tc", "filters", index)
                 if flt.action is not None and not isinstance(flt.action, str) and flt.action.mirred.to not in own:
-                    path = ("topology", "nodes", name, "interfaces", ifname, "tc", "filters", index, "action")
                     problems.append(
-                        source.problem(path, f"node {name} has no interface {flt.action.mirred.to!r} to mirror to")
+                        source.problem(
+                            (*path, "action"), f"node {name} has no interface {flt.action.mirred.to!r} to mirror to"
+                        )
                     )
+                if flt.kind == "bpf" and isinstance(flt.match, str):
+                    from labctl.kernel.packet import CaptureError, compile_filter
+
+                    try:
+                        compile_filter(flt.match)
+                    except CaptureError as exc:
+                        problems.append(source.problem((*path, "match"), str(exc)))
     return problems
 
 
