@@ -61,6 +61,7 @@ class Builder:
         self.fresh: set[str] = set()  # nodes whose namespace this run created
         self.tables: dict[str, tuple[bool, bool]] = {}  # existing node -> (has iptables, has ebtables tables)
         self.nft_tables: dict[str, list[tuple[str, str]]] = {}  # existing node -> its nf_tables tables
+        self.traffic_changes: list[str] = []  # "a:eth0: tc replaced", "b: nftables loaded" (for up to print)
         self.next_index: dict[str, int] = {}
         # lookups the steps make per interface, computed once (labs have thousands of links)
         self.link_at: dict[tuple[str, str], Link] = {}
@@ -262,7 +263,9 @@ class Builder:
             if spec.nftables is None and not tables:
                 continue
             keep_ebtables = bool(spec.ebtables) or (spec.nftables is None)
-            nftables.converge(self.ns[node], spec.nftables, tables, keep_ebtables)
+            done = nftables.converge(self.ns[node], spec.nftables, tables, keep_ebtables)
+            if done is not None:
+                self.traffic_changes.append(f"{node}: nftables {done}")
 
     def kernel_modules(self) -> None:
         """br_netfilter only when a node sets bridge-nf sysctls (it changes every bridge's behaviour)."""
@@ -295,9 +298,11 @@ class Builder:
                 cfg = spec.interfaces.get(ifname)
                 if ifname not in handle.index and cfg is None:
                     continue  # the interface itself is gone
-                _done, mark = tc.converge(
+                done, mark = tc.converge(
                     handle, ifname, cfg.traffic_control if cfg else None, before.get(key), node in self.fresh
                 )
+                if done is not None:
+                    self.traffic_changes.append(f"{key}: tc {done}")
                 if mark is not None:
                     built[key] = mark
         return built
@@ -349,8 +354,11 @@ class Builder:
             handle.close()
 
 
-def up(topo: Topology, file: str) -> LabState:
+def up(topo: Topology, file: str, changes: list[str] | None = None) -> LabState:
     """Build or converge ``topo``; on failure undo what this call created and re-raise.
+
+    ``changes``, when given, receives a line per tc tree and nft ruleset this
+    run built, replaced or removed (``up`` prints them).
 
     A lab up from another file is refused (LabFileError, exit 2): its name is
     taken, and converging would silently rebuild someone else's lab.
@@ -420,6 +428,8 @@ def up(topo: Topology, file: str) -> LabState:
             builder.close()
         current.status = "up"
         state.save(current)
+        if changes is not None:
+            changes.extend(builder.traffic_changes)
         return current
 
 
