@@ -97,3 +97,41 @@ def test_nft_include_is_refused() -> None:
     with pytest.raises(ValueError, match="include is not allowed"):
         nft._ruleset(["add table ip t", ' include "/etc/passwd"'])
     assert nft._ruleset('add rule ip t c meta mark 1 comment "include me"')  # a word in a string is fine
+
+
+# TCA_OPTIONS of `tc filter add dev lo ingress protocol ip pref 1 flower ip_proto udp dst_ip 10.0.0.2
+# dst_port 5000 action drop` (iproute2 6.1, captured with strace on a kernel without flower: the request is
+# the same whether the kernel takes it or not)
+TC_FLOWER_OPTIONS = bytes.fromhex(
+    "050009001100000008000c000a00000208000d00ffffffff060015001388000030000300"
+    "2c0001000900010067616374000000001c00028018000200000000000000000002000000"
+    "000000000000000008001600000000000600080008000000"
+)
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    import struct
+
+    found, offset = {}, 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        found[kind & 0x3FFF] = data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return found
+
+
+def test_flower_is_encoded_as_tc_encodes_it() -> None:
+    from pyroute2.netlink.rtnl.tcmsg import tcmsg
+
+    from labctl.kernel import tc_flower
+
+    tc_flower.register()
+    params = tc_flower.get_parameters(
+        {"protocol": 0x0800, "ip_proto": "udp", "dst": "10.0.0.2", "dport": 5000,
+         "action": {"kind": "gact", "action": "drop"}}
+    )  # fmt: skip
+    msg = tcmsg()
+    msg["attrs"] = [["TCA_KIND", "flower"], ["TCA_OPTIONS", params]]
+    msg.encode()
+    ours = _attrs(_attrs(bytes(msg.data[16 + 20 :]))[2])
+    assert ours == _attrs(TC_FLOWER_OPTIONS)  # the same attributes and values (tc orders them differently)

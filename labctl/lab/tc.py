@@ -123,8 +123,16 @@ def _filter(flt: Filter, number: int, config: TcConfig, index_of: dict[str, int]
         params["keys"] = ktc.u32_keys(m.protocol, m.src, m.dst, m.sport, m.dport)
         params["target"] = classid if classid is not None else 0
         return ktc.FilterPlan("u32", parent, prio, ktc.ETH_P_IP, params=params, what=what)
-    if classid is not None:
-        params["classid"] = classid
+    if flt.kind == "flower":
+        from labctl.kernel import tc_flower
+
+        tc_flower.register()
+        assert isinstance(flt.match, U32Match)
+        m = flt.match
+        params.update(ip_proto=m.protocol, src=m.src, dst=m.dst, sport=m.sport, dport=m.dport)
+        if classid is not None:
+            params["classid"] = classid
+        return ktc.FilterPlan("flower", parent, prio, ktc.ETH_P_IP, params=params, what=what)
     return ktc.FilterPlan("matchall", parent, prio, ktc.ETH_P_ALL, params=params, what=what)
 
 
@@ -147,9 +155,7 @@ def converge(
         ktc.clear(handle.ipr, index)
     if config is None:
         return "removed", None
-    targets = {
-        f.action.mirred.to for f in config.filters if f.action is not None and not isinstance(f.action, str)
-    }
+    targets = {f.action.mirred.to for f in config.filters if f.action is not None and not isinstance(f.action, str)}
     handle.ensure_indexes(targets)
     with netns.entered(handle.namespace):
         ktc.build(handle.ipr, handle.namespace, ifname, index, plan(config, dict(handle.index)))

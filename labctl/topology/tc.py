@@ -216,12 +216,13 @@ class Filter(_Strict):
     ``attach``: ``egress``/``ingress`` (the clsact or ingress qdisc) or ``root``
     (the root qdisc, classful: htb).  ``bpf`` takes a tcpdump expression,
     compiled by libpcap to classic BPF and run in direct-action mode: its
-    ``drop``/``pass`` needs no action module.  ``u32``/``matchall`` act
+    ``drop``/``pass`` needs no action module.  ``u32`` and ``flower`` match
+    ``{protocol, src, dst, sport, dport}``; ``u32``/``flower``/``matchall`` act
     through actions: ``drop``/``pass`` are gact's, ``{mirred: {to, mode}}``.
     ``classid`` puts what matches into an htb class instead.
     """
 
-    kind: Literal["u32", "bpf", "matchall"]
+    kind: Literal["u32", "bpf", "matchall", "flower"]
     attach: Literal["egress", "ingress", "root"]
     match: U32Match | str | None = None
     action: Literal["drop", "pass"] | MirredAction | None = None
@@ -239,8 +240,10 @@ class Filter(_Strict):
     def _shape(self) -> Filter:
         if self.kind == "bpf" and not isinstance(self.match, str):
             raise ValueError("a bpf filter's match is a tcpdump expression, e.g. 'udp dst port 5999'")
-        if self.kind == "u32" and not isinstance(self.match, U32Match):
-            raise ValueError("a u32 filter's match is {protocol, src, dst, sport, dport}")
+        if self.kind in ("u32", "flower") and not isinstance(self.match, U32Match):
+            raise ValueError(f"a {self.kind} filter's match is {{protocol, src, dst, sport, dport}}")
+        if self.kind == "matchall" and self.classid is not None:
+            raise ValueError("matchall here takes an action, not a classid")
         if self.kind == "matchall" and self.match is not None:
             raise ValueError("matchall matches everything: it takes no match")
         if (self.action is None) == (self.classid is None):
@@ -286,7 +289,12 @@ QDISC_OPTIONS = {
     "ingress": "CONFIG_NET_SCH_INGRESS",
     "clsact": "CONFIG_NET_SCH_INGRESS",
 }
-FILTER_OPTIONS = {"u32": "CONFIG_NET_CLS_U32", "bpf": "CONFIG_NET_CLS_BPF", "matchall": "CONFIG_NET_CLS_MATCHALL"}
+FILTER_OPTIONS = {
+    "u32": "CONFIG_NET_CLS_U32",
+    "bpf": "CONFIG_NET_CLS_BPF",
+    "matchall": "CONFIG_NET_CLS_MATCHALL",
+    "flower": "CONFIG_NET_CLS_FLOWER",
+}
 ACTION_OPTIONS = {"gact": "CONFIG_NET_ACT_GACT", "mirred": "CONFIG_NET_ACT_MIRRED"}
 
 
