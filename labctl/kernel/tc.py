@@ -134,6 +134,10 @@ def build(ipr: Any, namespace: str, ifname: str, index: int, plan: TcPlan) -> No
     """Create ``plan`` on interface ``index`` (after :func:`clear`)."""
     from pyroute2.netlink.exceptions import NetlinkError
 
+    from labctl.kernel import tc_flower
+
+    tc_flower.register()  # flower, and netem's rate (pyroute2 0.9.7 lacks both)
+
     def refused(what: str, exc: NetlinkError) -> TcError:
         import os
 

@@ -81,6 +81,18 @@ class options(nla):  # pyroute2 looks the plugin's nla class up by this name
     tca_act_prio = tca_act_prio
 
 
+def _netem_fix_request(request: dict[str, Any]) -> None:
+    """netem's ``rate`` belongs in TCA_NETEM_RATE only; pyroute2 would also send it as TCA_RATE (and fail)."""
+    request.pop("rate", None)
+
+
 def register() -> None:
-    """Make ``flower`` a kind pyroute2 can encode (idempotent)."""
+    """Make ``flower`` a kind pyroute2 can encode, and let netem take a rate (idempotent).
+
+    pyroute2 0.9.7's netem plugin has no ``fix_request``, so a ``rate`` stays in
+    the request as the generic TCA_RATE attribute and encoding fails.
+    """
     plugins.setdefault("flower", sys.modules[__name__])
+    netem = plugins["netem"]
+    if not hasattr(netem, "fix_request"):
+        netem.fix_request = _netem_fix_request
