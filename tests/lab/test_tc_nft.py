@@ -174,3 +174,17 @@ def test_a_qdisc_this_kernel_lacks_is_named_and_nothing_is_built(tmp_path: Path,
     assert caught.value.lacking == ["CONFIG_NET_SCH_NETEM"]
     assert "netem: this kernel lacks CONFIG_NET_SCH_NETEM" in str(caught.value)
     assert not netns.list_labctl(lab_name)
+
+
+@pytest.mark.skipif(not kconfig.missing(["CONFIG_NET_SCH_NETEM"]), reason="this kernel has netem")
+def test_pytest_plugin_skips_a_lab_this_kernel_cannot_build() -> None:
+    """``pytest labs/`` collects such a lab's checks and skips them with the options named (no collection error)."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(repo / "labs" / "tc-netem.yaml")],
+        capture_output=True, text=True, timeout=120, cwd=repo,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 skipped" in result.stdout and "lacks CONFIG_NET_SCH_NETEM" in result.stdout
