@@ -188,6 +188,8 @@ class Verdict:
     @property
     def where(self) -> str:
         prefix = "bridge:" if self.family == "bridge" else ""
+        if self.family == "nft":
+            return f"nft {self.table} {self.chain} handle {self.number}"
         what = "policy" if self.number == 0 else f"rule {self.number}"
         return f"{prefix}{self.table}:{self.chain} {what}"
 
@@ -345,11 +347,18 @@ def _user_counts(namespace: str) -> dict[tuple[str, str, str, int], RuleCounter]
     for family, rows in (("ip", iptables.list_rules(namespace)), ("bridge", ebtables.list_rules(namespace))):
         for row in user_rows(rows):
             found[(family, row.table, row.chain, row.position)] = row
+    for nft_row in _nft_rows("", namespace):  # the node's own nft rules, numbered by handle
+        if nft_row.packets is not None:
+            found[("nft", nft_row.table, nft_row.chain, nft_row.number)] = RuleCounter(
+                nft_row.table, nft_row.chain, nft_row.number, nft_row.rule, nft_row.packets, nft_row.bytes or 0, None
+            )
     return found
 
 
-def _ends_packet(row: RuleCounter) -> bool:
-    """A DROP policy, or a rule whose target is DROP/REJECT (iptables ``-j X``, ebtables ``-j X``)."""
+def _ends_packet(row: RuleCounter, family: str = "ip") -> bool:
+    """A DROP policy, or a rule whose target is DROP/REJECT (iptables ``-j X``, ebtables ``-j X``, nft ``drop``)."""
+    if family == "nft":
+        return any(word in ("drop", "reject") for word in row.rule.split())
     if row.position == 0:
         return row.policy == "DROP"
     words = row.rule.split()
@@ -367,7 +376,7 @@ def _verdicts(
         delta = row.packets - (old.packets if old else 0)
         if delta <= 0:
             continue
-        if _ends_packet(row):
+        if _ends_packet(row, key[0]):
             found.append(Verdict(row.table, row.chain, row.position, row.rule, key[0], delta))
     return found
 
