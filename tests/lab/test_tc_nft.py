@@ -188,3 +188,18 @@ def test_pytest_plugin_skips_a_lab_this_kernel_cannot_build() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 skipped" in result.stdout and "lacks CONFIG_NET_SCH_NETEM" in result.stdout
+
+
+def test_hooks_walk_and_names_the_nft_rule_that_dropped(tmp_path: Path, lab_name: str) -> None:
+    from labctl.lab.netfilter import trace_hooks
+
+    ruleset = RULESET.format(verdict="").replace("icmp type echo-request counter ", "udp dport 5000 counter drop ")
+    file = _write(tmp_path, lab_name, b_extra=ruleset)
+    try:
+        _up(file)
+        walk = trace_hooks(lab_name, "a", "IP(dst='10.77.0.2')/UDP(dport=5000)")
+        server = next(n for n in walk.nodes if n.node == "b")
+        assert server.step_names()[-1] == "nft:inet:filter:input"
+        assert [v.where for v in server.verdicts] == ["nft inet filter input handle 2"]
+    finally:
+        build.down(lab_name)
