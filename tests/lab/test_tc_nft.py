@@ -203,3 +203,29 @@ def test_hooks_walk_and_names_the_nft_rule_that_dropped(tmp_path: Path, lab_name
         assert [v.where for v in server.verdicts] == ["nft inet filter input handle 2"]
     finally:
         build.down(lab_name)
+
+
+def test_ingress_qdisc_and_pfifo(tmp_path: Path, lab_name: str) -> None:
+    """The older ingress qdisc takes an ingress filter; pfifo is a root qdisc of N packets."""
+    extra = """          tc:
+            qdisc: {kind: pfifo, limit: 50}
+            ingress: true
+            filters:
+              - {kind: bpf, attach: ingress, match: "icmp", action: drop}
+"""
+    file = _write(tmp_path, lab_name, b_extra="")
+    Path(file).write_text(
+        Path(file)
+        .read_text()
+        .replace("eth0: {addresses: [10.77.0.2/24]}", "eth0:\n          addresses: [10.77.0.2/24]\n" + extra)
+    )
+    try:
+        _up(file)
+        shown = _tc(lab_name, "b")
+        assert "pfifo 1: root" in shown and "limit 50p" in shown and "ingress ffff:" in shown, shown
+        assert not _ping(lab_name)  # b drops the echo request as it arrives
+        Path(file).write_text(Path(file).read_text().replace('match: "icmp"', 'match: "udp"'))
+        _up(file)
+        assert _ping(lab_name)
+    finally:
+        build.down(lab_name)
