@@ -80,6 +80,24 @@ class LabStateError(LabctlError):
     """The lab is not in a state that allows the request (not up, locked, ...)."""
 
 
+class LabNotUpError(LabStateError):
+    """The named lab (or node) is not up: nothing of it exists.  Exit 2 for every command.
+
+    The one "unknown lab" error, so that a typo in a lab name is the same exit
+    code whichever command it was given to (``down``, ``rules`` and ``status`` alike).
+    """
+
+    exit_code = 2
+
+
+class CommandError(LabctlError):
+    """``exec``'s command could not be run: 127 (not found) or 126 (not executable), as env(1) says."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class KernelError(LabctlError):
     """The kernel refused an operation; the message names the object."""
 

@@ -59,11 +59,17 @@ def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
 @reports_errors
 def down(lab: LabArg) -> None:
     """Remove everything the lab made (works after a crash too)."""
+    from labctl.errors import LabNotUpError
     from labctl.lab import build
+    from labctl.lab.clean import anything_left_of
+    from labctl.lab.status import running_labs
 
     require_root()
     name = lab_name(lab)
-    removed = build.down(name)
+    known = anything_left_of(name)
+    removed = build.down(name)  # also when unknown: it takes and removes a lock file a killed up left
+    if not known:
+        raise LabNotUpError(f"lab {name} is not up (labs up: {', '.join(running_labs()) or 'none'})")
     console.print(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
 
 
@@ -95,21 +101,27 @@ def exec(
     command: Annotated[list[str], typer.Argument(help="command to run inside the node")],
 ) -> None:
     """Run a command inside a node (like ip netns exec), e.g. labctl exec LAB c1 -- ping -c1 192.168.9.3."""
-    from labctl.errors import LabStateError
+    from labctl.errors import CommandError, LabNotUpError
     from labctl.kernel import netns
     from labctl.kernel.sysfs import enter_with_own_sysfs
-    from labctl.lab.live import LabNotUpError
 
     require_root()
-    name = netns.namespace_name(lab_name(lab), node)
+    lab = lab_name(lab)
+    name = netns.namespace_name(lab, node)
     if not netns.exists(name):
-        raise LabNotUpError(f"lab {lab_name(lab)} has no node {node} up")
+        if not netns.list_labctl(lab):
+            from labctl.lab.status import running_labs
+
+            raise LabNotUpError(f"lab {lab} is not up (labs up: {', '.join(running_labs()) or 'none'})")
+        raise LabNotUpError(f"lab {lab} has no node {node} up")
     enter_with_own_sysfs(name)
     sys.stdout.flush()
     try:
         os.execvp(command[0], command)
-    except FileNotFoundError:
-        raise LabStateError(f"{command[0]}: command not found") from None
+    except FileNotFoundError:  # 127 and 126 as env(1), nice(1) and ip netns exec's shell give them
+        raise CommandError(f"{command[0]}: command not found", 127) from None
+    except PermissionError:
+        raise CommandError(f"{command[0]}: permission denied", 126) from None
 
 
 @app.command()

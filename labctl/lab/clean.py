@@ -63,6 +63,15 @@ def _labs_with_leftovers() -> set[str]:
     return {lab for lab in found if lab_name_problem(lab) is None}
 
 
+def anything_left_of(lab: str) -> bool:
+    """Whether anything of ``lab`` exists: ``down`` of a lab with nothing is an unknown lab (exit 2)."""
+    if state.load(lab) is not None or netns.list_labctl(lab) or relay.find(lab):
+        return True
+    owners = [o for holders in GlobalOverrides.owners().values() for o in holders]
+    owners += [o for holders in modules.owners().values() for o in holders]
+    return f"lab:{lab}" in owners
+
+
 def _clean_lab(lab: str, done: Cleaned) -> None:
     pids = sorted(relay.find(lab))
     relay.stop(pids)
