@@ -42,9 +42,14 @@ class Problem:
         where = self.file or "<lab>"
         if self.line is not None:
             where += f":{self.line}"
-        lines = self.message.split("\n")[:MESSAGE_LINES]
-        text = "\n".join(_printable(line) for line in lines)
-        return f"{_printable(where)}: {_printable(format_key(self.path))}: {text}"
+        return problem_text(where, format_key(self.path), self.message)
+
+
+def problem_text(where: str, key: str, message: str) -> str:
+    """``where: key: message``, printable, with continuation lines (a caret) aligned under the message."""
+    lines = message.split("\n")[:MESSAGE_LINES]
+    prefix = f"{_printable(where)}: {_printable(key)}: "
+    return prefix + f"\n{' ' * len(prefix)}".join(_printable(line) for line in lines)
 
 
 MESSAGE_MAX = 400

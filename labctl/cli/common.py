@@ -47,7 +47,13 @@ def reports_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except LabctlError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True, emoji=False)
+            # a caret line (it starts with spaces) stays under its word after the "error: " prefix
+            text = "\n".join(" " * 7 + line if line.startswith(" ") else line for line in str(exc).split("\n"))
+            from rich.markup import escape  # the text quotes a file anyone may have written: never markup
+
+            err_console.print(
+                f"[bold red]error:[/] {escape(text)}", highlight=False, markup=True, soft_wrap=True, emoji=False
+            )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")

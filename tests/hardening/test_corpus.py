@@ -40,6 +40,11 @@ SAMPLE = [
     "bad-int-tag",
     "nul-char",
     "empty",
+    "iptables-target-typo",
+    "iptables-match-absent",
+    "check-iptables-target-typo",
+    "node-name-markup",
+    "iface-name-markup",
 ]
 
 
