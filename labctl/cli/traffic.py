@@ -378,7 +378,9 @@ def capture(
     lab: LabArg,
     target: Annotated[str, typer.Argument(metavar="NODE[:IFACE]", help="node (all its interfaces) or one interface")],
     bpf: Annotated[str | None, typer.Option("-f", "--filter", help="tcpdump filter, e.g. 'udp port 5000'")] = None,
-    write: Annotated[Path | None, typer.Option("-w", "--write", help="write a pcap file (tcpdump -r reads it)")] = None,
+    write: Annotated[
+        Path | None, typer.Option("-w", "--write", help="write .pcapng (a comment per frame) or .pcap (tcpdump -r)")
+    ] = None,
     count: Annotated[int | None, typer.Option("-c", "--count", min=1, help="stop after this many frames")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="stop after this many seconds")] = None,
     buffer_kib: Annotated[
@@ -450,7 +452,7 @@ def capture(
                     break
             emit(cap.stop())
     stats = cap.stats()
-    written = cap.write_pcap(write) if write is not None else None
+    written = cap.write_pcap(write, node=where.node) if write is not None else None  # .pcapng: comments, IDBs
     report = {
         "type": "stats",
         "frames": stats.frames,

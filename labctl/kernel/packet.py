@@ -25,6 +25,7 @@ import fcntl
 import functools
 import mmap
 import os
+import re
 import select
 import socket
 import struct
@@ -33,7 +34,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from labctl.kernel import netns
 
@@ -127,6 +128,8 @@ def _libpcap() -> ctypes.CDLL:
     lib.pcap_geterr.argtypes = [ctypes.c_void_p]
     lib.pcap_freecode.argtypes = [ctypes.POINTER(_BpfProgram)]
     lib.pcap_close.argtypes = [ctypes.c_void_p]
+    lib.bpf_filter.restype = ctypes.c_uint
+    lib.bpf_filter.argtypes = [ctypes.POINTER(_BpfInsn), ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]
     return lib
 
 
@@ -152,6 +155,56 @@ def compile_filter(expr: str, *, linktype: int = DLT_EN10MB, snaplen: int = DEFA
             return insns
         finally:
             lib.pcap_close(handle)
+
+
+# <linux/filter.h>: classic BPF opcodes and the ancillary load of "skb has a VLAN tag in metadata"
+_BPF_LD_W_ABS = 0x20
+_BPF_JEQ_K = 0x15
+_BPF_RET_K = 0x06
+_SKF_AD_VLAN_TAG_PRESENT = (-0x1000 + 48) & 0xFFFFFFFF
+_VLAN_WORD = re.compile(r"\bvlan\b")
+
+
+def needs_vlan_tags(expr: str | None) -> bool:
+    """Whether a filter tests VLAN tags, which the kernel may have moved out of the frame (see :class:`VlanFilter`)."""
+    return bool(expr) and _VLAN_WORD.search(expr or "") is not None
+
+
+def tagged_frames_pass(program: Sequence[SockFilter], snaplen: int) -> list[SockFilter]:
+    """``program``, preceded by: a frame whose VLAN tag is in skb metadata is passed up as it is.
+
+    On receive the kernel moves an 802.1Q tag out of the frame into
+    ``skb->vlan_tci`` before any tap sees it (``skb_vlan_untag`` in
+    ``__netif_receive_skb_core``, whatever the device), so libpcap's code for
+    ``vlan 100`` -- which reads the ethertype at offset 12 -- never matches a
+    received tagged frame.  Those frames are let through here and judged in
+    userspace on the frame with its tag put back (:class:`VlanFilter`); every
+    other frame meets ``program`` in the kernel, as before.  (Jumps are
+    relative, so prepending three instructions leaves ``program`` intact.)
+    """
+    return [
+        (_BPF_LD_W_ABS, 0, 0, _SKF_AD_VLAN_TAG_PRESENT),
+        (_BPF_JEQ_K, 1, 0, 0),  # no tag in metadata: on to the program
+        (_BPF_RET_K, 0, 0, snaplen),
+        *program,
+    ]
+
+
+class VlanFilter:
+    """The filter run in userspace on frames whose tag the kernel kept in metadata, tag re-inserted.
+
+    What libpcap does when it filters in userspace on Linux: the tag comes back
+    from ``tp_vlan_tci`` (``TP_STATUS_VLAN_VALID`` in the TPACKET_V3 header, the
+    ring's form of PACKET_AUXDATA) and goes back into the frame, then the very
+    program libpcap compiled runs on it (libpcap's ``bpf_filter``).
+    """
+
+    def __init__(self, program: Sequence[SockFilter]) -> None:
+        self._lib = _libpcap()
+        self._insns = (_BpfInsn * len(program))(*[_BpfInsn(*insn) for insn in program])
+
+    def matches(self, data: bytes, wire_len: int) -> bool:
+        return bool(self._lib.bpf_filter(self._insns, data, max(wire_len, len(data)), len(data)))
 
 
 def attach_filter(sock: socket.socket, program: Sequence[SockFilter]) -> None:
@@ -228,24 +281,11 @@ class Frame:
         return Ether(self.data)
 
 
-_PCAP_MAGIC_NS = 0xA1B23C4D
-
-
 def write_pcap(path: str | os.PathLike[str], frames: Iterable[Frame], snaplen: int = DEFAULT_SNAPLEN) -> int:
-    """Write a nanosecond pcap (linktype Ethernet) that tcpdump, tshark and Scapy read."""
-    count = 0
-    with open(path, "wb") as out:
-        out.write(struct.pack("=IHHiIII", _PCAP_MAGIC_NS, 2, 4, 0, 0, snaplen, DLT_EN10MB))
-        for frame in frames:
-            _write_record(out, frame)
-            count += 1
-    return count
+    """Classic pcap (the writers live in :mod:`labctl.kernel.pcap`)."""
+    from labctl.kernel import pcap
 
-
-def _write_record(out: BinaryIO, frame: Frame) -> None:
-    sec, nsec = divmod(frame.timestamp_ns, 1_000_000_000)
-    out.write(struct.pack("=IIII", sec, nsec, len(frame.data), max(frame.wire_len, len(frame.data))))
-    out.write(frame.data)
+    return pcap.write_pcap(path, frames, snaplen)
 
 
 # ---------------------------------------------------------------- capture
@@ -315,6 +355,10 @@ class Capture:
 
     def __post_init__(self) -> None:
         program = compile_filter(self.bpf_filter, snaplen=self.snaplen) if self.bpf_filter else None
+        self._vlan_filter: VlanFilter | None = None
+        if program is not None and needs_vlan_tags(self.bpf_filter):
+            self._vlan_filter = VlanFilter(program)
+            program = tagged_frames_pass(program, self.snaplen)
         self._ring = _Ring(self.block_bytes, max(1, self.ring_bytes // self.block_bytes), self.retire_ms)
         self._sock = _packet_socket(self.namespace)
         try:
@@ -369,12 +413,38 @@ class Capture:
         process does (an Injector, typically) while the burst is running.
         """
         num_pkts, first, used = struct.unpack_from("III", self._map, offset + 12)
+        if self._vlan_filter is not None:
+            self._read_block_vlan(offset, num_pkts, first, used)
+            return
         take = num_pkts if self.count is None else min(num_pkts, self.count - self._taken)
         if take > 0:
             end = used if first < used <= self._ring.block_size else self._ring.block_size
             with self._lock:
                 self._blocks.append((self._map[offset : offset + end], first, take))
                 self._taken += take
+
+    def _read_block_vlan(self, offset: int, num_pkts: int, first: int, used: int) -> None:
+        """Parse now, and keep a frame whose tag was in metadata only if the filter matches it re-tagged.
+
+        Frames without such a tag already passed the whole filter in the kernel.
+        Parsing here (not lazily) lets ``count`` count matching frames only.
+        """
+        assert self._vlan_filter is not None
+        end = used if first < used <= self._ring.block_size else self._ring.block_size
+        block = self._map[offset : offset + end]
+        pos, kept = first, []
+        for _ in range(num_pkts):
+            if self._count_reached():
+                break
+            status = struct.unpack_from("I", block, pos + 20)[0]
+            frame = self._parse(block, pos)
+            pos += struct.unpack_from("I", block, pos)[0]  # tp_next_offset
+            if status & TP_STATUS_VLAN_VALID and not self._vlan_filter.matches(frame.data, frame.wire_len):
+                continue
+            kept.append(frame)
+            self._taken += 1
+        with self._lock:
+            self._frames.extend(kept)
 
     def _parse_pending(self) -> None:
         with self._lock:
@@ -498,8 +568,12 @@ class Capture:
         packets, drops, freeze = self._totals
         return CaptureStats(packets, drops, freeze, self._taken)
 
-    def write_pcap(self, path: str | os.PathLike[str]) -> int:
-        return write_pcap(path, self.frames, self.snaplen)
+    def write_pcap(self, path: str | os.PathLike[str], node: str | None = None, comment: Any = None) -> int:
+        """pcapng for ``.pcapng`` (IDBs ``node:iface``, a comment per frame; ``comment`` adds a verdict), else pcap."""
+        from labctl.kernel import pcap
+
+        who = node or self.namespace
+        return pcap.write(path, self.frames, node=who, namespace=self.namespace, snaplen=self.snaplen, comment=comment)
 
     def close(self) -> None:
         """Stop, keep the final statistics, release the ring and the socket."""
