@@ -167,6 +167,9 @@ def run(
     reuse: Annotated[
         bool, typer.Option("--reuse", help="run against a lab already up (labctl up) and leave it up")
     ] = False,
+    pcap_dir: Annotated[
+        Path | None, typer.Option("--pcap", help="write each check's captures to DIR/LAB.CHECK.pcapng, with verdicts")
+    ] = None,
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
@@ -187,7 +190,14 @@ def run(
 
             try:
                 results.append(
-                    run_lab(file, select=select, keep=keep, on_check=None if quiet else show, reuse=reuse)
+                    run_lab(
+                        file,
+                        select=select,
+                        keep=keep,
+                        on_check=None if quiet else show,
+                        reuse=reuse,
+                        pcap_dir=str(pcap_dir) if pcap_dir else None,
+                    )
                 )
             except LabctlError as exc:  # one broken lab must not cost the report of the others
                 bad_input = bad_input or exc.exit_code == 2
@@ -202,6 +212,9 @@ def run(
         print(report.as_json(results))
     else:
         report.print_results(console, results)
+        written = [c.pcap for r in results for c in r.checks if c.pcap]
+        if written:
+            console.print(f"{len(written)} pcapng files (verdicts as frame comments) in {pcap_dir}", highlight=False)
     if bad_input:
         raise typer.Exit(2)
     if not all(r.passed for r in results):

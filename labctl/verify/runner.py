@@ -18,11 +18,13 @@ from typing import Any
 from labctl.errors import LabctlError, LabStateError
 from labctl.expect.base import Row
 from labctl.kernel import kconfig
+from labctl.kernel.packet import Frame
 from labctl.lab import build, state
 from labctl.lab.labfile import load_lab
 from labctl.topology.checks import Check, LabFile
 from labctl.verify.explain import explain
 from labctl.verify.judge import judge
+from labctl.verify.pcaps import write_check_pcap
 from labctl.verify.stage import observe
 
 
@@ -39,6 +41,8 @@ class CheckResult:
     explanation: list[str] = field(default_factory=list)
     not_provable: list[str] = field(default_factory=list)
     """Kernel options this kernel lacks (status 'skip')."""
+    pcap: str | None = None
+    """The pcapng file of the check's captures, with verdicts as comments (``run --pcap DIR``)."""
 
     @property
     def passed(self) -> bool:
@@ -57,6 +61,7 @@ class CheckResult:
             "evidence": [e.as_dict() for e in self.evidence],
             "explanation": self.explanation,
             "observation": self.observation,
+            **({"pcap": self.pcap} if self.pcap else {}),
         }
 
 
@@ -98,7 +103,7 @@ def lab_files(paths: Iterable[str]) -> list[str]:
     return files
 
 
-def run_check(lab: LabFile, check: Check) -> CheckResult:
+def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckResult:
     start = time.monotonic()
     lacking = kconfig.missing(check.requires)
     if lacking:
@@ -117,9 +122,11 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
     explanation: list[str] = []
     error = None
     status = "pass"
+    frames: dict[str, list[Frame]] = {}
     for _ in range(check.repeat):
         try:
-            evidence, ctx = observe(lab, check)
+            frames.clear()
+            evidence, ctx = observe(lab, check, frames)
             rows = judge(check, evidence, ctx)
             observation = evidence.as_dict()
             if evidence.errors:
@@ -137,6 +144,7 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
             rows = [Row("the check ran", "no error", f"{type(exc).__name__}: {exc}", False)]
         if status != "pass":
             break
+    written = write_check_pcap(pcap_dir, lab.name, check.name, status, rows, frames) if pcap_dir else None
     return CheckResult(
         check.name,
         check.covers,
@@ -147,6 +155,7 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
         time.monotonic() - start,
         error,
         explanation,
+        pcap=written,
     )
 
 
@@ -160,6 +169,7 @@ def run_lab(
     keep: bool = False,
     on_check: Callable[[str, str], None] | None = None,
     reuse: bool = False,
+    pcap_dir: str | None = None,
 ) -> LabResult:
     """Bring the lab up, run its (selected) checks, bring it down unless ``keep``.
 
@@ -185,7 +195,7 @@ def run_lab(
         for check in chosen:
             if on_check:
                 on_check(lab.name, check.name)
-            result.checks.append(run_check(lab, check))
+            result.checks.append(run_check(lab, check, pcap_dir))
     finally:
         if not keep and not already_up:
             build.down(lab.name)

@@ -87,3 +87,36 @@ def test_capture_writes_pcapng_that_tshark_reads_with_vlan_filter(
     assert rows[0][2] == f"c2:eth0 in (host) netns labctl-{lab_name}.c2"
     dump = subprocess.run(["tcpdump", "-enr", str(out)], capture_output=True, text=True, check=True)
     assert "vlan 100" in dump.stdout and "192.168.9.2.4000 > 192.168.9.3.5000" in dump.stdout
+
+
+CHECKS = """
+checks:
+  - name: seen
+    setup:
+      capture: [{node: c2, interface: eth0, filter: "udp port 5000"}]
+    traffic:
+      - inject: {node: c1, packet: "IP(dst='192.168.9.3')/UDP(sport=4000, dport=5000)", count: 2}
+    expect: {captured: {"c2:eth0": 2}}
+  - name: miscounted
+    setup:
+      capture: [{node: c2, interface: eth0, filter: "udp port 5000"}]
+    traffic:
+      - inject: {node: c1, packet: "IP(dst='192.168.9.3')/UDP(sport=4000, dport=5000)", count: 1}
+    expect: {captured: {"c2:eth0": 3}}
+"""
+
+
+def test_run_pcap_writes_each_checks_frames_with_its_verdict(lab_name: str, tmp_path: Path) -> None:
+    from labctl.verify.runner import run_lab
+
+    file = tmp_path / f"{lab_name}.yaml"
+    file.write_text(f"name: {lab_name}\n{PAIR}{CHECKS}")
+    result = run_lab(str(file), pcap_dir=str(tmp_path / "pcaps"))
+    assert [c.status for c in result.checks] == ["pass", "fail"]
+    seen, miscounted = (_read_back(Path(c.pcap or "")) for c in result.checks)
+    where = f"c2:eth0 in (host) netns labctl-{lab_name}.c2"
+    assert [r[2] for r in seen] == [f"{where}; check seen: PASS; ✓ captured on c2:eth0: expected 2, observed 2"] * 2
+    assert [r[2] for r in miscounted] == [
+        f"{where}; check miscounted: FAIL; ✗ captured on c2:eth0: expected 3, observed 1"
+    ]
+    assert result.checks[0].as_dict()["pcap"].endswith(f"{lab_name}.seen.pcapng")
