@@ -27,14 +27,14 @@ from labctl.lab import relay, state
 from labctl.names import scratch_owner
 
 LABCTL = os.path.join(os.path.dirname(sys.executable), "labctl")
-BACKLOG = "net.core.netdev_max_backlog"
+HOST_KEY = "net.core.netdev_budget_usecs"  # host-wide; no other lab uses it, and it is set to its own value
 
 
 def lab_text(name: str) -> str:
     """A lab with a bridge, a VM (relay), iptables rules, a host-wide override (at the host's own value) and a check."""
-    backlog = sysctl.read_host(BACKLOG)
+    value = sysctl.read_host(HOST_KEY)
     return f"""name: {name}
-sysctls: {{{BACKLOG}: {backlog}}}
+sysctls: {{{HOST_KEY}: {value}}}
 topology:
   nodes:
     a:
@@ -60,11 +60,11 @@ checks:
 
 
 def host_value() -> str:
-    """The host's backlog when no lab holds an override of it ('' when one does: then it is not ours to check)."""
-    return "" if GlobalOverrides.owners().get(BACKLOG) else sysctl.read_host(BACKLOG)
+    """The host value when no lab holds an override of it ('' when one does: then it is not ours to check)."""
+    return "" if GlobalOverrides.owners().get(HOST_KEY) else sysctl.read_host(HOST_KEY)
 
 
-def leftovers(lab: str, host_backlog: str, *, lab_up: bool = False) -> list[str]:
+def leftovers(lab: str, host_before: str, *, lab_up: bool = False) -> list[str]:
     """Everything of ``lab`` (and of dead labctl processes) still there; with ``lab_up`` the lab itself may be."""
     found = []
     if not lab_up:
@@ -81,8 +81,8 @@ def leftovers(lab: str, host_backlog: str, *, lab_up: bool = False) -> list[str]
         if pid is not None and not procs.alive(pid):
             found.append(f"trace instance {name}")
     # other engineers' labs may hold the same host-wide key: its value is ours to check only when nobody does
-    if not GlobalOverrides.owners().get(BACKLOG) and host_backlog and sysctl.read_host(BACKLOG) != host_backlog:
-        found.append(f"{BACKLOG} is {sysctl.read_host(BACKLOG)}, was {host_backlog}")
+    if not GlobalOverrides.owners().get(HOST_KEY) and host_before and sysctl.read_host(HOST_KEY) != host_before:
+        found.append(f"{HOST_KEY} is {sysctl.read_host(HOST_KEY)}, was {host_before}")
     found += [f"trace-rule record {r}" for r in tracerules._records() if not tracerules._owner_alive(r)]
     if lab_up:
         for node in ("a", "b", "sw"):
@@ -111,7 +111,7 @@ LIFECYCLE += [("run", d) for d in (0.5, 1.2, 2.0, 3.0)]
 def test_kill_9_of_a_lab_command_then_down_leaves_nothing(
     command: str, delay: float, lab_name: str, tmp_path: Path
 ) -> None:
-    host_backlog = host_value()
+    host_before = host_value()
     file = tmp_path / f"{lab_name}.yaml"
     file.write_text(lab_text(lab_name))
     if command == "down":
@@ -120,7 +120,7 @@ def test_kill_9_of_a_lab_command_then_down_leaves_nothing(
     # half the moments end with down, the other half with clean --lab: both must reclaim everything
     after = labctl("down", lab_name) if int(delay * 10) % 2 else labctl("clean", "--lab", lab_name)
     assert after.returncode in (0, 2) and "Traceback" not in after.stderr, after.stderr
-    assert leftovers(lab_name, host_backlog) == []
+    assert leftovers(lab_name, host_before) == []
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +149,14 @@ MOMENTS = [(tool, d) for tool in TOOLS for d in DELAYS.get(tool, (0.3, 0.7, 1.2)
 
 @pytest.mark.parametrize(("tool", "delay"), MOMENTS, ids=[f"{t}-{d}s" for t, d in MOMENTS])
 def test_kill_9_of_a_tool_then_the_next_command_leaves_nothing(tool: str, delay: float, up_lab: str) -> None:
-    host_backlog = host_value()
+    host_before = host_value()
     kill_after([LABCTL, *(w.format(lab=up_lab) for w in TOOLS[tool])], delay)
     after = labctl("status", up_lab)  # any next command reclaims what a dead labctl left
     assert after.returncode == 0, after.stderr
-    assert leftovers(up_lab, host_backlog, lab_up=True) == []
+    assert leftovers(up_lab, host_before, lab_up=True) == []
 
 
 def test_after_the_matrix_down_leaves_nothing(up_lab: str) -> None:
-    host_backlog = host_value()
+    host_before = host_value()
     assert labctl("down", up_lab).returncode == 0
-    assert leftovers(up_lab, host_backlog) == []
+    assert leftovers(up_lab, host_before) == []
