@@ -80,6 +80,24 @@ def lab_name(lab_or_file: str) -> str:
     return name
 
 
+def up_lab_name(lab_or_file: str) -> str:
+    """:func:`lab_name`, and the lab must be up -- checked before any heavy import (Scapy, python-iptables).
+
+    A typo in a lab name is answered in a blink and with the one "not up" error (exit 2).
+    """
+    from labctl.errors import LabNotUpError
+    from labctl.kernel import netns
+    from labctl.lab import state
+
+    name = lab_name(lab_or_file)
+    if not netns.list_labctl(name) and state.load(name) is None:
+        from labctl.lab.status import running_labs
+
+        up = ", ".join(running_labs()) or "none"
+        raise LabNotUpError(f"lab {name} is not up (labs up: {up}); run labctl up FILE first")
+    return name
+
+
 def _lab_name(lab_or_file: str) -> str:
     if lab_or_file.endswith((".yaml", ".yml")) or os.path.sep in lab_or_file:
         from labctl.topology.loader import default_name, read_lab_text, read_yaml

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from labctl.cli.common import console, err_console, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, err_console, print_json, reports_errors, require_root, up_lab_name
 
 if TYPE_CHECKING:
     from labctl.kernel.packet import Frame
@@ -62,10 +62,11 @@ class Proto(StrEnum):
 
 def _open(lab: str) -> LiveLab:
     """Resolve LAB (name or file) to the running lab; print notes about its file."""
+    require_root()
+    name = up_lab_name(lab)  # before live's imports (Scapy): a typo is answered at once
+
     from labctl.lab.live import open_lab
 
-    require_root()
-    name = lab_name(lab)
     live = open_lab(name, file=lab if name != lab else None)
     for warning in live.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
