@@ -233,3 +233,12 @@ def test_a_chain_the_node_creates_is_a_target(tmp_path: Path) -> None:
     file = tmp_path / "lab.yaml"
     file.write_text(text)
     load_lab(str(file))
+
+
+def test_validate_prints_control_characters_escaped(tmp_path: Path) -> None:
+    """``validate`` printed keys raw: a node named ESC[2J cleared the terminal of whoever checked the file."""
+    file = tmp_path / "esc.yaml"
+    file.write_text('name: esc\ntopology:\n  nodes:\n    "\\e[2Jevil": {}\n')
+    result = subprocess.run([LABCTL, "validate", str(file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "\x1b" not in result.stdout + result.stderr and "\\x1b[2Jevil" in result.stdout, result.stdout
