@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from labctl.kernel import iptables, netns, procs, sysctl, tracefs, tracerules
+from labctl.kernel import ebtables, iptables, netns, procs, sysctl, tracefs, tracerules
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import relay, state
 from labctl.names import scratch_owner
@@ -86,8 +86,11 @@ def leftovers(lab: str, host_before: str, *, lab_up: bool = False) -> list[str]:
     found += [f"trace-rule record {r}" for r in tracerules._records() if not tracerules._owner_alive(r)]
     if lab_up:
         for node in ("a", "b", "sw"):
-            rules = [r.rule for r in iptables.list_rules(netns.namespace_name(lab, node))]
+            namespace = netns.namespace_name(lab, node)
+            rules = [r.rule for r in iptables.list_rules(namespace)]
             found += [f"trace rule in {node}: {r}" for r in rules if "NFLOG" in r]
+            bridge = [r.rule for r in ebtables.list_rules(namespace)]
+            found += [f"bridge trace rule in {node}: {r}" for r in bridge if "nflog" in r]
     return found
 
 
