@@ -46,12 +46,14 @@ def _root(
 @reports_errors
 def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
     """Build the lab in FILE, or converge a running one to it."""
+    from labctl.cli.progress import building
     from labctl.lab import build
     from labctl.lab.labfile import load_lab
 
     topo, _ = load_lab(str(file))
     require_root()
-    result = build.up(topo, str(file))
+    with building(topo.name) as step:
+        result = build.up(topo, str(file), progress=step)
     console.print(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
 
 
@@ -167,6 +169,9 @@ def run(
     reuse: Annotated[
         bool, typer.Option("--reuse", help="run against a lab already up (labctl up) and leave it up")
     ] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="write a self-contained HTML report (path pictures, pcaps beside it)")
+    ] = None,
     pcap_dir: Annotated[
         Path | None, typer.Option("--pcap", help="write each check's captures to DIR/LAB.CHECK.pcapng, with verdicts")
     ] = None,
@@ -182,19 +187,17 @@ def run(
     results: list[LabResult] = []
     bad_input = False
     quiet = json
-    with console.status("starting", spinner="dots") as progress:
+    from labctl.cli.progress import checking
+
+    with checking(files, select, enabled=not quiet) as show:
         for file in files:
-
-            def show(lab: str, check: str) -> None:
-                progress.update(f"{lab}: {check}")
-
             try:
                 results.append(
                     run_lab(
                         file,
                         select=select,
                         keep=keep,
-                        on_check=None if quiet else show,
+                        on_check=show,
                         reuse=reuse,
                         pcap_dir=str(pcap_dir) if pcap_dir else None,
                     )
@@ -212,9 +215,15 @@ def run(
         print(report.as_json(results))
     else:
         report.print_results(console, results)
-        written = [c.pcap for r in results for c in r.checks if c.pcap]
-        if written:
-            console.print(f"{len(written)} pcapng files (verdicts as frame comments) in {pcap_dir}", highlight=False)
+        pcaps = [c.pcap for r in results for c in r.checks if c.pcap]
+        if pcaps:
+            console.print(f"{len(pcaps)} pcapng files (verdicts as frame comments) in {pcap_dir}", highlight=False)
+    if html is not None:
+        from labctl.verify.html import write_report
+
+        written = write_report(html, results)
+        if not json:
+            console.print(f"wrote {written}", highlight=False)
     if bad_input:
         raise typer.Exit(2)
     if not all(r.passed for r in results):

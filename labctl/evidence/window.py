@@ -32,7 +32,7 @@ from labctl.evidence.model import (
 from labctl.kernel import conntrack, counters, netns, tracefs
 from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries
 from labctl.kernel.nftrace import HookTracer
-from labctl.kernel.packet import Capture, Frame
+from labctl.kernel.packet import Capture
 from labctl.lab import relay
 from labctl.topology.model import Topology
 
@@ -120,8 +120,6 @@ class Window:
         self.since = 0.0
         self.until = 0.0
         self.skipped: dict[str, str] = {}
-        self.captured: dict[str, list[Frame]] = {}
-        """The frames each capture took, by capture key (filled on close): for pcapng files, not for judging."""
         """Tracepoints asked for that this kernel does not have, and why (filled on close)."""
 
     # ------------------------------------------------------------ opening
@@ -208,7 +206,6 @@ class Window:
                 self.error(f"{lost_notes} overruns of the neighbour notification sockets: some were lost")
             walks = {node: nf_evidence.walks_per_packet(tracer.steps()) for node, tracer in self._tracers.items()}
             captures = {key: _capture(capture) for key, capture in self._captures.items()}
-            self.captured = {key: capture.frames for key, capture in self._captures.items()}
             fdb = {key: self._fdb(key) for key in sorted(self.spec.fdb)}
             macs = self._macs() if self.spec.fdb else {}
             ct = sum(len(conntrack.entries(ns)) for ns in self.nodes.values()) if self.spec.conntrack else 0
@@ -286,7 +283,7 @@ def _capture(capture: Capture) -> CaptureEvidence:
     for frame in frames:
         directions[frame.direction] = directions.get(frame.direction, 0) + 1
     sources = tuple(":".join(f"{b:02x}" for b in frame.data[6:12]) for frame in frames)
-    return CaptureEvidence(len(frames), capture.stats().drops, MappingProxyType(directions), sources)
+    return CaptureEvidence(len(frames), capture.stats().drops, MappingProxyType(directions), sources, tuple(frames))
 
 
 def _counter_names(snapshot: counters.Snapshot, nodes: Mapping[str, str]) -> dict[str, frozenset[str]]:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from labctl.errors import LabctlError, LabStateError
+from labctl.evidence.model import Evidence
 from labctl.expect.base import Row
 from labctl.kernel import kconfig
-from labctl.kernel.packet import Frame
 from labctl.lab import build, state
 from labctl.lab.labfile import load_lab
 from labctl.topology.checks import Check, LabFile
@@ -41,6 +41,8 @@ class CheckResult:
     explanation: list[str] = field(default_factory=list)
     not_provable: list[str] = field(default_factory=list)
     """Kernel options this kernel lacks (status 'skip')."""
+    recorded: Evidence | None = field(default=None, repr=False)
+    """The Evidence itself (its captured frames and paths for an HTML report); not in the JSON form."""
     pcap: str | None = None
     """The pcapng file of the check's captures, with verdicts as comments (``run --pcap DIR``)."""
 
@@ -122,11 +124,11 @@ def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckR
     explanation: list[str] = []
     error = None
     status = "pass"
-    frames: dict[str, list[Frame]] = {}
+    recorded: Evidence | None = None
     for _ in range(check.repeat):
         try:
-            frames.clear()
-            evidence, ctx = observe(lab, check, frames)
+            evidence, ctx = observe(lab, check)
+            recorded = evidence
             rows = judge(check, evidence, ctx)
             observation = evidence.as_dict()
             if evidence.errors:
@@ -144,7 +146,10 @@ def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckR
             rows = [Row("the check ran", "no error", f"{type(exc).__name__}: {exc}", False)]
         if status != "pass":
             break
-    written = write_check_pcap(pcap_dir, lab.name, check.name, status, rows, frames) if pcap_dir else None
+    written = None
+    if pcap_dir and recorded is not None:
+        frames = {key: list(capture.captured) for key, capture in recorded.captures.items()}
+        written = write_check_pcap(pcap_dir, lab.name, check.name, status, rows, frames)
     return CheckResult(
         check.name,
         check.covers,
@@ -155,6 +160,7 @@ def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckR
         time.monotonic() - start,
         error,
         explanation,
+        recorded=recorded,
         pcap=written,
     )
 

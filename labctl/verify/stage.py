@@ -31,7 +31,7 @@ from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSp
 from labctl.expect.base import JudgeContext, Needs
 from labctl.kernel import ebtables, iptables, netns, sysctl
 from labctl.kernel.neighwatch import flush_learned
-from labctl.kernel.packet import Frame, inject
+from labctl.kernel.packet import inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import UdpListener, send_udp
 from labctl.kernel.sysfs import write_in_namespace
@@ -267,13 +267,8 @@ def warm_neighbours(topo: Topology, check: Check) -> None:
         )
 
 
-def observe(
-    topo: Topology, check: Check, frames: dict[str, list[Frame]] | None = None
-) -> tuple[Evidence, JudgeContext]:
-    """Stage the check, send its traffic inside one window, undo the stage; the evidence and its context.
-
-    ``frames``, when given, receives the frames each capture took (``run --pcap`` writes them).
-    """
+def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
+    """Stage the check, send its traffic inside one window, undo the stage; the evidence and its context."""
     needs = needs_of(check)
     steps = [
         _Step(t, prepare_injection(topo, t.inject.node, t.inject.interface, t.inject.packet) if t.inject else None)
@@ -301,8 +296,6 @@ def observe(
             _send(topo, step, window)
         window.record_sockets(_socket_evidence(spec, listener) for spec, listener in listeners)
         evidence = window.close()
-        if frames is not None:
-            frames.update(window.captured)
     return evidence, JudgeContext(traffic_protocols=frozenset(protocols))
 
 
