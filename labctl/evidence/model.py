@@ -273,6 +273,11 @@ class Evidence:
     macs: Mapping[str, str] = field(default_factory=lambda: FROZEN_EMPTY)
     """``node:iface`` -> MAC, for expectations that name an interface instead of a MAC."""
     conntrack: int = 0
+    conntrack_entries: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=lambda: FROZEN_EMPTY)
+    """Per node, each conntrack entry as a flat record (proto, src, dst, sport, dport, reply_*, state, zone,
+    status, mark) -- read only when an expectation needs conntrack."""
+    routes: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: FROZEN_EMPTY)
+    """``'node dst'`` -> what ``ip route get`` answered after the traffic (dev, via, src, mtu, type, error)."""
     notifications: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: FROZEN_EMPTY)
     errors: tuple[str, ...] = field(default=())
     """Steps that could not do what they said (a socket that failed, an exec that timed out)."""
@@ -311,6 +316,8 @@ class Evidence:
             "fdb": {k: [e.as_dict() for e in v] for k, v in self.fdb.items()},
             "macs": dict(self.macs),
             "conntrack": self.conntrack,
+            "conntrack_entries": {n: [dict(e) for e in v] for n, v in self.conntrack_entries.items()},
+            "routes": {k: dict(v) for k, v in self.routes.items()},
             "notifications": {n: list(v) for n, v in self.notifications.items()},
             "errors": list(self.errors),
         }
@@ -343,6 +350,10 @@ class Evidence:
             fdb=MappingProxyType({k: tuple(FdbEntry.from_dict(e) for e in v) for k, v in data.get("fdb", {}).items()}),
             macs=MappingProxyType(dict(data.get("macs", {}))),
             conntrack=int(data.get("conntrack", 0)),
+            conntrack_entries=MappingProxyType(
+                {n: tuple(MappingProxyType(dict(e)) for e in v) for n, v in data.get("conntrack_entries", {}).items()}
+            ),
+            routes=frozen_nested(data.get("routes", {})),
             notifications=MappingProxyType({n: tuple(v) for n, v in data.get("notifications", {}).items()}),
             errors=tuple(data.get("errors", ())),
         )

@@ -30,9 +30,11 @@ from labctl.evidence.model import (
     frozen_nested,
 )
 from labctl.kernel import conntrack, counters, netns, tracefs
+from labctl.kernel.conntrack import as_record as conntrack_record
 from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries
 from labctl.kernel.nftrace import HookTracer
 from labctl.kernel.packet import Capture
+from labctl.kernel.routes import route_get
 from labctl.lab import relay
 from labctl.topology.model import Topology
 
@@ -88,6 +90,8 @@ class WindowSpec:
     ebtables: set[str] = field(default_factory=set)
     fdb: set[str] = field(default_factory=set)
     conntrack: bool = False
+    routes: set[tuple[str, str]] = field(default_factory=set)
+    """(node, destination) looked up after the traffic, so a PMTU the traffic taught shows."""
 
 
 def lab_devices(topo: Topology) -> set[str]:
@@ -208,7 +212,13 @@ class Window:
             captures = {key: _capture(capture) for key, capture in self._captures.items()}
             fdb = {key: self._fdb(key) for key in sorted(self.spec.fdb)}
             macs = self._macs() if self.spec.fdb else {}
-            ct = sum(len(conntrack.entries(ns)) for ns in self.nodes.values()) if self.spec.conntrack else 0
+            ct_entries = (
+                {node: conntrack.entries(ns) for node, ns in self.nodes.items()} if self.spec.conntrack else {}
+            )
+            ct = sum(len(found) for found in ct_entries.values())
+            route_answers = {
+                f"{node} {dst}": route_get(self.nodes[node], dst).as_dict() for node, dst in sorted(self.spec.routes)
+            }
         finally:
             self._stack.close()
         delta = counters.delta(self._before, after)
@@ -246,6 +256,10 @@ class Window:
             fdb=MappingProxyType(fdb),
             macs=MappingProxyType(macs),
             conntrack=ct,
+            conntrack_entries=MappingProxyType(
+                {node: tuple(conntrack_record(e) for e in found) for node, found in ct_entries.items() if found}
+            ),
+            routes=frozen_nested(route_answers),
             notifications=MappingProxyType({n: tuple(x.text() for x in v) for n, v in notes.items() if v}),
             errors=tuple(self._errors),
         )

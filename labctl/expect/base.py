@@ -68,6 +68,8 @@ class Needs:
     fdb: set[str] = field(default_factory=set)
     """'node:bridge' keys whose fdb is read after the traffic."""
     conntrack: bool = False
+    routes: set[tuple[str, str]] = field(default_factory=set)
+    """(node, destination) pairs looked up (``ip route get``) after the traffic."""
     whole_trace: bool = False
     """Lost trace events spoil the verdict (a count with an upper bound, a walk)."""
 

@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
 
 IPV6_OFF = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
 IPV6_ON = {"net.ipv6.conf.all.disable_ipv6": "0", "net.ipv6.conf.default.disable_ipv6": "0"}
+DAD_OFF = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+DAD_ON = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "1"}
+"""accept_dad per node (``dad:``); 'all' stays 0 (the kernel uses the larger of all and the interface's)."""
 
 
 def owner(lab: str) -> str:
@@ -108,6 +111,8 @@ class Builder:
                 run.namespaces.append(name)
                 self.fresh.add(node)
             wanted = IPV6_ON if self.topo.nodes[node].ipv6 else IPV6_OFF
+            if self.topo.nodes[node].ipv6:
+                wanted = {**wanted, **(DAD_ON if self.topo.nodes[node].dad else DAD_OFF)}
             with netns.entered(name):  # one switch for all of it: this runs once per node
                 sysctl.write_here(wanted)  # before any link exists, so links inherit it
                 self.handles[node] = handle = NodeLinks(name, Netlink(), batch=True)
@@ -116,6 +121,11 @@ class Builder:
                     off = wanted["net.ipv6.conf.all.disable_ipv6"] == "1"
                     differ = [name for name, disabled in handle.ipv6_disabled().items() if disabled != off]
                     sysctl.write_here({f"net.ipv6.conf.{name}.disable_ipv6": "1" if off else "0" for name in differ})
+                    if self.topo.nodes[node].ipv6:  # dad: applies to the interfaces that exist already too
+                        dad = DAD_ON["net.ipv6.conf.default.accept_dad"] if self.topo.nodes[node].dad else "0"
+                        sysctl.write_here(
+                            {f"net.ipv6.conf.{name}.accept_dad": dad for name in handle.ipv6_disabled() if name != "lo"}
+                        )
                     self.tables[node] = (_has_iptables_here(), bridge_tables_here())
             if node in self.fresh:
                 handle.index = {"lo": 1}
@@ -319,6 +329,25 @@ class Builder:
                 handle.wait_operational(wanted)
         for handle in list(self.handles.values())[-1:]:
             handle.sync()
+        self.settle_ipv6()
+
+    def settle_ipv6(self) -> None:
+        """Return once no IPv6 address of an IPv6 node is tentative (DAD takes about a second).
+
+        A tentative address is not usable: a datagram to it is dropped and it is never chosen as a
+        source, so a check run right after ``up`` would see the DAD window, not the lab.  An address
+        that failed DAD is a duplicate on the link: an error naming it.
+        """
+        for node, handle in self.handles.items():
+            if not self.topo.nodes[node].ipv6:
+                continue
+            tentative, failed = handle.wait_ipv6_settled()
+            if failed or tentative:
+                raise KernelError(
+                    f"node {node}: IPv6 "
+                    + (f"duplicate address detection failed for {', '.join(failed)}" if failed else
+                       f"addresses still tentative after 10 s: {', '.join(tentative)}")
+                )
 
     def close(self) -> None:
         for handle in self.handles.values():

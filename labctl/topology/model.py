@@ -177,6 +177,10 @@ class Node(Strict):
     """Per-namespace sysctls, written inside the node (e.g. net.ipv4.ip_forward: 1)."""
     ipv6: bool = False
     """IPv6 is off unless asked for: router solicitations and DAD add noise to traces."""
+    dad: bool = True
+    """IPv6 duplicate address detection (accept_dad).  With it, ``up`` waits until every address has left the
+    tentative state (about a second); ``false`` sets accept_dad=0 before any interface exists, so addresses
+    are usable at once and no DAD probes appear in the window."""
     interfaces: dict[str, InterfaceConfig] = {}
     bridges: dict[str, BridgeConfig] = {}
     routes: list[Route] = []
@@ -336,6 +340,15 @@ class _Checker:
             self.add((*base, "bridges"), "a vm node has only NICs; put the bridge in the host node")
         for index, route in enumerate(node.routes):
             self.check_route(name, node, index, route, own)
+        for ifname, cfg in node.interfaces.items():
+            for index, iface in enumerate(cfg.addresses):
+                if iface.version == 6 and not node.ipv6:
+                    self.add(
+                        (*base, "interfaces", ifname, "addresses", index),
+                        f"{iface} is an IPv6 address but node {name} has IPv6 off: set ipv6: true",
+                    )
+        if not node.dad and not node.ipv6:
+            self.add((*base, "dad"), f"dad: false is an IPv6 setting but node {name} has IPv6 off")
         if "lo" in node.interfaces and node.interfaces["lo"].up is False:
             self.add((*base, "interfaces", "lo", "up"), "lo is always up in a lab node")
 

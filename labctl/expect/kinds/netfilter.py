@@ -1,4 +1,4 @@
-"""hooks and conntrack: the ordered netfilter walk of each packet, and the flows conntrack kept."""
+"""hooks: the ordered netfilter walk of each packet (conntrack entries are kinds/conntrack.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
-from labctl.expect.base import Issue, JudgeContext, Kind, LabView, MachineFacts, Needs, Row, WalkSpec, register
-from labctl.expect.bounds import Count, matches
+from labctl.expect.base import (
+    Issue,
+    JudgeContext,
+    Kind,
+    LabView,
+    MachineFacts,
+    Needs,
+    Row,
+    WalkSpec,
+    register,
+)
 from labctl.expect.walks import WalkForm, form_steps, judge_walks, walk_counts
 
 if TYPE_CHECKING:
@@ -83,17 +92,3 @@ def _normalised(form: Any) -> Any:
             for k, v in form.model_dump(exclude_none=True).items()
         }
     )
-
-
-@register
-class Conntrack(Kind):
-    key = "conntrack"
-    schema = Count
-    doc = "Conntrack entries in all the lab's nodes after the traffic (the stage empties them first)."
-    order = 91
-
-    def needs(self, value: Any, needs: Needs) -> None:
-        needs.conntrack = True
-
-    def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
-        return [Row("conntrack entries", value, ev.conntrack, matches(value, ev.conntrack))]
