@@ -25,14 +25,18 @@ TAGGED = "Dot1Q(vlan=100)/IP(dst='10.99.1.2')/UDP(sport=1234, dport=9)"
 UNTAGGED = "IP(dst='10.99.1.2')/UDP(sport=1234, dport=9)"
 
 
-def _received(ends: Pair, expr: str, *, count: int | None = None) -> list[str]:
-    """Ethertypes (after the MACs) of frames received on b's eth0 that ``expr`` matched."""
-    capture = Capture(ends.b, "eth0", expr, count=count)
+def _received(ends: Pair, expr: str, expected: int) -> list[str]:
+    """Ethertypes (after the MACs) of frames received on b's eth0 that ``expr`` matched.
+
+    Waits for the ``expected`` frames (a loaded machine delivers late), then a little more for extra ones.
+    """
+    capture = Capture(ends.b, "eth0", expr)
     with Injector(ends.a, "eth0") as injector:
         injector.send(_frame(ends, TAGGED), 1)
         injector.send(_frame(ends, UNTAGGED), 1)
-    time.sleep(0.05)
-    frames = capture.read()
+    frames = capture.read(count=expected, timeout=5.0) if expected else []
+    time.sleep(0.2)
+    frames += capture.read()
     capture.close()
     return [f.data[12:14].hex() for f in frames if f.direction == "in"]
 
@@ -61,7 +65,7 @@ def _frame(ends: Pair, expr: str) -> bytes:
     ],
 )
 def test_vlan_filters_match_received_frames_as_tcpdump(pair: Pair, expr: str, expected: list[str]) -> None:  # noqa: F811
-    assert _received(pair, expr) == expected
+    assert _received(pair, expr, len(expected)) == expected
 
 
 def test_the_tag_arrives_in_metadata_so_the_plain_program_misses_it(
@@ -70,17 +74,16 @@ def test_the_tag_arrives_in_metadata_so_the_plain_program_misses_it(
 ) -> None:
     """Without the metadata path, libpcap's own program for ``vlan 100`` never matches a received frame."""
     monkeypatch.setattr(packet, "needs_vlan_tags", lambda expr: False)
-    assert _received(pair, "vlan 100") == []
+    assert _received(pair, "vlan 100", 0) == []
     monkeypatch.undo()
-    assert _received(pair, "vlan 100") == ["8100"]
+    assert _received(pair, "vlan 100", 1) == ["8100"]
 
 
 def test_the_sender_sees_the_tag_in_the_payload(pair: Pair) -> None:  # noqa: F811
     capture = Capture(pair.a, "eth0", "vlan 100")
     with Injector(pair.a, "eth0") as injector:
         injector.send(_frame(pair, TAGGED), 1)
-    time.sleep(0.05)
-    frames = capture.read()
+    frames = capture.read(count=1, timeout=5.0)
     capture.close()
     assert [(f.direction, f.data[12:16].hex()) for f in frames] == [("out", "81000064")]
 
@@ -90,6 +93,6 @@ def test_count_counts_matching_frames_only(pair: Pair) -> None:  # noqa: F811
     capture = Capture(pair.b, "eth0", "vlan 200", count=1)
     with Injector(pair.a, "eth0") as injector:
         injector.send(_frame(pair, TAGGED), 5)
-    time.sleep(0.05)
+    time.sleep(0.3)
     assert capture.read() == []
     capture.close()
