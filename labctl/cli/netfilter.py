@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, print_json, reports_errors, require_root, up_lab_name
 
 if TYPE_CHECKING:
     from labctl.kernel.nftrace import HookStep
@@ -41,10 +41,11 @@ def rules(
     node's `nftables:`) are numbered by their handle (`nft -a list ruleset`); a rule
     without a `counter` statement has no counts.  Listing never creates a table.
     """
+    require_root()
+    name = up_lab_name(lab)  # before the heavy import: a typo is answered at once
+
     from labctl.lab.netfilter import lab_rules
 
-    require_root()
-    name = lab_name(lab)
     rows = lab_rules(name, node)
     if json:
         print_json([r.as_dict() for r in rows])
@@ -105,10 +106,12 @@ def hooks(
     creates the traced tables in namespaces that had none (legacy xtables tables
     cannot be removed again).
     """
+    require_root()
+    name = up_lab_name(lab)  # before the heavy import: a typo is answered at once
+
     from labctl.lab.netfilter import trace_hooks
 
-    require_root()
-    walk = trace_hooks(lab_name(lab), node, packet, via=via, interface=interface, count=count, conntrack=conntrack)
+    walk = trace_hooks(name, node, packet, via=via, interface=interface, count=count, conntrack=conntrack)
     if json:
         print_json(walk.as_dict())
         return

@@ -130,6 +130,8 @@ def cleaned(done: Any) -> None:
     restored = ", ".join(f"{k}={v}" for k, v in done.sysctls_restored.items())
     tree.add(f"host sysctls restored: {restored or 'none'}")
     tree.add(f"trace instances removed: {len(done.trace_instances)}")
+    if done.trace_rules:
+        tree.add(f"hook-trace rules of killed tracers removed: {' '.join(done.trace_rules)}")
     tree.add(f"lab states forgotten: {len(done.states)}")
     if done.busy:
         tree.add(f"[yellow]busy (another labctl command holds the lock), left alone:[/] {' '.join(done.busy)}")

@@ -69,7 +69,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from labctl.kernel import ebtables, iptables, netns
+from labctl.kernel import ebtables, iptables, netns, tracerules
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
@@ -389,6 +389,7 @@ class HookTracer:
         self._listener: NflogListener | None = None
         self._installed = _Installed()
         self._messages: list[NflogMessage] = []
+        self._recorded = False
 
     def __enter__(self) -> HookTracer:
         self._listener = open_listener(self.namespace, self.group)
@@ -429,6 +430,10 @@ class HookTracer:
         ]
         if bridge_rules:
             self._installed.bridge_tables_before = ebtables.existing_tables(self.namespace)
+        # recorded before any rule goes in: a kill -9 from here on leaves rules the next labctl command removes
+        tracerules.record(self.namespace, self.tag, bridge_rules, self._installed.bridge_tables_before)
+        self._recorded = True
+        if bridge_rules:
             ebtables.apply_rules(self.namespace, bridge_rules)
             self._installed.bridge_rules = bridge_rules
         if ip_rules:
@@ -472,6 +477,9 @@ class HookTracer:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+        if self._recorded and not self._installed.ip_rules and not self._installed.bridge_rules:
+            tracerules.forget(self.tag)
+            self._recorded = False
 
     def _drop_bridge_tables_we_made(self) -> None:
         rows = ebtables.list_rules(self.namespace)

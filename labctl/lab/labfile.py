@@ -153,13 +153,25 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
         return problems  # python-iptables costs 0.3-0.5 s to import: only for labs that have rules
     from labctl.kernel import ebtables, iptables
 
+    parsed: list[tuple[KeyPath, iptables.ParsedRule]] = []
     for path, kind, rules in places:
         parse = iptables.parse_rule if kind == "iptables" else ebtables.parse_rule
         for index, rule in enumerate(rules):
             try:
-                parse(rule)
+                result = parse(rule)
             except iptables.RuleError as exc:
                 problems.append(source.problem((*path, index), str(exc)))
+                continue
+            if isinstance(result, iptables.ParsedRule):
+                parsed.append(((*path, index), result))
+    chains: dict[str, set[str]] = {}  # node -> chains its rules create (-N): a -j to one is no extension
+    for at, parsed_rule in parsed:
+        if parsed_rule.command == "new-chain":
+            chains.setdefault(_rule_node(at), set()).add(parsed_rule.chain)
+    for at, parsed_rule in parsed:
+        problem = _missing_extension(parsed_rule, chains.get(_rule_node(at), set()))
+        if problem is not None:
+            problems.append(source.problem(at, problem))
     return problems
 
 
@@ -269,6 +281,34 @@ def tc_reference_problems(topo: Topology, source: SourceMap) -> list[Problem]:
                     except CaptureError as exc:
                         problems.append(source.problem((*path, "match"), str(exc)))
     return problems
+def _rule_node(path: KeyPath) -> str:
+    """The node a rule at ``path`` is applied in (a node's rules, or a check's setup for that node)."""
+    return str(path[2] if path[0] == "topology" else path[4])
+
+
+def _missing_extension(rule: Any, chains: set[str]) -> str | None:
+    """An iptables match or target of ``rule`` this kernel lacks, said with the rule and "did you mean"."""
+    from labctl.kernel import xtables
+
+    for match in rule.matches:
+        offer = xtables.offer("match")
+        if not offer.has(match.name):
+            return rule.error(_lacks("match", match.name, offer.suggestion(match.name)), match.token).args[0]
+    target = rule.target
+    if target is None or target.name in xtables.STANDARD_TARGETS or target.name in chains:
+        return None
+    offer = xtables.offer("target")
+    if offer.has(target.name):
+        return None
+    where = f"{', '.join(sorted(chains))}" if chains else "none"
+    reason = _lacks("target", target.name, offer.suggestion(target.name))
+    return rule.error(f"{reason}, and no chain of that name is created (-N) on this node (chains: {where})",
+                      target.token).args[0]
+
+
+def _lacks(kind: str, name: str, suggestion: str | None) -> str:
+    hint = f" (did you mean {suggestion}?)" if suggestion else ""
+    return f"this kernel has no iptables {kind} {name!r}{hint}"
 
 
 def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from labctl.errors import KernelError, LabStateError
+from labctl.errors import KernelError, LabNotUpError, LabStateError
 from labctl.evidence.model import SendEvidence
 from labctl.evidence.netfilter import TRACE_RULE, user_rows
 from labctl.evidence.window import WalkRequest, Window, WindowSpec
@@ -120,7 +120,7 @@ def lab_rules(lab: str, node: str | None = None) -> list[RuleRow]:
     """
     current = state.load(lab)
     if current is None:
-        raise LabStateError(f"lab {lab} is not up (no state in {state.LABS_DIR}); run labctl up first")
+        raise LabNotUpError(f"lab {lab} is not up (no state in {state.LABS_DIR}); run labctl up first")
     rows: list[RuleRow] = []
     for name, namespace in _nodes(current, [node] if node else None).items():
         if not netns.exists(namespace):
@@ -410,7 +410,7 @@ def trace_hooks(
     with _hook_trace_errors(lab):
         current, topo = running_lab(lab)
         if node not in current.nodes:
-            raise LabStateError(f"lab {lab} has no node {node!r} (nodes: {', '.join(sorted(current.nodes))})")
+            raise LabNotUpError(f"lab {lab} has no node {node!r} (nodes: {', '.join(sorted(current.nodes))})")
         prepared = prepare_injection(topo, node, interface, expr)
         frame, ip_id = _tag_frame(prepared.frame, expr)
         match = _protocol_match(frame)

@@ -42,6 +42,11 @@ SAMPLE = [
     "empty",
     "nft-syntax",
     "tc-rate-unit",
+    "iptables-target-typo",
+    "iptables-match-absent",
+    "check-iptables-target-typo",
+    "node-name-markup",
+    "iface-name-markup",
 ]
 
 
