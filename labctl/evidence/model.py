@@ -357,6 +357,8 @@ class Evidence:
     sends: tuple[SendEvidence, ...] = ()
     rules: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
     ebtables: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
+    nft: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
+    """Per node, packet deltas of nf_tables rule counters: by ``family table chain handle N`` and by comment."""
     walks: Mapping[str, tuple[tuple[WalkStep, ...], ...]] = field(default_factory=lambda: FROZEN_EMPTY)
     fdb: Mapping[str, tuple[FdbEntry, ...]] = field(default_factory=lambda: FROZEN_EMPTY)
     macs: Mapping[str, str] = field(default_factory=lambda: FROZEN_EMPTY)
@@ -405,6 +407,7 @@ class Evidence:
             "sends": [s.as_dict() for s in self.sends],
             "rules": {n: dict(r) for n, r in self.rules.items()},
             "ebtables": {n: dict(r) for n, r in self.ebtables.items()},
+            "nft": {n: dict(r) for n, r in self.nft.items()},
             "walks": {n: [[step_as_dict(s) for s in w] for w in walks] for n, walks in self.walks.items()},
             "fdb": {k: [e.as_dict() for e in v] for k, v in self.fdb.items()},
             "macs": dict(self.macs),
@@ -436,6 +439,7 @@ class Evidence:
             sends=tuple(SendEvidence.from_dict(s) for s in data.get("sends", ())),
             rules=frozen_nested(data.get("rules", {})),
             ebtables=frozen_nested(data.get("ebtables", {})),
+            nft=frozen_nested(data.get("nft", {})),
             walks=MappingProxyType(
                 {
                     n: tuple(tuple(step_from_dict(s) for s in w) for w in walks)

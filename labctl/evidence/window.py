@@ -35,7 +35,7 @@ from labctl.evidence.model import (
 from labctl.kernel import conntrack, counters, netns, tracefs
 from labctl.kernel.conntrack import as_record as conntrack_record
 from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries
-from labctl.kernel.nftrace import HookTracer
+from labctl.kernel.nftrace import IP_CHAINS, HookTracer
 from labctl.kernel.packet import Capture
 from labctl.kernel.routes import route_get
 from labctl.lab import relay
@@ -81,6 +81,8 @@ class WalkRequest:
     bridge_tables: set[str] = field(default_factory=set)
     nat: bool = False
     match: str = ""
+    nft: bool = False
+    ip: bool = True
 
 
 @dataclass
@@ -94,10 +96,15 @@ class WindowSpec:
     rules: set[str] = field(default_factory=set)
     """Nodes whose iptables rule counters are read."""
     ebtables: set[str] = field(default_factory=set)
+    nft: set[str] = field(default_factory=set)
+    """Nodes whose nf_tables rule counters are read."""
     fdb: set[str] = field(default_factory=set)
     conntrack: bool = False
     routes: set[tuple[str, str]] = field(default_factory=set)
     """(node, destination) looked up after the traffic, so a PMTU the traffic taught shows."""
+
+
+IP_TRACE_TABLES = tuple(IP_CHAINS)
 
 
 def lab_devices(topo: Topology) -> set[str]:
@@ -151,13 +158,21 @@ class Window:
         }
         self._tracers = {
             node: self._stack.enter_context(
-                HookTracer(self.nodes[node], match=w.match, bridge_tables=sorted(w.bridge_tables), conntrack=w.nat)
+                HookTracer(
+                    self.nodes[node],
+                    tables=IP_TRACE_TABLES if w.ip else (),
+                    match=w.match,
+                    bridge_tables=sorted(w.bridge_tables),
+                    conntrack=w.nat,
+                    nft=w.nft,
+                )
             )
             for node, w in spec.walks.items()
         }
         self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
         self._pump = self._stack.enter_context(WatchPump(list(self._watches.values())))
         self._rules_before = self._rule_counts()
+        self._nft_before = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
         self._before = counters.Snapshot.take(self.nodes.values())
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
         buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
@@ -235,6 +250,7 @@ class Window:
             self.skipped = dict(self._trace.skipped)
             after = counters.Snapshot.take(self.nodes.values())
             rules_after = self._rule_counts()
+            nft_after = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
             self._pump.close()
             notes = {node: watch.notes() for node, watch in self._watches.items()}
             if self._pump.error:
@@ -286,6 +302,7 @@ class Window:
             sends=tuple(self._sends),
             rules=frozen_nested(rules),
             ebtables=frozen_nested(bridge_rules),
+            nft=frozen_nested(nf_evidence.nft_deltas(self._nft_before, nft_after)),
             walks=MappingProxyType(walks),
             fdb=MappingProxyType(fdb),
             macs=MappingProxyType(macs),

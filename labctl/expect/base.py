@@ -57,6 +57,10 @@ class WalkSpec:
 
     bridge_tables: set[str] = field(default_factory=set)
     nat: bool = False
+    nft: bool = False
+    """The node's nft base chains too (steps ``nft:FAMILY:TABLE:CHAIN``)."""
+    ip: bool = True
+    """The iptables tables (False when every step named is an nft one: tracing them would instantiate them)."""
 
 
 @dataclass

@@ -19,7 +19,6 @@ on first use through :attr:`NodeLinks.ipr`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import os
@@ -683,19 +682,6 @@ class NodeLinks:
         """
         self.commit()
         swap_features(self.namespace, name, wanted)
-
-    def set_root_qdisc(self, name: str, kind: str, **params: Any) -> None:
-        """Replace the root qdisc (delete first: the kernel refuses to replace across kinds)."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        self.commit()
-        index = self.index[name]
-        with contextlib.suppress(NetlinkError):
-            self.ipr.tc("del", index=index, handle=0x10000)
-        try:
-            self.ipr.tc("add", kind, index, 0x10000, **params)
-        except NetlinkError as exc:
-            raise _kernel_error(f"{kind} qdisc on {name}", self.namespace, exc.code) from exc
 
     def set_rps_cpus(self, name: str, mask: str) -> None:
         """RPS is configured in sysfs only, which must be mounted from inside the namespace."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from labctl.kernel import netns
-from labctl.kernel.packet import DLT_RAW, SockFilter, attach_filter, compile_filter
+from labctl.kernel.bpf import DLT_RAW, SockFilter, attach_filter, compile_filter
 
 SO_RCVBUFFORCE = 33
 SOL_UDP, UDP_SEGMENT = 17, 103  # <linux/udp.h>: one send of N*gso_size bytes leaves as N datagrams

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from labctl.errors import LabctlError, LabStateError
+from labctl.errors import LabctlError, LabNotUpError
 from labctl.kernel import netns
 from labctl.kernel.links import NodeLinks
 from labctl.kernel.packet import CaptureError, InjectError, Injector, compile_filter
@@ -34,12 +34,6 @@ from labctl.traffic.expr import ExprError, parse_packet
 
 class TargetError(LabctlError):
     """A node, interface or address the user named does not exist or is malformed."""
-
-    exit_code = 2
-
-
-class LabNotUpError(LabStateError):
-    """The named lab (or node) has no namespaces: the user must run ``labctl up`` first."""
 
     exit_code = 2
 

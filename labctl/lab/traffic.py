@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from labctl.errors import LabctlError, LabStateError
+from labctl.errors import LabctlError, LabNotUpError
 from labctl.kernel import netns
 from labctl.kernel.links import NodeLinks
 from labctl.topology.model import Topology
@@ -41,7 +41,7 @@ def node_namespace(topo: Topology, node: str) -> str:
         raise TrafficError(f"lab {topo.name} has no node {node!r} (nodes: {', '.join(sorted(topo.nodes))})")
     name = netns.namespace_name(topo.name, node)
     if not netns.exists(name):
-        raise LabStateError(f"lab {topo.name} is not up (no namespace for node {node}); run labctl up first")
+        raise LabNotUpError(f"lab {topo.name} is not up (no namespace for node {node}); run labctl up first")
     return name
 
 

@@ -19,6 +19,7 @@ from labctl.expect.base import LabView, kinds
 from labctl.expect.bounds import Count, matches, parse_bound
 from labctl.expect.values import Address, check_address
 from labctl.topology.model import NAME_PATTERN, Strict, Topology
+from labctl.topology.nft import NftRuleset
 from labctl.topology.steps import Exec, SendTcp, SetupExec, check_features, exec_expectations, exec_label
 
 __all__ = ["Address", "Check", "Count", "Expect", "LabFile", "matches", "parse_bound"]
@@ -60,6 +61,8 @@ class Setup(Strict):
     capture: list[CaptureSpec] = []
     iptables: dict[str, list[str]] = {}
     ebtables: dict[str, list[str]] = {}
+    nftables: dict[str, NftRuleset] = {}
+    """Per node, nft commands run on top of the node's ruleset for the check; the ruleset is restored after."""
     sysctls: dict[str, dict[str, int | str | bool]] = {}
     warm_neighbours: bool = True
     """Before the window, resolve the next hop of every udp step (one ping): the traffic's datagrams are then
@@ -275,7 +278,7 @@ def _check_references(lab: LabFile) -> list[Problem]:
                     problems.append(Problem((*base, "setup", "listen", j, "address"), problem))
         for j, cap in enumerate(check.setup.capture):
             iface_ok((*base, "setup", "capture", j), cap.node, cap.interface)
-        for table in ("iptables", "ebtables", "sysctls"):
+        for table in ("iptables", "ebtables", "nftables", "sysctls"):
             for node in getattr(check.setup, table):
                 node_ok((*base, "setup", table, node), node)
         for j, step in enumerate(check.traffic):

@@ -16,6 +16,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from labctl.errors import KeyPath, Problem
 from labctl.names import check_ifname, check_lab_name, check_node_name
+from labctl.topology.nft import NftRuleset
+from labctl.topology.tc import TcConfig
+from labctl.topology.tc import from_legacy as tc_from_legacy
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 """Kept for callers that match names themselves; the checks are labctl.names' (one function per kind)."""
@@ -102,7 +105,24 @@ class InterfaceConfig(Strict):
     """Hex CPU mask written to queues/rx-0/rps_cpus, e.g. "2" for CPU 1."""
     txqueuelen: Annotated[int, Field(ge=0)] | None = None
     qdisc: QdiscConfig | None = None
+    """The older form of ``tc: {qdisc: ...}`` (tbf/pfifo only)."""
+    tc: TcConfig | None = None
+    """Traffic control in tc's units: root qdisc (htb classes), ingress/clsact, filters (labctl.topology.tc)."""
     up: bool = True
+
+    @model_validator(mode="after")
+    def _one_qdisc(self) -> InterfaceConfig:
+        if self.qdisc is not None and self.tc is not None:
+            raise ValueError("qdisc and tc both set the interface's qdisc: put it under tc: {qdisc: ...}")
+        return self
+
+    @property
+    def traffic_control(self) -> TcConfig | None:
+        """``tc``, or the older ``qdisc`` key in the same shape."""
+        if self.qdisc is not None:
+            q = self.qdisc
+            return tc_from_legacy(q.kind, q.limit, q.rate, q.burst)
+        return self.tc
 
     @field_validator("mac")
     @classmethod
@@ -188,6 +208,8 @@ class Node(Strict):
     """Rules in iptables syntax (-t nat -A POSTROUTING -o eth1 -j MASQUERADE), applied in order."""
     ebtables: list[str] = []
     """Rules in ebtables syntax (-t broute -A BROUTING -p ipv4 -j DROP), applied in order."""
+    nftables: NftRuleset | None = None
+    """The node's nf_tables ruleset in nft syntax (a text, or a list of commands), loaded in one transaction."""
 
     @field_validator("interfaces", "bridges")
     @classmethod

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from labctl.evidence.model import Evidence, ExecEvidence, SendEvidence, SocketEvidence
 from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSpec
 from labctl.expect.base import JudgeContext, Needs
-from labctl.kernel import ebtables, iptables, netns, sysctl
+from labctl.kernel import ebtables, iptables, netns, nft, sysctl
 from labctl.kernel.neighwatch import flush_learned
 from labctl.kernel.packet import inject
 from labctl.kernel.sched import pinned
@@ -91,9 +91,10 @@ def window_spec(check: Check, needs: Needs) -> WindowSpec:
     return WindowSpec(
         events=tuple(sorted(needs.events)),
         captures=[CaptureRequest(c.node, c.interface, c.filter) for c in check.setup.capture],
-        walks={node: WalkRequest(w.bridge_tables, w.nat, match) for node, w in needs.walks.items()},
+        walks={node: WalkRequest(w.bridge_tables, w.nat, match, w.nft, w.ip) for node, w in needs.walks.items()},
         rules=set(getattr(check.expect, "rules") or {}),  # noqa: B009 - the model is built from the registry
         ebtables=set(getattr(check.expect, "ebtables") or {}),  # noqa: B009
+        nft=set(getattr(check.expect, "nft") or {}),  # noqa: B009
         fdb=needs.fdb,
         conntrack=needs.conntrack,
         routes=set(needs.routes),
@@ -121,6 +122,7 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
     """Apply the check's rules on an empty conntrack table; afterwards restore the topology's rules."""
     touched_ip = list(check.setup.iptables)
     touched_eb = list(check.setup.ebtables)
+    touched_nft: list[str] = []
     try:
         for node in topo.nodes:
             flush_conntrack(_ns(topo, node))
@@ -128,6 +130,9 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
             iptables.apply_rules(_ns(topo, node), rules)
         for node, rules in check.setup.ebtables.items():
             ebtables.apply_rules(_ns(topo, node), rules)
+        for node, commands in check.setup.nftables.items():
+            touched_nft.append(node)
+            nft.apply_commands(_ns(topo, node), commands)
         yield
     finally:
         for node in touched_ip:
@@ -138,6 +143,8 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
             ebtables.flush(_ns(topo, node))
             if topo.nodes[node].ebtables:
                 ebtables.apply_rules(_ns(topo, node), topo.nodes[node].ebtables)
+        for node in touched_nft:  # the node's own ruleset again, in one transaction (ebtables' tables kept)
+            nft.replace(_ns(topo, node), topo.nodes[node].nftables or "", keep_ebtables=True)
 
 
 def _napi_threads() -> dict[int, str]:

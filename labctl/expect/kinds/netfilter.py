@@ -23,12 +23,21 @@ if TYPE_CHECKING:
     from labctl.evidence.model import Evidence
 
 
+NFT_FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
+
+
 def full_name(step: str) -> str:
-    """'filter:INPUT' is an iptables step ('ip:filter:INPUT'); 'bridge:nat:PREROUTING' an ebtables one."""
-    return step if step.count(":") == 2 else f"ip:{step}"
+    """'filter:INPUT' is an iptables step ('ip:filter:INPUT'); 'bridge:nat:PREROUTING' an ebtables one;
+    'nft:inet:filter:input' a base chain of the node's nft ruleset."""
+    return step if step.count(":") == 2 or step.startswith("nft:") else f"ip:{step}"
 
 
 def step_issue(step: str, facts: MachineFacts) -> str | None:
+    if step.startswith("nft:"):
+        parts = step.split(":")
+        if len(parts) != 4 or parts[1] not in NFT_FAMILIES or not parts[2] or not parts[3]:
+            return f"{step!r} is not 'nft:FAMILY:TABLE:CHAIN' (family one of {', '.join(NFT_FAMILIES)})"
+        return None
     parts = full_name(step).split(":")
     if len(parts) != 3 or parts[0] not in ("ip", "bridge"):
         return f"{step!r} is not 'table:CHAIN' (iptables) or 'bridge:table:CHAIN' (ebtables)"
@@ -47,7 +56,8 @@ class Hooks(Kind):
     schema = Annotated[dict[str, WalkForm], Field(min_length=1)]
     doc = (
         "Per node, the netfilter walk of each packet of the check: exactly this list of 'table:CHAIN' / "
-        "'bridge:table:CHAIN' ({contains: [...]} or {packets: [[...], ...]} for the other forms)."
+        "'bridge:table:CHAIN' / 'nft:FAMILY:TABLE:CHAIN' ({contains: [...]} or {packets: [[...], ...]} for the "
+        "other forms)."
     )
     order = 90
 
@@ -68,7 +78,9 @@ class Hooks(Kind):
             steps = [full_name(s) for s in form_steps(form)]
             spec = needs.walks.setdefault(node, WalkSpec())
             spec.bridge_tables |= {s.split(":")[1] for s in steps if s.startswith("bridge:")}
-            spec.nat |= any(s.split(":")[1] == "nat" for s in steps)
+            spec.nat |= any(s.split(":")[1] == "nat" for s in steps if not s.startswith("nft:"))
+            spec.nft |= any(s.startswith("nft:") for s in steps)
+            spec.ip = any(not s.startswith("nft:") for s in steps) or not spec.nft
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         rows = []
