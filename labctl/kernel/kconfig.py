@@ -9,13 +9,25 @@ import os
 CONFIG_GZ = "/proc/config.gz"
 
 
+def _boot_config() -> str:
+    """Where distributions (Debian's kernels have no /proc/config.gz) keep the running kernel's config."""
+    return f"/boot/config-{os.uname().release}"
+
+
 @functools.cache
 def options() -> dict[str, str] | None:
-    """``CONFIG_X`` -> ``y``/``m``/value for every option set; None when the kernel does not expose its config."""
-    if not os.path.exists(CONFIG_GZ):
+    """``CONFIG_X`` -> ``y``/``m``/value for every option set; None when the kernel does not expose its config.
+
+    /proc/config.gz first (it is the running kernel's own); else /boot/config-$(uname -r).
+    """
+    if os.path.exists(CONFIG_GZ):
+        opener = gzip.open(CONFIG_GZ, "rt")
+    elif os.path.exists(_boot_config()):
+        opener = open(_boot_config())  # noqa: SIM115 -- closed by the with below
+    else:
         return None
     found: dict[str, str] = {}
-    with gzip.open(CONFIG_GZ, "rt") as f:
+    with opener as f:
         for line in f:
             name, sep, value = line.strip().partition("=")
             if sep and name.startswith("CONFIG_"):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from labctl.errors import KeyPath, LabFileError, Problem
+from labctl.errors import KernelLacksError, KeyPath, LabFileError, Problem
 from labctl.kernel import kconfig, sysctl
 from labctl.topology.checks import LabFile
+from labctl.topology.kinds import required_options
 from labctl.topology.loader import SourceMap, load_file
 from labctl.topology.model import Topology
 
@@ -174,13 +175,37 @@ def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
     return [source.problem(path, message) for path, message in machine_issues(lab.checks, interfaces, machine_facts())]
 
 
+def kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
+    """Kinds and bridge features the topology uses that this kernel is built without, and their options.
+
+    The options are read from the kernel's config (kconfig); a kernel that
+    does not publish its config is not second-guessed: the build then reports
+    the kernel's own refusal, still naming the object.
+    """
+    if kconfig.options() is None:
+        return [], []
+    problems: list[Problem] = []
+    lacking: list[str] = []
+    for path, what, option in required_options(topo):
+        if kconfig.missing([option]):
+            problems.append(source.problem(path, f"{what}: this kernel lacks {option}"))
+            if option not in lacking:
+                lacking.append(option)
+    return problems, lacking
+
+
 def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     """Load and validate a lab file (topology and checks) completely, before anything is built.
 
-    Raises LabFileError listing every problem with file, line and key.
+    Raises LabFileError listing every problem with file, line and key; when
+    the only problems are kinds or features this kernel lacks, the error is a
+    KernelLacksError naming the options (``run`` reports the lab as SKIP).
     """
     lab, source = load_file(file, LabFile)
+    lacking_problems, lacking = kernel_problems(lab, source)
     problems = machine_problems(lab, source) + rule_problems(lab, source) + expectation_problems(lab, source)
     if problems:
-        raise LabFileError(problems)
+        raise LabFileError(lacking_problems + problems)
+    if lacking_problems:
+        raise KernelLacksError(lacking_problems, lacking=lacking)
     return lab, source

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labctl.errors import LabctlError, LabStateError
+from labctl.errors import KernelLacksError, LabctlError, LabStateError
 from labctl.expect.base import Row
 from labctl.kernel import kconfig
 from labctl.lab import build, state
@@ -98,20 +98,24 @@ def lab_files(paths: Iterable[str]) -> list[str]:
     return files
 
 
+def _skipped(check: Check, lacking: list[str], start: float) -> CheckResult:
+    return CheckResult(
+        check.name,
+        check.covers,
+        check.description,
+        "skip",
+        [Row("this kernel has what the check needs", check.requires, f"lacks {', '.join(lacking)}", True)],
+        {},
+        time.monotonic() - start,
+        not_provable=lacking,
+    )
+
+
 def run_check(lab: LabFile, check: Check) -> CheckResult:
     start = time.monotonic()
     lacking = kconfig.missing(check.requires)
     if lacking:
-        return CheckResult(
-            check.name,
-            check.covers,
-            check.description,
-            "skip",
-            [Row("this kernel has what the check needs", check.requires, f"lacks {', '.join(lacking)}", True)],
-            {},
-            time.monotonic() - start,
-            not_provable=lacking,
-        )
+        return _skipped(check, lacking, start)
     rows: list[Row] = []
     observation: dict[str, Any] = {}
     explanation: list[str] = []
@@ -150,6 +154,11 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
     )
 
 
+def with_topology_requires(check: Check, lacking: list[str]) -> Check:
+    """The check as run here: its requires include the options its lab's topology needs."""
+    return check.model_copy(update={"requires": sorted(set(check.requires) | set(lacking))})
+
+
 def selected(lab: LabFile, select: str | None) -> list[Check]:
     return [c for c in lab.checks if select is None or select in c.name or select in c.covers]
 
@@ -168,7 +177,21 @@ def run_lab(
     as it is and it stays up.
     """
     start = time.monotonic()
-    lab = load_lab_file(file)
+    try:
+        lab = load_lab_file(file)
+    except KernelLacksError as exc:
+        # the topology needs a kind this kernel lacks: nothing can be built, every check is not provable here
+        from labctl.topology.loader import load_file
+
+        lab = load_file(file, LabFile)[0]
+        result = LabResult(lab=lab.name, file=file)
+        for check in selected(lab, select):
+            if on_check:
+                on_check(lab.name, check.name)
+            lacking = sorted(set(exc.lacking) | set(kconfig.missing(check.requires)))
+            result.checks.append(_skipped(with_topology_requires(check, lacking), lacking, start))
+        result.seconds = time.monotonic() - start
+        return result
     result = LabResult(lab=lab.name, file=file)
     chosen = selected(lab, select)
     if not chosen:
