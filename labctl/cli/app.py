@@ -51,7 +51,10 @@ def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
 
     topo, _ = load_lab(str(file))
     require_root()
-    result = build.up(topo, str(file))
+    changes: list[str] = []
+    result = build.up(topo, str(file), changes=changes)
+    for line in changes:
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+from collections.abc import Iterable
 
 CONFIG_GZ = "/proc/config.gz"
 
@@ -21,17 +22,20 @@ def options() -> dict[str, str] | None:
     /proc/config.gz first (it is the running kernel's own); else /boot/config-$(uname -r).
     """
     if os.path.exists(CONFIG_GZ):
-        opener = gzip.open(CONFIG_GZ, "rt")
-    elif os.path.exists(_boot_config()):
-        opener = open(_boot_config())  # noqa: SIM115 -- closed by the with below
-    else:
-        return None
+        with gzip.open(CONFIG_GZ, "rt") as f:
+            return _parse(f)
+    if os.path.exists(_boot_config()):
+        with open(_boot_config()) as f:
+            return _parse(f)
+    return None
+
+
+def _parse(lines: Iterable[str]) -> dict[str, str]:
     found: dict[str, str] = {}
-    with opener as f:
-        for line in f:
-            name, sep, value = line.strip().partition("=")
-            if sep and name.startswith("CONFIG_"):
-                found[name] = value
+    for line in lines:
+        name, sep, value = line.strip().partition("=")
+        if sep and name.startswith("CONFIG_"):
+            found[name] = value
     return found
 
 

@@ -28,6 +28,7 @@ from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks, bridg
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import relay, state
 from labctl.lab.state import LabState
+from labctl.lab.virtual import VirtualBuilder
 
 if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
     from labctl.topology.model import Endpoint, Link, Topology
@@ -72,11 +73,31 @@ class Builder:
             for bridge, config in spec.bridges.items()
             for port in config.ports
         }
+        self.bond_members: set[tuple[str, str]] = set()
+        for node, spec in topo.nodes.items():  # bond and vrf members: their master, like a bridge port's
+            for name, cfg in spec.interfaces.items():
+                if cfg.kind in ("bond", "vrf"):
+                    for member in cfg.members:
+                        self.port_of[(node, member)] = name
+                        if cfg.kind == "bond":
+                            self.bond_members.add((node, member))
         self.wanted_interfaces: dict[str, set[str]] = {
-            node: {"lo"} | set(spec.bridges) for node, spec in topo.nodes.items()
+            node: {"lo"} | set(spec.bridges) | {n for n, cfg in spec.interfaces.items() if cfg.kind is not None}
+            for node, spec in topo.nodes.items()
         }
+        self.changes: list[str] = []
+        """What this run changed beyond the plain links (virtual interfaces, bridge settings), for ``up`` to print."""
+        self._virtual: VirtualBuilder | None = None
         for node, ifname in self.link_at:
             self.wanted_interfaces[node].add(ifname)
+
+    @property
+    def virtual(self) -> VirtualBuilder:
+        """The virtual interface and bridge-settings steps (labctl/lab/virtual.py), once the handles exist."""
+        if self._virtual is None:
+            self._virtual = VirtualBuilder(self.topo, self.handles, self.fresh)
+            self._virtual.changes = self.changes
+        return self._virtual
 
     # -- the plan's vocabulary -------------------------------------------
     def bridge_of(self, end: Endpoint) -> str | None:
@@ -127,6 +148,7 @@ class Builder:
             for ifname in list(handle.index):
                 if ifname not in wanted and ifname in handle.index:
                     handle.delete(ifname)
+                    self.changes.append(f"{node}: removed {ifname}")
                     handle.refresh()  # deleting a veth end also removes its peer
 
     def commit(self) -> None:
@@ -163,9 +185,12 @@ class Builder:
                 h_main.delete(main.interface)
             if have_other:
                 h_other.delete(other.interface)
+            main_attrs = self.attrs(main.node, main.interface, link)
+            if (main.node, main.interface) in self.bond_members:  # a bond takes only a member that is down
+                main_attrs = dataclasses.replace(main_attrs, master=None)
             h_main.add_veth(
                 main.interface,
-                self.attrs(main.node, main.interface, link),
+                main_attrs,
                 other.interface,
                 self.ns[other.node],
                 self.attrs(other.node, other.interface, link),
@@ -324,8 +349,11 @@ class Builder:
             handle.close()
 
 
-def up(topo: Topology, file: str) -> LabState:
+def up(topo: Topology, file: str, changes: list[str] | None = None) -> LabState:
     """Build or converge ``topo``; on failure undo what this call created and re-raise.
+
+    ``changes``, when given, receives a line per virtual interface or bridge
+    setting this run created, replaced, set or removed (``up`` prints them).
 
     A lab up from another file is refused (LabFileError, exit 2): its name is
     taken, and converging would silently rebuild someone else's lab.
@@ -363,11 +391,14 @@ def up(topo: Topology, file: str) -> LabState:
             builder.namespaces(run)
             builder.remove_stale_interfaces()
             builder.bridges()
+            builder.virtual.masters()
             builder.links()
             builder.commit()
+            builder.virtual.interfaces()
             builder.configure()
             builder.addresses_and_routes()
             builder.commit()
+            builder.virtual.bridges()
             builder.kernel_modules()
             builder.knobs()
             builder.netfilter()
@@ -388,6 +419,8 @@ def up(topo: Topology, file: str) -> LabState:
             raise KernelError(f"lab {topo.name}: {detail}; {undone}") from exc
         finally:
             builder.close()
+            if changes is not None:
+                changes.extend(builder.changes)
         current.status = "up"
         state.save(current)
         return current

@@ -352,9 +352,8 @@ class KindChecker:
                 self.add(path, f"a {kind} tunnel needs local and remote addresses")
             elif ipaddress.ip_address(cfg.remote).version != 4 or ipaddress.ip_address(cfg.local).version != 4:
                 self.add((*path, "remote"), f"a {kind} tunnel runs over IPv4 (ip6gre/ip6tnl are other kinds)")
-        elif kind == "vrf":
-            if cfg.table is None:
-                self.add(path, "a vrf needs a routing table (table: 10)")
+        elif kind == "vrf" and cfg.table is None:
+            self.add(path, "a vrf needs a routing table (table: 10)")
         if kind in MASTER_KINDS:
             for index, member in enumerate(cfg.members):
                 member_path: KeyPath = (*path, "members", index)
@@ -395,7 +394,9 @@ class KindChecker:
             if below not in virtual:
                 return
             if below == name:
-                self.add((*self.base, "interfaces", name), f"interfaces sit on each other in a loop: {' -> '.join(seen)}")
+                self.add(
+                    (*self.base, "interfaces", name), f"interfaces sit on each other in a loop: {' -> '.join(seen)}"
+                )
                 return
             if below in seen:
                 return
@@ -407,10 +408,15 @@ class KindChecker:
         for port in config.ports:
             if port in enslaved:
                 index = config.ports.index(port)
-                self.add((*base, "ports", index), f"{port} is a member of {enslaved[port]}; it cannot be a bridge port too")
+                self.add(
+                    (*base, "ports", index), f"{port} is a member of {enslaved[port]}; it cannot be a bridge port too"
+                )
         for port, settings in config.port_settings.items():
             if port not in config.ports:
-                self.add((*base, "port_settings", port), f"{port} is not a port of {bridge} (ports: {', '.join(config.ports)})")
+                self.add(
+                    (*base, "port_settings", port),
+                    f"{port} is not a port of {bridge} (ports: {', '.join(config.ports)})",
+                )
             if settings.uses_vlans() and not config.vlan_filtering:
                 self.add(
                     (*base, "port_settings", port),
@@ -420,7 +426,9 @@ class KindChecker:
                 allowed = set(settings.vids) | ({settings.pvid} if settings.pvid else set())
                 for index, vid in enumerate(settings.untagged):
                     if vid not in allowed:
-                        self.add((*base, "port_settings", port, "untagged", index), f"VLAN {vid} is not in vids or pvid")
+                        self.add(
+                            (*base, "port_settings", port, "untagged", index), f"VLAN {vid} is not in vids or pvid"
+                        )
         for index, entry in enumerate(config.fdb):
             if entry.port not in config.ports:
                 self.add((*base, "fdb", index, "port"), f"{entry.port} is not a port of {bridge}")
