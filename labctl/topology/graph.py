@@ -7,7 +7,49 @@ import shutil
 import subprocess
 
 from labctl.errors import LabctlError
-from labctl.topology.model import Topology
+from labctl.topology.kinds import PORT_FLAGS, PortSettings, virtual_interfaces
+from labctl.topology.model import BridgeConfig, InterfaceConfig, Topology
+
+_PORT_DEFAULTS = PortSettings()
+
+
+def kind_label(name: str, cfg: InterfaceConfig) -> str:
+    """``vx0 vxlan vni 42 → 10.0.0.2``: a virtual interface as a picture names it."""
+    if cfg.kind == "vlan":
+        vid = cfg.vlan_parent_and_id(name)[1]
+        return f"{name} vlan {vid}"
+    extra = {
+        "macvlan": f"{cfg.mode or 'bridge'}",
+        "ipvlan": f"{cfg.mode or 'l3'}",
+        "vxlan": f"vni {cfg.vni} → {cfg.remote or cfg.group or 'any'}:{cfg.port or 4789}",
+        "bond": f"{cfg.mode or 'balance-rr'} [{', '.join(cfg.members)}]",
+        "vrf": f"table {cfg.table} [{', '.join(cfg.members)}]",
+        "gre": f"{cfg.local} → {cfg.remote}",
+        "ipip": f"{cfg.local} → {cfg.remote}",
+    }.get(str(cfg.kind), "")
+    return f"{name} {cfg.kind} {extra}".rstrip()
+
+
+def bridge_settings(config: BridgeConfig) -> list[str]:
+    """The bridge's options and port flags that differ from the kernel's defaults, one phrase each."""
+    words = [key for key in ("vlan_filtering",) if getattr(config, key)]
+    words += [key for key in ("nf_call_iptables", "nf_call_ip6tables", "nf_call_arptables") if getattr(config, key)]
+    if not config.mcast_snooping:
+        words.append("mcast_snooping off")
+    for port, settings in config.port_settings.items():
+        flags = [
+            f"{flag} {'on' if getattr(settings, flag) else 'off'}"
+            for flag in PORT_FLAGS
+            if getattr(settings, flag) != getattr(_PORT_DEFAULTS, flag)
+        ]
+        if settings.pvid is not None:
+            flags.append(f"pvid {settings.pvid}")
+        if settings.vids:
+            flags.append(f"vids {','.join(map(str, settings.vids))}")
+        if flags:
+            words.append(f"{port}: {' '.join(flags)}")
+    words += [f"fdb {e.mac}→{e.port}{' sticky' if e.sticky else ''}" for e in config.fdb]
+    return words
 
 
 def _bridge_of(topo: Topology, node: str, ifname: str) -> str | None:
@@ -15,6 +57,11 @@ def _bridge_of(topo: Topology, node: str, ifname: str) -> str | None:
         if ifname in config.ports:
             return bridge
     return None
+
+
+def _mid(name: str) -> str:
+    """A Mermaid node id from an interface name (eth0.10 -> eth0_10: a dot is not allowed in an id)."""
+    return name.replace(".", "_").replace("-", "_")
 
 
 def _addresses(topo: Topology, node: str, ifname: str) -> str:
@@ -28,10 +75,20 @@ def dot(topo: Topology) -> str:
         shape = "box3d" if node.kind == "vm" else "box"
         lines.append(f'  subgraph "cluster_{name}" {{ label="{name} ({node.kind})";')
         lines.append(f'    "{name}" [shape={shape}, label="{name}"];')
-        for bridge in node.bridges:
-            label = f"{bridge}\\n{_addresses(topo, name, bridge)}".rstrip("\\n")
+        for bridge, config in node.bridges.items():
+            label = "\\n".join([bridge, *bridge_settings(config), _addresses(topo, name, bridge)]).rstrip("\\n")
             lines.append(f'    "{name}:{bridge}" [shape=ellipse, style=filled, fillcolor=lightblue, label="{label}"];')
             lines.append(f'    "{name}" -- "{name}:{bridge}";')
+        for ifname, cfg in virtual_interfaces(node.interfaces).items():
+            label = "\\n".join([kind_label(ifname, cfg), _addresses(topo, name, ifname)]).rstrip("\\n")
+            style = "shape=component, style=filled, fillcolor=lightyellow"
+            lines.append(f'    "{name}:{ifname}" [{style}, label="{label}"];')
+            below = cfg.vlan_parent_and_id(ifname)[0] if cfg.kind == "vlan" else cfg.underlay()
+            master = _bridge_of(topo, name, ifname)
+            above = f"{name}:{master}" if master else name
+            lines.append(f'    "{above}" -- "{name}:{ifname}";')
+            if below is not None and below in node.interfaces and node.interfaces[below].kind is not None:
+                lines.append(f'    "{name}:{below}" -- "{name}:{ifname}" [style=dotted];')
         lines.append("  }")
     for link in topo.links:
         a, b = link.ends
@@ -54,9 +111,15 @@ def mermaid(topo: Topology) -> str:
     lines = ["graph LR"]
     for name, node in topo.nodes.items():
         lines.append(f'  {name}["{name} ({node.kind})"]')
-        for bridge in node.bridges:
-            lines.append(f"  {name}_{bridge}(({bridge}))")
+        for bridge, config in node.bridges.items():
+            settings = "".join(f"<br/>{w}" for w in bridge_settings(config))
+            lines.append(f'  {name}_{bridge}(("{bridge}{settings}"))')
             lines.append(f"  {name} --- {name}_{bridge}")
+        for ifname, cfg in virtual_interfaces(node.interfaces).items():
+            lines.append(f'  {name}_{_mid(ifname)}[/"{kind_label(ifname, cfg)}"/]')
+            master = _bridge_of(topo, name, ifname)
+            above = f"{name}_{master}" if master else name
+            lines.append(f"  {above} --- {name}_{_mid(ifname)}")
     for link in topo.links:
         a, b = link.ends
         ends = []
