@@ -54,6 +54,7 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_TXQLEN, IFLA_IFALIAS = 1, 3, 4, 5, 10, 13, 20
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_STATS64, IFLA_NET_NS_FD, IFLA_CARRIER = 16, 18, 23, 28, 33
 IFLA_AF_SPEC, IFLA_INET6_CONF, DEVCONF_DISABLE_IPV6 = 26, 2, 26
+IFLA_LINK_NETNSID = 37
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
 BOND_MODES = ("balance-rr", "active-backup", "balance-xor", "broadcast", "802.3ad", "balance-tlb", "balance-alb")
@@ -430,6 +431,7 @@ class NodeLinks:
         """One dump of every interface (and one of addresses); also refreshes the name -> index cache."""
         raw = list(self._dump_links())
         by_index = {index: _cstr(attrs[IFLA_IFNAME]) for index, attrs, _ in raw}
+        foreign_parent = {index for index, attrs, _ in raw if IFLA_LINK_NETNSID in attrs}
         result: dict[str, LinkInfo] = {}
         for index, attrs, flags in raw:
             name = by_index[index]
@@ -471,7 +473,12 @@ class NodeLinks:
             if dev_index:
                 found.details["dev"] = by_index.get(dev_index, str(dev_index))
             if found.kind in ("vlan", "macvlan", "ipvlan") and found.link_index:
-                found.details["parent"] = by_index.get(found.link_index, str(found.link_index))
+                local = found.index not in foreign_parent
+                found.details["parent"] = (
+                    by_index.get(found.link_index, str(found.link_index))
+                    if local
+                    else f"ifindex {found.link_index} of another namespace"
+                )
         for name, addrs in self.addresses().items():
             if name in result:
                 result[name].addresses = addrs

@@ -176,8 +176,43 @@ class VirtualBuilder:
                 kwargs["link"] = self._index(node, parent)
             if cfg.kind == "vxlan" and parent is not None:
                 kwargs["vxlan_link"] = self._index(node, parent)
-            self._call(node, f"{cfg.kind} {name}", "link", "add", ifname=name, kind=cfg.kind, **kwargs)
+            foreign = cfg.parent_node()
+            if foreign is not None:
+                self._create_on_foreign_parent(node, name, cfg, foreign, kwargs)
+            else:
+                self._call(node, f"{cfg.kind} {name}", "link", "add", ifname=name, kind=cfg.kind, **kwargs)
             self.forget(node)
+
+    def _create_on_foreign_parent(
+        self, node: str, name: str, cfg: InterfaceConfig, foreign: str, kwargs: dict[str, Any]
+    ) -> None:
+        """Ask the parent's namespace to make the child straight inside ``node`` (like ``ip link add ... netns``).
+
+        The kernel looks the parent up where the request is made and registers
+        the new device in the namespace IFLA_NET_NS_FD names: it never exists
+        anywhere else, and never in the root namespace.
+        """
+        import os
+
+        from labctl.kernel import netns
+
+        parent_ifname = cfg.parent_ifname()
+        assert parent_ifname is not None
+        kwargs["link"] = self._index(foreign, parent_ifname)
+        fd = os.open(netns.path(self.handles[node].namespace), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._call(
+                foreign,
+                f"{cfg.kind} {name} for {node}",
+                "link",
+                "add",
+                ifname=name,
+                kind=cfg.kind,
+                net_ns_fd=fd,
+                **kwargs,
+            )
+        finally:
+            os.close(fd)
 
     def _difference(
         self, node: str, have: Any, cfg: InterfaceConfig, wanted: dict[str, Any], parent: str | None
@@ -194,7 +229,12 @@ class VirtualBuilder:
                 seen = int(seen)
             if seen != value and str(seen) != str(value):
                 return f"{_file_key(key)} was {seen}"
-        if parent is not None:
+        if cfg.parent_node() is not None:
+            foreign, parent_ifname = cfg.parent_node(), cfg.parent_ifname()
+            assert foreign is not None and parent_ifname is not None
+            if have.get("IFLA_LINK") != self._index(foreign, parent_ifname):
+                return f"it sat on another interface (ifindex {have.get('IFLA_LINK')} of another namespace)"
+        elif parent is not None:
             link_key = "IFLA_VXLAN_LINK" if cfg.kind == "vxlan" else None
             seen_parent = data.get(link_key) if link_key and data is not None else have.get("IFLA_LINK")
             if seen_parent != self._index(node, parent):

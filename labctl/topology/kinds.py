@@ -118,7 +118,19 @@ class VirtualFields(BaseModel):
     """vrf: its routing table."""
     ttl: Annotated[int, Field(ge=0, le=255)] | None = None
 
-    @field_validator("parent", "dev")
+    @field_validator("parent")
+    @classmethod
+    def _parent(cls, value: str | None) -> str | None:
+        """``eth0``, or ``node:eth0`` for a macvlan/ipvlan whose parent is in another node (a container's)."""
+        if value is None:
+            return None
+        node, sep, ifname = value.rpartition(":")
+        if sep and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", node):
+            raise ValueError(f"{value!r} is not an interface (eth0) or another node's interface (host:eth0)")
+        check_ifname(ifname)
+        return value
+
+    @field_validator("dev")
     @classmethod
     def _ifname(cls, value: str | None) -> str | None:
         return check_ifname(value) if value is not None else None
@@ -148,8 +160,17 @@ class VirtualFields(BaseModel):
         return parent, vid
 
     def underlay(self) -> str | None:
-        """The interface a virtual one depends on (parent or vxlan dev), made first."""
-        return self.dev if self.kind == "vxlan" else self.parent
+        """The interface of the same node a virtual one depends on (parent or vxlan dev), made first."""
+        if self.kind == "vxlan":
+            return self.dev
+        return None if self.parent_node() else self.parent
+
+    def parent_node(self) -> str | None:
+        """The other node whose interface is the parent (``parent: host:eth0``), or None."""
+        return self.parent.rpartition(":")[0] or None if self.parent else None
+
+    def parent_ifname(self) -> str | None:
+        return self.parent.rpartition(":")[2] if self.parent else None
 
 
 class PortSettings(BaseModel):
@@ -327,6 +348,9 @@ class KindChecker:
                 self.add((*path, key), f"a {kind} has no {key!r} (it takes: {takes})")
         if kind in MODES and cfg.mode is not None and cfg.mode not in MODES[kind]:
             self.add((*path, "mode"), f"{cfg.mode!r} is not a {kind} mode ({', '.join(MODES[kind])})")
+        if cfg.parent_node() is not None and kind not in ("macvlan", "ipvlan"):
+            self.add((*path, "parent"), f"only a macvlan or ipvlan may sit on another node's interface, not a {kind}")
+            return
         if kind == "vlan":
             parent, vid = cfg.vlan_parent_and_id(name)
             if parent is None:
@@ -340,6 +364,8 @@ class KindChecker:
         elif kind in ("macvlan", "ipvlan"):
             if cfg.parent is None:
                 self.add(path, f"a {kind} needs a parent (parent: eth0)")
+            elif cfg.parent_node() is not None:
+                self.check_foreign_parent(name, cfg)
             elif cfg.parent not in own:
                 self.add((*path, "parent"), self.no_such(cfg.parent, own))
             elif cfg.parent in self.spec.bridges or self.is_bridge_port(cfg.parent):
@@ -366,6 +392,24 @@ class KindChecker:
                 elif kind == "bond" and (member in self.spec.bridges or self.is_bridge_port(member)):
                     self.add(member_path, f"{member} is a bridge or a bridge port; a bond member has no other master")
                 enslaved[member] = name
+
+    def check_foreign_parent(self, name: str, cfg: InterfaceConfig) -> None:
+        """``parent: host:eth0``: the child is born in this node, on a cable end of another (a container's macvlan)."""
+        path: KeyPath = (*self.base, "interfaces", name, "parent")
+        other, ifname = cfg.parent_node(), cfg.parent_ifname()
+        assert other is not None and ifname is not None
+        if other not in self.topo.nodes:
+            self.add(path, f"unknown node {other!r} (nodes: {', '.join(sorted(self.topo.nodes))})")
+        elif other == self.node:
+            self.add(path, f"{other} is this node: write parent: {ifname}")
+        elif ifname not in self.topo.link_interfaces(other):
+            self.add(
+                path, f"node {other} has no interface {ifname!r} made by a link (another node's parent must be one)"
+            )
+        elif any(ifname in c.ports for c in self.topo.nodes[other].bridges.values()):
+            self.add(path, f"{other}:{ifname} is a bridge port; the kernel refuses a {cfg.kind} on it (EBUSY)")
+        elif self.topo.nodes[other].kind == "vm" or self.spec.kind == "vm":
+            self.add(path, "a vm node's NICs are taps fed by a relay; a macvlan needs netns nodes")
 
     def check_vxlan(self, name: str, cfg: InterfaceConfig, own: set[str]) -> None:
         path: KeyPath = (*self.base, "interfaces", name)
