@@ -28,9 +28,10 @@ from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks, bridg
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import relay, state
 from labctl.lab.state import LabState
-from labctl.lab.virtual import VirtualBuilder
+from labctl.names import FALLBACK_DEVICES
 
 if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
+    from labctl.lab.virtual import VirtualBuilder
     from labctl.topology.model import Endpoint, Link, Topology
 
 IPV6_OFF = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
@@ -95,6 +96,8 @@ class Builder:
     def virtual(self) -> VirtualBuilder:
         """The virtual interface and bridge-settings steps (labctl/lab/virtual.py), once the handles exist."""
         if self._virtual is None:
+            from labctl.lab.virtual import VirtualBuilder
+
             self._virtual = VirtualBuilder(self.topo, self.handles, self.fresh)
             self._virtual.changes = self.changes
         return self._virtual
@@ -146,7 +149,7 @@ class Builder:
                 continue
             wanted = self.wanted_interfaces[node]
             for ifname in list(handle.index):
-                if ifname not in wanted and ifname in handle.index:
+                if ifname not in wanted and ifname in handle.index and ifname not in FALLBACK_DEVICES:
                     handle.delete(ifname)
                     self.changes.append(f"{node}: removed {ifname}")
                     handle.refresh()  # deleting a veth end also removes its peer

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from labctl.errors import KeyPath
-from labctl.names import check_ifname
+from labctl.names import FALLBACK_DEVICES, check_ifname
 
 if TYPE_CHECKING:
     from labctl.topology.model import BridgeConfig, InterfaceConfig, Topology
@@ -340,6 +340,8 @@ class KindChecker:
         assert cfg.kind is not None
         path: KeyPath = (*self.base, "interfaces", name)
         kind = cfg.kind
+        if name in FALLBACK_DEVICES:
+            self.add((*path, "kind"), f"{name} is the kernel's own fallback tunnel device; pick another name")
         if name in self.topo.link_interfaces(self.node) or name in self.spec.bridges or name == "lo":
             self.add((*path, "kind"), f"{name} is already made by a link or a bridge; a {kind} needs a name of its own")
         for key in sorted(ALL_KIND_KEYS - KIND_KEYS[kind]):
