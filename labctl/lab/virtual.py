@@ -351,14 +351,13 @@ class VirtualBuilder:
         """The port's VLAN table: vid -> (pvid, untagged), read from an AF_BRIDGE dump with vlan info."""
         index = self._index(node, port)
         have: dict[int, tuple[bool, bool]] = {}
-        for msg in self._call(node, f"vlans of {port}", "get_links", family=AF_BRIDGE, ext_mask=2):
+        for msg in self._call(node, f"vlans of {port}", "get_vlans"):
             if msg["index"] != index:
                 continue
-            spec = msg.get("IFLA_AF_SPEC")
-            for name, value in spec["attrs"] if spec is not None else []:
-                if name == "IFLA_BRIDGE_VLAN_INFO":
-                    flags = value["flags"]
-                    have[value["vid"]] = (bool(flags & BRIDGE_VLAN_INFO_PVID), bool(flags & BRIDGE_VLAN_INFO_UNTAGGED))
+            spec = msg.get_attr("IFLA_AF_SPEC")
+            for info in spec.get_attrs("IFLA_BRIDGE_VLAN_INFO") if spec is not None else []:
+                flags = info["flags"]
+                have[info["vid"]] = (bool(flags & BRIDGE_VLAN_INFO_PVID), bool(flags & BRIDGE_VLAN_INFO_UNTAGGED))
         for vid in sorted(set(have) - set(wanted)):
             self._call(node, f"vlan {vid} on {port}", "vlan_filter", "del", index=index, vlan_info={"vid": vid})
             self.changes.append(f"{node}: {bridge} port {port} left vlan {vid}")

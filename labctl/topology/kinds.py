@@ -285,18 +285,13 @@ def required_options(topo: Topology) -> list[tuple[KeyPath, str, str]]:
             found.append((("topology", "nodes", node, "interfaces", ifname, "kind"), cfg.kind, KIND_OPTIONS[cfg.kind]))
         for bridge, config in spec.bridges.items():
             base: KeyPath = ("topology", "nodes", node, "bridges", bridge)
-            if config.vlan_filtering:
+            if config.vlan_filtering:  # port VLANs and fdb vlans need it too: said once, here
                 found.append(((*base, "vlan_filtering"), "vlan_filtering", BRIDGE_VLAN_OPTION))
-            for port, settings in config.port_settings.items():
-                if settings.uses_vlans():
-                    found.append(((*base, "port_settings", port), "bridge port VLANs", BRIDGE_VLAN_OPTION))
             for key in ("nf_call_iptables", "nf_call_ip6tables", "nf_call_arptables"):
                 if getattr(config, key):
                     found.append(((*base, key), key, BRIDGE_NETFILTER_OPTION))
             if not config.mcast_snooping:
                 found.append(((*base, "mcast_snooping"), "mcast_snooping", BRIDGE_SNOOPING_OPTION))
-            if any(entry.vlan is not None for entry in config.fdb):
-                found.append(((*base, "fdb"), "fdb entries with a vlan", BRIDGE_VLAN_OPTION))
     return found
 
 
