@@ -136,10 +136,16 @@ def graph(
     fmt: Annotated[str, typer.Option("--format", help="dot or mermaid (when printing)")] = "dot",
 ) -> None:
     """Draw the topology (Graphviz or Mermaid)."""
+    from labctl.errors import KernelLacksError
     from labctl.lab.labfile import load_lab
     from labctl.topology import graph as topo_graph
+    from labctl.topology.checks import LabFile
+    from labctl.topology.loader import load_file
 
-    topo, _ = load_lab(str(file))
+    try:
+        topo, _ = load_lab(str(file))
+    except KernelLacksError:  # a picture needs no kernel: a lab for another kernel is drawn all the same
+        topo = load_file(str(file), LabFile)[0]
     if output is None:
         print(topo_graph.mermaid(topo) if fmt == "mermaid" else topo_graph.dot(topo))
         return
