@@ -194,6 +194,13 @@ def kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], l
     return problems, lacking
 
 
+def lacking_options(topo: Topology) -> list[str]:
+    """The kernel options the topology needs that this kernel lacks (empty when it cannot tell)."""
+    if kconfig.options() is None:
+        return []
+    return sorted({option for _, _, option in required_options(topo) if kconfig.missing([option])})
+
+
 def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     """Load and validate a lab file (topology and checks) completely, before anything is built.
 

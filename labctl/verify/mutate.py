@@ -36,11 +36,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from labctl.errors import LabctlError, LabFileError
+from labctl.errors import KernelLacksError, LabctlError, LabFileError
 from labctl.lab import build
-from labctl.lab.labfile import load_lab
+from labctl.lab.labfile import lacking_options, load_lab
 from labctl.topology.checks import LabFile
-from labctl.topology.loader import parse_model, read_yaml
+from labctl.topology.loader import load_file, parse_model, read_yaml
 from labctl.verify.runner import CheckResult, run_check
 
 Op = Literal["set", "add", "delete", "append", "remove-item", "replace", "reverse", "swap", "shorten"]
@@ -293,6 +293,8 @@ def validate(data: dict[str, Any], file: str) -> LabFile:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yaml.safe_dump(data, f, sort_keys=False)
         lab, _ = load_lab(tmp)
+    except KernelLacksError:
+        lab = load_file(tmp, LabFile)[0]  # valid; its topology is for a kernel with more (run_mutations skips it)
     except LabctlError as exc:
         raise InvalidMutation(f"{os.path.basename(file)}: {str(exc).replace(tmp, '<mutant>')}") from exc
     finally:
@@ -357,6 +359,12 @@ def run_mutations(
             results[i] = MutationResult(mutations[i], "stale", f"the lab has no check {name!r}")
     fresh = set(fresh)
     say = progress or (lambda _text: None)
+    lacking = lacking_options(lab)
+    if lacking:  # the lab cannot even be built here: every check, and so every mutant, is not provable here
+        detail = "not provable here: " + ", ".join(lacking)
+        for i, mutation in enumerate(mutations):
+            results.setdefault(i, MutationResult(mutation, "skipped", detail))
+        return [results[i] for i in range(len(mutations))]
 
     pristine = True  # no check has run on the lab since it was built
 
