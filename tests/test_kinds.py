@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +245,21 @@ def test_a_kind_this_kernel_lacks_is_named_and_its_lab_skips(tmp_path: Path, mon
     result = run_lab(str(file))  # nothing is built: no root needed
     assert [(c.name, c.status, c.not_provable) for c in result.checks] == [("one", "skip", ["CONFIG_DUMMY"])]
     assert result.passed
+
+
+@pytest.mark.skipif(not kconfig.missing(["CONFIG_BONDING"]), reason="this kernel has bonding")
+@pytest.mark.skipif(os.geteuid() != 0, reason="up needs root (it refuses before building anyway)")
+def test_up_of_a_kind_this_kernel_lacks_exits_2_and_builds_nothing(tmp_path: Path) -> None:
+    from labctl.kernel import netns
+
+    name = f"tlk{os.getpid()}"
+    file = tmp_path / "bond.yaml"
+    file.write_text(lab("bond0: {kind: bond, members: [eth3]}").replace("name: kinds", f"name: {name}"))
+    labctl = os.path.join(os.path.dirname(sys.executable), "labctl")
+    done = subprocess.run([labctl, "up", str(file)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"{file}:7: topology.nodes.a.interfaces.bond0.kind: bond: this kernel lacks CONFIG_BONDING" in (
+        done.stdout + done.stderr
+    ).replace("\n", " ")
+    assert "Traceback" not in done.stderr
+    assert netns.list_labctl(name) == []

@@ -469,6 +469,8 @@ class NodeLinks:
             )
         self.index = {name: info.index for name, info in result.items()}
         for found in result.values():  # indexes named: a vxlan's underlay, a vlan's parent
+            if found.kind == "vxlan" and ipaddress.ip_address(found.details.get("remote", "0.0.0.0")).is_multicast:
+                found.details["group"] = found.details.pop("remote")  # IFLA_VXLAN_GROUP holds either
             dev_index = found.details.pop("dev_index", None)
             if dev_index:
                 found.details["dev"] = by_index.get(dev_index, str(dev_index))
