@@ -263,3 +263,22 @@ def test_up_of_a_kind_this_kernel_lacks_exits_2_and_builds_nothing(tmp_path: Pat
     ).replace("\n", " ")
     assert "Traceback" not in done.stderr
     assert netns.list_labctl(name) == []
+
+
+def test_graph_draws_kinds_and_bridge_settings() -> None:
+    from labctl.topology import graph
+
+    topo = parse_topology(
+        lab(
+            "eth0.10: {kind: vlan}\n        vx0: {kind: vxlan, vni: 42, remote: 10.0.0.2, dev: eth0}",
+            "port_settings: {eth1: {isolated: true}}\n"
+            "          fdb: [{mac: '02:00:00:00:00:01', port: eth2, sticky: true}]",
+        ).replace("ports: [eth1, eth2]", "ports: [eth1, eth2, vx0]"),
+        "lab.yaml",
+    )
+    dot = graph.dot(topo)
+    assert '"a:vx0" [shape=component' in dot and "vx0 vxlan vni 42 → 10.0.0.2:4789" in dot
+    assert '"a:br0" -- "a:vx0"' in dot and "eth0.10 vlan 10" in dot
+    assert "eth1: isolated on" in dot and "fdb 02:00:00:00:00:01→eth2 sticky" in dot
+    mermaid = graph.mermaid(topo)
+    assert 'a_eth0_10[/"eth0.10 vlan 10"/]' in mermaid and "a_br0 --- a_vx0" in mermaid
