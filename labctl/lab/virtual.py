@@ -20,14 +20,22 @@ import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from labctl.errors import KernelError
-from labctl.topology.kinds import DEFAULT_MODE, MASTER_KINDS, MODES, PORT_FLAGS, creation_order, virtual_interfaces
+from labctl.topology.kinds import (
+    DEFAULT_MODE,
+    MASTER_KINDS,
+    MODES,
+    PORT_FLAGS,
+    BridgeExtras,
+    PortSettings,
+    creation_order,
+    virtual_interfaces,
+)
 
 if TYPE_CHECKING:
-    from labctl.kernel.links import NodeLinks
-    from labctl.topology.model import InterfaceConfig, Topology
+    from labctl.kernel.links import LinkInfo, NodeLinks
+    from labctl.topology.model import BridgeConfig, InterfaceConfig, Topology
 
-AF_BRIDGE = 7
-NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
+NUD_NOARP = 0x40
 NTF_MASTER, NTF_STICKY = 0x04, 0x40
 BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 0x2, 0x4
 VXLAN_PORT = 4789
@@ -266,9 +274,12 @@ class VirtualBuilder:
         """
         spec = self.topo.nodes[node]
         virtual = virtual_interfaces(spec.interfaces)
+        if not virtual:
+            return
         wanted: dict[str, str | None] = {name: None for name in virtual}
+        if any(cfg.kind == "vrf" for cfg in virtual.values()):
+            wanted.update({bridge: None for bridge in spec.bridges})  # a bridge may join or leave a vrf
         for bridge, config in spec.bridges.items():
-            wanted.setdefault(bridge, None)
             for port in config.ports:
                 if port in virtual:
                     wanted[port] = bridge
@@ -283,7 +294,7 @@ class VirtualBuilder:
                 continue
             seen = have.get("IFLA_MASTER") or 0
             target = self._index(node, master) if master else 0
-            if seen == target or (name in spec.bridges and master is None):
+            if seen == target:
                 continue
             if name in virtual and master is None and self._enslaved_by_bond(node, name):
                 continue
@@ -297,26 +308,30 @@ class VirtualBuilder:
 
     # -- bridges ---------------------------------------------------------
     def bridges(self) -> None:
-        """Bridge options, port flags, port VLANs and static fdb entries, each set only where it differs."""
+        """Bridge options, port flags, port VLANs and static fdb entries, each set only where it differs.
+
+        The kernel's view is read with labctl's raw dumps (one link dump, one
+        fdb dump per node), which decode exactly these settings; a new bridge
+        whose file asks for nothing beyond the kernel's defaults is not read.
+        """
         for node, spec in self.topo.nodes.items():
             if not spec.bridges:
                 continue
-            self._current.pop(node, None)
+            if node in self.fresh and all(_all_defaults(config) for config in spec.bridges.values()):
+                continue
+            handle = self.handles[node]
+            handle.commit()
+            links = handle.links()
+            fdb = handle.static_fdb() if any(c.fdb for c in spec.bridges.values()) or node not in self.fresh else []
             for bridge, config in spec.bridges.items():
-                self._bridge_options(node, bridge, config)
+                self._bridge_options(node, bridge, config, links.get(bridge))
                 for port in config.ports:
-                    self._port(node, bridge, port, config)
-                self._fdb(node, bridge, config)
+                    self._port(node, bridge, port, config, links.get(port))
+                self._fdb(node, bridge, config, [entry for entry in fdb if entry["bridge"] == bridge])
 
-    def _bridge_options(self, node: str, bridge: str, config: Any) -> None:
-        have = self.current(node).get(bridge)
-        data = have.get("IFLA_LINKINFO").get("IFLA_INFO_DATA") if have is not None else None
-        changed: dict[str, int] = {}
-        for key in BRIDGE_ATTRS:
-            value = int(getattr(config, key))
-            seen = data.get(f"IFLA_BR_{key.upper()}") if data is not None else None
-            if seen is None or int(seen) != value:
-                changed[key] = value
+    def _bridge_options(self, node: str, bridge: str, config: BridgeConfig, have: LinkInfo | None) -> None:
+        seen = have.details if have is not None else {}
+        changed = _differing(seen, config, _DEFAULT_BRIDGE, BRIDGE_ATTRS)
         if not changed:
             return
         self.changes.append(
@@ -325,19 +340,10 @@ class VirtualBuilder:
         kwargs = {f"br_{key}": value for key, value in changed.items()}
         self._call(node, f"bridge {bridge}", "link", "set", index=self._index(node, bridge), kind="bridge", **kwargs)
 
-    def _port(self, node: str, bridge: str, port: str, config: Any) -> None:
-        from labctl.topology.kinds import PortSettings
-
-        settings = config.port_settings.get(port, PortSettings())
-        have = self.current(node).get(port)
-        info = have.get("IFLA_LINKINFO") if have is not None else None
-        data = info.get("IFLA_INFO_SLAVE_DATA") if info is not None else None
-        changed: dict[str, int] = {}
-        for flag in PORT_FLAGS:
-            value = int(getattr(settings, flag))
-            seen = data.get(PORT_ATTRS[flag]) if data is not None else None
-            if seen is None or int(seen) != value:
-                changed[flag] = value
+    def _port(self, node: str, bridge: str, port: str, config: BridgeConfig, have: LinkInfo | None) -> None:
+        settings = config.port_settings.get(port, _DEFAULT_PORT)
+        seen = have.port if have is not None else {}
+        changed = _differing(seen, settings, _DEFAULT_PORT, PORT_FLAGS)
         if changed:
             kwargs = {PORT_ATTRS[flag].removeprefix("IFLA_BRPORT_").lower(): value for flag, value in changed.items()}
             self._call(node, f"bridge port {port}", "brport", "set", index=self._index(node, port), **kwargs)
@@ -371,30 +377,21 @@ class VirtualBuilder:
             words = " ".join(w for w, on in (("pvid", pvid), ("untagged", untagged)) if on)
             self.changes.append(f"{node}: {bridge} port {port} vlan {vid} {words}".rstrip())
 
-    def _fdb(self, node: str, bridge: str, config: Any) -> None:
-        """Static (and sticky) entries: those labctl did not ask for are removed, the missing ones added."""
-        br = self._index(node, bridge)
-        names = {index: name for name, index in self.handles[node].index.items()}
-        have: dict[tuple[str, int | None], tuple[str, bool, Any]] = {}
-        for msg in self._call(node, f"fdb of {bridge}", "get_neighbours", family=AF_BRIDGE, master=br):
-            if not msg["state"] & NUD_NOARP or msg["state"] & NUD_PERMANENT:
-                continue  # learnt, or the bridge's own local entries
-            mac = msg.get("NDA_LLADDR")
-            vlan = msg.get("NDA_VLAN")
-            have[(mac, vlan)] = (names.get(msg["ifindex"], str(msg["ifindex"])), bool(msg["flags"] & NTF_STICKY), msg)
+    def _fdb(self, node: str, bridge: str, config: BridgeConfig, have_entries: list[dict[str, Any]]) -> None:
+        """Static (and sticky) entries: those the file does not ask for are removed, the missing ones added."""
+        have = {(e["mac"], e["vlan"]): (e["port"], e["sticky"]) for e in have_entries}
         wanted = {(e.mac, e.vlan): e for e in config.fdb}
-        for key, (port, _, msg) in have.items():
-            entry = wanted.get(key)
-            if entry is not None and (entry.port, entry.sticky) == have[key][:2]:
+        for (mac, vlan), (port, sticky) in have.items():
+            entry = wanted.get((mac, vlan))
+            if entry is not None and (entry.port, entry.sticky) == (port, sticky):
                 continue
-            extra = {"vlan": key[1]} if key[1] is not None else {}
-            self._call(
-                node, f"fdb {key[0]}", "fdb", "del", ifindex=msg["ifindex"], lladdr=key[0], flags=NTF_MASTER, **extra
-            )
+            extra = {"vlan": vlan} if vlan is not None else {}
+            index = self._index(node, port)
+            self._call(node, f"fdb {mac}", "fdb", "del", ifindex=index, lladdr=mac, flags=NTF_MASTER, **extra)
             if entry is None:
-                self.changes.append(f"{node}: {bridge} fdb {key[0]} on {port} removed")
+                self.changes.append(f"{node}: {bridge} fdb {mac} on {port} removed")
         for key, entry in wanted.items():
-            if key in have and (entry.port, entry.sticky) == have[key][:2]:
+            if have.get(key) == (entry.port, entry.sticky):
                 continue
             extra = {"vlan": entry.vlan} if entry.vlan is not None else {}
             self._call(
@@ -410,3 +407,33 @@ class VirtualBuilder:
             )
             sticky = " sticky" if entry.sticky else ""
             self.changes.append(f"{node}: {bridge} fdb {entry.mac} on {entry.port} static{sticky}")
+
+
+_DEFAULT_PORT = PortSettings()
+_DEFAULT_BRIDGE = BridgeExtras()
+
+
+def _differing(seen: dict[str, Any], wanted: Any, default: Any, keys: tuple[str, ...]) -> dict[str, int]:
+    """The settings (as 0/1) whose kernel value differs from the file's.
+
+    A setting the kernel does not report is one it is built without (no
+    IGMP snooping, say): left alone while the file asks for its default, so
+    a second ``up`` is still a no-op there.
+    """
+    changed = {}
+    for key in keys:
+        value = int(getattr(wanted, key))
+        if key not in seen and value == int(getattr(default, key)):
+            continue
+        if seen.get(key) != value:
+            changed[key] = value
+    return changed
+
+
+def _all_defaults(config: BridgeConfig) -> bool:
+    """A bridge whose file asks for nothing the kernel does not do by itself (a new one needs no reading)."""
+    return (
+        all(getattr(config, key) == getattr(_DEFAULT_BRIDGE, key) for key in BRIDGE_ATTRS)
+        and not config.fdb
+        and all(settings == _DEFAULT_PORT for settings in config.port_settings.values())
+    )
