@@ -365,8 +365,9 @@ class KindChecker:
                 self.check_foreign_parent(name, cfg)
             elif cfg.parent not in own:
                 self.add((*path, "parent"), self.no_such(cfg.parent, own))
-            elif cfg.parent in self.spec.bridges or self.is_bridge_port(cfg.parent):
-                what = "a bridge" if cfg.parent in self.spec.bridges else "a bridge port"
+            elif self.is_bridge_port(cfg.parent) or self.is_bond_member(cfg.parent):
+                # the port's rx_handler is the bridge's (or bond's): a macvlan cannot take it
+                what = "a bridge port" if self.is_bridge_port(cfg.parent) else "a bond member"
                 self.add((*path, "parent"), f"{cfg.parent} is {what}; the kernel refuses a {kind} on it (EBUSY)")
         elif kind == "vxlan":
             self.check_vxlan(name, cfg, own)
@@ -481,6 +482,9 @@ class KindChecker:
             if key in seen:
                 self.add((*base, "fdb", index, "mac"), f"{entry.mac} already has an entry (fdb[{seen[key]}])")
             seen[key] = index
+
+    def is_bond_member(self, name: str) -> bool:
+        return any(cfg.kind == "bond" and name in cfg.members for cfg in self.spec.interfaces.values())
 
     def is_bridge_port(self, name: str) -> bool:
         return any(name in config.ports for config in self.spec.bridges.values())
