@@ -282,3 +282,16 @@ def test_graph_draws_kinds_and_bridge_settings() -> None:
     assert "eth1: isolated on" in dot and "fdb 02:00:00:00:00:01→eth2 sticky" in dot
     mermaid = graph.mermaid(topo)
     assert 'a_eth0_10[/"eth0.10 vlan 10"/]' in mermaid and "a_br0 --- a_vx0" in mermaid
+
+
+def test_port_vlans_decode_repeated_vlan_infos() -> None:
+    """struct bridge_vlan_info (flags, vid) repeated in IFLA_AF_SPEC, as an AF_BRIDGE dump with BRVLAN gives it."""
+    import struct
+
+    from labctl.kernel.links import decode_vlan_infos
+
+    def info(flags: int, vid: int) -> bytes:
+        return struct.pack("=HHHH", 8, 2, flags, vid)
+
+    spec = info(0x2 | 0x4, 10) + info(0, 20) + info(0x4, 30) + struct.pack("=HHI", 8, 3, 0)
+    assert decode_vlan_infos(spec) == {10: "pvid untagged", 20: "tagged", 30: "untagged"}

@@ -51,6 +51,11 @@ def _kind_details(data: dict[str, Any]) -> None:
                 words = " ".join(f"{k} {_word(v)}" for k, v in details.items())
                 console.print(f"  {node}: {iface['name']} ({iface['kind']}) {words}", highlight=False, soft_wrap=True)
             port = {k: v for k, v in (iface.get("port") or {}).items() if PORT_DEFAULTS.get(k) != v}
+            vlans = port.pop("vlans", {})
+            if vlans:
+                port["vlans"] = " ".join(
+                    f"{vid}({words})" if words != "tagged" else str(vid) for vid, words in vlans.items()
+                )
             if port:
                 words = ", ".join(f"{k} {_word(v)}" for k, v in port.items())
                 console.print(f"  {node}: {iface['master']} port {iface['name']}: {words}", highlight=False)

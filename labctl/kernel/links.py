@@ -229,6 +229,23 @@ def _decode_details(table: dict[int, tuple[str, str]], payload: bytes) -> dict[s
     return found
 
 
+def decode_vlan_infos(af_spec: bytes, vlan_info_type: int = 2) -> dict[int, str]:
+    """vid -> "pvid untagged" / "untagged" / "tagged" from an AF_BRIDGE IFLA_AF_SPEC payload (repeated attributes)."""
+    PVID, UNTAGGED = 0x2, 0x4
+    vlans: dict[int, str] = {}
+    offset = 0
+    while offset + 4 <= len(af_spec):
+        length, kind = _NLA.unpack_from(af_spec, offset)
+        if length < 4:
+            break
+        if kind & 0x3FFF == vlan_info_type and length >= 8:
+            flags, vid = struct.unpack_from("=HH", af_spec, offset + 4)
+            words = [word for word, bit in (("pvid", PVID), ("untagged", UNTAGGED)) if flags & bit]
+            vlans[vid] = " ".join(words) or "tagged"
+        offset += (length + 3) & ~3
+    return vlans
+
+
 def _cstr(payload: bytes) -> str:
     return payload.split(b"\0", 1)[0].decode()
 
@@ -556,6 +573,26 @@ class NodeLinks:
         self.commit()
         for _ in self.nl.dump(RTM_GETQDISC, struct.pack("=BxxxiIII", 0, 0, 0, 0, 0)):  # a tcmsg
             pass
+
+    def port_vlans(self) -> dict[str, dict[int, str]]:
+        """Each bridge port's VLANs: name -> vid -> "pvid untagged" / "untagged" / "tagged" (one raw dump).
+
+        An AF_BRIDGE link dump asked for RTEXT_FILTER_BRVLAN lists, per port,
+        one IFLA_BRIDGE_VLAN_INFO (struct bridge_vlan_info: flags, vid) per
+        VLAN; a kernel without VLAN filtering lists none.
+        """
+        AF_BRIDGE, IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN, IFLA_BRIDGE_VLAN_INFO = 7, 29, 2, 2
+        self.commit()
+        found: dict[str, dict[int, str]] = {}
+        body = _IFINFO.pack(AF_BRIDGE, 0, 0, 0, 0) + _u32(IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN)
+        for _, data, offset in self.nl.dump(RTM_GETLINK, body):
+            attrs = _attrs(data, offset + _IFINFO.size, frozenset({IFLA_IFNAME, IFLA_AF_SPEC}))
+            if IFLA_IFNAME not in attrs or IFLA_AF_SPEC not in attrs:
+                continue
+            vlans = decode_vlan_infos(attrs[IFLA_AF_SPEC], IFLA_BRIDGE_VLAN_INFO)
+            if vlans:
+                found[_cstr(attrs[IFLA_IFNAME])] = vlans
+        return found
 
     def static_fdb(self) -> list[dict[str, Any]]:
         """Static fdb entries of every bridge here (``bridge fdb add ... static [sticky]``), one raw dump.

@@ -49,6 +49,10 @@ def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
             found[node] = (ns, handle.links(), handle.routes())
             if any(info.kind == "bridge" for info in found[node][1].values()):
                 fdb[node] = handle.static_fdb()
+                if any(i.kind == "bridge" and i.details.get("vlan_filtering") for i in found[node][1].values()):
+                    for port, vlans in handle.port_vlans().items():
+                        if port in found[node][1]:
+                            found[node][1][port].port["vlans"] = vlans
     result: dict[str, Any] = {}
     for node, (ns, links, routes) in found.items():
         result[node] = {

@@ -97,6 +97,8 @@ def test_kinds_build_in_their_node_and_converge_object_by_object(tmp_path: Path,
         links, fdb = kernel_view(lab_name, "a")
         assert "mv0" not in links and fdb == []
 
+        with NodeLinks(netns.namespace_name(lab_name, "a")) as handle:
+            assert handle.port_vlans() == {}  # no VLAN filtering on br0 (nor in this kernel): nothing listed
         status = lab_status(lab_name)
         by_name = {i["name"]: i for i in status["nodes"]["a"]["interfaces"]}
         assert by_name["vx0"]["details"]["vni"] == 43 and by_name["eth1"]["port"]["isolated"] == 1
