@@ -295,3 +295,25 @@ def test_port_vlans_decode_repeated_vlan_infos() -> None:
 
     spec = info(0x2 | 0x4, 10) + info(0, 20) + info(0x4, 30) + struct.pack("=HHI", 8, 3, 0)
     assert decode_vlan_infos(spec) == {10: "pvid untagged", 20: "tagged", 30: "untagged"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or kconfig.options() is None, reason="needs root and a published config")
+def test_the_netlink_probe_agrees_with_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a config the kernel is asked in a throw-away namespace; here both must give the same answer."""
+    from labctl.kernel import kindprobe
+    from labctl.topology.kinds import BRIDGE_VLAN_OPTION, KIND_OPTIONS
+
+    options = {**KIND_OPTIONS, "bridge_vlan_filtering": BRIDGE_VLAN_OPTION}
+    answers = kindprobe.probe(list(options))
+    assert answers == {kind: not kconfig.missing([option]) for kind, option in options.items()}
+
+    file = tmp_path / "probe.yaml"
+    file.write_text(lab("d0: {kind: dummy}\n        mv0: {kind: macvlan, parent: eth0}"))
+    expected = sorted(o for o in ("CONFIG_DUMMY", "CONFIG_MACVLAN") if kconfig.missing([o]))
+    monkeypatch.setattr(kconfig, "options", lambda: None)
+    if expected:
+        with pytest.raises(KernelLacksError) as info:
+            load_lab(str(file))
+        assert info.value.lacking == expected
+    else:
+        load_lab(str(file))

@@ -14,7 +14,7 @@ from typing import Any
 from labctl.errors import KernelLacksError, KeyPath, LabFileError, Problem
 from labctl.kernel import kconfig, sysctl
 from labctl.topology.checks import LabFile
-from labctl.topology.kinds import required_options
+from labctl.topology.kinds import BRIDGE_VLAN_OPTION, KIND_OPTIONS, required_options
 from labctl.topology.loader import SourceMap, load_file
 from labctl.topology.model import Topology
 
@@ -109,8 +109,7 @@ def _node_key_problem(topo: Topology, node: str, key: str) -> str | None:
         return bad
     if not key.startswith("net."):
         return (
-            f"{key} is not a network sysctl: outside net.* sysctls are not per namespace,"
-            " so a node cannot have its own"
+            f"{key} is not a network sysctl: outside net.* sysctls are not per namespace, so a node cannot have its own"
         )
     if sysctl.is_global(key):
         return (
@@ -175,30 +174,42 @@ def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
     return [source.problem(path, message) for path, message in machine_issues(lab.checks, interfaces, machine_facts())]
 
 
-def kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
-    """Kinds and bridge features the topology uses that this kernel is built without, and their options.
+def _lacking(needed: list[tuple[KeyPath, str, str]]) -> set[str]:
+    """Which of the needed options this kernel lacks: from its config, else asked of rtnetlink.
 
-    The options are read from the kernel's config (kconfig); a kernel that
-    does not publish its config is not second-guessed: the build then reports
-    the kernel's own refusal, still naming the object.
+    Without a published config (no /proc/config.gz, no /boot/config-*) the
+    kinds are probed in a throw-away namespace (kernel/kindprobe.py); an
+    option that neither can tell about is not second-guessed: the build then
+    reports the kernel's own refusal, still naming the object.
     """
-    if kconfig.options() is None:
-        return [], []
-    problems: list[Problem] = []
-    lacking: list[str] = []
-    for path, what, option in required_options(topo):
-        if kconfig.missing([option]):
-            problems.append(source.problem(path, f"{what}: this kernel lacks {option}"))
-            if option not in lacking:
-                lacking.append(option)
-    return problems, lacking
+    options = {option for _, _, option in needed}
+    if kconfig.options() is not None:
+        return set(kconfig.missing(sorted(options)))
+    from labctl.kernel import kindprobe
+
+    probe_of = {option: kind for kind, option in KIND_OPTIONS.items()}
+    probe_of[BRIDGE_VLAN_OPTION] = "bridge_vlan_filtering"
+    asked = sorted({probe_of[o] for o in options if o in probe_of})
+    answers = kindprobe.probe(asked) or {}
+    return {option for option in options if answers.get(probe_of.get(option, ""), True) is False}
+
+
+def kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
+    """Kinds and bridge features the topology uses that this kernel is built without, and their options."""
+    needed = required_options(topo)
+    missing = _lacking(needed) if needed else set()
+    problems = [
+        source.problem(path, f"{what}: this kernel lacks {option}")
+        for path, what, option in needed
+        if option in missing
+    ]
+    return problems, sorted(missing)
 
 
 def lacking_options(topo: Topology) -> list[str]:
     """The kernel options the topology needs that this kernel lacks (empty when it cannot tell)."""
-    if kconfig.options() is None:
-        return []
-    return sorted({option for _, _, option in required_options(topo) if kconfig.missing([option])})
+    needed = required_options(topo)
+    return sorted(_lacking(needed)) if needed else []
 
 
 def load_lab(file: str) -> tuple[LabFile, SourceMap]:
