@@ -143,6 +143,10 @@ def test_every_kind_parses_and_is_ordered_after_what_it_sits_on() -> None:
         ),
         ("red: {kind: vrf}", "lab.yaml:7: topology.nodes.a.interfaces.red: a vrf needs a routing table (table: 10)"),
         (
+            "red: {kind: vrf, table: 5, members: [eth2]}",
+            "lab.yaml:7: topology.nodes.a.interfaces.red.members[0]: eth2 is a bridge port",
+        ),
+        (
             "gre0: {kind: gre, local: 10.0.0.1, remote: 10.0.0.2}",
             "lab.yaml:7: topology.nodes.a.interfaces.gre0.kind: gre0 is the kernel's own fallback tunnel device",
         ),

@@ -389,6 +389,11 @@ class KindChecker:
                     self.add(member_path, f"{name} cannot be a member of itself")
                 elif kind == "bond" and (member in self.spec.bridges or self.is_bridge_port(member)):
                     self.add(member_path, f"{member} is a bridge or a bridge port; a bond member has no other master")
+                elif self.is_bridge_port(member):
+                    self.add(
+                        member_path,
+                        f"{member} is a bridge port; an interface has one master (put the bridge in the vrf)",
+                    )
                 enslaved[member] = name
 
     def check_foreign_parent(self, name: str, cfg: InterfaceConfig) -> None:
