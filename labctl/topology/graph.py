@@ -59,6 +59,26 @@ def _bridge_of(topo: Topology, node: str, ifname: str) -> str | None:
     return None
 
 
+def tunnels(topo: Topology) -> list[tuple[tuple[str, str], tuple[str, str], str]]:
+    """Tunnel ends that meet: a vxlan/gre/ipip whose remote is the local address of the same kind elsewhere.
+
+    Drawn as one overlay edge each (``vni 42`` for a vxlan), beside the
+    cables they ride on.
+    """
+    ends: dict[tuple[str, str, int | None], tuple[str, str]] = {}
+    for name, node in topo.nodes.items():
+        for ifname, cfg in virtual_interfaces(node.interfaces).items():
+            if cfg.kind in ("vxlan", "gre", "ipip") and cfg.local is not None:
+                ends[(str(cfg.kind), cfg.local, cfg.vni)] = (name, ifname)
+    found = []
+    for (kind, local, vni), (name, ifname) in ends.items():
+        cfg = topo.nodes[name].interfaces[ifname]
+        far = ends.get((kind, cfg.remote or "", vni))
+        if far is not None and (name, ifname) < far and topo.nodes[far[0]].interfaces[far[1]].remote == local:
+            found.append(((name, ifname), far, f"vni {vni}" if kind == "vxlan" else kind))
+    return found
+
+
 def _mid(name: str) -> str:
     """A Mermaid node id from an interface name (eth0.10 -> eth0_10: a dot is not allowed in an id)."""
     return name.replace(".", "_").replace("-", "_")
@@ -103,6 +123,8 @@ def dot(topo: Topology) -> str:
         )
         style = "dashed" if kind == "tap" else "solid"
         lines.append(f'  {ends[0]} -- {ends[1]} [label="{label}", style={style}];')
+    for (node_a, if_a), (node_b, if_b), label in tunnels(topo):
+        lines.append(f'  "{node_a}:{if_a}" -- "{node_b}:{if_b}" [label="{label}", style=dotted, color=darkorange];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -128,6 +150,8 @@ def mermaid(topo: Topology) -> str:
             ends.append(f"{end.node}_{port_of}" if port_of else end.node)
         arrow = "-.-" if topo.is_tap_link(link) else "---"
         lines.append(f"  {ends[0]} {arrow}|{a.interface} - {b.interface}| {ends[1]}")
+    for (node_a, if_a), (node_b, if_b), label in tunnels(topo):
+        lines.append(f"  {node_a}_{_mid(if_a)} -.-|{label}| {node_b}_{_mid(if_b)}")
     return "\n".join(lines) + "\n"
 
 
