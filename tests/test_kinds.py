@@ -325,8 +325,9 @@ def test_the_netlink_probe_agrees_with_the_config(tmp_path: Path, monkeypatch: p
 
 def test_graph_joins_tunnel_ends_that_meet(tmp_path: Path) -> None:
     from labctl.topology import graph
-    from labctl.topology.loader import load_topology
+    from labctl.topology.checks import LabFile
+    from labctl.topology.loader import load_file
 
-    topo = load_topology(str(Path(__file__).resolve().parents[1] / "labs" / "links-vxlan.yaml"))
+    topo = load_file(str(Path(__file__).resolve().parents[1] / "labs" / "links-vxlan.yaml"), LabFile)[0]
     assert graph.tunnels(topo) == [(("a", "vx0"), ("b", "vx0"), "vni 42")]
     assert '"a:vx0" -- "b:vx0" [label="vni 42", style=dotted' in graph.dot(topo)
