@@ -188,6 +188,8 @@ class Builder:
                 h_main.delete(main.interface)
             if have_other:
                 h_other.delete(other.interface)
+            if not (main.node in self.fresh and other.node in self.fresh):  # a converge: say so
+                self.changes.append(f"{main.node}: created link {main} — {other}")
             main_attrs = self.attrs(main.node, main.interface, link)
             if (main.node, main.interface) in self.bond_members:  # a bond takes only a member that is down
                 main_attrs = dataclasses.replace(main_attrs, master=None)
@@ -244,9 +246,12 @@ class Builder:
                 for cidr in wanted:
                     if cidr not in have:
                         handle.add_address(ifname, cidr)
+                        if node not in self.fresh:
+                            self.changes.append(f"{node}: {ifname} address {cidr} added")
                 for cidr in have:
                     if cidr not in wanted and not (ifname == "lo" and cidr == "::1/128"):
                         handle.del_address(ifname, cidr)
+                        self.changes.append(f"{node}: {ifname} address {cidr} removed")
             wanted_routes = {str(r.network) for r in spec.routes}
             if node not in self.fresh:
                 for existing in handle.routes(own_only=True):
@@ -255,6 +260,7 @@ class Builder:
                         dst = "0.0.0.0/0" if existing["family"] == 2 else "::/0"
                     if dst not in wanted_routes:
                         handle.delete_route(existing["dst"], existing["family"])
+                        self.changes.append(f"{node}: route {existing['dst']} removed")
             for route in spec.routes:
                 handle.replace_route(str(route.network), str(route.via) if route.via else None, route.dev)
 

@@ -96,6 +96,8 @@ def test_kinds_build_in_their_node_and_converge_object_by_object(tmp_path: Path,
         assert up(file, lab_name, no_mv0) == ["a: removed mv0"]
         links, fdb = kernel_view(lab_name, "a")
         assert "mv0" not in links and fdb == []
+        moved = no_mv0.replace("10.9.0.2/24", "10.9.0.3/24")
+        assert up(file, lab_name, moved) == ["b: eth0 address 10.9.0.3/24 added", "b: eth0 address 10.9.0.2/24 removed"]
 
         with NodeLinks(netns.namespace_name(lab_name, "a")) as handle:
             assert handle.port_vlans() == {}  # no VLAN filtering on br0 (nor in this kernel): nothing listed
