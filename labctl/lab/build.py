@@ -87,7 +87,8 @@ class Builder:
             for node, spec in topo.nodes.items()
         }
         self.changes: list[str] = []
-        """What this run changed beyond the plain links (virtual interfaces, bridge settings), for ``up`` to print."""
+        """What this run changed, one line each, for ``up`` to print: virtual interfaces and bridge settings
+        always; links, removed interfaces, addresses and routes on a converge (a first build makes them all)."""
         self._virtual: VirtualBuilder | None = None
         for node, ifname in self.link_at:
             self.wanted_interfaces[node].add(ifname)
@@ -361,8 +362,9 @@ class Builder:
 def up(topo: Topology, file: str, changes: list[str] | None = None) -> LabState:
     """Build or converge ``topo``; on failure undo what this call created and re-raise.
 
-    ``changes``, when given, receives a line per virtual interface or bridge
-    setting this run created, replaced, set or removed (``up`` prints them).
+    ``changes``, when given, receives a line per object this run created,
+    replaced, set or removed (``up`` prints them; a second ``up`` of the same
+    file leaves it empty).
 
     A lab up from another file is refused (LabFileError, exit 2): its name is
     taken, and converging would silently rebuild someone else's lab.
