@@ -46,13 +46,15 @@ def _root(
 @reports_errors
 def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
     """Build the lab in FILE, or converge a running one to it."""
+    from labctl.cli.progress import building
     from labctl.lab import build
     from labctl.lab.labfile import load_lab
 
     topo, _ = load_lab(str(file))
     require_root()
     changes: list[str] = []
-    result = build.up(topo, str(file), changes=changes)
+    with building(topo.name) as step:
+        result = build.up(topo, str(file), progress=step, changes=changes)
     for line in changes:
         console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
@@ -164,6 +166,9 @@ def run(
     reuse: Annotated[
         bool, typer.Option("--reuse", help="run against a lab already up (labctl up) and leave it up")
     ] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="write a self-contained HTML report (path pictures, pcaps beside it)")
+    ] = None,
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
@@ -176,16 +181,12 @@ def run(
     results: list[LabResult] = []
     bad_input = False
     quiet = json
-    with console.status("starting", spinner="dots") as progress:
+    from labctl.cli.progress import checking
+
+    with checking(files, select, enabled=not quiet) as show:
         for file in files:
-
-            def show(lab: str, check: str) -> None:
-                progress.update(f"{lab}: {check}")
-
             try:
-                results.append(
-                    run_lab(file, select=select, keep=keep, on_check=None if quiet else show, reuse=reuse)
-                )
+                results.append(run_lab(file, select=select, keep=keep, on_check=show, reuse=reuse))
             except LabctlError as exc:  # one broken lab must not cost the report of the others
                 bad_input = bad_input or exc.exit_code == 2
                 results.append(LabResult(lab=Path(file).stem, file=file, error=str(exc)))
@@ -199,6 +200,12 @@ def run(
         print(report.as_json(results))
     else:
         report.print_results(console, results)
+    if html is not None:
+        from labctl.verify.html import write_report
+
+        written = write_report(html, results)
+        if not json:
+            console.print(f"wrote {written}", highlight=False)
     if bad_input:
         raise typer.Exit(2)
     if not all(r.passed for r in results):

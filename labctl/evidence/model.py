@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from labctl.kernel.nftrace import HookStep
+from labctl.kernel.packet import Frame
 from labctl.kernel.tracefs import TraceEvent
 
 FROZEN_EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -115,6 +116,8 @@ class CaptureEvidence:
     directions: Mapping[str, int] = field(default_factory=lambda: FROZEN_EMPTY)
     sources: tuple[str, ...] = ()
     """Source MAC of every frame, in order (E2's rewritten MAC)."""
+    captured: tuple[Frame, ...] = field(default=(), compare=False, repr=False)
+    """The frames themselves, for a report's pcap files (not part of the JSON form or of a golden file)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -283,7 +283,7 @@ def _capture(capture: Capture) -> CaptureEvidence:
     for frame in frames:
         directions[frame.direction] = directions.get(frame.direction, 0) + 1
     sources = tuple(":".join(f"{b:02x}" for b in frame.data[6:12]) for frame in frames)
-    return CaptureEvidence(len(frames), capture.stats().drops, MappingProxyType(directions), sources)
+    return CaptureEvidence(len(frames), capture.stats().drops, MappingProxyType(directions), sources, tuple(frames))
 
 
 def _counter_names(snapshot: counters.Snapshot, nodes: Mapping[str, str]) -> dict[str, frozenset[str]]:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -359,7 +360,12 @@ class Builder:
             handle.close()
 
 
-def up(topo: Topology, file: str, changes: list[str] | None = None) -> LabState:
+def up(
+    topo: Topology,
+    file: str,
+    progress: Callable[[str, int, int], None] | None = None,
+    changes: list[str] | None = None,
+) -> LabState:
     """Build or converge ``topo``; on failure undo what this call created and re-raise.
 
     ``changes``, when given, receives a line per object this run created,
@@ -368,7 +374,14 @@ def up(topo: Topology, file: str, changes: list[str] | None = None) -> LabState:
 
     A lab up from another file is refused (LabFileError, exit 2): its name is
     taken, and converging would silently rebuild someone else's lab.
+    ``progress(step, done, total)`` is told as each step starts (the CLI draws it).
     """
+    steps = iter(range(BUILD_STEPS))
+
+    def tick(name: str) -> None:
+        if progress is not None:
+            progress(name, next(steps), BUILD_STEPS)
+
     with state.locked(topo.name):
         previous = state.load(topo.name)
         if previous is not None and previous.file != os.path.abspath(file):
@@ -399,21 +412,30 @@ def up(topo: Topology, file: str, changes: list[str] | None = None) -> LabState:
                 # converge, not release-then-acquire: a value kept is never written back and forth
                 GlobalOverrides.converge(owner(topo.name), dict(topo.sysctls))
                 run.globals_acquired = bool(topo.sysctls)
+            tick("namespaces")
             builder.namespaces(run)
             builder.remove_stale_interfaces()
+            tick("bridges")
             builder.bridges()
             builder.virtual.masters()
+            tick("links")
             builder.links()
             builder.commit()
+            tick("interfaces")
             builder.virtual.interfaces()
             builder.configure()
+            tick("addresses and routes")
             builder.addresses_and_routes()
             builder.commit()
             builder.virtual.bridges()
+            tick("sysctls, modules, knobs")
             builder.kernel_modules()
             builder.knobs()
+            tick("netfilter")
             builder.netfilter()
+            tick("relays")
             current.relays = builder.relays(run, current.relays)
+            tick("waiting for links to come up")
             builder.settle()
         except BaseException as exc:
             _rollback(run, topo.name, first_up=previous is None)
@@ -435,6 +457,10 @@ def up(topo: Topology, file: str, changes: list[str] | None = None) -> LabState:
         current.status = "up"
         state.save(current)
         return current
+
+
+BUILD_STEPS = 9
+"""Steps ``up`` reports to its progress callback."""
 
 
 def _has_iptables_here() -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from labctl.errors import KernelLacksError, LabctlError, LabStateError
+from labctl.evidence.model import Evidence
 from labctl.expect.base import Row
 from labctl.kernel import kconfig
 from labctl.lab import build, state
@@ -39,6 +40,8 @@ class CheckResult:
     explanation: list[str] = field(default_factory=list)
     not_provable: list[str] = field(default_factory=list)
     """Kernel options this kernel lacks (status 'skip')."""
+    recorded: Evidence | None = field(default=None, repr=False)
+    """The Evidence itself (its captured frames and paths for an HTML report); not in the JSON form."""
 
     @property
     def passed(self) -> bool:
@@ -121,9 +124,11 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
     explanation: list[str] = []
     error = None
     status = "pass"
+    recorded: Evidence | None = None
     for _ in range(check.repeat):
         try:
             evidence, ctx = observe(lab, check)
+            recorded = evidence
             rows = judge(check, evidence, ctx)
             observation = evidence.as_dict()
             if evidence.errors:
@@ -151,6 +156,7 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
         time.monotonic() - start,
         error,
         explanation,
+        recorded=recorded,
     )
 
 
