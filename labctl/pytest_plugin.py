@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from labctl.errors import LabctlError
+from labctl.errors import KernelLacksError, LabctlError
 from labctl.topology.checks import Check, LabFile
 
 
@@ -53,12 +53,19 @@ class CheckFailed(Exception):
 
 class LabCollector(pytest.File):
     lab: LabFile | None = None
+    lacking: tuple[str, ...] = ()
+    """Kernel options the lab's topology needs and this kernel lacks (nothing is built, every check skips)."""
 
     def collect(self) -> Iterator[pytest.Item]:
         from labctl.verify.runner import load_lab_file
 
         try:
             self.lab = load_lab_file(str(self.path))
+        except KernelLacksError as exc:  # its topology is for a kernel with more: every check is skipped
+            from labctl.topology.loader import load_file
+
+            self.lab = load_file(str(self.path), LabFile)[0]
+            self.lacking = tuple(exc.lacking)
         except LabctlError as exc:
             raise self.CollectError(str(exc)) from exc
         for check in self.lab.checks:
@@ -68,12 +75,14 @@ class LabCollector(pytest.File):
         from labctl.lab import build
 
         assert self.lab is not None
+        if self.lacking:
+            pytest.skip(f"not provable here: this kernel lacks {', '.join(self.lacking)}")
         build.up(self.lab, str(self.path))
 
     def teardown(self) -> None:
         from labctl.lab import build
 
-        if self.lab is not None:
+        if self.lab is not None and not self.lacking:
             build.down(self.lab.name)
 
 
