@@ -289,8 +289,14 @@ class Builder:
                 ebtables.apply_rules(ns, spec.ebtables)
 
     def kernel_modules(self) -> None:
-        """br_netfilter only when a node sets bridge-nf sysctls (it changes every bridge's behaviour)."""
-        if any(key.startswith("net.bridge.") for spec in self.topo.nodes.values() for key in spec.sysctls):
+        """br_netfilter only when a node sets bridge-nf sysctls or a bridge its nf_call_* (it changes every bridge)."""
+        nodes = self.topo.nodes.values()
+        sysctls = any(key.startswith("net.bridge.") for spec in nodes for key in spec.sysctls)
+        # a bridge's own nf_call_* switch does nothing until br_netfilter's hooks exist
+        nf_call = any(
+            c.nf_call_iptables or c.nf_call_ip6tables or c.nf_call_arptables for s in nodes for c in s.bridges.values()
+        )
+        if sysctls or nf_call:
             modules.acquire(owner(self.lab), "br_netfilter")
 
     def knobs(self) -> None:
