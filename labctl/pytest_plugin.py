@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from labctl.errors import KernelLacksError, LabctlError
+from labctl.errors import LabctlError
 from labctl.topology.checks import Check, LabFile
 
 
@@ -53,19 +53,19 @@ class CheckFailed(Exception):
 
 class LabCollector(pytest.File):
     lab: LabFile | None = None
-    lacking: tuple[str, ...] = ()
-    """Kernel options the lab's topology needs and this kernel lacks (nothing is built, every check skips)."""
+    lacking: list[str] | None = None
+    """Kernel options the lab's topology needs and this kernel lacks: nothing is built, every check skips."""
 
     def collect(self) -> Iterator[pytest.Item]:
+        from labctl.errors import KernelLacksError
         from labctl.verify.runner import load_lab_file
 
         try:
             self.lab = load_lab_file(str(self.path))
-        except KernelLacksError as exc:  # its topology is for a kernel with more: every check is skipped
+        except KernelLacksError as exc:
             from labctl.topology.loader import load_file
 
-            self.lab = load_file(str(self.path), LabFile)[0]
-            self.lacking = tuple(exc.lacking)
+            self.lab, self.lacking = load_file(str(self.path), LabFile)[0], list(exc.lacking)
         except LabctlError as exc:
             raise self.CollectError(str(exc)) from exc
         for check in self.lab.checks:
@@ -76,7 +76,7 @@ class LabCollector(pytest.File):
 
         assert self.lab is not None
         if self.lacking:
-            pytest.skip(f"not provable here: this kernel lacks {', '.join(self.lacking)}")
+            return
         build.up(self.lab, str(self.path))
 
     def teardown(self) -> None:
@@ -98,6 +98,8 @@ class CheckItem(pytest.Item):
 
         parent = self.parent
         assert isinstance(parent, LabCollector) and parent.lab is not None
+        if parent.lacking:
+            pytest.skip(f"not provable here: this kernel lacks {', '.join(parent.lacking)}")
         result = run_check(parent.lab, self.check)
         if result.status == "skip":
             pytest.skip(f"not provable here: this kernel lacks {', '.join(result.not_provable)}")

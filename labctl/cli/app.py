@@ -64,11 +64,17 @@ def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
 @reports_errors
 def down(lab: LabArg) -> None:
     """Remove everything the lab made (works after a crash too)."""
+    from labctl.errors import LabNotUpError
     from labctl.lab import build
+    from labctl.lab.clean import anything_left_of
+    from labctl.lab.status import running_labs
 
     require_root()
     name = lab_name(lab)
-    removed = build.down(name)
+    known = anything_left_of(name)
+    removed = build.down(name)  # also when unknown: it takes and removes a lock file a killed up left
+    if not known:
+        raise LabNotUpError(f"lab {name} is not up (labs up: {', '.join(running_labs()) or 'none'})")
     console.print(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
 
 
@@ -100,21 +106,27 @@ def exec(
     command: Annotated[list[str], typer.Argument(help="command to run inside the node")],
 ) -> None:
     """Run a command inside a node (like ip netns exec), e.g. labctl exec LAB c1 -- ping -c1 192.168.9.3."""
-    from labctl.errors import LabStateError
+    from labctl.errors import CommandError, LabNotUpError
     from labctl.kernel import netns
     from labctl.kernel.sysfs import enter_with_own_sysfs
-    from labctl.lab.live import LabNotUpError
 
     require_root()
-    name = netns.namespace_name(lab_name(lab), node)
+    lab = lab_name(lab)
+    name = netns.namespace_name(lab, node)
     if not netns.exists(name):
-        raise LabNotUpError(f"lab {lab_name(lab)} has no node {node} up")
+        if not netns.list_labctl(lab):
+            from labctl.lab.status import running_labs
+
+            raise LabNotUpError(f"lab {lab} is not up (labs up: {', '.join(running_labs()) or 'none'})")
+        raise LabNotUpError(f"lab {lab} has no node {node} up")
     enter_with_own_sysfs(name)
     sys.stdout.flush()
     try:
         os.execvp(command[0], command)
-    except FileNotFoundError:
-        raise LabStateError(f"{command[0]}: command not found") from None
+    except FileNotFoundError:  # 127 and 126 as env(1), nice(1) and ip netns exec's shell give them
+        raise CommandError(f"{command[0]}: command not found", 127) from None
+    except PermissionError:
+        raise CommandError(f"{command[0]}: permission denied", 126) from None
 
 
 @app.command()
@@ -169,6 +181,9 @@ def run(
     html: Annotated[
         Path | None, typer.Option("--html", help="write a self-contained HTML report (path pictures, pcaps beside it)")
     ] = None,
+    pcap_dir: Annotated[
+        Path | None, typer.Option("--pcap", help="write each check's captures to DIR/LAB.CHECK.pcapng, with verdicts")
+    ] = None,
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
@@ -186,7 +201,16 @@ def run(
     with checking(files, select, enabled=not quiet) as show:
         for file in files:
             try:
-                results.append(run_lab(file, select=select, keep=keep, on_check=show, reuse=reuse))
+                results.append(
+                    run_lab(
+                        file,
+                        select=select,
+                        keep=keep,
+                        on_check=show,
+                        reuse=reuse,
+                        pcap_dir=str(pcap_dir) if pcap_dir else None,
+                    )
+                )
             except LabctlError as exc:  # one broken lab must not cost the report of the others
                 bad_input = bad_input or exc.exit_code == 2
                 results.append(LabResult(lab=Path(file).stem, file=file, error=str(exc)))
@@ -200,6 +224,9 @@ def run(
         print(report.as_json(results))
     else:
         report.print_results(console, results)
+        pcaps = [c.pcap for r in results for c in r.checks if c.pcap]
+        if pcaps:
+            console.print(f"{len(pcaps)} pcapng files (verdicts as frame comments) in {pcap_dir}", highlight=False)
     if html is not None:
         from labctl.verify.html import write_report
 

@@ -31,6 +31,7 @@ def status(data: dict[str, Any], full: bool = False) -> None:
             for route in info["routes"]:
                 if route["via"] or route["dst"] == "default":
                     console.print(f"  {node}: route {route['dst']} via {route['via'] or route['dev']}", highlight=False)
+            _traffic_lines(node, info)
     else:
         _summary(data)
     for vm, relay in data["relays"].items():
@@ -70,6 +71,22 @@ def _kind_details(data: dict[str, Any]) -> None:
 
 def _word(value: Any) -> str:
     return {0: "off", 1: "on"}.get(value, str(value)) if isinstance(value, int) else str(value)
+
+
+def _traffic_lines(node: str, info: dict[str, Any]) -> None:
+    """A node's nft tables and each interface's tc, one line each (only where there is some)."""
+    if info.get("nftables"):
+        console.print(f"  {node}: nftables {', '.join(info['nftables'])}", highlight=False)
+    for iface in info["interfaces"]:
+        tc = iface.get("tc")
+        if not tc:
+            continue
+        text = f"  {node}:{iface['name']}: tc {', '.join(tc['qdiscs'])}"
+        if tc["classes"]:
+            text += f"; classes {', '.join(tc['classes'])}"
+        if tc["filters"]:
+            text += f"; filters {', '.join(tc['filters'])}"
+        console.print(text, highlight=False)
 
 
 def _state(iface: dict[str, Any]) -> str:
@@ -148,6 +165,8 @@ def cleaned(done: Any) -> None:
     restored = ", ".join(f"{k}={v}" for k, v in done.sysctls_restored.items())
     tree.add(f"host sysctls restored: {restored or 'none'}")
     tree.add(f"trace instances removed: {len(done.trace_instances)}")
+    if done.trace_rules:
+        tree.add(f"hook-trace rules of killed tracers removed: {' '.join(done.trace_rules)}")
     tree.add(f"lab states forgotten: {len(done.states)}")
     if done.busy:
         tree.add(f"[yellow]busy (another labctl command holds the lock), left alone:[/] {' '.join(done.busy)}")

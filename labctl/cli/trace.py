@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from labctl.cli.common import console, err_console, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, err_console, print_json, reports_errors, require_root, up_lab_name
 
 if TYPE_CHECKING:
     from labctl.lab.live import LiveLab
@@ -312,10 +312,11 @@ def print_follow_summary(summary: FollowSummary) -> None:
 
 
 def _open(lab: str) -> LiveLab:
+    require_root()
+    name = up_lab_name(lab)  # before live's imports (Scapy): a typo is answered at once
+
     from labctl.lab.live import open_lab
 
-    require_root()
-    name = lab_name(lab)
     live = open_lab(name, file=lab if name != lab else None)
     for warning in live.warnings:
         _say(f"[yellow]warning:[/] {escape(warning)}", err=True)
@@ -367,10 +368,10 @@ def trace(
 
         if picture_type(output) not in ("svg", "png", "pdf", "dot", "gv"):
             raise typer.BadParameter(f"{output}: use .svg, .png, .pdf or .dot", param_hint="-o")
+    live = _open(lab)
     from labctl.lab.live import prepare
     from labctl.lab.trace import trace_frame
 
-    live = _open(lab)
     where = live.target(target)
     frame = prepare(where, expr)
     if cpu is not None and cpu not in _cpus():

@@ -49,6 +49,23 @@ def end_vertex(topo: Topology, node: str, ifname: str) -> str:
     return f"{node}:{port_of}" if port_of else node
 
 
+def _tc_note(topo: Topology, node: str, ifname: str) -> str:
+    """`` (tc: htb, clsact, 2 filters)`` for an interface with traffic control, else ''."""
+    cfg = topo.nodes[node].interfaces.get(ifname)
+    tc = cfg.traffic_control if cfg else None
+    if tc is None:
+        return ""
+    parts: list[str] = [tc.qdisc.kind] if tc.qdisc else []
+    parts += [hook for hook in ("clsact", "ingress") if getattr(tc, hook)]
+    if tc.filters:
+        parts.append(f"{len(tc.filters)} filter{'s' if len(tc.filters) > 1 else ''}")
+    return f" (tc: {', '.join(parts)})"
+
+
+def _node_label(topo: Topology, name: str) -> str:
+    return f"{name}\\nnftables" if topo.nodes[name].nftables is not None else name
+
+
 def dot(topo: Topology) -> str:
     return _dot_large(topo) if len(topo.nodes) > LARGE else _dot_small(topo)
 
@@ -63,7 +80,7 @@ def _dot_small(topo: Topology) -> str:
     for name, node in topo.nodes.items():
         shape = "box3d" if node.kind == "vm" else "box"
         lines.append(f"  subgraph {quote('cluster_' + name)} {{ label={quote(f'{name} ({node.kind})')};")
-        lines.append(f"    {quote(name)} [shape={shape}, label={quote(name)}];")
+        lines.append(f"    {quote(name)} [shape={shape}, label={quote(_node_label(topo, name))}];")
         for bridge, config in node.bridges.items():
             label = "\\n".join([bridge, *bridge_settings(config), addresses(topo, name, bridge)]).rstrip("\\n")
             lines.append(
@@ -85,8 +102,8 @@ def _dot_small(topo: Topology) -> str:
         a, b = link.ends
         kind = "tap" if topo.is_tap_link(link) else "veth"
         label = (
-            f"{a.interface} {addresses(topo, a.node, a.interface)}"
-            f" — {kind} — {b.interface} {addresses(topo, b.node, b.interface)}"
+            f"{a.interface}{_tc_note(topo, a.node, a.interface)} {addresses(topo, a.node, a.interface)}"
+            f" — {kind} — {b.interface}{_tc_note(topo, b.node, b.interface)} {addresses(topo, b.node, b.interface)}"
         )
         style = "dashed" if kind == "tap" else "solid"
         ends = (end_vertex(topo, a.node, a.interface), end_vertex(topo, b.node, b.interface))
@@ -138,7 +155,8 @@ def _dot_large(topo: Topology) -> str:
 def mermaid(topo: Topology) -> str:
     lines = ["graph LR"]
     for name, node in topo.nodes.items():
-        lines.append(f'  {name}["{name} ({node.kind})"]')
+        nft = ", nftables" if node.nftables is not None else ""
+        lines.append(f'  {name}["{name} ({node.kind}{nft})"]')
         for bridge, config in node.bridges.items():
             settings = "".join(f"<br/>{w}" for w in bridge_settings(config))
             lines.append(f'  {name}_{bridge}(("{bridge}{settings}"))' if settings else f"  {name}_{bridge}(({bridge}))")
@@ -154,7 +172,8 @@ def mermaid(topo: Topology) -> str:
             port_of = bridge_of(topo, end.node, end.interface)
             ends.append(f"{end.node}_{port_of}" if port_of else end.node)
         arrow = "-.-" if topo.is_tap_link(link) else "---"
-        lines.append(f"  {ends[0]} {arrow}|{a.interface} - {b.interface}| {ends[1]}")
+        a_tc, b_tc = _tc_note(topo, a.node, a.interface), _tc_note(topo, b.node, b.interface)
+        lines.append(f"  {ends[0]} {arrow}|{a.interface}{a_tc} - {b.interface}{b_tc}| {ends[1]}")
     for (node_a, if_a), (node_b, if_b), label in tunnels(topo):
         lines.append(f"  {node_a}_{mermaid_id(if_a)} -.-|{label}| {node_b}_{mermaid_id(if_b)}")
     return "\n".join(lines) + "\n"

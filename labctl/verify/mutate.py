@@ -38,9 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from labctl.errors import KernelLacksError, LabctlError, LabFileError
 from labctl.lab import build
-from labctl.lab.labfile import lacking_options, load_lab
+from labctl.lab.labfile import load_lab
 from labctl.topology.checks import LabFile
-from labctl.topology.loader import load_file, parse_model, read_yaml
+from labctl.topology.loader import parse_model, read_yaml
 from labctl.verify.runner import CheckResult, run_check
 
 Op = Literal["set", "add", "delete", "append", "remove-item", "replace", "reverse", "swap", "shorten"]
@@ -294,7 +294,11 @@ def validate(data: dict[str, Any], file: str) -> LabFile:
             yaml.safe_dump(data, f, sort_keys=False)
         lab, _ = load_lab(tmp)
     except KernelLacksError:
-        lab = load_file(tmp, LabFile)[0]  # valid; its topology is for a kernel with more (run_mutations skips it)
+        # valid, but its topology needs what this kernel lacks: its checks are skipped here, not invalid
+        from labctl.topology.checks import LabFile as LabFileModel
+        from labctl.topology.loader import load_file
+
+        lab = load_file(tmp, LabFileModel)[0]
     except LabctlError as exc:
         raise InvalidMutation(f"{os.path.basename(file)}: {str(exc).replace(tmp, '<mutant>')}") from exc
     finally:
@@ -349,6 +353,10 @@ def run_mutations(
     data = read_lab_data(file)
     data["name"] = unique_name(str(data.get("name") or Path(file).stem))
     lab = validate(data, file)
+    try:
+        load_lab(file)
+    except KernelLacksError as exc:  # the topology cannot be built here: every check is skipped, as run does
+        return [MutationResult(m, "skipped", f"this kernel lacks {', '.join(exc.lacking)}") for m in mutations]
     results: dict[int, MutationResult] = {}
     by_check: dict[str, list[int]] = {}
     for i, mutation in enumerate(mutations):
@@ -359,12 +367,6 @@ def run_mutations(
             results[i] = MutationResult(mutations[i], "stale", f"the lab has no check {name!r}")
     fresh = set(fresh)
     say = progress or (lambda _text: None)
-    lacking = lacking_options(lab)
-    if lacking:  # the lab cannot even be built here: every check, and so every mutant, is not provable here
-        detail = "not provable here: " + ", ".join(lacking)
-        for i, mutation in enumerate(mutations):
-            results.setdefault(i, MutationResult(mutation, "skipped", detail))
-        return [results[i] for i in range(len(mutations))]
 
     pristine = True  # no check has run on the lab since it was built
 

@@ -24,6 +24,7 @@ from labctl.lab.labfile import load_lab
 from labctl.topology.checks import Check, LabFile
 from labctl.verify.explain import explain
 from labctl.verify.judge import judge
+from labctl.verify.pcaps import write_check_pcap
 from labctl.verify.stage import observe
 
 
@@ -42,6 +43,8 @@ class CheckResult:
     """Kernel options this kernel lacks (status 'skip')."""
     recorded: Evidence | None = field(default=None, repr=False)
     """The Evidence itself (its captured frames and paths for an HTML report); not in the JSON form."""
+    pcap: str | None = None
+    """The pcapng file of the check's captures, with verdicts as comments (``run --pcap DIR``)."""
 
     @property
     def passed(self) -> bool:
@@ -60,6 +63,7 @@ class CheckResult:
             "evidence": [e.as_dict() for e in self.evidence],
             "explanation": self.explanation,
             "observation": self.observation,
+            **({"pcap": self.pcap} if self.pcap else {}),
         }
 
 
@@ -114,7 +118,7 @@ def _skipped(check: Check, lacking: list[str], start: float) -> CheckResult:
     )
 
 
-def run_check(lab: LabFile, check: Check) -> CheckResult:
+def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckResult:
     start = time.monotonic()
     lacking = kconfig.missing(check.requires)
     if lacking:
@@ -146,6 +150,10 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
             rows = [Row("the check ran", "no error", f"{type(exc).__name__}: {exc}", False)]
         if status != "pass":
             break
+    written = None
+    if pcap_dir and recorded is not None:
+        frames = {key: list(capture.captured) for key, capture in recorded.captures.items()}
+        written = write_check_pcap(pcap_dir, lab.name, check.name, status, rows, frames)
     return CheckResult(
         check.name,
         check.covers,
@@ -157,6 +165,7 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
         error,
         explanation,
         recorded=recorded,
+        pcap=written,
     )
 
 
@@ -175,6 +184,7 @@ def run_lab(
     keep: bool = False,
     on_check: Callable[[str, str], None] | None = None,
     reuse: bool = False,
+    pcap_dir: str | None = None,
 ) -> LabResult:
     """Bring the lab up, run its (selected) checks, bring it down unless ``keep``.
 
@@ -214,7 +224,7 @@ def run_lab(
         for check in chosen:
             if on_check:
                 on_check(lab.name, check.name)
-            result.checks.append(run_check(lab, check))
+            result.checks.append(run_check(lab, check, pcap_dir))
     finally:
         if not keep and not already_up:
             build.down(lab.name)

@@ -41,6 +41,13 @@ SAMPLE = [
     "nul-char",
     "empty",
     "kinds-vlan-id",
+    "nft-syntax",
+    "tc-rate-unit",
+    "iptables-target-typo",
+    "iptables-match-absent",
+    "check-iptables-target-typo",
+    "node-name-markup",
+    "iface-name-markup",
 ]
 
 
