@@ -27,6 +27,12 @@ SCRATCH_LAB_RE = re.compile(r"ebdiag\d+")
 """Lab part of the scratch namespaces ebtables diagnosis makes (``labctl-ebdiag<pid>.<tid>``)."""
 _SCRATCH_NS_RE = re.compile(re.escape(NAMESPACE_PREFIX) + r"ebdiag(\d+)\.\d+")
 
+FALLBACK_DEVICES = frozenset(
+    {"gre0", "gretap0", "erspan0", "tunl0", "sit0", "ip6tnl0", "ip6gre0", "ip_vti0", "ip6_vti0"}
+)
+"""Devices the kernel makes in every namespace once a tunnel driver is loaded; they cannot be deleted,
+so converge leaves them be, and a lab's own virtual interface may not take these names."""
+
 RESERVED_IFNAMES = frozenset({"all", "default"})
 """Names the kernel gives a meaning in /proc/sys/net/*/conf/: an interface so named is unreachable there."""
 

@@ -26,6 +26,7 @@ def status(data: dict[str, Any], full: bool = False) -> None:
         console.print(f"  [red]missing nodes:[/] {', '.join(data['missing_nodes'])}", highlight=False)
     if full or len(data["nodes"]) <= SUMMARY_ABOVE:
         _interfaces_table(data)
+        _kind_details(data)
         for node, info in sorted(data["nodes"].items()):
             for route in info["routes"]:
                 if route["via"] or route["dst"] == "default":
@@ -36,6 +37,40 @@ def status(data: dict[str, Any], full: bool = False) -> None:
     for vm, relay in data["relays"].items():
         alive = "[green]running[/]" if relay["alive"] else "[red]dead[/]"
         console.print(f"  relay for {vm}: pid {relay['pid']} {alive}", highlight=False)
+
+
+PORT_DEFAULTS = {"learning": 1, "flood": 1, "mcast_flood": 1, "bcast_flood": 1, "isolated": 0, "hairpin": 0}
+PORT_DEFAULTS["neigh_suppress"] = 0
+
+
+def _kind_details(data: dict[str, Any]) -> None:
+    """Under the table: each virtual interface's settings, bridges' options, port flags that differ, static fdb."""
+    for node, info in sorted(data["nodes"].items()):
+        for iface in info["interfaces"]:
+            details = iface.get("details") or {}
+            if details:
+                words = " ".join(f"{k} {_word(v)}" for k, v in details.items())
+                console.print(f"  {node}: {iface['name']} ({iface['kind']}) {words}", highlight=False, soft_wrap=True)
+            port = {k: v for k, v in (iface.get("port") or {}).items() if PORT_DEFAULTS.get(k) != v}
+            vlans = port.pop("vlans", {})
+            if vlans:
+                port["vlans"] = " ".join(
+                    f"{vid}({words})" if words != "tagged" else str(vid) for vid, words in vlans.items()
+                )
+            if port:
+                words = ", ".join(f"{k} {_word(v)}" for k, v in port.items())
+                console.print(f"  {node}: {iface['master']} port {iface['name']}: {words}", highlight=False)
+        for entry in info.get("fdb", []):
+            vlan = f" vlan {entry['vlan']}" if entry["vlan"] is not None else ""
+            sticky = " sticky" if entry["sticky"] else ""
+            console.print(
+                f"  {node}: {entry['bridge']} fdb {entry['mac']} on {entry['port']}{vlan} static{sticky}",
+                highlight=False,
+            )
+
+
+def _word(value: Any) -> str:
+    return {0: "off", 1: "on"}.get(value, str(value)) if isinstance(value, int) else str(value)
 
 
 def _traffic_lines(node: str, info: dict[str, Any]) -> None:

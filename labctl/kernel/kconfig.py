@@ -5,21 +5,37 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+from collections.abc import Iterable
 
 CONFIG_GZ = "/proc/config.gz"
 
 
+def _boot_config() -> str:
+    """Where distributions (Debian's kernels have no /proc/config.gz) keep the running kernel's config."""
+    return f"/boot/config-{os.uname().release}"
+
+
 @functools.cache
 def options() -> dict[str, str] | None:
-    """``CONFIG_X`` -> ``y``/``m``/value for every option set; None when the kernel does not expose its config."""
-    if not os.path.exists(CONFIG_GZ):
-        return None
+    """``CONFIG_X`` -> ``y``/``m``/value for every option set; None when the kernel does not expose its config.
+
+    /proc/config.gz first (it is the running kernel's own); else /boot/config-$(uname -r).
+    """
+    if os.path.exists(CONFIG_GZ):
+        with gzip.open(CONFIG_GZ, "rt") as f:
+            return _parse(f)
+    if os.path.exists(_boot_config()):
+        with open(_boot_config()) as f:
+            return _parse(f)
+    return None
+
+
+def _parse(lines: Iterable[str]) -> dict[str, str]:
     found: dict[str, str] = {}
-    with gzip.open(CONFIG_GZ, "rt") as f:
-        for line in f:
-            name, sep, value = line.strip().partition("=")
-            if sep and name.startswith("CONFIG_"):
-                found[name] = value
+    for line in lines:
+        name, sep, value = line.strip().partition("=")
+        if sep and name.startswith("CONFIG_"):
+            found[name] = value
     return found
 
 

@@ -53,7 +53,48 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_TXQLEN, IFLA_IFALIAS = 1, 3, 4, 5, 10, 13, 20
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_STATS64, IFLA_NET_NS_FD, IFLA_CARRIER = 16, 18, 23, 28, 33
 IFLA_AF_SPEC, IFLA_INET6_CONF, DEVCONF_DISABLE_IPV6 = 26, 2, 26
-IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_LINK_NETNSID = 37
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
+BOND_MODES = ("balance-rr", "active-backup", "balance-xor", "broadcast", "802.3ad", "balance-tlb", "balance-alb")
+KIND_DETAILS: dict[str, dict[int, tuple[str, str]]] = {
+    "vlan": {1: ("id", "u16")},
+    "macvlan": {1: ("mode", "macvlan")},
+    "ipvlan": {1: ("mode", "ipvlan")},
+    "vxlan": {
+        1: ("vni", "u32"),
+        2: ("remote", "ip4"),
+        3: ("dev_index", "u32"),
+        4: ("local", "ip4"),
+        7: ("learning", "u8"),
+        15: ("port", "be16"),
+        16: ("remote", "ip6"),
+        17: ("local", "ip6"),
+    },
+    "bond": {1: ("mode", "bond")},
+    "vrf": {1: ("table", "u32")},
+    "gre": {6: ("local", "ip4"), 7: ("remote", "ip4"), 8: ("ttl", "u8")},
+    "ipip": {2: ("local", "ip4"), 3: ("remote", "ip4"), 4: ("ttl", "u8")},
+    "bridge": {
+        5: ("stp", "u32"),
+        7: ("vlan_filtering", "u8"),
+        23: ("mcast_snooping", "u8"),
+        36: ("nf_call_iptables", "u8"),
+        37: ("nf_call_ip6tables", "u8"),
+        38: ("nf_call_arptables", "u8"),
+    },
+}
+"""IFLA_INFO_DATA attributes shown by status: kind -> attribute number -> (name, encoding) (linux/if_link.h)."""
+BRPORT_DETAILS: dict[int, tuple[str, str]] = {
+    8: ("learning", "u8"),
+    9: ("flood", "u8"),
+    27: ("mcast_flood", "u8"),
+    30: ("bcast_flood", "u8"),
+    33: ("isolated", "u8"),
+    4: ("hairpin", "u8"),
+    32: ("neigh_suppress", "u8"),
+}
+"""A bridge port's flags, from IFLA_INFO_SLAVE_DATA (IFLA_BRPORT_*)."""
 _NAME_ONLY = frozenset({IFLA_IFNAME})
 _NAME_AND_STATE = frozenset({IFLA_IFNAME, IFLA_OPERSTATE})
 _NAME_AND_AF = frozenset({IFLA_IFNAME, IFLA_AF_SPEC})
@@ -118,6 +159,10 @@ class LinkInfo:
     alias: str | None = None
     link_index: int | None = None
     """A veth's peer ifindex (in the peer's namespace), from IFLA_LINK."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Kind-specific settings (a vxlan's vni, a vlan's id, a bridge's vlan_filtering ...), see KIND_DETAILS."""
+    port: dict[str, Any] = field(default_factory=dict)
+    """A bridge port's flags (learning, flood, isolated ...); empty when not a bridge port."""
 
 
 # -- encoding and decoding -----------------------------------------------------
@@ -159,6 +204,47 @@ def _attrs(data: bytes, offset: int = 0, wanted: frozenset[int] | None = None) -
                 break
         offset += (length + 3) & ~3
     return found
+
+
+def _decode_details(table: dict[int, tuple[str, str]], payload: bytes) -> dict[str, Any]:
+    """Decode the attributes of ``table`` found in a nested IFLA_INFO_DATA / SLAVE_DATA payload."""
+    found: dict[str, Any] = {}
+    for kind, data in _attrs(payload).items():
+        if kind not in table:
+            continue
+        name, encoding = table[kind]
+        if encoding in ("u8", "u16", "u32") and len(data) >= {"u8": 1, "u16": 2, "u32": 4}[encoding]:
+            found[name] = int.from_bytes(data[: {"u8": 1, "u16": 2, "u32": 4}[encoding]], "little")
+        elif encoding == "be16" and len(data) >= 2:
+            found[name] = int.from_bytes(data[:2], "big")
+        elif encoding in ("ip4", "ip6") and len(data) in (4, 16):
+            found[name] = socket.inet_ntop(socket.AF_INET if len(data) == 4 else socket.AF_INET6, data)
+        elif encoding == "macvlan" and len(data) >= 4:
+            mode = int.from_bytes(data[:4], "little")
+            found[name] = MACVLAN_MODES.get(mode, str(mode))
+        elif encoding == "ipvlan" and len(data) >= 2:
+            mode = int.from_bytes(data[:2], "little")
+            found[name] = ("l2", "l3", "l3s")[mode] if mode < 3 else str(mode)
+        elif encoding == "bond" and len(data) >= 1:
+            found[name] = BOND_MODES[data[0]] if data[0] < len(BOND_MODES) else str(data[0])
+    return found
+
+
+def decode_vlan_infos(af_spec: bytes, vlan_info_type: int = 2) -> dict[int, str]:
+    """vid -> "pvid untagged" / "untagged" / "tagged" from an AF_BRIDGE IFLA_AF_SPEC payload (repeated attributes)."""
+    PVID, UNTAGGED = 0x2, 0x4
+    vlans: dict[int, str] = {}
+    offset = 0
+    while offset + 4 <= len(af_spec):
+        length, kind = _NLA.unpack_from(af_spec, offset)
+        if length < 4:
+            break
+        if kind & 0x3FFF == vlan_info_type and length >= 8:
+            flags, vid = struct.unpack_from("=HH", af_spec, offset + 4)
+            words = [word for word, bit in (("pvid", PVID), ("untagged", UNTAGGED)) if flags & bit]
+            vlans[vid] = " ".join(words) or "tagged"
+        offset += (length + 3) & ~3
+    return vlans
 
 
 def _cstr(payload: bytes) -> str:
@@ -363,11 +449,22 @@ class NodeLinks:
         """One dump of every interface (and one of addresses); also refreshes the name -> index cache."""
         raw = list(self._dump_links())
         by_index = {index: _cstr(attrs[IFLA_IFNAME]) for index, attrs, _ in raw}
+        foreign_parent = {index for index, attrs, _ in raw if IFLA_LINK_NETNSID in attrs}
         result: dict[str, LinkInfo] = {}
         for index, attrs, flags in raw:
             name = by_index[index]
             info = _attrs(attrs[IFLA_LINKINFO]) if IFLA_LINKINFO in attrs else {}
             kind = _cstr(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else ("loopback" if name == "lo" else "device")
+            details = (
+                _decode_details(KIND_DETAILS[kind], info[IFLA_INFO_DATA])
+                if kind in KIND_DETAILS and IFLA_INFO_DATA in info
+                else {}
+            )
+            bridge_port = (
+                _decode_details(BRPORT_DETAILS, info[IFLA_INFO_SLAVE_DATA])
+                if IFLA_INFO_SLAVE_DATA in info and _cstr(info.get(IFLA_INFO_SLAVE_KIND, b"")) == "bridge"
+                else {}
+            )
             master = struct.unpack("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
             link = struct.unpack("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
             stats = attrs.get(IFLA_STATS64)
@@ -385,8 +482,23 @@ class NodeLinks:
                 stats=dict(zip(STATS64, struct.unpack_from(f"={len(STATS64)}Q", stats), strict=True)) if stats else {},
                 alias=_cstr(attrs[IFLA_IFALIAS]) if IFLA_IFALIAS in attrs else None,
                 link_index=link if link and link != index else None,
+                details=details,
+                port=bridge_port,
             )
         self.index = {name: info.index for name, info in result.items()}
+        for found in result.values():  # indexes named: a vxlan's underlay, a vlan's parent
+            if found.kind == "vxlan" and ipaddress.ip_address(found.details.get("remote", "0.0.0.0")).is_multicast:
+                found.details["group"] = found.details.pop("remote")  # IFLA_VXLAN_GROUP holds either
+            dev_index = found.details.pop("dev_index", None)
+            if dev_index:
+                found.details["dev"] = by_index.get(dev_index, str(dev_index))
+            if found.kind in ("vlan", "macvlan", "ipvlan") and found.link_index:
+                local = found.index not in foreign_parent
+                found.details["parent"] = (
+                    by_index.get(found.link_index, str(found.link_index))
+                    if local
+                    else f"ifindex {found.link_index} of another namespace"
+                )
         for name, addrs in self.addresses().items():
             if name in result:
                 result[name].addresses = addrs
@@ -506,6 +618,56 @@ class NodeLinks:
         self.commit()
         for _ in self.nl.dump(RTM_GETQDISC, struct.pack("=BxxxiIII", 0, 0, 0, 0, 0)):  # a tcmsg
             pass
+
+    def port_vlans(self) -> dict[str, dict[int, str]]:
+        """Each bridge port's VLANs: name -> vid -> "pvid untagged" / "untagged" / "tagged" (one raw dump).
+
+        An AF_BRIDGE link dump asked for RTEXT_FILTER_BRVLAN lists, per port,
+        one IFLA_BRIDGE_VLAN_INFO (struct bridge_vlan_info: flags, vid) per
+        VLAN; a kernel without VLAN filtering lists none.
+        """
+        AF_BRIDGE, IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN, IFLA_BRIDGE_VLAN_INFO = 7, 29, 2, 2
+        self.commit()
+        found: dict[str, dict[int, str]] = {}
+        body = _IFINFO.pack(AF_BRIDGE, 0, 0, 0, 0) + _u32(IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN)
+        for _, data, offset in self.nl.dump(RTM_GETLINK, body):
+            attrs = _attrs(data, offset + _IFINFO.size, frozenset({IFLA_IFNAME, IFLA_AF_SPEC}))
+            if IFLA_IFNAME not in attrs or IFLA_AF_SPEC not in attrs:
+                continue
+            vlans = decode_vlan_infos(attrs[IFLA_AF_SPEC], IFLA_BRIDGE_VLAN_INFO)
+            if vlans:
+                found[_cstr(attrs[IFLA_IFNAME])] = vlans
+        return found
+
+    def static_fdb(self) -> list[dict[str, Any]]:
+        """Static fdb entries of every bridge here (``bridge fdb add ... static [sticky]``), one raw dump.
+
+        Learnt entries and the bridges' own permanent ones are left out: these
+        are the entries a lab file asked for.
+        """
+        RTM_GETNEIGH, NDA_LLADDR, NDA_VLAN, NDA_MASTER = 30, 2, 5, 9
+        NUD_NOARP, NUD_PERMANENT, NTF_STICKY, AF_BRIDGE = 0x40, 0x80, 0x40, 7
+        self.commit()
+        names = {index: name for name, index in self.index.items()}
+        found = []
+        for _, data, offset in self.nl.dump(RTM_GETNEIGH, struct.pack("=BxxxiHBB", AF_BRIDGE, 0, 0, 0, 0)):
+            _, ifindex, state, flags, _ = struct.unpack_from("=BxxxiHBB", data, offset)
+            if not state & NUD_NOARP or state & NUD_PERMANENT:
+                continue
+            attrs = _attrs(data, offset + 12)
+            if NDA_MASTER not in attrs or NDA_LLADDR not in attrs:
+                continue
+            master = struct.unpack("=I", attrs[NDA_MASTER][:4])[0]
+            found.append(
+                {
+                    "bridge": names.get(master, str(master)),
+                    "mac": _mac(attrs[NDA_LLADDR]),
+                    "port": names.get(ifindex, str(ifindex)),
+                    "vlan": struct.unpack("=H", attrs[NDA_VLAN][:2])[0] if NDA_VLAN in attrs else None,
+                    "sticky": bool(flags & NTF_STICKY),
+                }
+            )
+        return found
 
     def learnt_macs(self, bridge: str) -> list[str]:
         """MACs the bridge learnt on its ports (the fdb minus permanent local entries)."""

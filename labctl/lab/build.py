@@ -29,8 +29,10 @@ from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks, bridg
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import nftables, relay, state, tc
 from labctl.lab.state import LabState
+from labctl.names import FALLBACK_DEVICES
 
 if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
+    from labctl.lab.virtual import VirtualBuilder
     from labctl.topology.model import Endpoint, Link, Topology
 
 IPV6_OFF = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
@@ -78,11 +80,34 @@ class Builder:
             for bridge, config in spec.bridges.items()
             for port in config.ports
         }
+        self.bond_members: set[tuple[str, str]] = set()
+        for node, spec in topo.nodes.items():  # bond and vrf members: their master, like a bridge port's
+            for name, cfg in spec.interfaces.items():
+                if cfg.kind in ("bond", "vrf"):
+                    for member in cfg.members:
+                        self.port_of[(node, member)] = name
+                        if cfg.kind == "bond":
+                            self.bond_members.add((node, member))
         self.wanted_interfaces: dict[str, set[str]] = {
-            node: {"lo"} | set(spec.bridges) for node, spec in topo.nodes.items()
+            node: {"lo"} | set(spec.bridges) | {n for n, cfg in spec.interfaces.items() if cfg.kind is not None}
+            for node, spec in topo.nodes.items()
         }
+        self.changes: list[str] = []
+        """What this run changed, one line each, for ``up`` to print: virtual interfaces and bridge settings
+        always; links, removed interfaces, addresses and routes on a converge (a first build makes them all)."""
+        self._virtual: VirtualBuilder | None = None
         for node, ifname in self.link_at:
             self.wanted_interfaces[node].add(ifname)
+
+    @property
+    def virtual(self) -> VirtualBuilder:
+        """The virtual interface and bridge-settings steps (labctl/lab/virtual.py), once the handles exist."""
+        if self._virtual is None:
+            from labctl.lab.virtual import VirtualBuilder
+
+            self._virtual = VirtualBuilder(self.topo, self.handles, self.fresh)
+            self._virtual.changes = self.changes
+        return self._virtual
 
     # -- the plan's vocabulary -------------------------------------------
     def bridge_of(self, end: Endpoint) -> str | None:
@@ -139,8 +164,9 @@ class Builder:
                 continue
             wanted = self.wanted_interfaces[node]
             for ifname in list(handle.index):
-                if ifname not in wanted and ifname in handle.index:
+                if ifname not in wanted and ifname in handle.index and ifname not in FALLBACK_DEVICES:
                     handle.delete(ifname)
+                    self.changes.append(f"{node}: removed {ifname}")
                     handle.refresh()  # deleting a veth end also removes its peer
 
     def commit(self) -> None:
@@ -177,9 +203,14 @@ class Builder:
                 h_main.delete(main.interface)
             if have_other:
                 h_other.delete(other.interface)
+            if not (main.node in self.fresh and other.node in self.fresh):  # a converge: say so
+                self.changes.append(f"{main.node}: created link {main} — {other}")
+            main_attrs = self.attrs(main.node, main.interface, link)
+            if (main.node, main.interface) in self.bond_members:  # a bond takes only a member that is down
+                main_attrs = dataclasses.replace(main_attrs, master=None)
             h_main.add_veth(
                 main.interface,
-                self.attrs(main.node, main.interface, link),
+                main_attrs,
                 other.interface,
                 self.ns[other.node],
                 self.attrs(other.node, other.interface, link),
@@ -230,9 +261,12 @@ class Builder:
                 for cidr in wanted:
                     if cidr not in have:
                         handle.add_address(ifname, cidr)
+                        if node not in self.fresh:
+                            self.changes.append(f"{node}: {ifname} address {cidr} added")
                 for cidr in have:
                     if cidr not in wanted and not (ifname == "lo" and cidr == "::1/128"):
                         handle.del_address(ifname, cidr)
+                        self.changes.append(f"{node}: {ifname} address {cidr} removed")
             wanted_routes = {str(r.network) for r in spec.routes}
             if node not in self.fresh:
                 for existing in handle.routes(own_only=True):
@@ -241,6 +275,7 @@ class Builder:
                         dst = "0.0.0.0/0" if existing["family"] == 2 else "::/0"
                     if dst not in wanted_routes:
                         handle.delete_route(existing["dst"], existing["family"])
+                        self.changes.append(f"{node}: route {existing['dst']} removed")
             for route in spec.routes:
                 handle.replace_route(str(route.network), str(route.via) if route.via else None, route.dev)
 
@@ -279,8 +314,14 @@ class Builder:
                 self.traffic_changes.append(f"{node}: nftables {done}")
 
     def kernel_modules(self) -> None:
-        """br_netfilter only when a node sets bridge-nf sysctls (it changes every bridge's behaviour)."""
-        if any(key.startswith("net.bridge.") for spec in self.topo.nodes.values() for key in spec.sysctls):
+        """br_netfilter only when a node sets bridge-nf sysctls or a bridge its nf_call_* (it changes every bridge)."""
+        nodes = self.topo.nodes.values()
+        sysctls = any(key.startswith("net.bridge.") for spec in nodes for key in spec.sysctls)
+        # a bridge's own nf_call_* switch does nothing until br_netfilter's hooks exist
+        nf_call = any(
+            c.nf_call_iptables or c.nf_call_ip6tables or c.nf_call_arptables for s in nodes for c in s.bridges.values()
+        )
+        if sysctls or nf_call:
             modules.acquire(owner(self.lab), "br_netfilter")
 
     def knobs(self) -> None:
@@ -392,8 +433,10 @@ def up(
 ) -> LabState:
     """Build or converge ``topo``; on failure undo what this call created and re-raise.
 
-    ``changes``, when given, receives a line per tc tree and nft ruleset this
-    run built, replaced or removed (``up`` prints them).
+    ``changes``, when given, receives a line per object this run created,
+    replaced, set or removed -- virtual interfaces, bridge settings, links,
+    addresses, routes, tc trees and nft rulesets (``up`` prints them; a second
+    ``up`` of the same file leaves it empty).
 
     A lab up from another file is refused (LabFileError, exit 2): its name is
     taken, and converging would silently rebuild someone else's lab.
@@ -440,14 +483,17 @@ def up(
             builder.remove_stale_interfaces()
             tick("bridges")
             builder.bridges()
+            builder.virtual.masters()
             tick("links")
             builder.links()
             builder.commit()
             tick("interfaces")
+            builder.virtual.interfaces()
             builder.configure()
             tick("addresses and routes")
             builder.addresses_and_routes()
             builder.commit()
+            builder.virtual.bridges()
             tick("sysctls, modules, knobs")
             builder.kernel_modules()
             builder.knobs()
@@ -478,6 +524,8 @@ def up(
             raise KernelError(f"lab {topo.name}: {detail}; {undone}") from exc
         finally:
             builder.close()
+            if changes is not None:
+                changes.extend(builder.changes)
         current.status = "up"
         state.save(current)
         if changes is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from labctl.errors import KernelLacksError, KeyPath, LabFileError, Problem
 from labctl.kernel import kconfig, sysctl
 from labctl.topology.checks import LabFile
+from labctl.topology.kinds import BRIDGE_VLAN_OPTION, KIND_OPTIONS, required_options
 from labctl.topology.loader import SourceMap, load_file
 from labctl.topology.model import Topology
 
@@ -343,15 +344,50 @@ def feature_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
         for path, name in wanted
         if known and feature_name(name) not in known
     ]
+def _lacking(needed: list[tuple[KeyPath, str, str]]) -> set[str]:
+    """Which of the needed options this kernel lacks: from its config, else asked of rtnetlink.
+
+    Without a published config (no /proc/config.gz, no /boot/config-*) the
+    kinds are probed in a throw-away namespace (kernel/kindprobe.py); an
+    option that neither can tell about is not second-guessed: the build then
+    reports the kernel's own refusal, still naming the object.
+    """
+    options = {option for _, _, option in needed}
+    if kconfig.options() is not None:
+        return set(kconfig.missing(sorted(options)))
+    from labctl.kernel import kindprobe
+
+    probe_of = {option: kind for kind, option in KIND_OPTIONS.items()}
+    probe_of[BRIDGE_VLAN_OPTION] = "bridge_vlan_filtering"
+    asked = sorted({probe_of[o] for o in options if o in probe_of})
+    answers = kindprobe.probe(asked) or {}
+    return {option for option in options if answers.get(probe_of.get(option, ""), True) is False}
+
+
+def kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
+    """Kinds and bridge features the topology uses that this kernel is built without, and their options."""
+    needed = required_options(topo)
+    missing = _lacking(needed) if needed else set()
+    problems = [
+        source.problem(path, f"{what}: this kernel lacks {option}")
+        for path, what, option in needed
+        if option in missing
+    ]
+    return problems, sorted(missing)
 
 
 def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     """Load and validate a lab file (topology and checks) completely, before anything is built.
 
-    Raises LabFileError listing every problem with file, line and key.
+    Raises LabFileError listing every problem with file, line and key; when
+    the only problems are kinds or features this kernel lacks, the error is a
+    KernelLacksError naming the options (``run`` reports the lab as SKIP).
     """
     lab, source = load_file(file, LabFile)
-    lacking_problems, lacking = traffic_kernel_problems(lab, source)
+    kind_problems, kind_lacking = kernel_problems(lab, source)
+    traffic_problems, traffic_lacking = traffic_kernel_problems(lab, source)
+    lacking_problems = kind_problems + traffic_problems
+    lacking = sorted(set(kind_lacking) | set(traffic_lacking))
     problems = (
         machine_problems(lab, source)
         + rule_problems(lab, source)

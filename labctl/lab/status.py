@@ -42,11 +42,18 @@ def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
         namespaces = [ns for ns in namespaces if ns in wanted]
     relays = relay.find(lab)
     found: dict[str, tuple[str, dict[str, LinkInfo], list[dict[str, Any]]]] = {}
+    fdb: dict[str, list[dict[str, Any]]] = {}
     traffic: dict[str, tuple[dict[int, Any], list[str]]] = {}
     for ns in namespaces:
         node = netns.split_namespace_name(ns)[1]  # type: ignore[index]
         with NodeLinks(ns) as handle:
             found[node] = (ns, handle.links(), handle.routes())
+            if any(info.kind == "bridge" for info in found[node][1].values()):
+                fdb[node] = handle.static_fdb()
+                if any(i.kind == "bridge" and i.details.get("vlan_filtering") for i in found[node][1].values()):
+                    for port, vlans in handle.port_vlans().items():
+                        if port in found[node][1]:
+                            found[node][1][port].port["vlans"] = vlans
             traffic[node] = _traffic_control(handle)
     result: dict[str, Any] = {}
     for node, (ns, links, routes) in found.items():
@@ -63,6 +70,8 @@ def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
                 for name, info in links.items()
                 if info.kind == "bridge"
             },
+            # a bridge's options and its ports' flags are in each interface's "details" and "port"
+            "fdb": fdb.get(node, []),
             "routes": routes,
         }
     expected = set(saved.nodes) if saved else set(result)

@@ -16,6 +16,8 @@ import shutil
 import subprocess
 
 from labctl.errors import LabctlError
+from labctl.topology.graph_kinds import bridge_settings, kind_label, mermaid_id, tunnels
+from labctl.topology.kinds import virtual_interfaces
 from labctl.topology.model import Topology
 
 LARGE = 40
@@ -79,13 +81,22 @@ def _dot_small(topo: Topology) -> str:
         shape = "box3d" if node.kind == "vm" else "box"
         lines.append(f"  subgraph {quote('cluster_' + name)} {{ label={quote(f'{name} ({node.kind})')};")
         lines.append(f"    {quote(name)} [shape={shape}, label={quote(_node_label(topo, name))}];")
-        for bridge in node.bridges:
-            label = f"{bridge}\\n{addresses(topo, name, bridge)}".rstrip("\\n")
+        for bridge, config in node.bridges.items():
+            label = "\\n".join([bridge, *bridge_settings(config), addresses(topo, name, bridge)]).rstrip("\\n")
             lines.append(
                 f"    {quote(name + ':' + bridge)} [shape=ellipse, style=filled, fillcolor=lightblue,"
                 f" label={quote(label)}];"
             )
             lines.append(f"    {quote(name)} -- {quote(name + ':' + bridge)};")
+        for ifname, cfg in virtual_interfaces(node.interfaces).items():
+            label = "\\n".join([kind_label(ifname, cfg), addresses(topo, name, ifname)]).rstrip("\\n")
+            vertex = quote(f"{name}:{ifname}")
+            lines.append(f"    {vertex} [shape=component, style=filled, fillcolor=lightyellow, label={quote(label)}];")
+            master = bridge_of(topo, name, ifname)
+            lines.append(f"    {quote(f'{name}:{master}' if master else name)} -- {vertex};")
+            below = cfg.vlan_parent_and_id(ifname)[0] if cfg.kind == "vlan" else cfg.underlay()
+            if below is not None and below in node.interfaces and node.interfaces[below].kind is not None:
+                lines.append(f"    {quote(f'{name}:{below}')} -- {vertex} [style=dotted];")
         lines.append("  }")
     for link in topo.links:
         a, b = link.ends
@@ -97,6 +108,11 @@ def _dot_small(topo: Topology) -> str:
         style = "dashed" if kind == "tap" else "solid"
         ends = (end_vertex(topo, a.node, a.interface), end_vertex(topo, b.node, b.interface))
         lines.append(f"  {quote(ends[0])} -- {quote(ends[1])} [label={quote(label)}, style={style}];")
+    for (node_a, if_a), (node_b, if_b), label in tunnels(topo):
+        lines.append(
+            f"  {quote(f'{node_a}:{if_a}')} -- {quote(f'{node_b}:{if_b}')}"
+            f" [label={quote(label)}, style=dotted, color=darkorange];"
+        )
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -141,9 +157,14 @@ def mermaid(topo: Topology) -> str:
     for name, node in topo.nodes.items():
         nft = ", nftables" if node.nftables is not None else ""
         lines.append(f'  {name}["{name} ({node.kind}{nft})"]')
-        for bridge in node.bridges:
-            lines.append(f"  {name}_{bridge}(({bridge}))")
+        for bridge, config in node.bridges.items():
+            settings = "".join(f"<br/>{w}" for w in bridge_settings(config))
+            lines.append(f'  {name}_{bridge}(("{bridge}{settings}"))' if settings else f"  {name}_{bridge}(({bridge}))")
             lines.append(f"  {name} --- {name}_{bridge}")
+        for ifname, cfg in virtual_interfaces(node.interfaces).items():
+            lines.append(f'  {name}_{mermaid_id(ifname)}[/"{kind_label(ifname, cfg)}"/]')
+            master = bridge_of(topo, name, ifname)
+            lines.append(f"  {f'{name}_{master}' if master else name} --- {name}_{mermaid_id(ifname)}")
     for link in topo.links:
         a, b = link.ends
         ends = []
@@ -153,6 +174,8 @@ def mermaid(topo: Topology) -> str:
         arrow = "-.-" if topo.is_tap_link(link) else "---"
         a_tc, b_tc = _tc_note(topo, a.node, a.interface), _tc_note(topo, b.node, b.interface)
         lines.append(f"  {ends[0]} {arrow}|{a.interface}{a_tc} - {b.interface}{b_tc}| {ends[1]}")
+    for (node_a, if_a), (node_b, if_b), label in tunnels(topo):
+        lines.append(f"  {node_a}_{mermaid_id(if_a)} -.-|{label}| {node_b}_{mermaid_id(if_b)}")
     return "\n".join(lines) + "\n"
 
 

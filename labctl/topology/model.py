@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from labctl.errors import KeyPath, Problem
 from labctl.names import check_ifname, check_lab_name, check_node_name
+from labctl.topology.kinds import BridgeExtras, KindChecker, VirtualFields
 from labctl.topology.nft import NftRuleset
 from labctl.topology.tc import TcConfig
 from labctl.topology.tc import from_legacy as tc_from_legacy
@@ -90,8 +91,8 @@ class QdiscConfig(Strict):
         return value
 
 
-class InterfaceConfig(Strict):
-    """Settings of one interface of a node: a veth end, a tap, a bridge or ``lo``."""
+class InterfaceConfig(VirtualFields, Strict):
+    """Settings of one interface of a node: a veth end, a tap, a bridge, ``lo``, or one of its own ``kind``."""
 
     addresses: list[IPInterface] = []
     mac: str | None = None
@@ -143,8 +144,11 @@ class InterfaceConfig(Strict):
         return value
 
 
-class BridgeConfig(Strict):
-    """A Linux bridge inside a node; its address goes under the node's ``interfaces``."""
+class BridgeConfig(BridgeExtras, Strict):
+    """A Linux bridge inside a node; its address goes under the node's ``interfaces``.
+
+    VLAN filtering, per-port flags and static fdb entries come from BridgeExtras (topology/kinds.py).
+    """
 
     ports: list[str] = []
     stp: bool = False
@@ -292,7 +296,9 @@ class Topology(Strict):
         return any(self.nodes[end.node].kind == "vm" for end in link.ends if end.node in self.nodes)
 
     def interface_names(self, node: str) -> set[str]:
-        return set(self.link_interfaces(node)) | set(self.nodes[node].bridges) | {"lo"}
+        spec = self.nodes[node]
+        virtual = {name for name, cfg in spec.interfaces.items() if cfg.kind is not None}
+        return set(self.link_interfaces(node)) | set(spec.bridges) | {"lo"} | virtual
 
     def check(self) -> list[Problem]:
         """Cross-reference checks that a single model cannot do on its own."""
@@ -351,7 +357,7 @@ class _Checker:
         for bridge, config in node.bridges.items():
             for index, port in enumerate(config.ports):
                 path = (*base, "bridges", bridge, "ports", index)
-                if port not in linked:
+                if port not in linked and not _is_virtual(node, port):
                     self.add(path, f"{port!r} is not an interface of node {name} made by a link")
                 elif port in port_of:
                     self.add(path, f"{port!r} is already a port of bridge {port_of[port]}")
@@ -362,6 +368,8 @@ class _Checker:
             self.add((*base, "bridges"), "a vm node has only NICs; put the bridge in the host node")
         for index, route in enumerate(node.routes):
             self.check_route(name, node, index, route, own)
+        for path, message in KindChecker(self.topo, name).run():
+            self.add(path, message)
         for ifname, cfg in node.interfaces.items():
             for index, iface in enumerate(cfg.addresses):
                 if iface.version == 6 and not node.ipv6:
@@ -406,3 +414,9 @@ class _Checker:
                     if ip in owners:
                         self.add(path, f"address {ip} is already used by {owners[ip]}")
                     owners[ip] = here
+
+
+def _is_virtual(node: Node, ifname: str) -> bool:
+    """An interface the node makes itself (a ``kind``): it may be a bridge port, like a vxlan."""
+    cfg = node.interfaces.get(ifname)
+    return cfg is not None and cfg.kind is not None

@@ -40,6 +40,7 @@ SAMPLE = [
     "bad-int-tag",
     "nul-char",
     "empty",
+    "kinds-vlan-id",
     "nft-syntax",
     "tc-rate-unit",
     "iptables-target-typo",
