@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from labctl.errors import KeyPath, LabFileError, Problem
-from labctl.kernel import kconfig, sysctl
+from labctl.kernel import kconfig, sysctl, version
 from labctl.topology.checks import LabFile
 from labctl.topology.loader import SourceMap, load_file
 from labctl.topology.model import Topology
@@ -143,7 +143,7 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
         places.append((("topology", "nodes", name, "iptables"), "iptables", spec.iptables))
         places.append((("topology", "nodes", name, "ebtables"), "ebtables", spec.ebtables))
     for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
-        if kconfig.missing(check.requires):
+        if kconfig.missing(check.requires) or version.outside(check.kernel):
             continue  # never run on this kernel (reported not provable here): its rules need what it requires
         for target, rules in check.setup.iptables.items():
             places.append((("checks", i, "setup", "iptables", target), "iptables", rules))
