@@ -109,7 +109,8 @@ def as_json(results: list[LabResult]) -> str:
     )
 
 
-def as_junit(results: list[LabResult]) -> str:
+def as_junit(results: list[LabResult], by_kernel: bool = False) -> str:
+    """JUnit XML; ``by_kernel`` (results of several kernels) names each suite ``lab [kernel]``."""
     suites = ET.Element("testsuites")
     for lab in results:
         failures = sum(c.status == "fail" for c in lab.checks)
@@ -117,13 +118,14 @@ def as_junit(results: list[LabResult]) -> str:
         suite = ET.SubElement(
             suites,
             "testsuite",
-            name=lab.lab,
+            name=f"{lab.lab} [{lab.kernel}]" if by_kernel else lab.lab,
             tests=str(len(lab.checks)),
             failures=str(failures),
             errors=str(errors),
             skipped=str(sum(c.status == "skip" for c in lab.checks)),
             time=f"{lab.seconds:.3f}",
         )
+        ET.SubElement(ET.SubElement(suite, "properties"), "property", name="kernel", value=lab.kernel)
         if lab.error:
             ET.SubElement(ET.SubElement(suite, "testcase", name="lab", classname=lab.lab), "error", message=lab.error)
         for check in lab.checks:

@@ -54,12 +54,29 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def exec_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``labctl vm exec``: one command, its exit status and output (bounded) in the payload."""
+    import subprocess
+
+    payload: dict[str, Any] = {"kernel": {"release": platform.release(), "version": platform.version()},
+                               "boot_seconds": round(uptime(), 2), "labs": [], "error": None}
+    start = time.monotonic()
+    try:
+        done = subprocess.run(job["command"], capture_output=True, timeout=job.get("timeout"))
+        payload["exec"] = {"returncode": done.returncode, "stdout": done.stdout[-4_000_000:].decode(errors="replace"),
+                           "stderr": done.stderr[-4_000_000:].decode(errors="replace")}
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        payload["exec"] = {"returncode": 127, "stdout": "", "stderr": str(exc)}
+    payload["run_seconds"] = round(time.monotonic() - start, 2)
+    return payload
+
+
 def main(argv: list[str]) -> int:
     job_file, disk = argv
     with open(job_file) as f:
         job = json.load(f)
     os.chdir(os.path.dirname(os.path.abspath(job_file)) + "/work")
-    payload = run_job(job)
+    payload = exec_job(job) if job.get("command") else run_job(job)
     protocol.write(disk, payload)
     print(f"labctl-progress: done in {payload['run_seconds']} s", flush=True)
     return 0

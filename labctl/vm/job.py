@@ -54,11 +54,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> Non
     tar.addfile(info, io.BytesIO(data))
 
 
-def pack(files: list[str], select: str | None, mode: str, dest: Path) -> None:
-    """Write the job tar to ``dest`` (a raw disk for the guest)."""
+def pack(files: list[str], select: str | None, mode: str, dest: Path, command: list[str] | None = None) -> None:
+    """Write the job tar to ``dest`` (a raw disk for the guest): run the labs, or ``command`` (exec), or a shell."""
     source = Path(labctl.__file__).parent
     entries = [{"host": f, "guest": guest_path(f, i)} for i, f in enumerate(files)]
-    job = {"files": entries, "select": select}
+    job = {"files": entries, "select": select, "command": command}
     with tarfile.open(dest, "w") as tar:
         tar.add(source, arcname="src/labctl", filter=_no_caches)
         for entry in entries:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from labctl.verify.runner import LabResult, run_labs
 from labctl.vm import image, job, protocol, qemu
@@ -98,13 +99,14 @@ def machine_for(kernel: Kernel, built: image.Image, disks: list[tuple[Path, bool
 
 
 def boot(kernel: Kernel, files: list[str], select: str | None, mode: str, say: Progress,
-         timeout: float = DEFAULT_TIMEOUT, progress: Progress | None = None) -> tuple[dict[str, object], str, float]:
+         timeout: float = DEFAULT_TIMEOUT, progress: Progress | None = None,
+         command: list[str] | None = None) -> tuple[dict[str, Any], str, float]:
     """Boot ``kernel`` on the image with a job; returns the guest's payload, the accelerator and wall time."""
     binary = qemu.ensure_qemu()
     built = image.ensure(say)
     with tempfile.TemporaryDirectory(prefix="labctl-vm-") as tmp:
         job_disk, result_disk, console = Path(tmp, "job.tar"), Path(tmp, "result.img"), Path(tmp, "console.log")
-        job.pack(files, select, mode, job_disk)
+        job.pack(files, select, mode, job_disk, command)
         if mode == "shell":
             machine = machine_for(kernel, built, [(job_disk, True)])
             accel = "kvm" if qemu.kvm_usable(binary, image.CACHE) else "tcg"
@@ -123,7 +125,7 @@ def boot(kernel: Kernel, files: list[str], select: str | None, mode: str, say: P
                     qemu.remember_kvm(binary, image.CACHE, True)
                 break
             except qemu.KvmBroken:
-                say("vm: KVM does not work here (QEMU failed under it); booting again under TCG (remembered for this host)")
+                say("vm: KVM does not work here (QEMU failed under it); booting again under TCG (remembered)")
                 qemu.remember_kvm(binary, image.CACHE, False)
                 accel = "tcg"
                 protocol.create_disk(str(result_disk))
@@ -163,7 +165,6 @@ def run_vm(kernel: Kernel, files: list[str], select: str | None, say: Progress, 
                                 lambda text: progress(f"{kernel.label}: {text}"))
     if payload.get("error"):
         raise VmError(f"the labs could not run in the guest ({kernel.label}): {payload['error']}")
-    release = str(payload.get("kernel", {}).get("release", "?"))  # type: ignore[union-attr]
+    release = str(payload.get("kernel", {}).get("release", "?"))
     return KernelRun(kernel, release, protocol.lab_results(payload), bool(payload.get("bad_input")), accel,
-                     float(payload.get("boot_seconds", 0.0)), float(payload.get("run_seconds", 0.0)),  # type: ignore[arg-type]
-                     wall)
+                     float(payload.get("boot_seconds", 0.0)), float(payload.get("run_seconds", 0.0)), wall)

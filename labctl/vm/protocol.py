@@ -41,7 +41,7 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 def decode(data: bytes) -> dict[str, Any]:
     """The payload in ``data`` (the disk's bytes); ProtocolError says what is wrong with it."""
-    line, newline, rest = data[:HEADER_MAX].partition(b"\n")
+    line, newline, _ = data[:HEADER_MAX].partition(b"\n")
     if not newline or not line.startswith(MAGIC):
         if not data[:HEADER_MAX].strip(b"\0"):
             raise ProtocolError("the guest wrote no result (the result disk is empty)")

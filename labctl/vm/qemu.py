@@ -4,8 +4,8 @@ KVM is not trusted because /dev/kvm exists: on some hosts (nested virtualisation
 "KVM internal error. Suberror: 1" (an instruction KVM cannot emulate) and QEMU then *pauses* the guest
 instead of exiting, or QEMU aborts at start ("failed to set MSR 0x10a", this machine with ``-cpu host``).
 So a boot watches QEMU's stderr: on that message, or any failed exit under KVM, the guest is killed and
-booted again under TCG, and the verdict is remembered for this host kernel and QEMU version (``accel.json`` in the cache),
-so later runs go straight to what works.
+booted again under TCG, and the verdict is remembered for this host kernel and QEMU version
+(``accel.json`` in the cache), so later runs go straight to what works.
 
 The guest has no network at all (``-nic none``): it cannot change the host, whatever it runs.
 """
