@@ -42,7 +42,11 @@ def claims(results: list[LabResult]) -> ClaimReport:
             for claim in check.covers:
                 statuses.setdefault(claim, []).append(check)
     report = ClaimReport()
-    for claim, checks in sorted(statuses.items()):
+    for claim, covering in sorted(statuses.items()):
+        # a check the lab states for other kernels (kernel: range) does not apply here: it neither proves
+        # nor withholds the claim, unless no check covering it applies to this kernel
+        applicable = [c for c in covering if not (c.status == "skip" and _only_kernel_range(c))]
+        checks = applicable or covering
         if any(c.status in ("fail", "error") for c in checks):
             report.failed.append(claim)
         elif any(c.status == "skip" for c in checks):
@@ -50,6 +54,10 @@ def claims(results: list[LabResult]) -> ClaimReport:
         else:
             report.proven.append(claim)
     return report
+
+
+def _only_kernel_range(check: CheckResult) -> bool:
+    return bool(check.not_provable) and all(reason.startswith("kernel ") for reason in check.not_provable)
 
 
 def print_check(console: Console, check: CheckResult) -> None:
