@@ -40,8 +40,9 @@ def run_on_kernels(
     from labctl.vm import kernels as vm_kernels
 
     wanted = [vm_kernels.resolve(name) for name in kernel_names]
-    if any(k.is_host for k in wanted):
-        require_root()
+    require_root()  # the host's labs, and the image build (debootstrap) and its cache
+    if (keep or reuse) and not all(k.is_host for k in wanted):
+        raise typer.BadParameter("a VM powers off after its run: --keep and --reuse are for --kernel host only")
     runs: list[KernelRun] = []
     with console.status("starting", spinner="dots") as status:
 

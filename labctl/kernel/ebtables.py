@@ -312,7 +312,7 @@ def list_rules(namespace: str) -> list[RuleCounter]:
 
 
 _LEGACY_CHAIN = re.compile(r"^Bridge chain: (\S+), entries: \d+, policy: (\S+)")
-_LEGACY_RULE = re.compile(r"^(.*?) , pcnt = (\d+) -- bcnt = (\d+)$")
+_LEGACY_RULE = re.compile(r"^(.*?)\s*, pcnt = (\d+) -- bcnt = (\d+)$")  # "-j DROP , pcnt" / "DROP, pcnt"
 
 
 def parse_legacy_list(table: str, text: str) -> list[RuleCounter]:

@@ -30,9 +30,12 @@ def test_legacy_broute_listing_with_counters() -> None:
     text = (
         "Bridge table: broute\n\nBridge chain: BROUTING, entries: 1, policy: ACCEPT\n"
         "-p IPv4 --ip-dst 10.0.0.2 --ip-proto udp --ip-dport 5000 -j DROP , pcnt = 3 -- bcnt = 126\n"
+        "-p IPv4 -j redirect  --redirect-target DROP, pcnt = 1 -- bcnt = 46\n"  # a target with options: no space
     )
     rows = ebtables.parse_legacy_list("broute", text)
     assert [(r.table, r.chain, r.position, r.packets) for r in rows] == [
         ("broute", "BROUTING", 0, -1),
         ("broute", "BROUTING", 1, 3),
+        ("broute", "BROUTING", 2, 1),
     ]
+    assert rows[2].rule == "-A BROUTING -p IPv4 -j redirect  --redirect-target DROP"
