@@ -78,27 +78,34 @@ def print_run(out: Console, run: KernelRun) -> None:
     where = "this machine" if run.kernel.is_host else (
         f"VM under {run.accel.upper()}: boot {run.boot_seconds:.1f} s, labs {run.run_seconds:.1f} s, "
         f"wall {run.wall_seconds:.1f} s")
-    out.rule(f"kernel {escape(run.kernel.label)}: {escape(run.release)} ({where})")
+    out.print(f"[bold]== kernel {escape(run.kernel.label)}: {escape(run.release)}[/] ({where})", highlight=False,
+              soft_wrap=True)
     report.print_results(out, run.results)
 
 
 def print_table(out: Console, runs: list[KernelRun], rows: list[diff.DiffRow]) -> None:
-    table = Table(title="verdict per kernel (differences first)", show_lines=False)
-    table.add_column("lab")
-    table.add_column("check")
+    """The table (one status word per cell, never wrapped), then why each differing row differs."""
+    table = Table(title="verdict per kernel (differences first)")
+    table.add_column("difference", no_wrap=True)
+    table.add_column("lab", no_wrap=True)
+    table.add_column("check", no_wrap=True)
     for run in runs:
-        table.add_column(f"{run.kernel.label}\n{run.release}")
-    table.add_column("difference")
+        table.add_column(f"{run.kernel.label}\n{run.release}", no_wrap=True)
     for row in rows:
-        cells = []
-        for run in runs:
-            verdict = row.verdicts[run.kernel.label]
-            cell = CELLS[verdict.status]
-            if verdict.reason and verdict.status != "pass" and row.kind != "same":
-                cell += f" [dim]{escape(verdict.reason[:90])}[/]"
-            cells.append(cell)
-        table.add_row(escape(row.lab), escape(row.check), *cells, KINDS[row.kind])
-    out.print(table)
+        cells = [CELLS[row.verdicts[run.kernel.label].status] for run in runs]
+        table.add_row(KINDS[row.kind], escape(row.lab), escape(row.check), *cells)
+    # a terminal wraps at its width; a log (CI) gets the whole table, never cut to 80 columns
+    wide = max(out.width, 60 + sum(max(len(run.release), 6) + 3 for run in runs) + 40)
+    (out if out.is_terminal else Console(file=out.file, width=wide, highlight=False)).print(table)
+    for row in rows:
+        if row.kind == "same":
+            continue
+        reasons = "; ".join(
+            f"{label} {verdict.status.upper()}" + (f" ({verdict.reason})" if verdict.reason else "")
+            for label, verdict in row.verdicts.items()
+        )
+        out.print(f"  {KINDS[row.kind]} {escape(row.lab)}/{escape(row.check)}: {escape(reasons)}", highlight=False,
+                  soft_wrap=True)
     counted = diff.counts(rows)
     out.print(f"{counted['differs']} differ, {counted['explained']} explained by the labs, {counted['same']} the same")
 
