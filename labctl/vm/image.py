@@ -49,8 +49,8 @@ GUEST_INIT = """#!/bin/bash
 # source, the lab files and the job's own script), and hand over to that script.  Anything that may change
 # with labctl's code lives in the job, not here, so the image outlives code changes.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+mountpoint -q /proc || mount -t proc proc /proc   # the initramfs moved its own here
+mountpoint -q /sys || mount -t sysfs sysfs /sys
 mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
@@ -238,6 +238,9 @@ def build(directory: Path, say: Callable[[str], None]) -> Image:
     (directory / "recipe.json").write_text(json.dumps(recipe(), indent=2))
     (directory / "image.json").write_text(json.dumps({"release": release, "build_seconds": round(seconds, 1)}))
     say(f"vm: image built in {seconds:.0f} s (kernel {release})")
+    for old in directory.parent.glob("debian12-*"):
+        if old != directory and old.is_dir():  # images of earlier recipes are never used again
+            shutil.rmtree(old, ignore_errors=True)
     image = load()
     assert image is not None
     return image
