@@ -76,6 +76,17 @@ class LabFileError(LabctlError):
         return "\n".join(str(p) for p in self.problems)
 
 
+@dataclass
+class KernelLacksError(LabFileError):
+    """The lab file is valid but asks for kinds or features this kernel is built without.
+
+    ``lacking`` names the options; ``labctl run`` reports such a lab as SKIP
+    (not provable here), ``up`` and ``validate`` as an error (exit 2).
+    """
+
+    lacking: list[str] = field(default_factory=list)
+
+
 class LabStateError(LabctlError):
     """The lab is not in a state that allows the request (not up, locked, ...)."""
 

@@ -46,12 +46,17 @@ def _root(
 @reports_errors
 def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
     """Build the lab in FILE, or converge a running one to it."""
+    from labctl.cli.progress import building
     from labctl.lab import build
     from labctl.lab.labfile import load_lab
 
     topo, _ = load_lab(str(file))
     require_root()
-    result = build.up(topo, str(file))
+    changes: list[str] = []
+    with building(topo.name) as step:
+        result = build.up(topo, str(file), progress=step, changes=changes)
+    for line in changes:
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
 
 
@@ -133,10 +138,16 @@ def graph(
     fmt: Annotated[str, typer.Option("--format", help="dot or mermaid (when printing)")] = "dot",
 ) -> None:
     """Draw the topology (Graphviz or Mermaid)."""
+    from labctl.errors import KernelLacksError
     from labctl.lab.labfile import load_lab
     from labctl.topology import graph as topo_graph
+    from labctl.topology.checks import LabFile
+    from labctl.topology.loader import load_file
 
-    topo, _ = load_lab(str(file))
+    try:
+        topo, _ = load_lab(str(file))
+    except KernelLacksError:  # a picture needs no kernel: a lab for another kernel is drawn all the same
+        topo = load_file(str(file), LabFile)[0]
     if output is None:
         print(topo_graph.mermaid(topo) if fmt == "mermaid" else topo_graph.dot(topo))
         return
@@ -160,6 +171,9 @@ def run(
         typer.Option("--kernel", help="host, 6.1 (Debian 12's kernel in a QEMU VM) or a bzImage; repeat for a "
                      "verdict table across kernels"),
     ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="write a self-contained HTML report (path pictures, pcaps beside it)")
+    ] = None,
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
@@ -171,15 +185,16 @@ def run(
     if kernel:
         from labctl.cli.vm import run_on_kernels
 
+        if html is not None:
+            raise typer.BadParameter("the HTML report draws this host's evidence: with --kernel use --json or --junit")
+
         run_on_kernels(files, kernel, json, junit, select, keep, reuse)
         return
     require_root()
-    with console.status("starting", spinner="dots") as progress:
+    from labctl.cli.progress import checking
 
-        def show(lab: str, check: str) -> None:
-            progress.update(f"{lab}: {check}")
-
-        results, bad_input = run_labs(files, select=select, keep=keep, on_check=None if json else show, reuse=reuse)
+    with checking(files, select, enabled=not json) as show:
+        results, bad_input = run_labs(files, select=select, keep=keep, on_check=show, reuse=reuse)
     if not any(r.checks or r.error for r in results):
 
         what = f"no check matches -k {select!r}" if select else "these lab files have no checks"
@@ -190,6 +205,12 @@ def run(
         print(report.as_json(results))
     else:
         report.print_results(console, results)
+    if html is not None:
+        from labctl.verify.html import write_report
+
+        written = write_report(html, results)
+        if not json:
+            console.print(f"wrote {written}", highlight=False)
     if bad_input:
         raise typer.Exit(2)
     if not all(r.passed for r in results):
@@ -200,7 +221,7 @@ def run(
 @reports_errors
 def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = Path("labs")) -> None:
     """The main job: run every verification lab in FOLDER and show the kernel's evidence."""
-    run([str(folder)], json=False, junit=None, select=None, keep=False, reuse=False, kernel=None)
+    run([str(folder)], json=False, junit=None, select=None, keep=False, reuse=False, kernel=None, html=None)
 
 
 def _register_command_groups() -> None:

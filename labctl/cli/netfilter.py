@@ -30,15 +30,16 @@ def rules(
     node: Annotated[str | None, typer.Argument(help="only this node (all nodes when omitted)")] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Every iptables and ebtables rule of the lab's nodes, with packet/byte counters.
+    """Every iptables, ebtables and nft rule of the lab's nodes, with packet/byte counters.
 
     iptables rules are read with python-iptables, which uses the legacy xtables
     backend: inside a node look with `labctl exec LAB NODE -- iptables-legacy -nvL`
     (plain `iptables` is the nft variant and only warns that legacy tables exist).
     ebtables rules live in nf_tables (ebtables-nft; this kernel has no legacy
     ebtables): `ebtables-nft -L --Lc` or `nft list ruleset`.  Rule 0 of a chain is
-    its policy; ebtables policies keep no counters (shown as –).  Listing never
-    creates a table.
+    its policy; ebtables policies keep no counters (shown as –).  nft rules (a
+    node's `nftables:`) are numbered by their handle (`nft -a list ruleset`); a rule
+    without a `counter` statement has no counts.  Listing never creates a table.
     """
     from labctl.lab.netfilter import lab_rules
 
@@ -49,7 +50,7 @@ def rules(
         print_json([r.as_dict() for r in rows])
         return
     if not rows:
-        console.print(f"lab [bold]{name}[/]: no iptables or ebtables tables in {node or 'any node'}")
+        console.print(f"lab [bold]{name}[/]: no iptables, ebtables or nft tables in {node or 'any node'}")
         return
     for current in dict.fromkeys(r.node for r in rows):
         table = Table(title=f"{name} / {current}", title_justify="left", show_edge=False, pad_edge=False)
@@ -63,7 +64,7 @@ def rules(
         ):
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for row in (r for r in rows if r.node == current):
-            where = f"{row.family} {row.table}" if row.family == "bridge" else row.table
+            where = f"{row.family} {row.table}" if row.family in ("bridge", "nft") else row.table
             number = "policy" if row.number == 0 else str(row.number)
             text = (row.policy or "") if row.number == 0 else row.rule
             style = "dim" if row.number == 0 and not row.packets else None

@@ -221,7 +221,10 @@ def send(
     if src is not None:
         src = parse_address(src)
     data = payload.encode()
-    result = send_udp(where.namespace, dst, dport, data, count=count, sport=sport, src=src)
+    try:
+        result = send_udp(where.namespace, dst, dport, data, count=count, sport=sport, src=src)
+    except OSError as exc:  # no socket of that family (IPv6 off in the node)
+        raise _kernel_error(f"cannot send udp to {destination} from {where.node}", exc) from None
     errors = {errno_name(code): n for code, n in sorted(result.errors.items())}
     if as_json:
         print_json(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from labctl.errors import KeyPath, LabFileError, Problem
+from labctl.errors import KernelLacksError, KeyPath, LabFileError, Problem
 from labctl.kernel import kconfig, sysctl, version
 from labctl.topology.checks import LabFile
 from labctl.topology.loader import SourceMap, load_file
@@ -163,6 +163,114 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
     return problems
 
 
+def nft_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    """Every nft ruleset (the nodes' and the checks' setup) is loaded by libnftables in a scratch namespace.
+
+    A family this kernel lacks is named by its option first; otherwise nft's
+    own message is reported at the lab file's line nft names.  As a user who
+    cannot make a namespace nothing can be asked of the kernel: the rulesets
+    are then checked by ``up``, which runs as root, before anything is built.
+    """
+    places: list[tuple[KeyPath, str, str | None]] = []
+    for name, spec in topo.nodes.items():
+        if spec.nftables is not None:
+            places.append((("topology", "nodes", name, "nftables"), spec.nftables, None))
+    for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
+        if kconfig.missing(check.requires) or version.outside(check.kernel):
+            continue
+        for node, text in check.setup.nftables.items():
+            base = topo.nodes[node].nftables if node in topo.nodes else None
+            places.append((("checks", i, "setup", "nftables", node), text, base))
+    if not places:
+        return []
+    from labctl.kernel import nft
+    from labctl.topology import nft as nft_model
+
+    problems: list[Problem] = []
+    for path, text, base in places:
+        if kconfig.missing(nft_model.requirements(text)):
+            continue  # reported by traffic_kernel_problems, as what this kernel lacks
+        if path[0] == "checks" and path[-1] not in topo.nodes:
+            continue  # the check's own reference check names the unknown node
+        if not nft.can_check():
+            continue
+        error = nft.check(text, base)
+        if error is None:
+            continue
+        problems.append(_nft_problem(source, path, text, error))
+    return problems
+
+
+def _nft_problem(source: SourceMap, path: KeyPath, text: str, error: Any) -> Problem:
+    """nft's message at the file line it names: a list item's own path, or the line inside a block."""
+    from labctl.topology import nft as nft_model
+
+    message = f"nft: {error}"
+    line = error.line
+    items = 0
+    while (*path, items) in source.lines:  # written as a list: each command is one line of the joined text
+        items += 1
+    if items and line is not None:
+        return source.problem((*path, min(line, items) - 1), message)
+    at = nft_model.file_line(line or 1, source.line_of(path), text)
+    return Problem(path=path, message=message, file=source.file, line=at)
+
+
+def traffic_requirements(topo: Topology) -> list[tuple[KeyPath, str, str]]:
+    """(key path, what, kernel option) for every qdisc, classifier, action and nft family the topology uses."""
+    from labctl.topology import nft as nft_model
+    from labctl.topology import tc as tc_model
+
+    needed: list[tuple[KeyPath, str, str]] = []
+    for name, spec in topo.nodes.items():
+        for ifname, cfg in spec.interfaces.items():
+            if cfg.tc is not None:
+                base: KeyPath = ("topology", "nodes", name, "interfaces", ifname, "tc")
+                needed += [((*base, *path), what, option) for path, what, option in tc_model.requirements(cfg.tc)]
+        if spec.nftables is not None:
+            for option in nft_model.requirements(spec.nftables):
+                needed.append((("topology", "nodes", name, "nftables"), "nftables", option))
+    return needed
+
+
+def traffic_kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
+    """What the topology's tc and nftables need that this kernel is built without, named by option."""
+    if kconfig.options() is None:
+        return [], []
+    problems: list[Problem] = []
+    lacking: list[str] = []
+    for path, what, option in traffic_requirements(topo):
+        if kconfig.missing([option]):
+            problems.append(source.problem(path, f"{what}: this kernel lacks {option}"))
+            if option not in lacking:
+                lacking.append(option)
+    return problems, lacking
+
+
+def tc_reference_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    """A mirred action sends to an interface of the same node; a bpf filter's expression compiles (libpcap)."""
+    problems = []
+    for name, spec in topo.nodes.items():
+        own = topo.interface_names(name)
+        for ifname, cfg in spec.interfaces.items():
+            for index, flt in enumerate(cfg.tc.filters if cfg.tc else []):
+                path: KeyPath = ("topology", "nodes", name, "interfaces", ifname, "tc", "filters", index)
+                if flt.action is not None and not isinstance(flt.action, str) and flt.action.mirred.to not in own:
+                    problems.append(
+                        source.problem(
+                            (*path, "action"), f"node {name} has no interface {flt.action.mirred.to!r} to mirror to"
+                        )
+                    )
+                if flt.kind == "bpf" and isinstance(flt.match, str):
+                    from labctl.kernel.packet import CaptureError, compile_filter
+
+                    try:
+                        compile_filter(flt.match)
+                    except CaptureError as exc:
+                        problems.append(source.problem((*path, "match"), str(exc)))
+    return problems
+
+
 def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
     """Names the checks expect (drop reasons, tracepoints, counters, hook steps) exist in this kernel."""
     if not lab.checks:
@@ -187,7 +295,16 @@ def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     Raises LabFileError listing every problem with file, line and key.
     """
     lab, source = load_file(file, LabFile)
-    problems = machine_problems(lab, source) + rule_problems(lab, source) + expectation_problems(lab, source)
+    lacking_problems, lacking = traffic_kernel_problems(lab, source)
+    problems = (
+        machine_problems(lab, source)
+        + rule_problems(lab, source)
+        + tc_reference_problems(lab, source)
+        + nft_problems(lab, source)
+        + expectation_problems(lab, source)
+    )
     if problems:
-        raise LabFileError(problems)
+        raise LabFileError(lacking_problems + problems)
+    if lacking_problems:
+        raise KernelLacksError(lacking_problems, lacking=lacking)
     return lab, source

@@ -39,6 +39,7 @@ class LabState:
     relays: dict[str, int] = field(default_factory=dict)  # vm node -> relay pid
     started: float = field(default_factory=time.time)
     digest: str = ""
+    tc: dict[str, str] = field(default_factory=dict)  # "node:iface" -> fingerprint of the tc built there
 
 
 def digest(topo: Any) -> str:

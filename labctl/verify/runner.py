@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labctl.errors import LabctlError, LabStateError
+from labctl.errors import KernelLacksError, LabctlError, LabStateError
+from labctl.evidence.model import Evidence
 from labctl.expect.base import Row
 from labctl.kernel import kconfig, modules, version
 from labctl.lab import build, state
@@ -41,6 +42,8 @@ class CheckResult:
     """Kernel options this kernel lacks, or the kernel range the check holds for (status 'skip')."""
     kernel: str = field(default_factory=version.release)
     """The kernel release the check ran on (a VM run reports the guest's)."""
+    recorded: Evidence | None = field(default=None, repr=False)
+    """The Evidence itself (its captured frames and paths for an HTML report); not in the JSON form."""
 
     @property
     def passed(self) -> bool:
@@ -104,6 +107,19 @@ def lab_files(paths: Iterable[str]) -> list[str]:
     return files
 
 
+def _skipped(check: Check, lacking: list[str], start: float) -> CheckResult:
+    return CheckResult(
+        check.name,
+        check.covers,
+        check.description,
+        "skip",
+        [Row("this kernel has what the check needs", check.requires, f"lacks {', '.join(lacking)}", True)],
+        {},
+        time.monotonic() - start,
+        not_provable=lacking,
+    )
+
+
 def run_check(lab: LabFile, check: Check) -> CheckResult:
     start = time.monotonic()
     outside = version.outside(check.kernel)
@@ -120,26 +136,19 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
         )
     lacking = kconfig.missing(check.requires)
     if lacking:
-        return CheckResult(
-            check.name,
-            check.covers,
-            check.description,
-            "skip",
-            [Row("this kernel has what the check needs", check.requires, f"lacks {', '.join(lacking)}", True)],
-            {},
-            time.monotonic() - start,
-            not_provable=lacking,
-        )
+        return _skipped(check, lacking, start)
     rows: list[Row] = []
     observation: dict[str, Any] = {}
     explanation: list[str] = []
     error = None
     status = "pass"
+    recorded: Evidence | None = None
     for _ in range(check.repeat):
         try:
             # modules behind the options it requires (a distribution kernel's `m`): released by down
             modules.acquire_for_options(build.owner(lab.name), kconfig.as_modules(check.requires))
             evidence, ctx = observe(lab, check)
+            recorded = evidence
             rows = judge(check, evidence, ctx)
             observation = evidence.as_dict()
             if evidence.errors:
@@ -167,7 +176,13 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
         time.monotonic() - start,
         error,
         explanation,
+        recorded=recorded,
     )
+
+
+def with_topology_requires(check: Check, lacking: list[str]) -> Check:
+    """The check as run here: its requires include the options its lab's topology needs."""
+    return check.model_copy(update={"requires": sorted(set(check.requires) | set(lacking))})
 
 
 def selected(lab: LabFile, select: str | None) -> list[Check]:
@@ -188,7 +203,21 @@ def run_lab(
     as it is and it stays up.
     """
     start = time.monotonic()
-    lab = load_lab_file(file)
+    try:
+        lab = load_lab_file(file)
+    except KernelLacksError as exc:
+        # the topology needs a kind this kernel lacks: nothing can be built, every check is not provable here
+        from labctl.topology.loader import load_file
+
+        lab = load_file(file, LabFile)[0]
+        result = LabResult(lab=lab.name, file=file)
+        for check in selected(lab, select):
+            if on_check:
+                on_check(lab.name, check.name)
+            lacking = sorted(set(exc.lacking) | set(kconfig.missing(check.requires)))
+            result.checks.append(_skipped(with_topology_requires(check, lacking), lacking, start))
+        result.seconds = time.monotonic() - start
+        return result
     result = LabResult(lab=lab.name, file=file)
     chosen = selected(lab, select)
     if not chosen:

@@ -40,6 +40,8 @@ SAMPLE = [
     "bad-int-tag",
     "nul-char",
     "empty",
+    "nft-syntax",
+    "tc-rate-unit",
 ]
 
 
