@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json as jsonlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,10 +15,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from labctl.cli.common import console, reports_errors, require_root
-from labctl.verify import report
-from labctl.verify.runner import LabResult
-from labctl.vm import diff
-from labctl.vm.kernels import DEFAULT_TIMEOUT, KernelRun
+
+if TYPE_CHECKING:  # the runner and the VM code import pyroute2 and friends: only when a command runs
+    from labctl.verify.runner import LabResult
+    from labctl.vm import diff
+    from labctl.vm.kernels import KernelRun
 
 vm_app = typer.Typer(help="Labs on another kernel: a QEMU guest booted from a cached Debian 12 image.",
                      no_args_is_help=True)
@@ -34,9 +35,11 @@ def _say(text: str) -> None:
 
 def run_on_kernels(
     files: list[str], kernel_names: list[str], json: bool, junit: Path | None, select: str | None, keep: bool,
-    reuse: bool, timeout: float = DEFAULT_TIMEOUT,
+    reuse: bool, timeout: float | None = None,
 ) -> None:
     """Run the labs on each kernel, report each run as ``run`` does, then the table when there are several."""
+    from labctl.verify import report
+    from labctl.vm import diff
     from labctl.vm import kernels as vm_kernels
 
     wanted = [vm_kernels.resolve(name) for name in kernel_names]
@@ -55,7 +58,8 @@ def run_on_kernels(
                 runs.append(vm_kernels.run_host(files, select, keep, reuse, progress))
             else:
                 status.update(f"{kernel.label}: image, then boot")
-                runs.append(vm_kernels.run_vm(kernel, files, select, _say, progress, timeout))
+                runs.append(vm_kernels.run_vm(kernel, files, select, _say, progress,
+                                              timeout or vm_kernels.DEFAULT_TIMEOUT))
     everything = [lab for run in runs for lab in run.results]
     several = len(runs) > 1
     rows = diff.table([(run.kernel.label, run.results) for run in runs]) if several else []
@@ -75,6 +79,8 @@ def run_on_kernels(
 
 
 def print_run(out: Console, run: KernelRun) -> None:
+    from labctl.verify import report
+
     where = "this machine" if run.kernel.is_host else (
         f"VM under {run.accel.upper()}: boot {run.boot_seconds:.1f} s, labs {run.run_seconds:.1f} s, "
         f"wall {run.wall_seconds:.1f} s")
@@ -85,6 +91,8 @@ def print_run(out: Console, run: KernelRun) -> None:
 
 def print_table(out: Console, runs: list[KernelRun], rows: list[diff.DiffRow]) -> None:
     """The table (one status word per cell, never wrapped), then why each differing row differs."""
+    from labctl.vm import diff
+
     table = Table(title="verdict per kernel (differences first)")
     table.add_column("difference", no_wrap=True)
     table.add_column("lab", no_wrap=True)
@@ -129,6 +137,8 @@ def as_json(runs: list[KernelRun], rows: list[diff.DiffRow]) -> str:
 
 
 def _claims(results: list[LabResult]) -> dict[str, object]:
+    from labctl.verify import report
+
     verdicts = report.claims(results)
     return {"proven": verdicts.proven, "failed": verdicts.failed, "not_provable": verdicts.not_provable}
 
