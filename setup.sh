@@ -10,8 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
-DEBS=(python3 python3-venv python3-pip iproute2 iptables ebtables tcpdump ethtool netsniff-ng
-      nftables libnftables1 graphviz iputils-ping conntrack libpcap0.8 kmod procps)
+# One list of Debian packages for this machine and for the VM image (labctl/vm/image.py reads it too).
+mapfile -t DEBS < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' debian-packages.txt)
 # python-iptables is published as source only: its small C extension (libxtwrapper, no Python.h)
 # needs a C compiler and libc headers, installed only when the machine has no working compiler.
 BUILD_DEBS=(gcc libc6-dev)

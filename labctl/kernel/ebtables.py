@@ -11,13 +11,13 @@ one input; ebtables-nft turns it into a single nf_tables transaction, so the
 kernel takes all of it or nothing.  On failure it reports the input line,
 which is mapped back to the rule text.
 
-broute.  ``-t broute`` does not work here.  ebtables-nft 1.8.9 has no broute
-table ("table 'broute' does not exist"); newer ebtables-nft emulates it with
-the nft expression ``meta broute set 1``, which needs ``nft_meta_bridge``
-(``CONFIG_NFT_BRIDGE_META``), also not built into this kernel -- and nft 1.0.6
-cannot even express it.  Legacy ``ebtable_broute`` is not built either.  So the
-kernel flag that makes the bridge hand a frame up the stack
-(``br_netfilter_broute``) cannot be set on this machine; a RuleError says so.
+broute.  ebtables-nft 1.8.9 has no broute table ("table 'broute' does not exist"); newer ebtables-nft
+emulates it with the nft expression ``meta broute set 1``, which needs ``nft_meta_bridge``
+(``CONFIG_NFT_BRIDGE_META``) -- and nft 1.0.6 cannot even express it.  So ``-t broute`` rules go through
+**legacy** ebtables (``ebtables-legacy``, shipped by Debian's ``ebtables`` package) where the kernel has
+the legacy broute table (``CONFIG_BRIDGE_EBT_BROUTE``: Debian's 6.1 as the ``ebtable_broute`` module); both
+kinds of bridge tables hook the same bridge, side by side.  A kernel without it (this machine's 6.18: no
+legacy ebtables built at all) refuses such a rule with a RuleError that says so.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ from labctl.names import has_control, scratch_namespace_name
 EBTABLES = "ebtables-nft"
 RESTORE = "ebtables-nft-restore"
 SAVE = "ebtables-nft-save"
+LEGACY = "ebtables-legacy"
+LEGACY_RESTORE = "ebtables-legacy-restore"
 
 TABLES = ("filter", "nat")
-"""The bridge tables ebtables-nft offers here (broute: see the module docstring)."""
+"""The bridge tables ebtables-nft offers (broute goes through legacy ebtables: see the module docstring)."""
+LEGACY_TABLES = ("broute",)
 
 BUILTIN_CHAINS = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
@@ -47,10 +50,20 @@ BUILTIN_CHAINS = {
 }
 
 BROUTE_UNSUPPORTED = (
-    "ebtables broute is not available on this machine: legacy ebtables is not built "
-    "into the kernel and ebtables-nft 1.8.9 has no broute table (its emulation needs "
-    "nft 'meta broute', i.e. nft_meta_bridge / CONFIG_NFT_BRIDGE_META, also absent)"
+    "ebtables broute is not available on this machine: this kernel has no legacy broute table "
+    "(CONFIG_BRIDGE_EBT_BROUTE) and ebtables-nft 1.8.9 has no broute table (its emulation needs "
+    "nft 'meta broute', i.e. nft_meta_bridge / CONFIG_NFT_BRIDGE_META); a check that needs it "
+    "says requires: [CONFIG_BRIDGE_EBT_BROUTE]"
 )
+
+
+def broute_available() -> bool:
+    """The kernel has the legacy broute table and ebtables-legacy is installed."""
+    import shutil
+
+    from labctl.kernel import kconfig
+
+    return not kconfig.missing(["CONFIG_BRIDGE_EBT_BROUTE"]) and shutil.which(LEGACY) is not None
 
 _COMMANDS = {
     "-A": "append",
@@ -116,7 +129,7 @@ def parse_rule(text: str) -> EbRule:
             table, i = _argument(text, tokens, i), i + 2
             if table not in BUILTIN_CHAINS:
                 raise _error(text, f"unknown bridge table {table!r}", tokens[i - 1])
-            if table == "broute":  # refused with the file's line, before anything is built
+            if table == "broute" and not broute_available():  # refused with the file's line, before building
                 raise _error(text, BROUTE_UNSUPPORTED, tokens[i - 1])
             continue
         if token.value in _COMMANDS:
@@ -192,8 +205,21 @@ def apply_rules(namespace: str, rules: Sequence[str]) -> None:
             parsed.append(parse_rule(text))
         except RuleError as exc:
             raise exc.in_namespace(namespace) from exc
-    if parsed:
-        _restore(namespace, build_script(parsed))
+    legacy = [r for r in parsed if r.table in LEGACY_TABLES]
+    nft = [r for r in parsed if r.table not in LEGACY_TABLES]
+    if nft:
+        _restore(namespace, build_script(nft))
+    if legacy:
+        _restore_legacy(namespace, build_script(legacy))
+
+
+def _restore_legacy(namespace: str, script: _Script) -> None:
+    """Legacy tables (broute) are replaced whole by ebtables-legacy-restore: all of the table's rules or none."""
+    result = netns.run(namespace, [LEGACY_RESTORE, "--noflush"], input=script.text(), capture_output=True,
+                       text=True)
+    if result.returncode != 0:
+        texts = "; ".join(r.text for r in script.origin if r is not None)
+        raise RuleError(texts, f"ebtables-legacy-restore refused the rules: {_message(result.stderr)}", namespace)
 
 
 def _restore(namespace: str, script: _Script) -> None:
@@ -247,8 +273,11 @@ def delete_rules(namespace: str, rules: Sequence[str]) -> None:
     deletes = [
         EbRule(r.text, r.table, "delete", r.chain, spec=r.spec) for r in parsed if r.command in ("append", "insert")
     ]
-    if deletes:
-        _restore(namespace, build_script(deletes))
+    legacy = [r for r in deletes if r.table in LEGACY_TABLES]
+    if legacy:
+        _restore_legacy(namespace, build_script(legacy))
+    if len(legacy) < len(deletes):
+        _restore(namespace, build_script([r for r in deletes if r.table not in LEGACY_TABLES]))
 
 
 def existing_tables(namespace: str) -> list[str]:
@@ -274,7 +303,32 @@ def list_rules(namespace: str) -> list[RuleCounter]:
     result = netns.run(namespace, [SAVE, "-c"], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuleError("ebtables-save -c", result.stderr.strip(), namespace)
-    return parse_save(result.stdout)
+    rows = parse_save(result.stdout)
+    if broute_available():
+        listed = netns.run(namespace, [LEGACY, "-t", "broute", "-L", "--Lc"], capture_output=True, text=True)
+        if listed.returncode == 0:
+            rows += parse_legacy_list("broute", listed.stdout)
+    return rows
+
+
+_LEGACY_CHAIN = re.compile(r"^Bridge chain: (\S+), entries: \d+, policy: (\S+)")
+_LEGACY_RULE = re.compile(r"^(.*?)\s*, pcnt = (\d+) -- bcnt = (\d+)$")  # "-j DROP , pcnt" / "DROP, pcnt"
+
+
+def parse_legacy_list(table: str, text: str) -> list[RuleCounter]:
+    """Rows from ``ebtables-legacy -t TABLE -L --Lc`` (pure): legacy chains do count their policy."""
+    rows: list[RuleCounter] = []
+    chain, number = "", 0
+    for raw in text.splitlines():
+        line = raw.strip()
+        if match := _LEGACY_CHAIN.match(line):
+            chain, number = match.group(1), 0
+            rows.append(RuleCounter(table, chain, 0, f"-P {chain} {match.group(2)}", -1, -1, match.group(2)))
+        elif chain and (match := _LEGACY_RULE.match(line)):
+            number += 1
+            rows.append(RuleCounter(table, chain, number, f"-A {chain} {match.group(1)}", int(match.group(2)),
+                                    int(match.group(3))))
+    return rows
 
 
 def parse_save(text: str) -> list[RuleCounter]:
@@ -300,6 +354,8 @@ def flush(namespace: str) -> None:
     """Delete every bridge table of ``namespace`` (for ``down`` and tests)."""
     for table in existing_tables(namespace):
         delete_table(namespace, table)
+    if broute_available():  # a legacy table cannot be removed: emptied, its policy back to ACCEPT
+        netns.run(namespace, [LEGACY, "-t", "broute", "--init-table"], capture_output=True)
 
 
 def run(namespace: str, args: Sequence[str]) -> subprocess.CompletedProcess[str]:

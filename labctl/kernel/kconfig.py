@@ -1,41 +1,40 @@
-"""The running kernel's build options, from /proc/config.gz: what a lab may rely on being there."""
+"""The running kernel's build options: what a lab may rely on being there.
+
+From /proc/config.gz when the kernel exposes it (CONFIG_IKCONFIG_PROC, this machine's kernel), else from
+/boot/config-$(uname -r), which distribution kernels ship instead (Debian's 6.1 in the VM guest).
+"""
 
 from __future__ import annotations
 
 import functools
 import gzip
 import os
-from collections.abc import Iterable
+import platform
 
 CONFIG_GZ = "/proc/config.gz"
+BOOT_CONFIG = "/boot/config-{release}"
 
 
-def _boot_config() -> str:
-    """Where distributions (Debian's kernels have no /proc/config.gz) keep the running kernel's config."""
-    return f"/boot/config-{os.uname().release}"
+def source() -> str | None:
+    """The file this kernel's options are read from, or None when it shows them nowhere."""
+    if os.path.exists(CONFIG_GZ):
+        return CONFIG_GZ
+    boot = BOOT_CONFIG.format(release=platform.release())
+    return boot if os.path.exists(boot) else None
 
 
 @functools.cache
 def options() -> dict[str, str] | None:
-    """``CONFIG_X`` -> ``y``/``m``/value for every option set; None when the kernel does not expose its config.
-
-    /proc/config.gz first (it is the running kernel's own); else /boot/config-$(uname -r).
-    """
-    if os.path.exists(CONFIG_GZ):
-        with gzip.open(CONFIG_GZ, "rt") as f:
-            return _parse(f)
-    if os.path.exists(_boot_config()):
-        with open(_boot_config()) as f:
-            return _parse(f)
-    return None
-
-
-def _parse(lines: Iterable[str]) -> dict[str, str]:
+    """``CONFIG_X`` -> ``y``/``m``/value for every option set; None when the kernel does not expose its config."""
+    path = source()
+    if path is None:
+        return None
     found: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.strip().partition("=")
-        if sep and name.startswith("CONFIG_"):
-            found[name] = value
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
+        for line in f:
+            name, sep, value = line.strip().partition("=")
+            if sep and name.startswith("CONFIG_"):
+                found[name] = value
     return found
 
 
@@ -43,7 +42,7 @@ def missing(required: list[str]) -> list[str]:
     """The requirements this kernel does not meet; each is ``CONFIG_A`` or ``CONFIG_A|CONFIG_B`` (either).
 
     Built-in (``y``) and module (``m``) both count: a module is loaded on demand.
-    A kernel without /proc/config.gz meets nothing it cannot show.
+    A kernel that shows its options nowhere meets nothing it cannot show.
     """
     have = options()
     lacking = []
@@ -52,3 +51,9 @@ def missing(required: list[str]) -> list[str]:
         if have is None or not any(have.get(opt) in ("y", "m") for opt in alternatives):
             lacking.append(requirement)
     return lacking
+
+
+def as_modules(required: list[str]) -> list[str]:
+    """The options among ``required`` that this kernel has as modules (``m``): they may need loading."""
+    have = options() or {}
+    return [opt for requirement in required for opt in requirement.split("|") if have.get(opt) == "m"]

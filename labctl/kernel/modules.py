@@ -58,3 +58,53 @@ def release(owner: str) -> list[str]:
 def owners() -> dict[str, list[str]]:
     with locked_json(MODULES_FILE) as data:
         return {module: list(entry["owners"]) for module, entry in data.items()}
+
+
+# The module that provides a kernel option, where its name is not the option's own name in lower case
+# (CONFIG_DUMMY -> dummy, CONFIG_VETH -> veth need no entry).  A distribution kernel (Debian's 6.1 in the
+# VM) has these as modules; this machine's monolithic kernel has them built in or not at all.
+OPTION_MODULES = {
+    "CONFIG_BRIDGE_EBT_BROUTE": "ebtable_broute",
+    "CONFIG_BRIDGE_EBT_T_FILTER": "ebtable_filter",
+    "CONFIG_BRIDGE_EBT_T_NAT": "ebtable_nat",
+    "CONFIG_BRIDGE_NF_EBTABLES": "ebtables",
+    "CONFIG_BRIDGE_NETFILTER": "br_netfilter",
+    "CONFIG_NFT_BRIDGE_META": "nft_meta_bridge",
+    "CONFIG_VLAN_8021Q": "8021q",
+    "CONFIG_NET_IPGRE": "ip_gre",
+    "CONFIG_NET_IPGRE_DEMUX": "gre",
+    "CONFIG_IPV6_GRE": "ip6_gre",
+    "CONFIG_NET_IPIP": "ipip",
+    "CONFIG_NET_VRF": "vrf",
+    "CONFIG_NET_SCH_NETEM": "sch_netem",
+    "CONFIG_NET_SCH_FQ_CODEL": "sch_fq_codel",
+    "CONFIG_NET_SCH_HTB": "sch_htb",
+    "CONFIG_NET_SCH_TBF": "sch_tbf",
+    "CONFIG_NET_SCH_INGRESS": "sch_ingress",
+    "CONFIG_NET_CLS_FLOWER": "cls_flower",
+    "CONFIG_NET_CLS_U32": "cls_u32",
+    "CONFIG_NET_CLS_BPF": "cls_bpf",
+    "CONFIG_NET_ACT_GACT": "act_gact",
+    "CONFIG_NET_ACT_MIRRED": "act_mirred",
+    "CONFIG_NET_ACT_VLAN": "act_vlan",
+}
+
+
+def module_for(option: str) -> str | None:
+    """The module that provides ``option`` on this kernel, if modprobe knows one by that name."""
+    name = OPTION_MODULES.get(option) or option.removeprefix("CONFIG_").lower()
+    known = subprocess.run(["modprobe", "--dry-run", "--quiet", name], capture_output=True)
+    return name if known.returncode == 0 else None
+
+
+def acquire_for_options(owner: str, options: list[str]) -> None:
+    """Load the modules behind kernel options a check requires (the kernel has them as ``m``).
+
+    Most are loaded by the kernel on first use anyway (a bond link, a netem qdisc); some are not -- a
+    table of legacy ebtables must exist before its rules' counters are read, and a module's tracepoints
+    and counters must exist before the check is validated and judged.
+    """
+    for option in options:
+        module = module_for(option)
+        if module is not None:
+            acquire(owner, module)

@@ -23,10 +23,12 @@ import atexit
 import contextlib
 import errno
 import fnmatch
+import functools
 import itertools
 import os
 import re
 import select
+import subprocess
 import threading
 import time
 import weakref
@@ -159,6 +161,36 @@ def remove_stale_instances(*, include_live: bool = False) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+@functools.cache
+def hashing_off_breaks_strings() -> bool:
+    """Whether this kernel prints every ``%s`` of trace output empty once pointer hashing is off.
+
+    Kernels 5.11 to 6.12 without Steven Rostedt's fix "tracing: Fix trace output when pointer hash is
+    disabled" (Dec 2024, Fixes: efbbdaa22bb78; Debian's 6.1.176 among them): with ``nohash-ptr``,
+    trace_event_format() writes the ``%px`` copy of the format into ``iter->fmt``, and trace_check_vprintf()
+    then uses that same buffer as scratch for each ``%s`` -- ``dev=`` and ``reason:`` come out empty.  Probed
+    (a fork traced in a throw-away instance), never assumed from a version.
+    """
+    path = os.path.join(_instances_dir(), f"{INSTANCE_PREFIX}{os.getpid()}-{next(_counter)}")
+    event = os.path.join(path, "events", "sched", "sched_process_fork", "enable")
+    os.mkdir(path)
+    try:
+        if not os.path.exists(event):
+            return False
+        _write(os.path.join(path, "trace_options"), "nohash-ptr")
+        _write(event, "1")
+        subprocess.run(["true"], check=False)
+        _write(event, "0")
+        text = _read(os.path.join(path, "trace"))
+    finally:
+        _rmdir_instance(path)
+    return "sched_process_fork: comm= " in text and not re.search(r"sched_process_fork: comm=\S", text)
+
+
+STACK_SKIP = re.compile(r"^(trace_event_raw_event_|perf_trace_|kfree_skb|__kfree_skb|sk_skb_reason_drop)")
+"""Frames of a kfree_skb stack trace that are the tracepoint and the free itself, not who dropped it."""
 
 
 def available_events() -> dict[str, list[str]]:
@@ -607,6 +639,7 @@ _LINE = re.compile(
     r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d+)\]\s+(?:(?P<flags>\S+)\s+)?"
     r"(?P<ts>\d+\.\d+):\s+(?P<event>[\w.-]+):\s?(?P<body>.*)$"
 )
+_STACK_HEADER = re.compile(r"^\s*.*?-\d+\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d+)\].*<stack trace>\s*$")
 _LOST = re.compile(r"^CPU:(?P<cpu>\d+) \[LOST (?P<count>\d+) EVENTS\]")
 
 
@@ -688,6 +721,12 @@ class TraceSession:
         self._lost_lines = 0
         self._lost_at_stop: int | None = None
         self._lock = threading.RLock()
+        self.hashed = False
+        """Pointers are hashed in this session's output (see hashing_off_breaks_strings)."""
+        self._stack_trigger = False
+        self._last_drop: dict[int, TraceEvent] = {}
+        """Per CPU, the kfree_skb whose stack trace (the drop's location) is still to come."""
+        self._stack_cpu: int | None = None
 
     # -- lifecycle
 
@@ -760,6 +799,10 @@ class TraceSession:
                 os.close(self._fd)
             self._fd = None
         if self._created:
+            if self._stack_trigger:
+                with contextlib.suppress(OSError):
+                    _write(os.path.join(self.path, self._event_file("skb:kfree_skb", "trigger")), "!stacktrace")
+                self._stack_trigger = False
             _rmdir_instance(self.path)
             self._created = False
         _live_sessions.discard(self)
@@ -783,8 +826,11 @@ class TraceSession:
         self._set("buffer_size_kb", str(self.buffer_kb))
         # mono: timestamps comparable with time.monotonic() and across CPUs
         self._set("trace_clock", "mono")
-        # real addresses, so skbaddr links events and can be shown as the kernel's pointer
-        self._set("trace_options", "nohash-ptr")
+        # real addresses, so skbaddr links events and can be shown as the kernel's pointer -- unless that
+        # empties every %s on this kernel (hashing_off_breaks_strings): hashed addresses still link an skb's
+        # events (one key per boot), and a drop's location then comes from a stack trace of kfree_skb
+        self.hashed = hashing_off_breaks_strings()
+        self._set("trace_options", "hash-ptr" if self.hashed else "nohash-ptr")
         self._set("trace_options", "overwrite" if self.overwrite else "nooverwrite")
         with contextlib.suppress(TraceError, FileNotFoundError):
             self._set("buffer_percent", "0")  # wake trace_pipe pollers on any data
@@ -798,6 +844,10 @@ class TraceSession:
                 self._set(self._event_file(event, "filter"), expression)
             elif event not in self.skipped:
                 raise TraceError(f"filter for {event}, which is not among the session's events")
+        if self.hashed and "skb:kfree_skb" in self.formats and "location=%pS" not in self.formats[
+                "skb:kfree_skb"].print_fmt:
+            self._set(self._event_file("skb:kfree_skb", "trigger"), "stacktrace")
+            self._stack_trigger = True
         for event in self.enabled:
             self._set(self._event_file(event, "enable"), "1")
 
@@ -833,10 +883,34 @@ class TraceSession:
             if lost is not None:
                 self._lost_lines += int(lost.group("count"))
                 continue
+            if self._stack_trigger and self._stack_line(line):
+                continue
             event = parse_line(line, self._by_name)
             if event is not None:
                 parsed.append(event)
+                if self._stack_trigger and event.key == "skb:kfree_skb":
+                    self._last_drop[event.cpu] = event
         return parsed
+
+    def _stack_line(self, line: str) -> bool:
+        """A line of a kfree_skb stack trace: the first frame that is not the free itself is the location.
+
+        Only used when pointers are hashed and kfree_skb prints its location with ``%p`` (6.1): the stack
+        trace entry follows its kfree_skb on the same CPU, its frames on the lines after its header.
+        """
+        header = _STACK_HEADER.match(line)
+        if header is not None:
+            self._stack_cpu = int(header.group("cpu"))
+            return True
+        if not line.startswith(" => "):
+            self._stack_cpu = None
+            return False
+        drop = self._last_drop.get(self._stack_cpu) if self._stack_cpu is not None else None
+        frame = line[4:].strip()
+        if drop is not None and not STACK_SKIP.match(frame):
+            drop.fields["location"] = frame
+            del self._last_drop[drop.cpu]
+        return True
 
     def events(self) -> list[TraceEvent]:
         """Events recorded since the previous call (all of them the first time)."""

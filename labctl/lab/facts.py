@@ -73,6 +73,7 @@ def _tracepoints() -> frozenset[str]:
 @functools.cache
 def machine_facts() -> MachineFacts:
     from labctl.kernel.counters import QDISC_QUEUE_KEYS
+    from labctl.kernel.ebtables import broute_available
     from labctl.kernel.nftrace import BRIDGE_CHAINS, IP_CHAINS
     from labctl.kernel.tracefs import drop_reason_names
 
@@ -83,5 +84,6 @@ def machine_facts() -> MachineFacts:
         link_counters=LINK_COUNTERS,
         qdisc_counters=frozenset(QDISC_QUEUE_KEYS),
         ip_tables={t: tuple(c) for t, c in IP_CHAINS.items()},
-        bridge_tables={t: tuple(c) for t, c in BRIDGE_CHAINS.items()},
+        bridge_tables={t: tuple(c) for t, c in BRIDGE_CHAINS.items()}
+        | ({"broute": ("BROUTING",)} if broute_available() else {}),  # legacy ebtables' broute (Debian's 6.1)
     )

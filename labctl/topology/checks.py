@@ -22,6 +22,10 @@ from labctl.topology.model import NAME_PATTERN, Strict, Topology
 from labctl.topology.nft import NftRuleset
 from labctl.topology.steps import Exec, SendTcp, SetupExec, check_features, exec_expectations, exec_label
 
+KERNEL_RANGE = r"^\s*(>=|<=|==|!=|>|<)?\s*\d+(\.\d+){0,2}\s*(,\s*(>=|<=|==|!=|>|<)?\s*\d+(\.\d+){0,2}\s*)*$"
+"""A check's ``kernel:``: comma-separated comparisons that must all hold (``>=6.2``, ``>=5.15,<6.8``, ``6.1``);
+judged against the running kernel by labctl.kernel.version."""
+
 __all__ = ["Address", "Check", "Count", "Expect", "LabFile", "matches", "parse_bound"]
 
 CLAIM_RE = re.compile(r"^[A-Z]\d+$")
@@ -227,6 +231,9 @@ class Check(Strict):
     requires: list[Annotated[str, Field(pattern=r"^CONFIG_\w+(\|CONFIG_\w+)*$")]] = []
     """Kernel options the check needs ('CONFIG_A|CONFIG_B' for either): on a kernel without them it is not run
     and the claims it covers are reported as not provable here, never as proven by something else."""
+    kernel: Annotated[str | None, Field(pattern=KERNEL_RANGE)] = None
+    """Kernel versions the check holds for (">=6.2", ">=5.15,<6.8"): on another kernel it is not run, and a
+    verdict that differs across kernels is reported as explained by the lab, not as a failure."""
     description: str = ""
     setup: Setup = Setup()
     traffic: list[Traffic] = []

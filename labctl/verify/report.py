@@ -42,7 +42,11 @@ def claims(results: list[LabResult]) -> ClaimReport:
             for claim in check.covers:
                 statuses.setdefault(claim, []).append(check)
     report = ClaimReport()
-    for claim, checks in sorted(statuses.items()):
+    for claim, covering in sorted(statuses.items()):
+        # a check the lab states for other kernels (kernel: range) does not apply here: it neither proves
+        # nor withholds the claim, unless no check covering it applies to this kernel
+        applicable = [c for c in covering if not (c.status == "skip" and _only_kernel_range(c))]
+        checks = applicable or covering
         if any(c.status in ("fail", "error") for c in checks):
             report.failed.append(claim)
         elif any(c.status == "skip" for c in checks):
@@ -50,6 +54,10 @@ def claims(results: list[LabResult]) -> ClaimReport:
         else:
             report.proven.append(claim)
     return report
+
+
+def _only_kernel_range(check: CheckResult) -> bool:
+    return bool(check.not_provable) and all(reason.startswith("kernel ") for reason in check.not_provable)
 
 
 def print_check(console: Console, check: CheckResult) -> None:
@@ -109,7 +117,8 @@ def as_json(results: list[LabResult]) -> str:
     )
 
 
-def as_junit(results: list[LabResult]) -> str:
+def as_junit(results: list[LabResult], by_kernel: bool = False) -> str:
+    """JUnit XML; ``by_kernel`` (results of several kernels) names each suite ``lab [kernel]``."""
     suites = ET.Element("testsuites")
     for lab in results:
         failures = sum(c.status == "fail" for c in lab.checks)
@@ -117,13 +126,14 @@ def as_junit(results: list[LabResult]) -> str:
         suite = ET.SubElement(
             suites,
             "testsuite",
-            name=lab.lab,
+            name=f"{lab.lab} [{lab.kernel}]" if by_kernel else lab.lab,
             tests=str(len(lab.checks)),
             failures=str(failures),
             errors=str(errors),
             skipped=str(sum(c.status == "skip" for c in lab.checks)),
             time=f"{lab.seconds:.3f}",
         )
+        ET.SubElement(ET.SubElement(suite, "properties"), "property", name="kernel", value=lab.kernel)
         if lab.error:
             ET.SubElement(ET.SubElement(suite, "testcase", name="lab", classname=lab.lab), "error", message=lab.error)
         for check in lab.checks:

@@ -18,7 +18,7 @@ from typing import Any
 from labctl.errors import KernelLacksError, LabctlError, LabStateError
 from labctl.evidence.model import Evidence
 from labctl.expect.base import Row
-from labctl.kernel import kconfig
+from labctl.kernel import kconfig, modules, version
 from labctl.lab import build, state
 from labctl.lab.labfile import load_lab
 from labctl.topology.checks import Check, LabFile
@@ -40,7 +40,9 @@ class CheckResult:
     error: str | None = None
     explanation: list[str] = field(default_factory=list)
     not_provable: list[str] = field(default_factory=list)
-    """Kernel options this kernel lacks (status 'skip')."""
+    """Kernel options this kernel lacks, or the kernel range the check holds for (status 'skip')."""
+    kernel: str = field(default_factory=version.release)
+    """The kernel release the check ran on (a VM run reports the guest's)."""
     recorded: Evidence | None = field(default=None, repr=False)
     """The Evidence itself (its captured frames and paths for an HTML report); not in the JSON form."""
     pcap: str | None = None
@@ -60,6 +62,7 @@ class CheckResult:
             "seconds": round(self.seconds, 3),
             "error": self.error,
             "not_provable": self.not_provable,
+            "kernel": self.kernel,
             "evidence": [e.as_dict() for e in self.evidence],
             "explanation": self.explanation,
             "observation": self.observation,
@@ -74,6 +77,8 @@ class LabResult:
     checks: list[CheckResult] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    kernel: str = field(default_factory=version.release)
+    """The kernel release the lab ran on (a VM run reports the guest's)."""
 
     @property
     def passed(self) -> bool:
@@ -83,6 +88,7 @@ class LabResult:
         return {
             "lab": self.lab,
             "file": self.file,
+            "kernel": self.kernel,
             "passed": self.passed,
             "seconds": round(self.seconds, 3),
             "error": self.error,
@@ -120,6 +126,18 @@ def _skipped(check: Check, lacking: list[str], start: float) -> CheckResult:
 
 def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckResult:
     start = time.monotonic()
+    outside = version.outside(check.kernel)
+    if outside:
+        return CheckResult(
+            check.name,
+            check.covers,
+            check.description,
+            "skip",
+            [Row("the lab states this check for", check.kernel, version.release(), True)],
+            {},
+            time.monotonic() - start,
+            not_provable=[outside],
+        )
     lacking = kconfig.missing(check.requires)
     if lacking:
         return _skipped(check, lacking, start)
@@ -131,6 +149,8 @@ def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckR
     recorded: Evidence | None = None
     for _ in range(check.repeat):
         try:
+            # modules behind the options it requires (a distribution kernel's `m`): released by down
+            modules.acquire_for_options(build.owner(lab.name), kconfig.as_modules(check.requires))
             evidence, ctx = observe(lab, check)
             recorded = evidence
             rows = judge(check, evidence, ctx)
@@ -141,7 +161,7 @@ def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckR
             elif not all(r.ok for r in rows):
                 status = "fail"
                 explanation = explain(evidence)
-        except LabctlError as exc:
+        except (LabctlError, OSError) as exc:
             error, status = str(exc), "error"
             rows = [Row("the check ran", "no error", error, False)]
         except Exception as exc:  # the report must say what broke, not hide it
@@ -230,3 +250,24 @@ def run_lab(
             build.down(lab.name)
     result.seconds = time.monotonic() - start
     return result
+
+
+def run_labs(
+    files: list[str],
+    select: str | None = None,
+    keep: bool = False,
+    on_check: Callable[[str, str], None] | None = None,
+    reuse: bool = False,
+    pcap_dir: str | None = None,
+) -> tuple[list[LabResult], bool]:
+    """Run every lab file; a lab that cannot run is a result with its error (one broken lab must not cost the
+    report of the others).  Returns the results and whether any file was bad input (exit 2)."""
+    results: list[LabResult] = []
+    bad_input = False
+    for file in files:
+        try:
+            results.append(run_lab(file, select=select, keep=keep, on_check=on_check, reuse=reuse, pcap_dir=pcap_dir))
+        except LabctlError as exc:
+            bad_input = bad_input or exc.exit_code == 2
+            results.append(LabResult(lab=Path(file).stem, file=file, error=str(exc)))
+    return results, bad_input

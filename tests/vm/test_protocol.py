@@ -1,0 +1,74 @@
+"""The guest → host result protocol and the job disk, without a VM."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from labctl.expect.base import Row
+from labctl.verify.runner import CheckResult, LabResult
+from labctl.vm import job, protocol
+
+
+def _lab() -> LabResult:
+    check = CheckResult("closed-port", ["R7"], "no socket", "fail",
+                        [Row("dropped", 1, {"matching": 0}, False, "a hint", ["line 1"])], {"x": 1}, 0.5,
+                        None, ["packet 1: …"], [], kernel="6.1.0-50-cloud-amd64")
+    skipped = CheckResult("e3", ["E3"], "", "skip", [Row("kernel has it", ["CONFIG_X"], "lacks", True)], {}, 0.0,
+                          not_provable=["CONFIG_X"], kernel="6.1.0-50-cloud-amd64")
+    return LabResult("rx-path", "labs/rx-path.yaml", [check, skipped], 3.0, None, kernel="6.1.0-50-cloud-amd64")
+
+
+def test_round_trip_through_a_disk(tmp_path: Path) -> None:
+    disk = tmp_path / "result.img"
+    protocol.create_disk(str(disk))
+    payload = {"kernel": {"release": "6.1.0-50-cloud-amd64", "version": "#1"}, "labs": [_lab().as_dict()]}
+    protocol.write(str(disk), payload)
+    back = protocol.lab_results(protocol.read(str(disk)))
+    assert [lab.as_dict() for lab in back] == [_lab().as_dict()]
+    assert back[0].checks[0].evidence[0].detail == ["line 1"] and back[0].kernel == "6.1.0-50-cloud-amd64"
+
+
+def test_an_empty_disk_says_the_guest_wrote_nothing(tmp_path: Path) -> None:
+    disk = tmp_path / "result.img"
+    protocol.create_disk(str(disk))
+    with pytest.raises(protocol.ProtocolError, match="wrote no result"):
+        protocol.read(str(disk))
+
+
+def test_a_cut_result_is_refused() -> None:
+    data = protocol.encode({"labs": [], "kernel": {}})
+    with pytest.raises(protocol.ProtocolError, match="incomplete"):
+        protocol.decode(data[:-3])
+    with pytest.raises(protocol.ProtocolError, match="header"):
+        protocol.decode(b"Linux version 6.1 ...\n")
+
+
+def test_records_without_kernel_take_the_payloads() -> None:
+    lab = _lab().as_dict()
+    del lab["kernel"]
+    for check in lab["checks"]:
+        del check["kernel"]
+    back = protocol.lab_results({"kernel": {"release": "6.1.0-x"}, "labs": [lab]})
+    assert back[0].kernel == "6.1.0-x" and {c.kernel for c in back[0].checks} == {"6.1.0-x"}
+
+
+def test_job_disk_holds_source_labs_and_script(tmp_path: Path) -> None:
+    lab = tmp_path / "mine.yaml"
+    lab.write_text("name: mine\n")
+    dest = tmp_path / "job.tar"
+    job.pack(["labs/rx-path.yaml", str(lab)], "closed", "run", dest)
+    assert dest.stat().st_size % 512 == 0
+    with tarfile.open(dest) as tar:
+        names = tar.getnames()
+    assert "src/labctl/vm/guest.py" in names and "guest.sh" in names and "job.json" in names
+    assert "work/labs/rx-path.yaml" in names and "work/_files/1/mine.yaml" in names
+    assert not any("__pycache__" in n for n in names)
+
+
+def test_guest_paths_stay_inside_the_work_folder() -> None:
+    assert job.guest_path("labs/x.yaml", 0) == "labs/x.yaml"
+    assert job.guest_path("../x.yaml", 3) == "_files/3/x.yaml"
+    assert job.guest_path("/etc/x.yaml", 1) == "_files/1/x.yaml"
