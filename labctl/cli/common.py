@@ -39,6 +39,13 @@ console: Console = _LazyConsole()  # type: ignore[assignment]
 err_console: Console = _LazyConsole(stderr=True)  # type: ignore[assignment]
 
 
+def escape(text: str) -> str:
+    """Rich's markup escape, imported on first use (Rich is not imported by commands that print plainly)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def reports_errors(func: F) -> F:
     """Turn labctl errors into a red message and their exit code, never a traceback."""
 

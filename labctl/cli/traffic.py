@@ -36,9 +36,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from labctl.cli.common import console, err_console, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, err_console, escape, lab_name, print_json, reports_errors, require_root
 
 if TYPE_CHECKING:
     from labctl.kernel.packet import Frame

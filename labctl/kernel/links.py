@@ -58,6 +58,11 @@ IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 _NAME_ONLY = frozenset({IFLA_IFNAME})
 _NAME_AND_STATE = frozenset({IFLA_IFNAME, IFLA_OPERSTATE})
 _NAME_AND_AF = frozenset({IFLA_IFNAME, IFLA_AF_SPEC})
+_SHOWN = frozenset(
+    {IFLA_IFNAME, IFLA_LINKINFO, IFLA_MASTER, IFLA_LINK, IFLA_STATS64, IFLA_CARRIER, IFLA_ADDRESS, IFLA_MTU}
+    | {IFLA_TXQLEN, IFLA_IFALIAS}
+)
+"""What ``links()`` reads: copying only these (of some fifty per link) halves the parsing of a status."""
 VETH_INFO_PEER = 1
 IFLA_BR_FORWARD_DELAY, IFLA_BR_AGEING_TIME, IFLA_BR_STP_STATE = 1, 4, 5
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -360,7 +365,7 @@ class NodeLinks:
 
     def links(self) -> dict[str, LinkInfo]:
         """One dump of every interface (and one of addresses); also refreshes the name -> index cache."""
-        raw = list(self._dump_links())
+        raw = list(self._dump_links(_SHOWN))
         by_index = {index: _cstr(attrs[IFLA_IFNAME]) for index, attrs, _ in raw}
         result: dict[str, LinkInfo] = {}
         for index, attrs, flags in raw:

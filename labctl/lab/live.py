@@ -22,11 +22,12 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from labctl.errors import LabctlError, LabStateError
+from labctl.errors import LabctlError
 from labctl.kernel import netns
 from labctl.kernel.links import NodeLinks
 from labctl.kernel.packet import CaptureError, InjectError, Injector, compile_filter
 from labctl.lab import state
+from labctl.lab.state import LabNotUpError  # defined with the state: status and exec raise it without importing this
 from labctl.lab.traffic import PreparedFrame, TrafficError, prepare_injection
 from labctl.topology.model import Topology
 from labctl.traffic.expr import ExprError, parse_packet
@@ -34,12 +35,6 @@ from labctl.traffic.expr import ExprError, parse_packet
 
 class TargetError(LabctlError):
     """A node, interface or address the user named does not exist or is malformed."""
-
-    exit_code = 2
-
-
-class LabNotUpError(LabStateError):
-    """The named lab (or node) has no namespaces: the user must run ``labctl up`` first."""
 
     exit_code = 2
 

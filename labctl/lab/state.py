@@ -30,6 +30,12 @@ from labctl.names import check_lab_name, lab_name_problem
 LABS_DIR = os.path.join(STATE_DIR, "labs")
 
 
+class LabNotUpError(LabStateError):
+    """The named lab (or node) has no namespaces: the user must run ``labctl up`` first."""
+
+    exit_code = 2
+
+
 @dataclass
 class LabState:
     name: str

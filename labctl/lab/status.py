@@ -28,7 +28,7 @@ def running_labs() -> list[str]:
 
 def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
     """The lab as the kernel has it; ``nodes`` limits it to those nodes (same shape, fewer entries)."""
-    from labctl.lab.live import LabNotUpError  # the one "not up" error (exit 2); live.py is heavy to import
+    from labctl.lab.state import LabNotUpError  # the one "not up" error (exit 2), light to import
 
     namespaces = netns.list_labctl(lab)
     saved = state.load(lab)
