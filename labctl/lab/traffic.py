@@ -12,8 +12,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from labctl.errors import LabctlError, LabStateError
 from labctl.kernel import netns
 from labctl.kernel.links import NodeLinks
@@ -59,12 +57,9 @@ def mac_of_address(topo: Topology, address: str) -> str | None:
 def _route(handle: NodeLinks, dst: str) -> tuple[str | None, str | None, str | None]:
     """(out interface, gateway, preferred source) the node's kernel picks for ``dst``."""
     try:
-        answer = handle.ipr.route("get", dst=dst)
-    except NetlinkError:
+        return handle.route_to(dst)
+    except OSError:  # unreachable, no route: the kernel's refusal, as pyroute2's NetlinkError was
         return None, None, None
-    msg = answer[0]
-    names = {index: name for name, index in handle.index.items()}
-    return names.get(msg.get("oif")), msg.get("gateway"), msg.get("prefsrc")
 
 
 def prepare_injection(topo: Topology, node: str, ifname: str | None, expr: str) -> PreparedFrame:
