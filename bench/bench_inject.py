@@ -211,6 +211,19 @@ def print_losses(losses: list[Loss]) -> None:
         print(f"{loss.tool:<22}{loss.offered:<12}{loss.sent:>9}{pps:>11,.0f}{loss.seen:>10}{loss.dropped:>14}")
 
 
+def print_capture_ratio(runs: list[Loss], rates: list[Rate]) -> None:
+    trafgen = max((r.pps for r in rates if r.tool == "trafgen" and r.path == "qdisc"), default=0)
+    fastest = max(runs, key=lambda x: x.sent / x.send_seconds if x.send_seconds else 0.0)
+    pps = fastest.sent / fastest.send_seconds if fastest.send_seconds else 0.0
+    lost = max(x.sent - x.seen for x in runs)  # not captured, kernel drops included
+    verdict = "met" if trafgen and pps >= trafgen and lost == 0 else "NOT met"
+    print(
+        f"\ninject with a capture on the receiver: {pps:,.0f} frames/s = {pps / trafgen if trafgen else 0:.2f}x"
+        f" trafgen without capture (qdisc path); lost at most {lost} of {fastest.sent} over {len(runs)} runs"
+        f" -- goal >= 1.0x, 0 lost: {verdict}"
+    )
+
+
 def best(runs: list[Rate]) -> Rate:
     """The fastest of the repeats: the least disturbed by other work on the host."""
     return max(runs, key=lambda r: r.pps)
@@ -246,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         for rate in (None, args.rate):
             losses.append(capture_labctl(tx, rx, frame, args.capture_count, rate))
             losses.append(capture_tcpdump(tx, rx, frame, args.capture_count, rate))
+        # the row of issue #12: inject with a capture running on the receiver vs trafgen without one (best of R)
+        captured = [capture_labctl(tx, rx, frame, args.capture_count, None) for _ in range(args.repeat - 1)]
+        losses += captured
         print_losses(losses)
+        print_capture_ratio([x for x in losses if x.tool == "labctl Capture" and x.offered == "full speed"], rates)
     finally:
         netns.remove(tx)
         netns.remove(rx)
