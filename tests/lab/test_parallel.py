@@ -46,6 +46,7 @@ def _lab(tmp_path: Path, name: str, count: int, extra: str = "") -> str:
 def test_labs_that_need_the_host_alone() -> None:
     reasons = {Path(f).name: alone_reason(load_lab_file(f)) for f in lab_files([str(REPO / "labs")])}
     assert "netdev_max_backlog" in (reasons["rx-backlog.yaml"] or "")  # a host-wide sysctl
+    assert "full-qdisc-drops" in (reasons["tx-path.yaml"] or "")  # a check marked alone: true
     assert reasons["rx-path.yaml"] is None
     assert all(r is None for name, r in reasons.items() if name not in ("rx-backlog.yaml", "tx-path.yaml"))
 
