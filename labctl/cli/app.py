@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from labctl.cli import coercion, render
-from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root, say
 from labctl.errors import LabctlError, LabFileError, Problem
 
 coercion.install()  # plain str/int/bool/Path arguments without importing pydantic
@@ -56,7 +56,7 @@ def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
     topo, _ = load_lab(str(file))
     require_root()
     result = build.up(topo, str(file))
-    console.print(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
+    say(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
 
 
 @app.command()
@@ -68,7 +68,7 @@ def down(lab: LabArg) -> None:
     require_root()
     name = lab_name(lab)
     removed = build.down(name)
-    console.print(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
+    say(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
 
 
 @app.command()
