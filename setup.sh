@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 DEBS=(python3 python3-venv python3-pip iproute2 iptables ebtables tcpdump ethtool netsniff-ng
-      nftables graphviz iputils-ping conntrack libpcap0.8 kmod procps)
+      nftables libnftables1 graphviz iputils-ping conntrack libpcap0.8 kmod procps)
 # python-iptables is published as source only: its small C extension (libxtwrapper, no Python.h)
 # needs a C compiler and libc headers, installed only when the machine has no working compiler.
 BUILD_DEBS=(gcc libc6-dev)

@@ -42,9 +42,14 @@ class Problem:
         where = self.file or "<lab>"
         if self.line is not None:
             where += f":{self.line}"
-        lines = self.message.split("\n")[:MESSAGE_LINES]
-        text = "\n".join(_printable(line) for line in lines)
-        return f"{_printable(where)}: {_printable(format_key(self.path))}: {text}"
+        return problem_text(where, format_key(self.path), self.message)
+
+
+def problem_text(where: str, key: str, message: str) -> str:
+    """``where: key: message``, printable, with continuation lines (a caret) aligned under the message."""
+    lines = message.split("\n")[:MESSAGE_LINES]
+    prefix = f"{_printable(where)}: {_printable(key)}: "
+    return prefix + f"\n{' ' * len(prefix)}".join(_printable(line) for line in lines)
 
 
 MESSAGE_MAX = 400
@@ -76,8 +81,37 @@ class LabFileError(LabctlError):
         return "\n".join(str(p) for p in self.problems)
 
 
+@dataclass
+class KernelLacksError(LabFileError):
+    """The lab file is valid but asks for kinds or features this kernel is built without.
+
+    ``lacking`` names the options; ``labctl run`` reports such a lab as SKIP
+    (not provable here), ``up`` and ``validate`` as an error (exit 2).
+    """
+
+    lacking: list[str] = field(default_factory=list)
+
+
 class LabStateError(LabctlError):
     """The lab is not in a state that allows the request (not up, locked, ...)."""
+
+
+class LabNotUpError(LabStateError):
+    """The named lab (or node) is not up: nothing of it exists.  Exit 2 for every command.
+
+    The one "unknown lab" error, so that a typo in a lab name is the same exit
+    code whichever command it was given to (``down``, ``rules`` and ``status`` alike).
+    """
+
+    exit_code = 2
+
+
+class CommandError(LabctlError):
+    """``exec``'s command could not be run: 127 (not found) or 126 (not executable), as env(1) says."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class KernelError(LabctlError):

@@ -5,6 +5,16 @@ lab is brought up once before its first check and taken down after its last,
 and a failing check shows its evidence rows (expected vs observed) and the
 traced path, like ``labctl run``.
 
+For tests written in Python, the ``lab`` fixture brings a lab file up once
+per test module and yields a :class:`labctl.lab.handle.Lab` (exec, inject,
+send, capture, counters, trace, check); the module names its file with
+``pytestmark = pytest.mark.lab("labs/rx-path.yaml", name="my-rx")``.
+
+Claims: every collected check carries ``claim(ID)`` markers for the claims
+it covers, and a Python test can say ``@pytest.mark.claim("R7")``;
+``--claim R7`` (repeatable) runs only the tests of those claims, and
+``-m "claim(id='R7')"`` works too.
+
 With pytest-xdist (``pytest -n 2 labs/``) the checks of one lab file stay in
 one worker (an ``xdist_group`` per file; ``--dist load`` becomes
 ``loadgroup``), and labs that need the host to themselves run while no other
@@ -52,12 +62,19 @@ class CheckFailed(Exception):
 class LabCollector(pytest.File):
     lab: LabFile | None = None
     _held: contextlib.ExitStack | None = None
+    lacking: list[str] | None = None
+    """Kernel options the lab's topology needs and this kernel lacks: nothing is built, every check skips."""
 
     def collect(self) -> Iterator[pytest.Item]:
+        from labctl.errors import KernelLacksError
         from labctl.verify.runner import load_lab_file
 
         try:
             self.lab = load_lab_file(str(self.path))
+        except KernelLacksError as exc:
+            from labctl.topology.loader import load_file
+
+            self.lab, self.lacking = load_file(str(self.path), LabFile)[0], list(exc.lacking)
         except LabctlError as exc:
             raise self.CollectError(str(exc)) from exc
         for check in self.lab.checks:
@@ -69,6 +86,8 @@ class LabCollector(pytest.File):
         from labctl.lab import build
 
         assert self.lab is not None
+        if self.lacking:
+            return
         run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set in xdist workers only
         if run:
             from labctl.verify.parallel import RunLock, alone_reason
@@ -81,7 +100,7 @@ class LabCollector(pytest.File):
         from labctl.lab import build
 
         try:
-            if self.lab is not None:
+            if self.lab is not None and not self.lacking:
                 build.down(self.lab.name)
         finally:
             if self._held is not None:
@@ -94,13 +113,15 @@ class CheckItem(pytest.Item):
         super().__init__(**kwargs)
         self.check = check
         for claim in check.covers:
-            self.add_marker(pytest.mark.claim(claim))
+            self.add_marker(pytest.mark.claim(claim, id=claim))
 
     def runtest(self) -> None:
         from labctl.verify.runner import run_check
 
         parent = self.parent
         assert isinstance(parent, LabCollector) and parent.lab is not None
+        if parent.lacking:
+            pytest.skip(f"not provable here: this kernel lacks {', '.join(parent.lacking)}")
         result = run_check(parent.lab, self.check)
         if result.status == "skip":
             pytest.skip(f"not provable here: this kernel lacks {', '.join(result.not_provable)}")
@@ -128,7 +149,8 @@ class CheckItem(pytest.Item):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "claim(id): the PATHS.md claim a lab check proves")
+    config.addinivalue_line("markers", "claim(id): the PATHS.md claim a lab check or test proves")
+    config.addinivalue_line("markers", "lab(file, name=None): the lab file the module's `lab` fixture brings up")
     if getattr(config.option, "dist", "no") == "load":  # pytest -n N: keep each lab's checks in one worker
         config.option.dist = "loadgroup"
 
@@ -150,3 +172,67 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             from labctl.verify.parallel import RunLock
 
             RunLock(f"pytest-{uid}").remove()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="labctl: run only checks and tests marked with this claim (e.g. R7; repeatable)",
+    )
+
+
+def claims_of(item: pytest.Item) -> set[str]:
+    """Claim ids of an item: ``claim("R7")``, ``claim(id="R7")`` or ``claim("R7", "R8")``."""
+    found: set[str] = set()
+    for mark in item.iter_markers("claim"):
+        found.update(str(a) for a in mark.args)
+        if "id" in mark.kwargs:
+            found.add(str(mark.kwargs["id"]))
+    return found
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m reads the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:  # a positional claim("R7") also answers -m "claim(id='R7')"
+        for mark in list(item.iter_markers("claim")):
+            if "id" not in mark.kwargs:
+                for claim in mark.args:
+                    item.add_marker(pytest.mark.claim(claim, id=claim))
+    wanted = set(config.getoption("--claim") or [])
+    if not wanted:
+        return
+    keep = [i for i in items if claims_of(i) & wanted]
+    deselected = [i for i in items if not claims_of(i) & wanted]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The module's lab, up for the whole module and down after it.
+
+    The file comes from ``pytest.mark.lab(FILE, name=NAME)`` on the module
+    (``pytestmark``) or on the test, relative to the test file's folder or
+    the working directory; ``name`` (optional) renames the lab so the test
+    cannot collide with a lab someone else has up.
+    """
+    from labctl.lab.handle import Lab
+
+    marker = request.node.get_closest_marker("lab")
+    if marker is None or not marker.args:
+        raise pytest.UsageError(
+            f"{request.node.nodeid}: the lab fixture needs pytestmark = pytest.mark.lab('FILE.yaml')"
+        )
+    file = Path(str(marker.args[0]))
+    if not file.is_absolute() and not file.exists():
+        file = Path(str(request.node.path)).parent / file
+    handle = Lab(str(file), name=marker.kwargs.get("name"))
+    handle.up()
+    try:
+        yield handle
+    finally:
+        handle.down()

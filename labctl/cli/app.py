@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from labctl.cli import coercion, render
-from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root, say
+from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root
 from labctl.errors import LabctlError, LabFileError, Problem
 
 coercion.install()  # plain str/int/bool/Path arguments without importing pydantic
@@ -50,25 +50,36 @@ def _root(
 @reports_errors
 def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
     """Build the lab in FILE, or converge a running one to it."""
+    from labctl.cli.progress import building
     from labctl.lab import build
     from labctl.lab.labfile import load_lab
 
     topo, _ = load_lab(str(file))
     require_root()
-    result = build.up(topo, str(file))
-    say(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
+    changes: list[str] = []
+    with building(topo.name) as step:
+        result = build.up(topo, str(file), progress=step, changes=changes)
+    for line in changes:
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
 
 
 @app.command()
 @reports_errors
 def down(lab: LabArg) -> None:
     """Remove everything the lab made (works after a crash too)."""
+    from labctl.errors import LabNotUpError
     from labctl.lab import build
+    from labctl.lab.clean import anything_left_of
+    from labctl.lab.status import running_labs
 
     require_root()
     name = lab_name(lab)
-    removed = build.down(name)
-    say(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
+    known = anything_left_of(name)
+    removed = build.down(name)  # also when unknown: it takes and removes a lock file a killed up left
+    if not known:
+        raise LabNotUpError(f"lab {name} is not up (labs up: {', '.join(running_labs()) or 'none'})")
+    console.print(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
 
 
 @app.command()
@@ -99,21 +110,27 @@ def exec(
     command: Annotated[list[str], typer.Argument(help="command to run inside the node")],
 ) -> None:
     """Run a command inside a node (like ip netns exec), e.g. labctl exec LAB c1 -- ping -c1 192.168.9.3."""
-    from labctl.errors import LabStateError
+    from labctl.errors import CommandError, LabNotUpError
     from labctl.kernel import netns
     from labctl.kernel.sysfs import enter_with_own_sysfs
-    from labctl.lab.state import LabNotUpError
 
     require_root()
-    name = netns.namespace_name(lab_name(lab), node)
+    lab = lab_name(lab)
+    name = netns.namespace_name(lab, node)
     if not netns.exists(name):
-        raise LabNotUpError(f"lab {lab_name(lab)} has no node {node} up")
+        if not netns.list_labctl(lab):
+            from labctl.lab.status import running_labs
+
+            raise LabNotUpError(f"lab {lab} is not up (labs up: {', '.join(running_labs()) or 'none'})")
+        raise LabNotUpError(f"lab {lab} has no node {node} up")
     enter_with_own_sysfs(name)
     sys.stdout.flush()
     try:
         os.execvp(command[0], command)
-    except FileNotFoundError:
-        raise LabStateError(f"{command[0]}: command not found") from None
+    except FileNotFoundError:  # 127 and 126 as env(1), nice(1) and ip netns exec's shell give them
+        raise CommandError(f"{command[0]}: command not found", 127) from None
+    except PermissionError:
+        raise CommandError(f"{command[0]}: permission denied", 126) from None
 
 
 @app.command()
@@ -137,10 +154,16 @@ def graph(
     fmt: Annotated[str, typer.Option("--format", help="dot or mermaid (when printing)")] = "dot",
 ) -> None:
     """Draw the topology (Graphviz or Mermaid)."""
+    from labctl.errors import KernelLacksError
     from labctl.lab.labfile import load_lab
     from labctl.topology import graph as topo_graph
+    from labctl.topology.checks import LabFile
+    from labctl.topology.loader import load_file
 
-    topo, _ = load_lab(str(file))
+    try:
+        topo, _ = load_lab(str(file))
+    except KernelLacksError:  # a picture needs no kernel: a lab for another kernel is drawn all the same
+        topo = load_file(str(file), LabFile)[0]
     if output is None:
         print(topo_graph.mermaid(topo) if fmt == "mermaid" else topo_graph.dot(topo))
         return
@@ -159,6 +182,12 @@ def run(
     reuse: Annotated[
         bool, typer.Option("--reuse", help="run against a lab already up (labctl up) and leave it up")
     ] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="write a self-contained HTML report (path pictures, pcaps beside it)")
+    ] = None,
+    pcap_dir: Annotated[
+        Path | None, typer.Option("--pcap", help="write each check's captures to DIR/LAB.CHECK.pcapng, with verdicts")
+    ] = None,
     jobs: Annotated[
         int, typer.Option("-j", "--jobs", min=1, help="labs at a time, each in its own process (some run alone)")
     ] = 1,
@@ -174,19 +203,25 @@ def run(
     results: list[LabResult] = []
     bad_input = False
     quiet = json
-    with console.status("starting", spinner="dots") as progress:
+    from labctl.cli.progress import checking
+
+    pcaps_to = str(pcap_dir) if pcap_dir else None
+    with checking(files, select, enabled=not quiet and jobs <= 1) as show:
         if jobs > 1 and len(files) > 1:  # labctl/verify/parallel.py: which labs may share the machine
             from labctl.verify.parallel import run_labs
 
-            results, bad_input = run_labs(files, jobs, select, keep, reuse, None if quiet else progress.update)
+            results, bad_input = run_labs(files, jobs, select, keep, reuse, pcap_dir=pcaps_to)
         for file in files if jobs <= 1 or len(files) <= 1 else []:
-
-            def show(lab: str, check: str) -> None:
-                progress.update(f"{lab}: {check}")
-
             try:
                 results.append(
-                    run_lab(file, select=select, keep=keep, on_check=None if quiet else show, reuse=reuse)
+                    run_lab(
+                        file,
+                        select=select,
+                        keep=keep,
+                        on_check=show,
+                        reuse=reuse,
+                        pcap_dir=pcaps_to,
+                    )
                 )
             except LabctlError as exc:  # one broken lab must not cost the report of the others
                 bad_input = bad_input or exc.exit_code == 2
@@ -201,6 +236,15 @@ def run(
         print(report.as_json(results))
     else:
         report.print_results(console, results)
+        pcaps = [c.pcap for r in results for c in r.checks if c.pcap]
+        if pcaps:
+            console.print(f"{len(pcaps)} pcapng files (verdicts as frame comments) in {pcap_dir}", highlight=False)
+    if html is not None:
+        from labctl.verify.html import write_report
+
+        written = write_report(html, results)
+        if not json:
+            console.print(f"wrote {written}", highlight=False)
     if bad_input:
         raise typer.Exit(2)
     if not all(r.passed for r in results):
@@ -211,7 +255,7 @@ def run(
 @reports_errors
 def demo(folder: Annotated[Path, typer.Argument(help="folder of lab files")] = Path("labs")) -> None:
     """The main job: run every verification lab in FOLDER and show the kernel's evidence."""
-    run([str(folder)], json=False, junit=None, select=None, keep=False, reuse=False, jobs=1)
+    run([str(folder)], json=False, junit=None, select=None, keep=False, reuse=False)
 
 
 def _register_command_groups() -> None:

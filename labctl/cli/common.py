@@ -70,7 +70,13 @@ def reports_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except LabctlError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True, emoji=False)
+            # a caret line (it starts with spaces) stays under its word after the "error: " prefix
+            text = "\n".join(" " * 7 + line if line.startswith(" ") else line for line in str(exc).split("\n"))
+            from rich.markup import escape  # the text quotes a file anyone may have written: never markup
+
+            err_console.print(
+                f"[bold red]error:[/] {escape(text)}", highlight=False, markup=True, soft_wrap=True, emoji=False
+            )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -94,6 +100,24 @@ def lab_name(lab_or_file: str) -> str:
     problem = lab_name_problem(name)  # names.py, not the pydantic model: ``down`` never imports it
     if problem is not None:
         raise LabFileError([Problem(("name",), problem, lab_or_file)])
+    return name
+
+
+def up_lab_name(lab_or_file: str) -> str:
+    """:func:`lab_name`, and the lab must be up -- checked before any heavy import (Scapy, python-iptables).
+
+    A typo in a lab name is answered in a blink and with the one "not up" error (exit 2).
+    """
+    from labctl.errors import LabNotUpError
+    from labctl.kernel import netns
+    from labctl.lab import state
+
+    name = lab_name(lab_or_file)
+    if not netns.list_labctl(name) and state.load(name) is None:
+        from labctl.lab.status import running_labs
+
+        up = ", ".join(running_labs()) or "none"
+        raise LabNotUpError(f"lab {name} is not up (labs up: {up}); run labctl up FILE first")
     return name
 
 

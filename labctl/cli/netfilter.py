@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, print_json, reports_errors, require_root, up_lab_name
 
 if TYPE_CHECKING:
     from labctl.kernel.nftrace import HookStep
@@ -29,26 +29,28 @@ def rules(
     node: Annotated[str | None, typer.Argument(help="only this node (all nodes when omitted)")] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Every iptables and ebtables rule of the lab's nodes, with packet/byte counters.
+    """Every iptables, ebtables and nft rule of the lab's nodes, with packet/byte counters.
 
     iptables rules are read with python-iptables, which uses the legacy xtables
     backend: inside a node look with `labctl exec LAB NODE -- iptables-legacy -nvL`
     (plain `iptables` is the nft variant and only warns that legacy tables exist).
     ebtables rules live in nf_tables (ebtables-nft; this kernel has no legacy
     ebtables): `ebtables-nft -L --Lc` or `nft list ruleset`.  Rule 0 of a chain is
-    its policy; ebtables policies keep no counters (shown as –).  Listing never
-    creates a table.
+    its policy; ebtables policies keep no counters (shown as –).  nft rules (a
+    node's `nftables:`) are numbered by their handle (`nft -a list ruleset`); a rule
+    without a `counter` statement has no counts.  Listing never creates a table.
     """
+    require_root()
+    name = up_lab_name(lab)  # before the heavy import: a typo is answered at once
+
     from labctl.lab.netfilter import lab_rules
 
-    require_root()
-    name = lab_name(lab)
     rows = lab_rules(name, node)
     if json:
         print_json([r.as_dict() for r in rows])
         return
     if not rows:
-        console.print(f"lab [bold]{name}[/]: no iptables or ebtables tables in {node or 'any node'}")
+        console.print(f"lab [bold]{name}[/]: no iptables, ebtables or nft tables in {node or 'any node'}")
         return
     from rich.table import Table
 
@@ -64,7 +66,7 @@ def rules(
         ):
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for row in (r for r in rows if r.node == current):
-            where = f"{row.family} {row.table}" if row.family == "bridge" else row.table
+            where = f"{row.family} {row.table}" if row.family in ("bridge", "nft") else row.table
             number = "policy" if row.number == 0 else str(row.number)
             text = (row.policy or "") if row.number == 0 else row.rule
             style = "dim" if row.number == 0 and not row.packets else None
@@ -105,10 +107,12 @@ def hooks(
     creates the traced tables in namespaces that had none (legacy xtables tables
     cannot be removed again).
     """
+    require_root()
+    name = up_lab_name(lab)  # before the heavy import: a typo is answered at once
+
     from labctl.lab.netfilter import trace_hooks
 
-    require_root()
-    walk = trace_hooks(lab_name(lab), node, packet, via=via, interface=interface, count=count, conntrack=conntrack)
+    walk = trace_hooks(name, node, packet, via=via, interface=interface, count=count, conntrack=conntrack)
     if json:
         print_json(walk.as_dict())
         return

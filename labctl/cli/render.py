@@ -30,11 +30,28 @@ def status(data: dict[str, Any], full: bool = False) -> None:
             for route in info["routes"]:
                 if route["via"] or route["dst"] == "default":
                     console.print(f"  {node}: route {route['dst']} via {route['via'] or route['dev']}", highlight=False)
+            _traffic_lines(node, info)
     else:
         _summary(data)
     for vm, relay in data["relays"].items():
         alive = "[green]running[/]" if relay["alive"] else "[red]dead[/]"
         console.print(f"  relay for {vm}: pid {relay['pid']} {alive}", highlight=False)
+
+
+def _traffic_lines(node: str, info: dict[str, Any]) -> None:
+    """A node's nft tables and each interface's tc, one line each (only where there is some)."""
+    if info.get("nftables"):
+        console.print(f"  {node}: nftables {', '.join(info['nftables'])}", highlight=False)
+    for iface in info["interfaces"]:
+        tc = iface.get("tc")
+        if not tc:
+            continue
+        text = f"  {node}:{iface['name']}: tc {', '.join(tc['qdiscs'])}"
+        if tc["classes"]:
+            text += f"; classes {', '.join(tc['classes'])}"
+        if tc["filters"]:
+            text += f"; filters {', '.join(tc['filters'])}"
+        console.print(text, highlight=False)
 
 
 def _state(iface: dict[str, Any]) -> str:
@@ -113,6 +130,8 @@ def cleaned(done: Any) -> None:
     restored = ", ".join(f"{k}={v}" for k, v in done.sysctls_restored.items())
     tree.add(f"host sysctls restored: {restored or 'none'}")
     tree.add(f"trace instances removed: {len(done.trace_instances)}")
+    if done.trace_rules:
+        tree.add(f"hook-trace rules of killed tracers removed: {' '.join(done.trace_rules)}")
     tree.add(f"lab states forgotten: {len(done.states)}")
     if done.busy:
         tree.add(f"[yellow]busy (another labctl command holds the lock), left alone:[/] {' '.join(done.busy)}")

@@ -103,6 +103,8 @@ def validate(
 
     Exit 0 when every file is valid, 2 when one is not.
     """
+    from labctl.errors import problem_text
+
     results = []
     code = 0
     for path in _expand(files):
@@ -118,7 +120,7 @@ def validate(
                 print(f"{result['file']}: ok (lab {result['lab']}: {what})")
             for p in result["problems"]:
                 where = p["file"] + (f":{p['line']}" if p["line"] is not None else "")
-                print(f"{where}: {p['key']}: {p['message']}")
+                print(problem_text(where, p["key"], p["message"]))  # escaped: the file is anyone's
         bad = sum(not r["ok"] for r in results)
         if bad and len(results) > 1:
             err_console.print(f"{bad} of {len(results)} files have problems", highlight=False, soft_wrap=True)

@@ -4,6 +4,7 @@ Two forms::
 
     labctl trace LAB NODE[:IFACE] "IP(dst='10.0.0.2')/UDP(dport=5999)" [--count N] [--json]
     labctl trace LAB --follow [--json]
+    labctl trace LAB NODE PACKET -o path.svg        # the path drawn over the topology
 
 The first injects the frame and prints each skb's path in the notes' words
 (see :mod:`labctl.lab.trace` for how events are attributed and placed); the
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from labctl.cli.common import console, err_console, escape, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, err_console, escape, print_json, reports_errors, require_root, up_lab_name
 
 if TYPE_CHECKING:
     from labctl.lab.live import LiveLab
@@ -310,10 +311,11 @@ def print_follow_summary(summary: FollowSummary) -> None:
 
 
 def _open(lab: str) -> LiveLab:
+    require_root()
+    name = up_lab_name(lab)  # before live's imports (Scapy): a typo is answered at once
+
     from labctl.lab.live import open_lab
 
-    require_root()
-    name = lab_name(lab)
     live = open_lab(name, file=lab if name != lab else None)
     for warning in live.warnings:
         _say(f"[yellow]warning:[/] {escape(warning)}", err=True)
@@ -340,6 +342,10 @@ def trace(
     cpu: Annotated[int | None, typer.Option("--cpu", min=0, help="inject from this CPU (RPS experiments)")] = None,
     settle: Annotated[float, typer.Option("--settle", min=0.0, help="max seconds to wait for the kernel")] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON (JSON lines with --follow)")] = False,
+    output: Annotated[
+        str | None,
+        typer.Option("-o", "--output", help="draw each kind of path over the topology: path.svg|.png|.pdf|.dot"),
+    ] = None,
 ) -> None:
     """Inject a packet and show where it went in the kernel, and why it stopped there.
 
@@ -350,14 +356,21 @@ def trace(
     if follow:
         if target is not None or expr is not None:
             raise typer.BadParameter("--follow traces the lab's own traffic; give only LAB", param_hint="--follow")
+        if output is not None:
+            raise typer.BadParameter("pictures are drawn of an injected packet, not with --follow", param_hint="-o")
         _follow(lab, as_json)
         return
     if target is None or expr is None:
         raise typer.BadParameter("give NODE[:IFACE] and PACKET (or --follow)", param_hint="NODE[:IFACE] PACKET")
+    if output is not None:
+        from labctl.topology.graph import picture_type
+
+        if picture_type(output) not in ("svg", "png", "pdf", "dot", "gv"):
+            raise typer.BadParameter(f"{output}: use .svg, .png, .pdf or .dot", param_hint="-o")
+    live = _open(lab)
     from labctl.lab.live import prepare
     from labctl.lab.trace import trace_frame
 
-    live = _open(lab)
     where = live.target(target)
     frame = prepare(where, expr)
     if cpu is not None and cpu not in _cpus():
@@ -368,6 +381,27 @@ def trace(
         print_json(result.as_dict())
     else:
         print_result(result)
+    if output is not None:
+        _draw(live, result, output, quiet=as_json)
+
+
+def _draw(live: LiveLab, result: TraceResult, output: str, *, quiet: bool) -> None:
+    """One picture per kind of path (packets that took the same path share one), as the text groups them."""
+    from labctl.lab.trace.picture import write_pictures
+
+    groups = result.groups()
+    if not groups:
+        _say("[yellow]no packet was traced: no picture written[/]", err=True)
+        return
+    titles = [
+        f"{result.lab}: packet {g[0].index + 1}"
+        + (f" (and {len(g) - 1} like it)" if len(g) > 1 else "")
+        + f" — {result.summary} from {result.node}:{result.interface}"
+        for g in groups
+    ]
+    written = write_pictures(live.topo, [g[0] for g in groups], output, titles)
+    for name in written:
+        _say(f"wrote {escape(name)}", err=quiet)
 
 
 def _cpus() -> set[int]:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from labctl.cli.common import console, err_console, escape, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, err_console, escape, print_json, reports_errors, require_root, up_lab_name
 
 if TYPE_CHECKING:
     from labctl.kernel.packet import Frame
@@ -61,10 +61,11 @@ class Proto(StrEnum):
 
 def _open(lab: str) -> LiveLab:
     """Resolve LAB (name or file) to the running lab; print notes about its file."""
+    require_root()
+    name = up_lab_name(lab)  # before live's imports (Scapy): a typo is answered at once
+
     from labctl.lab.live import open_lab
 
-    require_root()
-    name = lab_name(lab)
     live = open_lab(name, file=lab if name != lab else None)
     for warning in live.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
@@ -220,7 +221,10 @@ def send(
     if src is not None:
         src = parse_address(src)
     data = payload.encode()
-    result = send_udp(where.namespace, dst, dport, data, count=count, sport=sport, src=src)
+    try:
+        result = send_udp(where.namespace, dst, dport, data, count=count, sport=sport, src=src)
+    except OSError as exc:  # no socket of that family (IPv6 off in the node)
+        raise _kernel_error(f"cannot send udp to {destination} from {where.node}", exc) from None
     errors = {errno_name(code): n for code, n in sorted(result.errors.items())}
     if as_json:
         print_json(
@@ -377,7 +381,9 @@ def capture(
     lab: LabArg,
     target: Annotated[str, typer.Argument(metavar="NODE[:IFACE]", help="node (all its interfaces) or one interface")],
     bpf: Annotated[str | None, typer.Option("-f", "--filter", help="tcpdump filter, e.g. 'udp port 5000'")] = None,
-    write: Annotated[Path | None, typer.Option("-w", "--write", help="write a pcap file (tcpdump -r reads it)")] = None,
+    write: Annotated[
+        Path | None, typer.Option("-w", "--write", help="write .pcapng (a comment per frame) or .pcap (tcpdump -r)")
+    ] = None,
     count: Annotated[int | None, typer.Option("-c", "--count", min=1, help="stop after this many frames")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="stop after this many seconds")] = None,
     buffer_kib: Annotated[
@@ -449,7 +455,7 @@ def capture(
                     break
             emit(cap.stop())
     stats = cap.stats()
-    written = cap.write_pcap(write) if write is not None else None
+    written = cap.write_pcap(write, node=where.node) if write is not None else None  # .pcapng: comments, IDBs
     report = {
         "type": "stats",
         "frames": stats.frames,

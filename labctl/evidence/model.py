@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from labctl.kernel.nftrace import HookStep
+from labctl.kernel.packet import Frame
 from labctl.kernel.tracefs import TraceEvent
 
 FROZEN_EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -115,6 +116,8 @@ class CaptureEvidence:
     directions: Mapping[str, int] = field(default_factory=lambda: FROZEN_EMPTY)
     sources: tuple[str, ...] = ()
     """Source MAC of every frame, in order (E2's rewritten MAC)."""
+    captured: tuple[Frame, ...] = field(default=(), compare=False, repr=False)
+    """The frames themselves, for a report's pcap files (not part of the JSON form or of a golden file)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -265,11 +268,18 @@ class Evidence:
     sends: tuple[SendEvidence, ...] = ()
     rules: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
     ebtables: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
+    nft: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
+    """Per node, packet deltas of nf_tables rule counters: by ``family table chain handle N`` and by comment."""
     walks: Mapping[str, tuple[tuple[WalkStep, ...], ...]] = field(default_factory=lambda: FROZEN_EMPTY)
     fdb: Mapping[str, tuple[FdbEntry, ...]] = field(default_factory=lambda: FROZEN_EMPTY)
     macs: Mapping[str, str] = field(default_factory=lambda: FROZEN_EMPTY)
     """``node:iface`` -> MAC, for expectations that name an interface instead of a MAC."""
     conntrack: int = 0
+    conntrack_entries: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=lambda: FROZEN_EMPTY)
+    """Per node, each conntrack entry as a flat record (proto, src, dst, sport, dport, reply_*, state, zone,
+    status, mark) -- read only when an expectation needs conntrack."""
+    routes: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: FROZEN_EMPTY)
+    """``'node dst'`` -> what ``ip route get`` answered after the traffic (dev, via, src, mtu, type, error)."""
     notifications: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: FROZEN_EMPTY)
     errors: tuple[str, ...] = field(default=())
     """Steps that could not do what they said (a socket that failed, an exec that timed out)."""
@@ -304,10 +314,13 @@ class Evidence:
             "sends": [s.as_dict() for s in self.sends],
             "rules": {n: dict(r) for n, r in self.rules.items()},
             "ebtables": {n: dict(r) for n, r in self.ebtables.items()},
+            "nft": {n: dict(r) for n, r in self.nft.items()},
             "walks": {n: [[step_as_dict(s) for s in w] for w in walks] for n, walks in self.walks.items()},
             "fdb": {k: [e.as_dict() for e in v] for k, v in self.fdb.items()},
             "macs": dict(self.macs),
             "conntrack": self.conntrack,
+            "conntrack_entries": {n: [dict(e) for e in v] for n, v in self.conntrack_entries.items()},
+            "routes": {k: dict(v) for k, v in self.routes.items()},
             "notifications": {n: list(v) for n, v in self.notifications.items()},
             "errors": list(self.errors),
         }
@@ -331,6 +344,7 @@ class Evidence:
             sends=tuple(SendEvidence.from_dict(s) for s in data.get("sends", ())),
             rules=frozen_nested(data.get("rules", {})),
             ebtables=frozen_nested(data.get("ebtables", {})),
+            nft=frozen_nested(data.get("nft", {})),
             walks=MappingProxyType(
                 {
                     n: tuple(tuple(step_from_dict(s) for s in w) for w in walks)
@@ -340,6 +354,10 @@ class Evidence:
             fdb=MappingProxyType({k: tuple(FdbEntry.from_dict(e) for e in v) for k, v in data.get("fdb", {}).items()}),
             macs=MappingProxyType(dict(data.get("macs", {}))),
             conntrack=int(data.get("conntrack", 0)),
+            conntrack_entries=MappingProxyType(
+                {n: tuple(MappingProxyType(dict(e)) for e in v) for n, v in data.get("conntrack_entries", {}).items()}
+            ),
+            routes=frozen_nested(data.get("routes", {})),
             notifications=MappingProxyType({n: tuple(v) for n, v in data.get("notifications", {}).items()}),
             errors=tuple(data.get("errors", ())),
         )

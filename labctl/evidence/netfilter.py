@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # python-iptables is imported by the functions that read rule
 
 RuleCounts = dict[str, dict[str, int]]
 
-TRACE_RULE = re.compile(r"lt[0-9a-f]{6}\|(?:ip|bridge)\|")
+TRACE_RULE = re.compile(r"lt[0-9a-f]{6}\|(?:ip|bridge|nft)\|")
 """The NFLOG prefix a HookTracer's own rules carry (``lt<tag>|ip|raw|PREROUTING``)."""
 
 
@@ -90,6 +90,23 @@ def rule_deltas(
         }
 
     return diff(before[0], after[0]), diff(before[1], after[1])
+
+
+def read_nft_counts(nodes: Mapping[str, str]) -> RuleCounts:
+    """Packet counters of every nf_tables rule with a ``counter`` of the given nodes (node -> namespace)."""
+    if not nodes:
+        return {}
+    from labctl.kernel import nft
+
+    return {node: nft.counts(nft.rule_counters(ns)) for node, ns in nodes.items()}
+
+
+def nft_deltas(before: RuleCounts, after: RuleCounts) -> RuleCounts:
+    """Per node and rule, packets counted between the two readings (a rule new since then counts from 0)."""
+    return {
+        node: {key: value - before.get(node, {}).get(key, 0) for key, value in rows.items()}
+        for node, rows in after.items()
+    }
 
 
 def packet_of(step: HookStep) -> str:

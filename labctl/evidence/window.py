@@ -30,9 +30,11 @@ from labctl.evidence.model import (
     frozen_nested,
 )
 from labctl.kernel import conntrack, counters, netns, tracefs
+from labctl.kernel.conntrack import as_record as conntrack_record
 from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries
-from labctl.kernel.nftrace import HookTracer
+from labctl.kernel.nftrace import IP_CHAINS, HookTracer
 from labctl.kernel.packet import Capture
+from labctl.kernel.routes import route_get
 from labctl.lab import relay
 from labctl.topology.model import Topology
 
@@ -73,6 +75,8 @@ class WalkRequest:
     bridge_tables: set[str] = field(default_factory=set)
     nat: bool = False
     match: str = ""
+    nft: bool = False
+    ip: bool = True
 
 
 @dataclass
@@ -86,8 +90,15 @@ class WindowSpec:
     rules: set[str] = field(default_factory=set)
     """Nodes whose iptables rule counters are read."""
     ebtables: set[str] = field(default_factory=set)
+    nft: set[str] = field(default_factory=set)
+    """Nodes whose nf_tables rule counters are read."""
     fdb: set[str] = field(default_factory=set)
     conntrack: bool = False
+    routes: set[tuple[str, str]] = field(default_factory=set)
+    """(node, destination) looked up after the traffic, so a PMTU the traffic taught shows."""
+
+
+IP_TRACE_TABLES = tuple(IP_CHAINS)
 
 
 def lab_devices(topo: Topology) -> set[str]:
@@ -139,13 +150,21 @@ class Window:
         }
         self._tracers = {
             node: self._stack.enter_context(
-                HookTracer(self.nodes[node], match=w.match, bridge_tables=sorted(w.bridge_tables), conntrack=w.nat)
+                HookTracer(
+                    self.nodes[node],
+                    tables=IP_TRACE_TABLES if w.ip else (),
+                    match=w.match,
+                    bridge_tables=sorted(w.bridge_tables),
+                    conntrack=w.nat,
+                    nft=w.nft,
+                )
             )
             for node, w in spec.walks.items()
         }
         self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
         self._pump = self._stack.enter_context(WatchPump(list(self._watches.values())))
         self._rules_before = self._rule_counts()
+        self._nft_before = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
         self._before = counters.Snapshot.take(self.nodes.values())
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
         buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
@@ -197,6 +216,7 @@ class Window:
             self.skipped = dict(self._trace.skipped)
             after = counters.Snapshot.take(self.nodes.values())
             rules_after = self._rule_counts()
+            nft_after = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
             self._pump.close()
             notes = {node: watch.notes() for node, watch in self._watches.items()}
             if self._pump.error:
@@ -208,7 +228,13 @@ class Window:
             captures = {key: _capture(capture) for key, capture in self._captures.items()}
             fdb = {key: self._fdb(key) for key in sorted(self.spec.fdb)}
             macs = self._macs() if self.spec.fdb else {}
-            ct = sum(len(conntrack.entries(ns)) for ns in self.nodes.values()) if self.spec.conntrack else 0
+            ct_entries = (
+                {node: conntrack.entries(ns) for node, ns in self.nodes.items()} if self.spec.conntrack else {}
+            )
+            ct = sum(len(found) for found in ct_entries.values())
+            route_answers = {
+                f"{node} {dst}": route_get(self.nodes[node], dst).as_dict() for node, dst in sorted(self.spec.routes)
+            }
         finally:
             self._stack.close()
         delta = counters.delta(self._before, after)
@@ -242,10 +268,15 @@ class Window:
             sends=tuple(self._sends),
             rules=frozen_nested(rules),
             ebtables=frozen_nested(bridge_rules),
+            nft=frozen_nested(nf_evidence.nft_deltas(self._nft_before, nft_after)),
             walks=MappingProxyType(walks),
             fdb=MappingProxyType(fdb),
             macs=MappingProxyType(macs),
             conntrack=ct,
+            conntrack_entries=MappingProxyType(
+                {node: tuple(conntrack_record(e) for e in found) for node, found in ct_entries.items() if found}
+            ),
+            routes=frozen_nested(route_answers),
             notifications=MappingProxyType({n: tuple(x.text() for x in v) for n, v in notes.items() if v}),
             errors=tuple(self._errors),
         )
@@ -283,7 +314,7 @@ def _capture(capture: Capture) -> CaptureEvidence:
     for frame in frames:
         directions[frame.direction] = directions.get(frame.direction, 0) + 1
     sources = tuple(":".join(f"{b:02x}" for b in frame.data[6:12]) for frame in frames)
-    return CaptureEvidence(len(frames), capture.stats().drops, MappingProxyType(directions), sources)
+    return CaptureEvidence(len(frames), capture.stats().drops, MappingProxyType(directions), sources, tuple(frames))
 
 
 def _counter_names(snapshot: counters.Snapshot, nodes: Mapping[str, str]) -> dict[str, frozenset[str]]:

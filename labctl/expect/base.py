@@ -57,6 +57,10 @@ class WalkSpec:
 
     bridge_tables: set[str] = field(default_factory=set)
     nat: bool = False
+    nft: bool = False
+    """The node's nft base chains too (steps ``nft:FAMILY:TABLE:CHAIN``)."""
+    ip: bool = True
+    """The iptables tables (False when every step named is an nft one: tracing them would instantiate them)."""
 
 
 @dataclass
@@ -68,6 +72,8 @@ class Needs:
     fdb: set[str] = field(default_factory=set)
     """'node:bridge' keys whose fdb is read after the traffic."""
     conntrack: bool = False
+    routes: set[tuple[str, str]] = field(default_factory=set)
+    """(node, destination) pairs looked up (``ip route get``) after the traffic."""
     whole_trace: bool = False
     """Lost trace events spoil the verdict (a count with an upper bound, a walk)."""
 

@@ -20,7 +20,14 @@ from typing import Any
 
 from labctl.kernel import netns
 
-_PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
+_PROTOCOLS = {
+    socket.IPPROTO_TCP: "tcp",
+    socket.IPPROTO_UDP: "udp",
+    socket.IPPROTO_ICMP: "icmp",
+    socket.IPPROTO_ICMPV6: "icmpv6",
+    136: "udplite",
+    132: "sctp",
+}
 
 # enum ip_conntrack_status bits that matter for reading a lab
 _STATUS_BITS = {
@@ -68,6 +75,25 @@ class ConntrackEntry:
     def dnat(self) -> bool:
         """Destination NAT applied: the flow really goes to another address."""
         return "DST_NAT" in self.status
+
+
+def as_record(entry: ConntrackEntry) -> dict[str, Any]:
+    """A flat, JSON-ready view of an entry (what the evidence keeps and ``conntrack`` expectations match)."""
+    return {
+        "proto": entry.proto,
+        "src": entry.orig.src,
+        "dst": entry.orig.dst,
+        "sport": entry.orig.sport,
+        "dport": entry.orig.dport,
+        "reply_src": entry.reply.src,
+        "reply_dst": entry.reply.dst,
+        "reply_sport": entry.reply.sport,
+        "reply_dport": entry.reply.dport,
+        "state": entry.state,
+        "zone": entry.zone or 0,
+        "status": list(entry.status),
+        "mark": entry.mark,
+    }
 
 
 def entries(namespace: str) -> list[ConntrackEntry]:

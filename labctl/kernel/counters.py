@@ -25,6 +25,9 @@ from labctl.kernel import netns
 from labctl.kernel.links import RTM_GETQDISC, Netlink, NodeLinks, attributes
 
 SNMP_FILES = ("/proc/thread-self/net/snmp", "/proc/thread-self/net/netstat")
+SNMP6_FILE = "/proc/thread-self/net/snmp6"
+SNMP6_PROTOCOLS = ("Udplite6", "Icmp6", "Udp6", "Ip6")
+"""Prefixes of /proc/net/snmp6 names, longest first (Udplite6 before Udp6)."""
 SOFTNET_FILE = "/proc/net/softnet_stat"
 
 SOFTNET_COLUMNS = {
@@ -62,11 +65,30 @@ def parse_snmp(text: str) -> dict[str, int]:
     return counters
 
 
+def parse_snmp6(text: str) -> dict[str, int]:
+    """``Ip6InReceives  12`` lines of /proc/net/snmp6 → {"Ip6.InReceives": 12}, named like snmp's ``Ip.*``.
+
+    Icmp6's per-type lines (``Icmp6InType135``) are kept as they are (``Icmp6.InType135``).
+    """
+    counters: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            continue
+        for proto in SNMP6_PROTOCOLS:
+            if parts[0].startswith(proto):
+                counters[f"{proto}.{parts[0][len(proto):]}"] = int(parts[1])
+                break
+    return counters
+
+
 def _read_snmp_here() -> dict[str, int]:
     counters: dict[str, int] = {}
     for path in SNMP_FILES:
         with open(path) as f:
             counters.update(parse_snmp(f.read()))
+    with contextlib.suppress(FileNotFoundError), open(SNMP6_FILE) as f:  # a kernel without IPv6 has no snmp6
+        counters.update(parse_snmp6(f.read()))
     return counters
 
 
@@ -80,7 +102,7 @@ def _inside(namespace: str | None) -> Iterator[None]:
 
 
 def snmp(namespace: str | None) -> dict[str, int]:
-    """Protocol counters (snmp + netstat) of ``namespace`` (the caller's own when None)."""
+    """Protocol counters (snmp + netstat + snmp6) of ``namespace`` (the caller's own when None)."""
     with _inside(namespace):
         return _read_snmp_here()
 

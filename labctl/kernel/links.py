@@ -19,7 +19,6 @@ on first use through :attr:`NodeLinks.ipr`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import os
@@ -66,6 +65,8 @@ _SHOWN = frozenset(
 VETH_INFO_PEER = 1
 IFLA_BR_FORWARD_DELAY, IFLA_BR_AGEING_TIME, IFLA_BR_STP_STATE = 1, 4, 5
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_FLAGS = 8  # u32: the full flags (ifa_flags in the header holds only the low 8 bits)
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 7, 15
 RTN_UNICAST = 1
 NLA_F_NESTED = 0x8000
@@ -440,6 +441,50 @@ class NodeLinks:
             _ip_text(family, attrs[RTA_PREFSRC]) if RTA_PREFSRC in attrs else None,
         )
 
+    def unsettled_ipv6(self) -> tuple[list[str], list[str]]:
+        """(tentative, DAD-failed) IPv6 addresses as ``iface addr/len``.
+
+        A tentative address cannot be a source or receive unicast (the stack
+        drops what is sent to it): a lab is not up while one remains.
+        """
+        self.commit()
+        names = {index: name for name, index in self.index.items()}
+        tentative: list[str] = []
+        failed: list[str] = []
+        for _, data, offset in self.nl.dump(RTM_GETADDR, _IFADDR.pack(socket.AF_INET6, 0, 0, 0, 0)):
+            family, prefixlen, flags, _, index = _IFADDR.unpack_from(data, offset)
+            if family != socket.AF_INET6:
+                continue
+            attrs = _attrs(data, offset + _IFADDR.size)
+            if IFA_FLAGS in attrs:
+                flags = struct.unpack("=I", attrs[IFA_FLAGS][:4])[0]
+            address = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
+            text = f"{names.get(index, str(index))} {_ip_text(family, address or bytes(16))}/{prefixlen}"
+            if flags & IFA_F_DADFAILED:
+                failed.append(text)
+            elif flags & IFA_F_TENTATIVE:
+                tentative.append(text)
+        return tentative, failed
+
+    def wait_ipv6_settled(self, timeout: float = 10.0) -> tuple[list[str], list[str]]:
+        """Poll until no IPv6 address of a running interface is tentative; (still tentative, DAD failed).
+
+        An interface that is down (``up: false``, a bridge without ports) never runs DAD, so its
+        addresses stay tentative until it comes up: they are not waited for.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            running = {
+                _cstr(attrs[IFLA_IFNAME])
+                for _, attrs, _ in self._dump_links(_NAME_AND_STATE)
+                if OPERSTATES.get(attrs.get(IFLA_OPERSTATE, b"\0")[0]) in ("UP", "UNKNOWN")
+            }
+            tentative, failed = self.unsettled_ipv6()
+            tentative = [entry for entry in tentative if entry.split(" ", 1)[0] in running]
+            if not tentative or time.monotonic() > deadline:
+                return tentative, failed
+            time.sleep(0.05)
+
     def routes(self, own_only: bool = False) -> list[dict[str, Any]]:
         """Routes of the main table (IPv4 then IPv6), with interface names."""
         self.commit()
@@ -685,19 +730,6 @@ class NodeLinks:
                 ethtool.set_features(name, features)
             finally:
                 ethtool.close()
-
-    def set_root_qdisc(self, name: str, kind: str, **params: Any) -> None:
-        """Replace the root qdisc (delete first: the kernel refuses to replace across kinds)."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        self.commit()
-        index = self.index[name]
-        with contextlib.suppress(NetlinkError):
-            self.ipr.tc("del", index=index, handle=0x10000)
-        try:
-            self.ipr.tc("add", kind, index, 0x10000, **params)
-        except NetlinkError as exc:
-            raise _kernel_error(f"{kind} qdisc on {name}", self.namespace, exc.code) from exc
 
     def set_rps_cpus(self, name: str, mask: str) -> None:
         """RPS is configured in sysfs only, which must be mounted from inside the namespace."""

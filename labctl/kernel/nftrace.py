@@ -29,6 +29,9 @@ Why NFLOG and not the alternatives (checked on this 6.18 kernel):
   not the ebtables-nft chains -- and only tables that already exist.
 * nft ``meta nftrace set 1`` + ``nft monitor trace`` only sees nf_tables
   chains: the ebtables-nft tables, not python-iptables' legacy xtables.
+  A node's own nft chains (its ``nftables:``) are traced like the rest: an
+  nft ``log group`` rule at the top of each base chain, into the same
+  nfnetlink_log group, so nft, iptables and ebtables steps share one order.
 * NFLOG needs no sysctl at all: xt_NFLOG/nft ``log group`` call the
   nfnetlink_log logger directly (``nf_log_all_netns`` only gates the syslog
   logger), and nfnetlink_log instances are per namespace.
@@ -66,7 +69,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from labctl.kernel import netns
+from labctl.kernel import netns, tracerules
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
@@ -339,6 +342,7 @@ class _Installed:
     ip_rules: list[str] = field(default_factory=list)
     bridge_rules: list[str] = field(default_factory=list)
     bridge_tables_before: list[str] = field(default_factory=list)
+    nft_rules: int = 0
 
 
 class HookTracer:
@@ -352,9 +356,11 @@ class HookTracer:
 
     ``tables`` are iptables tables (legacy xtables); ``bridge_tables`` are
     ebtables tables (``"nat"``, ``"filter"``), traced only when given.
-    ``match`` is iptables match syntax limiting the trace to the lab's
-    packets; ``bridge_match`` the ebtables equivalent (derived from ``match``
-    for ``-p``, ``-s``, ``-d``, ``--sport``, ``--dport`` when not given).
+    ``nft`` adds the base chains of the namespace's own nf_tables tables
+    (steps ``nft:FAMILY:TABLE:CHAIN``).  ``match`` is iptables match syntax
+    limiting the trace to the lab's packets (translated for nft);
+    ``bridge_match`` the ebtables equivalent (derived from ``match`` for
+    ``-p``, ``-s``, ``-d``, ``--sport``, ``--dport`` when not given).
     """
 
     def __init__(
@@ -366,6 +372,7 @@ class HookTracer:
         bridge_match: str | None = None,
         group: int | None = None,
         conntrack: bool = False,
+        nft: bool = False,
     ) -> None:
         unknown = [t for t in tables if t not in IP_CHAINS] + [t for t in bridge_tables if t not in BRIDGE_CHAINS]
         if unknown:
@@ -377,10 +384,12 @@ class HookTracer:
         self.bridge_match = bridge_match if bridge_match is not None else ebtables_match(match)
         self.group = group
         self.conntrack = conntrack
+        self.nft = nft
         self.tag = "lt" + secrets.token_hex(3)
         self._listener: NflogListener | None = None
         self._installed = _Installed()
         self._messages: list[NflogMessage] = []
+        self._recorded = False
 
     def __enter__(self) -> HookTracer:
         self._listener = open_listener(self.namespace, self.group)
@@ -423,11 +432,21 @@ class HookTracer:
         ]
         if bridge_rules:
             self._installed.bridge_tables_before = ebtables.existing_tables(self.namespace)
+        # recorded before any rule goes in: a kill -9 from here on leaves rules the next labctl command removes
+        tracerules.record(self.namespace, self.tag, bridge_rules, self._installed.bridge_tables_before)
+        self._recorded = True
+        if bridge_rules:
             ebtables.apply_rules(self.namespace, bridge_rules)
             self._installed.bridge_rules = bridge_rules
         if ip_rules:
             iptables.apply_rules(self.namespace, ip_rules)
             self._installed.ip_rules = ip_rules
+        if self.nft:
+            from labctl.kernel import nft
+
+            self._installed.nft_rules = nft.install_trace_rules(
+                self.namespace, lambda f, t, c: self.prefix("nft", f"{f}:{t}", c), group, self.match
+            )
 
     def _ct_words(self, table: str) -> str:
         """With ``conntrack``, the nat trace rules use conntrack (and so switch it on).
@@ -449,6 +468,11 @@ class HookTracer:
             if self._installed.ip_rules:
                 iptables.delete_where(self.namespace, lambda text: f'"{self.tag}|' in text)
                 self._installed.ip_rules = []
+            if self._installed.nft_rules:
+                from labctl.kernel import nft
+
+                nft.remove_trace_rules(self.namespace, f"{self.tag}|nft|")
+                self._installed.nft_rules = 0
             if self._installed.bridge_rules:
                 ebtables.delete_rules(self.namespace, self._installed.bridge_rules)
                 self._installed.bridge_rules = []
@@ -457,6 +481,9 @@ class HookTracer:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+        if self._recorded and not self._installed.ip_rules and not self._installed.bridge_rules:
+            tracerules.forget(self.tag)
+            self._recorded = False
 
     def _drop_bridge_tables_we_made(self) -> None:
         from labctl.kernel import ebtables  # python-iptables: imported only when rules are made

@@ -22,7 +22,6 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import functools
 import mmap
 import os
 import select
@@ -30,12 +29,24 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from labctl.kernel import netns
+from labctl.kernel.bpf import (  # noqa: F401 -- re-exported: callers import filters from here too
+    DEFAULT_SNAPLEN,
+    DLT_EN10MB,
+    DLT_RAW,
+    CaptureError,
+    SockFilter,
+    VlanFilter,
+    attach_filter,
+    compile_filter,
+    needs_vlan_tags,
+    tagged_frames_pass,
+)
 
 if TYPE_CHECKING:
     from scapy.packet import Packet
@@ -48,7 +59,6 @@ PACKET_STATISTICS = 6
 PACKET_VERSION = 10
 PACKET_QDISC_BYPASS = 20
 TPACKET_V3 = 2
-SO_ATTACH_FILTER = 26
 SO_SNDBUFFORCE = 32
 SIOCGIFNAME = 0x8910
 SIOCGIFINDEX = 0x8933
@@ -58,10 +68,6 @@ TP_STATUS_VLAN_VALID = 0x10
 TP_STATUS_VLAN_TPID_VALID = 0x40
 TPACKET3_HDRLEN = 48  # TPACKET_ALIGN(sizeof(struct tpacket3_hdr)); sockaddr_ll follows
 
-# pcap-linktype.h / DLT values as libpcap's pcap_open_dead() takes them
-DLT_EN10MB = 1
-DLT_RAW = 12
-DEFAULT_SNAPLEN = 262144
 
 PACKET_TYPES = {
     0: "host",
@@ -75,90 +81,10 @@ PACKET_TYPES = {
 }
 
 Direction = Literal["in", "out"]
-SockFilter = tuple[int, int, int, int]
-"""One classic BPF instruction: (code, jt, jf, k), as in ``struct sock_filter``."""
-
-
-class CaptureError(RuntimeError):
-    """A capture could not be set up (bad filter, missing interface, ...)."""
 
 
 class InjectError(RuntimeError):
     """Frames cannot be sent at all (no such interface, frame the device refuses)."""
-
-
-# ---------------------------------------------------------------- libpcap / BPF
-
-
-class _BpfInsn(ctypes.Structure):
-    _fields_ = [
-        ("code", ctypes.c_ushort),
-        ("jt", ctypes.c_ubyte),
-        ("jf", ctypes.c_ubyte),
-        ("k", ctypes.c_uint32),
-    ]
-
-
-class _BpfProgram(ctypes.Structure):
-    _fields_ = [("bf_len", ctypes.c_uint), ("bf_insns", ctypes.POINTER(_BpfInsn))]
-
-
-_pcap_lock = threading.Lock()  # libpcap's parser is not reentrant on every version
-_PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
-
-
-@functools.cache
-def _libpcap() -> ctypes.CDLL:
-    name = ctypes.util.find_library("pcap")
-    if name is None:
-        raise CaptureError("libpcap is not installed (Debian: libpcap0.8); it compiles capture filters")
-    lib = ctypes.CDLL(name)
-    lib.pcap_open_dead.restype = ctypes.c_void_p
-    lib.pcap_open_dead.argtypes = [ctypes.c_int, ctypes.c_int]
-    lib.pcap_compile.restype = ctypes.c_int
-    lib.pcap_compile.argtypes = [
-        ctypes.c_void_p,
-        ctypes.POINTER(_BpfProgram),
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_uint32,
-    ]
-    lib.pcap_geterr.restype = ctypes.c_char_p
-    lib.pcap_geterr.argtypes = [ctypes.c_void_p]
-    lib.pcap_freecode.argtypes = [ctypes.POINTER(_BpfProgram)]
-    lib.pcap_close.argtypes = [ctypes.c_void_p]
-    return lib
-
-
-def compile_filter(expr: str, *, linktype: int = DLT_EN10MB, snaplen: int = DEFAULT_SNAPLEN) -> list[SockFilter]:
-    """Compile tcpdump filter syntax to classic BPF with libpcap (what tcpdump does).
-
-    A "dead" pcap handle is enough: no device is opened, so this works for a
-    device that lives in another namespace.  Raises :class:`CaptureError`
-    carrying libpcap's own message for a bad expression.
-    """
-    lib = _libpcap()
-    with _pcap_lock:
-        handle = lib.pcap_open_dead(linktype, snaplen)
-        if not handle:
-            raise CaptureError("libpcap could not open a dead handle")
-        prog = _BpfProgram()
-        try:
-            if lib.pcap_compile(handle, ctypes.byref(prog), expr.encode(), 1, _PCAP_NETMASK_UNKNOWN) != 0:
-                message = (lib.pcap_geterr(handle) or b"unknown error").decode(errors="replace")
-                raise CaptureError(f"bad capture filter {expr!r}: {message}")
-            insns = [(i.code, i.jt, i.jf, i.k) for i in prog.bf_insns[: prog.bf_len]]
-            lib.pcap_freecode(ctypes.byref(prog))
-            return insns
-        finally:
-            lib.pcap_close(handle)
-
-
-def attach_filter(sock: socket.socket, program: Sequence[SockFilter]) -> None:
-    """SO_ATTACH_FILTER: the kernel runs ``program`` on each skb before queueing it."""
-    array = (_BpfInsn * len(program))(*[_BpfInsn(*insn) for insn in program])
-    fprog = struct.pack("@HP", len(program), ctypes.addressof(array))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 # ---------------------------------------------------------------- interfaces
@@ -228,24 +154,11 @@ class Frame:
         return Ether(self.data)
 
 
-_PCAP_MAGIC_NS = 0xA1B23C4D
-
-
 def write_pcap(path: str | os.PathLike[str], frames: Iterable[Frame], snaplen: int = DEFAULT_SNAPLEN) -> int:
-    """Write a nanosecond pcap (linktype Ethernet) that tcpdump, tshark and Scapy read."""
-    count = 0
-    with open(path, "wb") as out:
-        out.write(struct.pack("=IHHiIII", _PCAP_MAGIC_NS, 2, 4, 0, 0, snaplen, DLT_EN10MB))
-        for frame in frames:
-            _write_record(out, frame)
-            count += 1
-    return count
+    """Classic pcap (the writers live in :mod:`labctl.kernel.pcap`)."""
+    from labctl.kernel import pcap
 
-
-def _write_record(out: BinaryIO, frame: Frame) -> None:
-    sec, nsec = divmod(frame.timestamp_ns, 1_000_000_000)
-    out.write(struct.pack("=IIII", sec, nsec, len(frame.data), max(frame.wire_len, len(frame.data))))
-    out.write(frame.data)
+    return pcap.write_pcap(path, frames, snaplen)
 
 
 # ---------------------------------------------------------------- capture
@@ -315,6 +228,10 @@ class Capture:
 
     def __post_init__(self) -> None:
         program = compile_filter(self.bpf_filter, snaplen=self.snaplen) if self.bpf_filter else None
+        self._vlan_filter: VlanFilter | None = None
+        if program is not None and needs_vlan_tags(self.bpf_filter):
+            self._vlan_filter = VlanFilter(program)
+            program = tagged_frames_pass(program, self.snaplen)
         self._ring = _Ring(self.block_bytes, max(1, self.ring_bytes // self.block_bytes), self.retire_ms)
         self._sock = _packet_socket(self.namespace)
         try:
@@ -369,12 +286,38 @@ class Capture:
         process does (an Injector, typically) while the burst is running.
         """
         num_pkts, first, used = struct.unpack_from("III", self._map, offset + 12)
+        if self._vlan_filter is not None:
+            self._read_block_vlan(offset, num_pkts, first, used)
+            return
         take = num_pkts if self.count is None else min(num_pkts, self.count - self._taken)
         if take > 0:
             end = used if first < used <= self._ring.block_size else self._ring.block_size
             with self._lock:
                 self._blocks.append((self._map[offset : offset + end], first, take))
                 self._taken += take
+
+    def _read_block_vlan(self, offset: int, num_pkts: int, first: int, used: int) -> None:
+        """Parse now, and keep a frame whose tag was in metadata only if the filter matches it re-tagged.
+
+        Frames without such a tag already passed the whole filter in the kernel.
+        Parsing here (not lazily) lets ``count`` count matching frames only.
+        """
+        assert self._vlan_filter is not None
+        end = used if first < used <= self._ring.block_size else self._ring.block_size
+        block = self._map[offset : offset + end]
+        pos, kept = first, []
+        for _ in range(num_pkts):
+            if self._count_reached():
+                break
+            status = struct.unpack_from("I", block, pos + 20)[0]
+            frame = self._parse(block, pos)
+            pos += struct.unpack_from("I", block, pos)[0]  # tp_next_offset
+            if status & TP_STATUS_VLAN_VALID and not self._vlan_filter.matches(frame.data, frame.wire_len):
+                continue
+            kept.append(frame)
+            self._taken += 1
+        with self._lock:
+            self._frames.extend(kept)
 
     def _parse_pending(self) -> None:
         with self._lock:
@@ -498,8 +441,12 @@ class Capture:
         packets, drops, freeze = self._totals
         return CaptureStats(packets, drops, freeze, self._taken)
 
-    def write_pcap(self, path: str | os.PathLike[str]) -> int:
-        return write_pcap(path, self.frames, self.snaplen)
+    def write_pcap(self, path: str | os.PathLike[str], node: str | None = None, comment: Any = None) -> int:
+        """pcapng for ``.pcapng`` (IDBs ``node:iface``, a comment per frame; ``comment`` adds a verdict), else pcap."""
+        from labctl.kernel import pcap
+
+        who = node or self.namespace
+        return pcap.write(path, self.frames, node=who, namespace=self.namespace, snaplen=self.snaplen, comment=comment)
 
     def close(self) -> None:
         """Stop, keep the final statistics, release the ring and the socket."""

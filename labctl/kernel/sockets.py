@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from labctl.kernel import netns
-from labctl.kernel.packet import DLT_RAW, SockFilter, attach_filter, compile_filter
+from labctl.kernel.bpf import DLT_RAW, SockFilter, attach_filter, compile_filter
 
 SO_RCVBUFFORCE = 33
+SOL_UDP, UDP_SEGMENT = 17, 103  # <linux/udp.h>: one send of N*gso_size bytes leaves as N datagrams
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO = 10, 0, 2  # <linux/in.h>: DF never / always set
+IPV6_DONTFRAG = 62  # <linux/in6.h>: a datagram over the path MTU is refused (EMSGSIZE), not fragmented
 SO_MEMINFO = 55
 SK_MEMINFO_RMEM_ALLOC, SK_MEMINFO_RCVBUF, SK_MEMINFO_DROPS = 0, 1, 8
 SK_MEMINFO_VARS = 9
@@ -76,6 +79,11 @@ def _from_network_header(insn: SockFilter, expr: str) -> SockFilter:
 # ---------------------------------------------------------------- listener
 
 
+def family_of(address: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 literal, AF_INET otherwise: a socket's family follows the address it is given."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 @dataclass(frozen=True)
 class ListenerStats:
     """The socket's own view (SO_MEMINFO): what waits in its queue and what it dropped."""
@@ -110,7 +118,7 @@ class UdpListener:
     def __post_init__(self) -> None:
         program = udp_socket_filter(self.socket_filter) if self.socket_filter else None
         with netns.entered(self.namespace):
-            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._sock = socket.socket(family_of(self.addr), socket.SOCK_DGRAM)
         try:
             if self.rcvbuf is not None:
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
@@ -141,7 +149,7 @@ class UdpListener:
                 payload, source = self._sock.recvfrom(65535)
             except BlockingIOError:
                 return
-            self._received.append((payload, source))
+            self._received.append((payload, (str(source[0]), int(source[1]))))
 
     def received(self) -> list[Datagram]:
         """Datagrams read so far, as (payload, (source address, source port))."""
@@ -219,21 +227,44 @@ def send_udp(
     sport: int | None = None,
     src: str | None = None,
     timeout: float = 5.0,
+    gso_size: int | None = None,
+    dont_fragment: bool | None = None,
 ) -> SendResult:
     """Send ``count`` datagrams from the node's own stack; failures are counted by errno.
 
-    ``timeout`` bounds a send blocked on a full send buffer (counted as EAGAIN).
+    The socket's family follows ``dst`` (IPv4 or IPv6).  ``timeout`` bounds a
+    send blocked on a full send buffer (counted as EAGAIN).  ``gso_size`` sets
+    UDP_SEGMENT: each send of ``payload`` leaves as ceil(len/gso_size)
+    datagrams, segmented by the stack (or the device).  ``dont_fragment=True``
+    sets IP_PMTUDISC_DO / IPV6_DONTFRAG: a datagram over the known path MTU
+    gets EMSGSIZE, and a router on a smaller link answers with frag-needed /
+    packet-too-big instead of fragmenting.  ``False`` sets IP_PMTUDISC_DONT
+    (IPv4 without DF: routers fragment); None keeps the kernel's default
+    (IPv4: IP_PMTUDISC_WANT, which also sets DF).  A socket the kernel refuses (or an
+    option it lacks) raises OSError: the caller cannot claim to have sent.
     """
+    family = family_of(dst)
     with netns.entered(namespace):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
     errors: dict[int, int] = {}
     first: int | None = None
     sent = 0
     with sock:
         sock.settimeout(timeout)
         try:
+            if gso_size is not None:
+                sock.setsockopt(SOL_UDP, UDP_SEGMENT, gso_size)
+            if dont_fragment is not None and family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, int(dont_fragment))
+            elif dont_fragment is not None:
+                mode = IP_PMTUDISC_DO if dont_fragment else IP_PMTUDISC_DONT
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, mode)
+        except OSError:
+            sock.close()
+            raise
+        try:
             if sport is not None or src is not None:
-                sock.bind((src or "0.0.0.0", sport or 0))
+                sock.bind((src or ("::" if family == socket.AF_INET6 else "0.0.0.0"), sport or 0))
         except OSError as exc:
             code = exc.errno or errno_codes.EIO
             return SendResult(0, count, code, {code: count})

@@ -19,14 +19,15 @@ import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from labctl.errors import KernelError, LabFileError, Problem
-from labctl.kernel import modules, netns, sysctl
+from labctl.kernel import modules, netns, nft, sysctl
 from labctl.kernel.links import PEER_ALIAS, LinkAttrs, Netlink, NodeLinks, bridge_tables_here
 from labctl.kernel.sysctl import GlobalOverrides
-from labctl.lab import relay, state
+from labctl.lab import nftables, relay, state, tc
 from labctl.lab.state import LabState
 
 if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
@@ -34,6 +35,9 @@ if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
 
 IPV6_OFF = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
 IPV6_ON = {"net.ipv6.conf.all.disable_ipv6": "0", "net.ipv6.conf.default.disable_ipv6": "0"}
+DAD_OFF = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+DAD_ON = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "1"}
+"""accept_dad per node (``dad:``); 'all' stays 0 (the kernel uses the larger of all and the interface's)."""
 
 
 def owner(lab: str) -> str:
@@ -60,6 +64,8 @@ class Builder:
         self.handles: dict[str, NodeLinks] = {}
         self.fresh: set[str] = set()  # nodes whose namespace this run created
         self.tables: dict[str, tuple[bool, bool]] = {}  # existing node -> (has iptables, has ebtables tables)
+        self.nft_tables: dict[str, list[tuple[str, str]]] = {}  # existing node -> its nf_tables tables
+        self.traffic_changes: list[str] = []  # "a:eth0: tc replaced", "b: nftables loaded" (for up to print)
         self.next_index: dict[str, int] = {}
         # lookups the steps make per interface, computed once (labs have thousands of links)
         self.link_at: dict[tuple[str, str], Link] = {}
@@ -107,6 +113,8 @@ class Builder:
                 run.namespaces.append(name)
                 self.fresh.add(node)
             wanted = IPV6_ON if self.topo.nodes[node].ipv6 else IPV6_OFF
+            if self.topo.nodes[node].ipv6:
+                wanted = {**wanted, **(DAD_ON if self.topo.nodes[node].dad else DAD_OFF)}
             with netns.entered(name):  # one switch for all of it: this runs once per node
                 sysctl.write_here(wanted)  # before any link exists, so links inherit it
                 self.handles[node] = handle = NodeLinks(name, Netlink(), batch=True)
@@ -115,7 +123,13 @@ class Builder:
                     off = wanted["net.ipv6.conf.all.disable_ipv6"] == "1"
                     differ = [name for name, disabled in handle.ipv6_disabled().items() if disabled != off]
                     sysctl.write_here({f"net.ipv6.conf.{name}.disable_ipv6": "1" if off else "0" for name in differ})
+                    if self.topo.nodes[node].ipv6:  # dad: applies to the interfaces that exist already too
+                        dad = DAD_ON["net.ipv6.conf.default.accept_dad"] if self.topo.nodes[node].dad else "0"
+                        sysctl.write_here(
+                            {f"net.ipv6.conf.{name}.accept_dad": dad for name in handle.ipv6_disabled() if name != "lo"}
+                        )
                     self.tables[node] = (_has_iptables_here(), bridge_tables_here())
+                    self.nft_tables[node] = nft.tables_here()
             if node in self.fresh:
                 handle.index = {"lo": 1}
 
@@ -251,6 +265,18 @@ class Builder:
                 iptables.apply_rules(ns, spec.iptables)
             if spec.ebtables:
                 ebtables.apply_rules(ns, spec.ebtables)
+        self.nftables()
+
+    def nftables(self) -> None:
+        """Each node's nft ruleset, converged after ebtables (whose tables it leaves alone)."""
+        for node, spec in self.topo.nodes.items():
+            tables = self.nft_tables.get(node, [])
+            if spec.nftables is None and not tables:
+                continue
+            keep_ebtables = bool(spec.ebtables) or (spec.nftables is None)
+            done = nftables.converge(self.ns[node], spec.nftables, tables, keep_ebtables)
+            if done is not None:
+                self.traffic_changes.append(f"{node}: nftables {done}")
 
     def kernel_modules(self) -> None:
         """br_netfilter only when a node sets bridge-nf sysctls (it changes every bridge's behaviour)."""
@@ -269,13 +295,28 @@ class Builder:
                     self.handles[node].set_features(ifname, features)
                 if cfg.rps_cpus is not None:
                     self.handles[node].set_rps_cpus(ifname, cfg.rps_cpus)
-                if cfg.qdisc is not None:
-                    self.handles[node].ensure_indexes({ifname})
-                    q = cfg.qdisc
-                    params = (
-                        {"rate": q.rate, "burst": q.burst, "limit": q.limit} if q.kind == "tbf" else {"limit": q.limit}
-                    )
-                    self.handles[node].set_root_qdisc(ifname, q.kind, **params)
+
+    def traffic_control(self, before: dict[str, str]) -> dict[str, str]:
+        """Each interface's tc (labctl.lab.tc); returns the fingerprints to remember in the state."""
+        built: dict[str, str] = {}
+        for node, spec in self.topo.nodes.items():
+            handle = self.handles[node]
+            handle.commit()
+            names = {i for i in spec.interfaces if spec.interfaces[i].traffic_control is not None}
+            names |= {key.partition(":")[2] for key in before if key.partition(":")[0] == node}
+            for ifname in sorted(names):
+                key = f"{node}:{ifname}"
+                cfg = spec.interfaces.get(ifname)
+                if ifname not in handle.index and cfg is None:
+                    continue  # the interface itself is gone
+                done, mark = tc.converge(
+                    handle, ifname, cfg.traffic_control if cfg else None, before.get(key), node in self.fresh
+                )
+                if done is not None:
+                    self.traffic_changes.append(f"{key}: tc {done}")
+                if mark is not None:
+                    built[key] = mark
+        return built
 
     def relays(self, run: _Run, previous: dict[str, int]) -> dict[str, int]:
         pids: dict[str, int] = {}
@@ -318,18 +359,52 @@ class Builder:
                 handle.wait_operational(wanted)
         for handle in list(self.handles.values())[-1:]:
             handle.sync()
+        self.settle_ipv6()
+
+    def settle_ipv6(self) -> None:
+        """Return once no IPv6 address of an IPv6 node is tentative (DAD takes about a second).
+
+        A tentative address is not usable: a datagram to it is dropped and it is never chosen as a
+        source, so a check run right after ``up`` would see the DAD window, not the lab.  An address
+        that failed DAD is a duplicate on the link: an error naming it.
+        """
+        for node, handle in self.handles.items():
+            if not self.topo.nodes[node].ipv6:
+                continue
+            tentative, failed = handle.wait_ipv6_settled()
+            if failed or tentative:
+                raise KernelError(
+                    f"node {node}: IPv6 "
+                    + (f"duplicate address detection failed for {', '.join(failed)}" if failed else
+                       f"addresses still tentative after 10 s: {', '.join(tentative)}")
+                )
 
     def close(self) -> None:
         for handle in self.handles.values():
             handle.close()
 
 
-def up(topo: Topology, file: str) -> LabState:
+def up(
+    topo: Topology,
+    file: str,
+    progress: Callable[[str, int, int], None] | None = None,
+    changes: list[str] | None = None,
+) -> LabState:
     """Build or converge ``topo``; on failure undo what this call created and re-raise.
+
+    ``changes``, when given, receives a line per tc tree and nft ruleset this
+    run built, replaced or removed (``up`` prints them).
 
     A lab up from another file is refused (LabFileError, exit 2): its name is
     taken, and converging would silently rebuild someone else's lab.
+    ``progress(step, done, total)`` is told as each step starts (the CLI draws it).
     """
+    steps = iter(range(BUILD_STEPS))
+
+    def tick(name: str) -> None:
+        if progress is not None:
+            progress(name, next(steps), BUILD_STEPS)
+
     with state.locked(topo.name):
         previous = state.load(topo.name)
         if previous is not None and previous.file != os.path.abspath(file):
@@ -360,18 +435,29 @@ def up(topo: Topology, file: str) -> LabState:
                 # converge, not release-then-acquire: a value kept is never written back and forth
                 GlobalOverrides.converge(owner(topo.name), dict(topo.sysctls))
                 run.globals_acquired = bool(topo.sysctls)
+            tick("namespaces")
             builder.namespaces(run)
             builder.remove_stale_interfaces()
+            tick("bridges")
             builder.bridges()
+            tick("links")
             builder.links()
             builder.commit()
+            tick("interfaces")
             builder.configure()
+            tick("addresses and routes")
             builder.addresses_and_routes()
             builder.commit()
+            tick("sysctls, modules, knobs")
             builder.kernel_modules()
             builder.knobs()
+            tick("traffic control")
+            current.tc = builder.traffic_control(previous.tc if previous else {})
+            tick("netfilter")
             builder.netfilter()
+            tick("relays")
             current.relays = builder.relays(run, current.relays)
+            tick("waiting for links to come up")
             builder.settle()
         except BaseException as exc:
             _rollback(run, topo.name, first_up=previous is None)
@@ -384,13 +470,23 @@ def up(topo: Topology, file: str) -> LabState:
                 if previous is None
                 else "the lab is partly converged: run up again, or down"
             )
-            detail = str(exc) if isinstance(exc, OSError | sysctl.SysctlError) or _is_rule_error(exc) else repr(exc)
+            detail = (
+                str(exc)
+                if isinstance(exc, OSError | sysctl.SysctlError | nft.NftError) or _is_rule_error(exc)
+                else repr(exc)
+            )
             raise KernelError(f"lab {topo.name}: {detail}; {undone}") from exc
         finally:
             builder.close()
         current.status = "up"
         state.save(current)
+        if changes is not None:
+            changes.extend(builder.traffic_changes)
         return current
+
+
+BUILD_STEPS = 10
+"""Steps ``up`` reports to its progress callback."""
 
 
 def _has_iptables_here() -> bool:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from labctl.errors import LabStateError
-from labctl.kernel import modules, netns, procs, tracefs
+from labctl.kernel import modules, netns, procs, tracefs, tracerules
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import relay, state
 from labctl.names import check_lab_name, lab_name_problem, scratch_owner
@@ -19,6 +19,8 @@ class Cleaned:
     """Lab namespaces, and scratch namespaces (``labctl-ebdiag<pid>.<tid>``) whose process is gone."""
     sysctls_restored: dict[str, str] = field(default_factory=dict)
     trace_instances: list[str] = field(default_factory=list)
+    trace_rules: list[str] = field(default_factory=list)
+    """``namespace:tag`` of hook-trace rules a killed tracer left in a lab that is still up."""
     states: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
     """Labs left alone because another labctl command holds their lock."""
@@ -63,6 +65,15 @@ def _labs_with_leftovers() -> set[str]:
     return {lab for lab in found if lab_name_problem(lab) is None}
 
 
+def anything_left_of(lab: str) -> bool:
+    """Whether anything of ``lab`` exists: ``down`` of a lab with nothing is an unknown lab (exit 2)."""
+    if state.load(lab) is not None or netns.list_labctl(lab) or relay.find(lab):
+        return True
+    owners = [o for holders in GlobalOverrides.owners().values() for o in holders]
+    owners += [o for holders in modules.owners().values() for o in holders]
+    return f"lab:{lab}" in owners
+
+
 def _clean_lab(lab: str, done: Cleaned) -> None:
     pids = sorted(relay.find(lab))
     relay.stop(pids)
@@ -93,6 +104,7 @@ def clean_all(lab: str | None = None) -> Cleaned:
     # what a dead labctl process left is nobody's to keep, whichever lab was asked for
     done.namespaces += _remove_stale_scratch_namespaces()
     done.trace_instances = tracefs.remove_stale_instances()
+    done.trace_rules = tracerules.reclaim_dead()
     if lab is None:
         done.sysctls_restored.update(GlobalOverrides.release_matching(_owner_is_stale))
         state.remove_lock_files(keep=_lab_namespaces() | set(done.busy))
@@ -108,4 +120,5 @@ def reclaim_dead_owners() -> Cleaned:
     done = Cleaned()
     done.namespaces += _remove_stale_scratch_namespaces()
     done.trace_instances = tracefs.remove_stale_instances()
+    done.trace_rules = tracerules.reclaim_dead()
     return done

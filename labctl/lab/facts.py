@@ -45,7 +45,7 @@ LINK_COUNTERS = frozenset(
 
 
 def _snmp_names() -> frozenset[str]:
-    from labctl.kernel.counters import parse_snmp
+    from labctl.kernel.counters import parse_snmp, parse_snmp6
 
     names: set[str] = set()
     for path in ("/proc/net/snmp", "/proc/net/netstat"):
@@ -56,12 +56,7 @@ def _snmp_names() -> frozenset[str]:
             continue
     try:
         with open("/proc/net/snmp6") as f:
-            for line in f:
-                name = line.split()[0] if line.strip() else ""
-                for proto in ("Udplite6", "Icmp6", "Udp6", "Ip6"):
-                    if name.startswith(proto):
-                        names.add(f"{proto}.{name[len(proto) :]}")
-                        break
+            names |= set(parse_snmp6(f.read()))
     except OSError:
         pass
     return frozenset(names)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from labctl.errors import KeyPath, LabFileError, Problem
+from labctl.errors import KernelLacksError, KeyPath, LabFileError, Problem
 from labctl.kernel import kconfig, sysctl
 from labctl.topology.checks import LabFile
 from labctl.topology.loader import SourceMap, load_file
@@ -153,14 +153,162 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
         return problems  # python-iptables costs 0.3-0.5 s to import: only for labs that have rules
     from labctl.kernel import ebtables, iptables
 
+    parsed: list[tuple[KeyPath, iptables.ParsedRule]] = []
     for path, kind, rules in places:
         parse = iptables.parse_rule if kind == "iptables" else ebtables.parse_rule
         for index, rule in enumerate(rules):
             try:
-                parse(rule)
+                result = parse(rule)
             except iptables.RuleError as exc:
                 problems.append(source.problem((*path, index), str(exc)))
+                continue
+            if isinstance(result, iptables.ParsedRule):
+                parsed.append(((*path, index), result))
+    chains: dict[str, set[str]] = {}  # node -> chains its rules create (-N): a -j to one is no extension
+    for at, parsed_rule in parsed:
+        if parsed_rule.command == "new-chain":
+            chains.setdefault(_rule_node(at), set()).add(parsed_rule.chain)
+    for at, parsed_rule in parsed:
+        problem = _missing_extension(parsed_rule, chains.get(_rule_node(at), set()))
+        if problem is not None:
+            problems.append(source.problem(at, problem))
     return problems
+
+
+def nft_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    """Every nft ruleset (the nodes' and the checks' setup) is loaded by libnftables in a scratch namespace.
+
+    A family this kernel lacks is named by its option first; otherwise nft's
+    own message is reported at the lab file's line nft names.  As a user who
+    cannot make a namespace nothing can be asked of the kernel: the rulesets
+    are then checked by ``up``, which runs as root, before anything is built.
+    """
+    places: list[tuple[KeyPath, str, str | None]] = []
+    for name, spec in topo.nodes.items():
+        if spec.nftables is not None:
+            places.append((("topology", "nodes", name, "nftables"), spec.nftables, None))
+    for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
+        if kconfig.missing(check.requires):
+            continue
+        for node, text in check.setup.nftables.items():
+            base = topo.nodes[node].nftables if node in topo.nodes else None
+            places.append((("checks", i, "setup", "nftables", node), text, base))
+    if not places:
+        return []
+    from labctl.kernel import nft
+    from labctl.topology import nft as nft_model
+
+    problems: list[Problem] = []
+    for path, text, base in places:
+        if kconfig.missing(nft_model.requirements(text)):
+            continue  # reported by traffic_kernel_problems, as what this kernel lacks
+        if path[0] == "checks" and path[-1] not in topo.nodes:
+            continue  # the check's own reference check names the unknown node
+        if not nft.can_check():
+            continue
+        error = nft.check(text, base)
+        if error is None:
+            continue
+        problems.append(_nft_problem(source, path, text, error))
+    return problems
+
+
+def _nft_problem(source: SourceMap, path: KeyPath, text: str, error: Any) -> Problem:
+    """nft's message at the file line it names: a list item's own path, or the line inside a block."""
+    from labctl.topology import nft as nft_model
+
+    message = f"nft: {error}"
+    line = error.line
+    items = 0
+    while (*path, items) in source.lines:  # written as a list: each command is one line of the joined text
+        items += 1
+    if items and line is not None:
+        return source.problem((*path, min(line, items) - 1), message)
+    at = nft_model.file_line(line or 1, source.line_of(path), text)
+    return Problem(path=path, message=message, file=source.file, line=at)
+
+
+def traffic_requirements(topo: Topology) -> list[tuple[KeyPath, str, str]]:
+    """(key path, what, kernel option) for every qdisc, classifier, action and nft family the topology uses."""
+    from labctl.topology import nft as nft_model
+    from labctl.topology import tc as tc_model
+
+    needed: list[tuple[KeyPath, str, str]] = []
+    for name, spec in topo.nodes.items():
+        for ifname, cfg in spec.interfaces.items():
+            if cfg.tc is not None:
+                base: KeyPath = ("topology", "nodes", name, "interfaces", ifname, "tc")
+                needed += [((*base, *path), what, option) for path, what, option in tc_model.requirements(cfg.tc)]
+        if spec.nftables is not None:
+            for option in nft_model.requirements(spec.nftables):
+                needed.append((("topology", "nodes", name, "nftables"), "nftables", option))
+    return needed
+
+
+def traffic_kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
+    """What the topology's tc and nftables need that this kernel is built without, named by option."""
+    if kconfig.options() is None:
+        return [], []
+    problems: list[Problem] = []
+    lacking: list[str] = []
+    for path, what, option in traffic_requirements(topo):
+        if kconfig.missing([option]):
+            problems.append(source.problem(path, f"{what}: this kernel lacks {option}"))
+            if option not in lacking:
+                lacking.append(option)
+    return problems, lacking
+
+
+def tc_reference_problems(topo: Topology, source: SourceMap) -> list[Problem]:
+    """A mirred action sends to an interface of the same node; a bpf filter's expression compiles (libpcap)."""
+    problems = []
+    for name, spec in topo.nodes.items():
+        own = topo.interface_names(name)
+        for ifname, cfg in spec.interfaces.items():
+            for index, flt in enumerate(cfg.tc.filters if cfg.tc else []):
+                path: KeyPath = ("topology", "nodes", name, "interfaces", ifname, "tc", "filters", index)
+                if flt.action is not None and not isinstance(flt.action, str) and flt.action.mirred.to not in own:
+                    problems.append(
+                        source.problem(
+                            (*path, "action"), f"node {name} has no interface {flt.action.mirred.to!r} to mirror to"
+                        )
+                    )
+                if flt.kind == "bpf" and isinstance(flt.match, str):
+                    from labctl.kernel.packet import CaptureError, compile_filter
+
+                    try:
+                        compile_filter(flt.match)
+                    except CaptureError as exc:
+                        problems.append(source.problem((*path, "match"), str(exc)))
+    return problems
+def _rule_node(path: KeyPath) -> str:
+    """The node a rule at ``path`` is applied in (a node's rules, or a check's setup for that node)."""
+    return str(path[2] if path[0] == "topology" else path[4])
+
+
+def _missing_extension(rule: Any, chains: set[str]) -> str | None:
+    """An iptables match or target of ``rule`` this kernel lacks, said with the rule and "did you mean"."""
+    from labctl.kernel import xtables
+
+    for match in rule.matches:
+        offer = xtables.offer("match")
+        if not offer.has(match.name):
+            return rule.error(_lacks("match", match.name, offer.suggestion(match.name)), match.token).args[0]
+    target = rule.target
+    if target is None or target.name in xtables.STANDARD_TARGETS or target.name in chains:
+        return None
+    offer = xtables.offer("target")
+    if offer.has(target.name):
+        return None
+    where = f"{', '.join(sorted(chains))}" if chains else "none"
+    reason = _lacks("target", target.name, offer.suggestion(target.name))
+    return rule.error(f"{reason}, and no chain of that name is created (-N) on this node (chains: {where})",
+                      target.token).args[0]
+
+
+def _lacks(kind: str, name: str, suggestion: str | None) -> str:
+    hint = f" (did you mean {suggestion}?)" if suggestion else ""
+    return f"this kernel has no iptables {kind} {name!r}{hint}"
 
 
 def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
@@ -180,7 +328,16 @@ def load_lab(file: str) -> tuple[LabFile, SourceMap]:
     Raises LabFileError listing every problem with file, line and key.
     """
     lab, source = load_file(file, LabFile)
-    problems = machine_problems(lab, source) + rule_problems(lab, source) + expectation_problems(lab, source)
+    lacking_problems, lacking = traffic_kernel_problems(lab, source)
+    problems = (
+        machine_problems(lab, source)
+        + rule_problems(lab, source)
+        + tc_reference_problems(lab, source)
+        + nft_problems(lab, source)
+        + expectation_problems(lab, source)
+    )
     if problems:
-        raise LabFileError(problems)
+        raise LabFileError(lacking_problems + problems)
+    if lacking_problems:
+        raise KernelLacksError(lacking_problems, lacking=lacking)
     return lab, source

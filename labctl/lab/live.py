@@ -22,12 +22,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from labctl.errors import LabctlError
+from labctl.errors import LabctlError, LabNotUpError
 from labctl.kernel import netns
 from labctl.kernel.links import NodeLinks
 from labctl.kernel.packet import CaptureError, InjectError, Injector, compile_filter
 from labctl.lab import state
-from labctl.lab.state import LabNotUpError  # defined with the state: status and exec raise it without importing this
 from labctl.lab.traffic import PreparedFrame, TrafficError, prepare_injection
 from labctl.topology.model import Topology
 from labctl.traffic.expr import ExprError, parse_packet
@@ -154,28 +153,34 @@ def parse_target(spec: str) -> tuple[str, str | None]:
 
 
 def parse_endpoint(spec: str, *, listening: bool = False) -> tuple[str, int]:
-    """``10.0.0.2:5000`` (or ``:5000`` when listening: any address) as (IPv4 address, port).
+    """``10.0.0.2:5000``, ``[2001:db8::2]:5000`` (or ``:5000`` when listening: any address) as (address, port).
 
     Names are refused: resolving them would use the host's resolver, which
     knows nothing of the lab.
     """
     host, sep, port_text = spec.rpartition(":")
-    example = ":5000 or 10.0.0.2:5000" if listening else "10.0.0.2:5000"
+    example = ":5000, 10.0.0.2:5000 or [::]:5000" if listening else "10.0.0.2:5000 or [2001:db8::2]:5000"
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise TargetError(f"{spec!r}: expected ADDRESS:PORT with a port 1-65535 (e.g. {example})")
     if not host:
         if not listening:
             raise TargetError(f"{spec!r}: a destination needs an address (e.g. {example})")
         host = "0.0.0.0"
-    return parse_address(host, spec), int(port_text)
+    if host.startswith("[") and host.endswith("]"):
+        return parse_address(host[1:-1], spec, version=6), int(port_text)
+    return parse_address(host, spec, version=4), int(port_text)  # IPv6 is written [ADDR]:PORT
 
 
-def parse_address(text: str, spec: str | None = None) -> str:
-    """An IPv4 address literal; ``spec`` is what the user typed, for the message."""
+def parse_address(text: str, spec: str | None = None, version: int | None = None) -> str:
+    """An IPv4 or IPv6 address literal (``version`` to demand one); ``spec`` is what the user typed."""
     try:
-        return str(ipaddress.IPv4Address(text))
+        address = ipaddress.ip_address(text)
     except ValueError:
-        raise TargetError(f"{spec or text!r}: {text!r} is not an IPv4 address (names are not resolved)") from None
+        address = None
+    if address is None or (version is not None and address.version != version):
+        kind = {4: "an IPv4", 6: "an IPv6"}.get(version or 0, "an IP")
+        raise TargetError(f"{spec or text!r}: {text!r} is not {kind} address (names are not resolved)") from None
+    return str(address)
 
 
 def check_capture_filter(expr: str | None) -> None:

@@ -22,11 +22,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from labctl.errors import KernelError, LabStateError
+from labctl.errors import KernelError, LabNotUpError, LabStateError
 from labctl.evidence.model import SendEvidence
-from labctl.evidence.netfilter import user_rows
+from labctl.evidence.netfilter import TRACE_RULE, user_rows
 from labctl.evidence.window import WalkRequest, Window, WindowSpec
-from labctl.kernel import ebtables, iptables, netns, nftrace, tracefs
+from labctl.kernel import ebtables, iptables, netns, nft, nftrace, tracefs
 from labctl.kernel.iptables import RuleCounter
 from labctl.kernel.nftrace import HookStep
 from labctl.kernel.packet import inject
@@ -120,7 +120,7 @@ def lab_rules(lab: str, node: str | None = None) -> list[RuleRow]:
     """
     current = state.load(lab)
     if current is None:
-        raise LabStateError(f"lab {lab} is not up (no state in {state.LABS_DIR}); run labctl up first")
+        raise LabNotUpError(f"lab {lab} is not up (no state in {state.LABS_DIR}); run labctl up first")
     rows: list[RuleRow] = []
     for name, namespace in _nodes(current, [node] if node else None).items():
         if not netns.exists(namespace):
@@ -128,8 +128,37 @@ def lab_rules(lab: str, node: str | None = None) -> list[RuleRow]:
         try:
             rows += _chain_order([_row(name, "ip", r) for r in iptables.list_rules(namespace)])
             rows += _chain_order([_row(name, "bridge", r) for r in ebtables.list_rules(namespace)])
+            rows += _nft_rows(name, namespace)
         except iptables.RuleError as exc:
             raise KernelError(f"lab {lab}: cannot list the rules of {name}: {exc}") from exc
+    return rows
+
+
+def _nft_rows(node: str, namespace: str) -> list[RuleRow]:
+    """The node's nf_tables rules (its ``nftables:``), numbered by handle; ebtables-nft's tables are listed above.
+
+    A rule without a ``counter`` statement has no counts (–).
+    """
+    with netns.entered(namespace):
+        if not nft.tables_here():
+            return []
+    rows = []
+    for r in nft.rule_counters(namespace):
+        if (r.family, r.table) in nft.EBTABLES_TABLES or TRACE_RULE.search(r.text):
+            continue
+        counted = r.packets >= 0
+        rows.append(
+            RuleRow(
+                node,
+                "nft",
+                f"{r.family} {r.table}",
+                r.chain,
+                r.handle,
+                r.text,
+                r.packets if counted else None,
+                r.bytes if counted else None,
+            )
+        )
     return rows
 
 
@@ -159,6 +188,8 @@ class Verdict:
     @property
     def where(self) -> str:
         prefix = "bridge:" if self.family == "bridge" else ""
+        if self.family == "nft":
+            return f"nft {self.table} {self.chain} handle {self.number}"
         what = "policy" if self.number == 0 else f"rule {self.number}"
         return f"{prefix}{self.table}:{self.chain} {what}"
 
@@ -316,11 +347,18 @@ def _user_counts(namespace: str) -> dict[tuple[str, str, str, int], RuleCounter]
     for family, rows in (("ip", iptables.list_rules(namespace)), ("bridge", ebtables.list_rules(namespace))):
         for row in user_rows(rows):
             found[(family, row.table, row.chain, row.position)] = row
+    for nft_row in _nft_rows("", namespace):  # the node's own nft rules, numbered by handle
+        if nft_row.packets is not None:
+            found[("nft", nft_row.table, nft_row.chain, nft_row.number)] = RuleCounter(
+                nft_row.table, nft_row.chain, nft_row.number, nft_row.rule, nft_row.packets, nft_row.bytes or 0, None
+            )
     return found
 
 
-def _ends_packet(row: RuleCounter) -> bool:
-    """A DROP policy, or a rule whose target is DROP/REJECT (iptables ``-j X``, ebtables ``-j X``)."""
+def _ends_packet(row: RuleCounter, family: str = "ip") -> bool:
+    """A DROP policy, or a rule whose target is DROP/REJECT (iptables ``-j X``, ebtables ``-j X``, nft ``drop``)."""
+    if family == "nft":
+        return any(word in ("drop", "reject") for word in row.rule.split())
     if row.position == 0:
         return row.policy == "DROP"
     words = row.rule.split()
@@ -338,7 +376,7 @@ def _verdicts(
         delta = row.packets - (old.packets if old else 0)
         if delta <= 0:
             continue
-        if _ends_packet(row):
+        if _ends_packet(row, key[0]):
             found.append(Verdict(row.table, row.chain, row.position, row.rule, key[0], delta))
     return found
 
@@ -348,7 +386,7 @@ def _hook_trace_errors(lab: str) -> Iterator[None]:
     """What the tracer's kernel side refuses becomes one clear error naming the lab."""
     try:
         yield
-    except (nftrace.TraceError, tracefs.TraceError, iptables.RuleError) as exc:
+    except (nftrace.TraceError, tracefs.TraceError, iptables.RuleError, nft.NftError) as exc:
         raise KernelError(f"lab {lab}: cannot trace the hooks: {exc}") from exc
 
 
@@ -372,7 +410,7 @@ def trace_hooks(
     with _hook_trace_errors(lab):
         current, topo = running_lab(lab)
         if node not in current.nodes:
-            raise LabStateError(f"lab {lab} has no node {node!r} (nodes: {', '.join(sorted(current.nodes))})")
+            raise LabNotUpError(f"lab {lab} has no node {node!r} (nodes: {', '.join(sorted(current.nodes))})")
         prepared = prepare_injection(topo, node, interface, expr)
         frame, ip_id = _tag_frame(prepared.frame, expr)
         match = _protocol_match(frame)
@@ -382,7 +420,10 @@ def trace_hooks(
             events=DROP_EVENTS,
             walks={
                 name: WalkRequest(
-                    {"nat", "filter"} if topo.nodes[name].bridges else set(), nat=conntrack, match=match
+                    {"nat", "filter"} if topo.nodes[name].bridges else set(),
+                    nat=conntrack,
+                    match=match,
+                    nft=topo.nodes[name].nftables is not None,
                 )
                 for name in traced
             },

@@ -30,12 +30,6 @@ from labctl.names import check_lab_name, lab_name_problem
 LABS_DIR = os.path.join(STATE_DIR, "labs")
 
 
-class LabNotUpError(LabStateError):
-    """The named lab (or node) has no namespaces: the user must run ``labctl up`` first."""
-
-    exit_code = 2
-
-
 @dataclass
 class LabState:
     name: str
@@ -45,6 +39,7 @@ class LabState:
     relays: dict[str, int] = field(default_factory=dict)  # vm node -> relay pid
     started: float = field(default_factory=time.time)
     digest: str = ""
+    tc: dict[str, str] = field(default_factory=dict)  # "node:iface" -> fingerprint of the tc built there
 
 
 def digest(topo: Any) -> str:

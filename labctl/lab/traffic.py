@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from labctl.errors import LabctlError, LabStateError
+from labctl.errors import LabctlError, LabNotUpError
 from labctl.kernel import netns
 from labctl.kernel.links import NodeLinks
 from labctl.topology.model import Topology
@@ -38,12 +38,43 @@ def node_namespace(topo: Topology, node: str) -> str:
         raise TrafficError(f"lab {topo.name} has no node {node!r} (nodes: {', '.join(sorted(topo.nodes))})")
     name = netns.namespace_name(topo.name, node)
     if not netns.exists(name):
-        raise LabStateError(f"lab {topo.name} is not up (no namespace for node {node}); run labctl up first")
+        raise LabNotUpError(f"lab {topo.name} is not up (no namespace for node {node}); run labctl up first")
     return name
 
 
+def multicast_mac(address: str) -> str | None:
+    """The Ethernet group address of an IP multicast address (RFC 1112 / RFC 2464), None for unicast."""
+    ip = ipaddress.ip_address(address)
+    if not ip.is_multicast:
+        return None
+    if ip.version == 6:
+        return "33:33:" + ":".join(f"{b:02x}" for b in ip.packed[-4:])
+    low = int(ip) & 0x7FFFFF
+    return "01:00:5e:" + ":".join(f"{b:02x}" for b in low.to_bytes(3, "big"))
+
+
+def eui64_mac(address: str) -> str | None:
+    """The MAC an IPv6 link-local address was derived from (EUI-64, ``ff:fe`` in the middle), or None.
+
+    A route ``via fe80::...`` names the router by its link-local address, which the lab file never
+    lists; the kernel derives it from the MAC, so the MAC is read back from it.
+    """
+    ip = ipaddress.ip_address(address)
+    if ip.version != 6 or not ip.is_link_local or ip.packed[11:13] != b"\xff\xfe":
+        return None
+    iid = ip.packed[8:]
+    mac = bytes([iid[0] ^ 0x02, iid[1], iid[2], iid[5], iid[6], iid[7]])
+    return ":".join(f"{b:02x}" for b in mac)
+
+
 def mac_of_address(topo: Topology, address: str) -> str | None:
-    """The MAC of the lab interface that owns ``address`` (None when no lab node has it)."""
+    """The MAC of the lab interface that owns ``address`` (None when no lab node has it).
+
+    Multicast destinations map to their group MAC, and an EUI-64 link-local next hop to its MAC.
+    """
+    group = multicast_mac(address) or eui64_mac(address)
+    if group is not None:
+        return group
     ip = ipaddress.ip_address(address)
     for node, spec in topo.nodes.items():
         for ifname, cfg in spec.interfaces.items():
@@ -55,9 +86,9 @@ def mac_of_address(topo: Topology, address: str) -> str | None:
 
 
 def _route(handle: NodeLinks, dst: str) -> tuple[str | None, str | None, str | None]:
-    """(out interface, gateway, preferred source) the node's kernel picks for ``dst``."""
+    """(out interface, gateway, preferred source) the node's kernel picks for ``dst`` (IPv4 or IPv6)."""
     try:
-        return handle.route_to(dst)
+        return handle.route_to(dst)  # the family follows the address
     except OSError:  # unreachable, no route: the kernel's refusal, as pyroute2's NetlinkError was
         return None, None, None
 
@@ -65,6 +96,7 @@ def _route(handle: NodeLinks, dst: str) -> tuple[str | None, str | None, str | N
 def prepare_injection(topo: Topology, node: str, ifname: str | None, expr: str) -> PreparedFrame:
     """Parse ``expr`` safely and complete it from the lab; nothing is sent yet."""
     from scapy.layers.inet import IP
+    from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
 
     namespace = node_namespace(topo, node)
@@ -74,7 +106,9 @@ def prepare_injection(topo: Topology, node: str, ifname: str | None, expr: str) 
         raise TrafficError(f"{exc}\n{exc.caret()}") from exc
     with NodeLinks(namespace) as handle:
         links = handle.links()
-        dst = pkt[IP].fields.get("dst") if IP in pkt else None
+        # the outer network layer decides the route: IPv4 or IPv6, whichever comes first
+        layer = next((x for x in pkt.layers() if x in (IP, IPv6)), None)
+        dst = pkt[layer].fields.get("dst") if layer is not None else None
         gateway = src_ip = None
         if dst is not None:
             routed_if, gateway, src_ip = _route(handle, str(dst))
@@ -88,7 +122,9 @@ def prepare_injection(topo: Topology, node: str, ifname: str | None, expr: str) 
         raise TrafficError(f"node {node} has no interface {ifname!r} (it has: {', '.join(candidates)})")
     if src_ip is None:
         cfg = topo.nodes[node].interfaces.get(ifname)
-        src_ip = str(cfg.addresses[0].ip) if cfg and cfg.addresses else None
+        version = 6 if layer is IPv6 else 4
+        own = [a.ip for a in cfg.addresses if a.version == version] if cfg else []
+        src_ip = str(own[0]) if own else None
     next_hop = gateway or (str(dst) if dst is not None else None)
     dst_mac = mac_of_address(topo, next_hop) if next_hop else None
     if Ether in pkt and pkt[Ether].fields.get("dst") is not None:

@@ -8,6 +8,7 @@ exact is the rule, bounds are for what is statistical (backlog overflow).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ from labctl.expect.base import LabView, kinds
 from labctl.expect.bounds import Count, matches, parse_bound
 from labctl.expect.values import Address, check_address
 from labctl.topology.model import NAME_PATTERN, Strict, Topology
+from labctl.topology.nft import NftRuleset
 
 __all__ = ["Address", "Check", "Count", "Expect", "LabFile", "matches", "parse_bound"]
 
@@ -25,11 +27,11 @@ CLAIM_RE = re.compile(r"^[A-Z]\d+$")
 
 
 class Listen(Strict):
-    """A UDP socket on a node, to deliver to, fill up, or filter."""
+    """A UDP socket on a node, to deliver to, fill up, or filter (``address: "::"`` for IPv6)."""
 
     node: str
     port: Annotated[int, Field(ge=1, le=65535)]
-    address: str = "0.0.0.0"
+    address: Address = "0.0.0.0"
     rcvbuf: Annotated[int, Field(ge=1)] | None = None
     read: bool = True
     """False: the socket never reads, so its queue fills (SOCKET_RCVBUFF)."""
@@ -52,6 +54,8 @@ class Setup(Strict):
     capture: list[CaptureSpec] = []
     iptables: dict[str, list[str]] = {}
     ebtables: dict[str, list[str]] = {}
+    nftables: dict[str, NftRuleset] = {}
+    """Per node, nft commands run on top of the node's ruleset for the check; the ruleset is restored after."""
     sysctls: dict[str, dict[str, int | str | bool]] = {}
     warm_neighbours: bool = True
     """Before the window, resolve the next hop of every udp step (one ping): the traffic's datagrams are then
@@ -87,20 +91,76 @@ class SendUdp(Strict):
     count: Annotated[int, Field(ge=1, le=1_000_000)] = 1
     cpu: Annotated[int, Field(ge=0)] | None = None
     """Send from this CPU (RPS experiments)."""
+    gso_size: Annotated[int, Field(ge=1, le=65507)] | None = None
+    """UDP_SEGMENT: each send of ``size`` bytes leaves as ceil(size/gso_size) datagrams (UDP GSO)."""
+    df: bool | None = None
+    """true: IP_PMTUDISC_DO / IPV6_DONTFRAG (too big for the known path MTU is EMSGSIZE, a router answers
+    frag-needed / too-big); false: IP_PMTUDISC_DONT / IPV6_DONTFRAG 0 (IPv4 leaves without DF, so routers
+    fragment).  Absent: the kernel's default -- for IPv4 that is IP_PMTUDISC_WANT, which sets DF too."""
 
     @model_validator(mode="after")
     def _to(self) -> SendUdp:
         host, sep, port = self.to.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"'to' must be ADDRESS:PORT, got {self.to!r}")
+            raise ValueError(f"'to' must be ADDRESS:PORT ([ADDRESS]:PORT for IPv6), got {self.to!r}")
         check_address(host)
+        if ":" in host and not host.startswith("["):
+            raise ValueError(f"an IPv6 destination is written [ADDRESS]:PORT, got {self.to!r}")
+        if self.gso_size is not None:
+            size = len(self.payload) if self.size is None else self.size
+            if size > self.gso_size * UDP_MAX_SEGMENTS:
+                raise ValueError(
+                    f"size {size} with gso_size {self.gso_size} is more than {UDP_MAX_SEGMENTS} segments per send"
+                )
         return self
+
+    @property
+    def host(self) -> str:
+        """The destination address without brackets."""
+        return self.to.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.to.rpartition(":")[2])
+
+
+UDP_MAX_SEGMENTS = 64
+"""UDP_MAX_SEGMENTS of <linux/udp.h> on older kernels (128 since 6.x): the smaller bound is portable."""
 
 
 class Ping(Strict):
+    """iputils ping from a node; IPv4 or IPv6 by the address."""
+
     node: str
     to: Address
     count: Annotated[int, Field(ge=1, le=100)] = 1
+    size: Annotated[int, Field(ge=0, le=65507)] | None = None
+    """ICMP payload bytes (ping -s)."""
+    df: bool = False
+    """Don't fragment (ping -M do): too big for the path is an error or an ICMP frag-needed / too-big."""
+    ttl: Annotated[int, Field(ge=1, le=255)] | None = None
+    """IPv4 TTL / IPv6 hop limit of the echo requests (ping -t)."""
+    broadcast: bool = False
+    """Allow a broadcast destination (ping -b)."""
+    interval: Annotated[float, Field(ge=0.002, le=10)] = 0.01
+    """Seconds between echo requests (ping -i)."""
+
+    def argv(self) -> list[str]:
+        """The ping command line (-W 1: a lost reply costs a second, not ten).
+
+        Not ``-q``: quiet ping also hides its "local error" lines, and an echo request the node's own
+        stack refused (EMSGSIZE over a learnt PMTU) must not pass for one that was sent and lost.
+        """
+        argv = ["ping", "-n", "-c", str(self.count), "-i", str(self.interval), "-W", "1"]
+        if self.size is not None:
+            argv += ["-s", str(self.size)]
+        if self.df:
+            argv += ["-M", "do"]
+        if self.ttl is not None:
+            argv += ["-t", str(self.ttl)]
+        if self.broadcast:
+            argv.append("-b")
+        return [*argv, self.to]
 
 
 class Traffic(Strict):
@@ -186,16 +246,25 @@ def _check_references(lab: LabFile) -> list[Problem]:
             if not CLAIM_RE.match(claim):
                 problems.append(Problem((*base, "covers", j), f"{claim!r} is not a claim id like R7 or E3"))
         for j, listen in enumerate(check.setup.listen):
-            node_ok((*base, "setup", "listen", j, "node"), listen.node)
+            if node_ok((*base, "setup", "listen", j, "node"), listen.node):
+                problem = _listen_address_problem(lab, listen)
+                if problem:
+                    problems.append(Problem((*base, "setup", "listen", j, "address"), problem))
         for j, cap in enumerate(check.setup.capture):
             iface_ok((*base, "setup", "capture", j), cap.node, cap.interface)
-        for table in ("iptables", "ebtables", "sysctls"):
+        for table in ("iptables", "ebtables", "nftables", "sysctls"):
             for node in getattr(check.setup, table):
                 node_ok((*base, "setup", table, node), node)
         for j, step in enumerate(check.traffic):
             sent = step.inject or step.udp or step.ping
             assert sent is not None
             iface_ok((*base, "traffic", j), sent.node, step.inject.interface if step.inject else None)
+            if sent.node in lab.nodes and (step.udp or step.ping):
+                step_key = "udp" if step.udp else "ping"
+                to = step.udp.host if step.udp else step.ping.to if step.ping else ""
+                problem = _family_problem(lab, sent.node, to)
+                if problem:
+                    problems.append(Problem((*base, "traffic", j, step_key, "to"), problem))
         for j, ref in enumerate(check.setup.fdb_flush):
             node, _, bridge = ref.partition(":")
             if node_ok((*base, "setup", "fdb_flush", j), node) and bridge not in lab.nodes[node].bridges:
@@ -218,6 +287,41 @@ def _check_references(lab: LabFile) -> list[Problem]:
             for sub, message in kind.references(value, view):
                 problems.append(Problem((*base, "expect", key, *sub), message))
     return problems
+
+
+def node_families(lab: Topology, node: str) -> set[int]:
+    """IP versions a node can send with: those of its addresses and of its routes."""
+    spec = lab.nodes[node]
+    versions: set[int] = {iface.version for cfg in spec.interfaces.values() for iface in cfg.addresses}
+    versions |= {route.network.version for route in spec.routes}
+    return versions
+
+
+def _family_problem(lab: Topology, node: str, to: str) -> str | None:
+    """Why ``node`` cannot send to ``to`` at all (wrong IP version for what it has), or None."""
+    address = ipaddress.ip_address(to.strip("[]"))
+    spec = lab.nodes[node]
+    if address.version == 6 and not spec.ipv6:
+        return f"{to} is an IPv6 address but node {node} has IPv6 off (ipv6: true)"
+    if address.is_loopback:
+        return None
+    if address.version not in node_families(lab, node):
+        return f"{to} is IPv{address.version} but node {node} has no IPv{address.version} address or route"
+    return None
+
+
+def _listen_address_problem(lab: Topology, listen: Listen) -> str | None:
+    address = ipaddress.ip_address(listen.address.strip("[]"))
+    if address.version == 6 and not lab.nodes[listen.node].ipv6:
+        return f"{listen.address} is an IPv6 address but node {listen.node} has IPv6 off (ipv6: true)"
+    if address.is_unspecified or address.is_loopback or address.is_multicast:
+        return None  # a multicast group can be bound to receive it
+    ifaces = [iface for cfg in lab.nodes[listen.node].interfaces.values() for iface in cfg.addresses]
+    own = {iface.ip for iface in ifaces}
+    own |= {iface.network.broadcast_address for iface in ifaces if iface.version == 4}
+    if address not in own:
+        return f"node {listen.node} has no address {listen.address} to bind"
+    return None
 
 
 def expectation_keys() -> list[str]:

@@ -60,8 +60,13 @@ _PLAIN_SCALAR_TAGS = frozenset(
 )
 """What a lab file's scalars may be: no !!binary (bytes pass for text), no !!python/..."""
 _PLAIN_COLLECTION_TAGS = (None, "!", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
-_MULTILINE_KEYS = ("description",)
+_MULTILINE_KEYS = ("description", "nftables")
 """Keys whose text may span lines (and hold tabs); everything else is a name, a value or a rule."""
+
+
+def _multiline(path: KeyPath) -> bool:
+    """A description, or an nft ruleset: a node's ``nftables`` (text or list) or a check's ``nftables: {node: }``."""
+    return bool(path) and (path[-1] in _MULTILINE_KEYS or (len(path) >= 2 and path[-2] == "nftables"))
 
 
 def _fail(file: str, line: int | None, path: KeyPath, message: str) -> LabFileError:
@@ -173,7 +178,7 @@ class _Composer:
                 what = tag.rpartition(":")[2]
                 raise _fail(self.file, line, path, f"not plain YAML: {shorten(event.value)} is not a {what}") from None
         if isinstance(value, str):
-            self.check_text(value, path, line, multiline=bool(path) and path[-1] in _MULTILINE_KEYS)
+            self.check_text(value, path, line, multiline=_multiline(path))
         if event.anchor is not None:
             self.anchors[event.anchor] = (value, 1)
         self.place(value, 1, line, path)

@@ -16,6 +16,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from labctl.errors import KeyPath, Problem
 from labctl.names import check_ifname, check_lab_name, check_node_name
+from labctl.topology.nft import NftRuleset
+from labctl.topology.tc import TcConfig
+from labctl.topology.tc import from_legacy as tc_from_legacy
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 """Kept for callers that match names themselves; the checks are labctl.names' (one function per kind)."""
@@ -102,7 +105,24 @@ class InterfaceConfig(Strict):
     """Hex CPU mask written to queues/rx-0/rps_cpus, e.g. "2" for CPU 1."""
     txqueuelen: Annotated[int, Field(ge=0)] | None = None
     qdisc: QdiscConfig | None = None
+    """The older form of ``tc: {qdisc: ...}`` (tbf/pfifo only)."""
+    tc: TcConfig | None = None
+    """Traffic control in tc's units: root qdisc (htb classes), ingress/clsact, filters (labctl.topology.tc)."""
     up: bool = True
+
+    @model_validator(mode="after")
+    def _one_qdisc(self) -> InterfaceConfig:
+        if self.qdisc is not None and self.tc is not None:
+            raise ValueError("qdisc and tc both set the interface's qdisc: put it under tc: {qdisc: ...}")
+        return self
+
+    @property
+    def traffic_control(self) -> TcConfig | None:
+        """``tc``, or the older ``qdisc`` key in the same shape."""
+        if self.qdisc is not None:
+            q = self.qdisc
+            return tc_from_legacy(q.kind, q.limit, q.rate, q.burst)
+        return self.tc
 
     @field_validator("mac")
     @classmethod
@@ -177,6 +197,10 @@ class Node(Strict):
     """Per-namespace sysctls, written inside the node (e.g. net.ipv4.ip_forward: 1)."""
     ipv6: bool = False
     """IPv6 is off unless asked for: router solicitations and DAD add noise to traces."""
+    dad: bool = True
+    """IPv6 duplicate address detection (accept_dad).  With it, ``up`` waits until every address has left the
+    tentative state (about a second); ``false`` sets accept_dad=0 before any interface exists, so addresses
+    are usable at once and no DAD probes appear in the window."""
     interfaces: dict[str, InterfaceConfig] = {}
     bridges: dict[str, BridgeConfig] = {}
     routes: list[Route] = []
@@ -184,6 +208,8 @@ class Node(Strict):
     """Rules in iptables syntax (-t nat -A POSTROUTING -o eth1 -j MASQUERADE), applied in order."""
     ebtables: list[str] = []
     """Rules in ebtables syntax (-t broute -A BROUTING -p ipv4 -j DROP), applied in order."""
+    nftables: NftRuleset | None = None
+    """The node's nf_tables ruleset in nft syntax (a text, or a list of commands), loaded in one transaction."""
 
     @field_validator("interfaces", "bridges")
     @classmethod
@@ -336,6 +362,15 @@ class _Checker:
             self.add((*base, "bridges"), "a vm node has only NICs; put the bridge in the host node")
         for index, route in enumerate(node.routes):
             self.check_route(name, node, index, route, own)
+        for ifname, cfg in node.interfaces.items():
+            for index, iface in enumerate(cfg.addresses):
+                if iface.version == 6 and not node.ipv6:
+                    self.add(
+                        (*base, "interfaces", ifname, "addresses", index),
+                        f"{iface} is an IPv6 address but node {name} has IPv6 off: set ipv6: true",
+                    )
+        if not node.dad and not node.ipv6:
+            self.add((*base, "dad"), f"dad: false is an IPv6 setting but node {name} has IPv6 off")
         if "lo" in node.interfaces and node.interfaces["lo"].up is False:
             self.add((*base, "interfaces", "lo", "up"), "lo is always up in a lab node")
 

@@ -279,14 +279,16 @@ def fill_defaults(
     ARP sources to Scapy.  The input is not modified.
     """
     from scapy.layers.inet import IP
+    from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import ARP, Ether
 
     pkt = pkt.copy()
     if l2 and not isinstance(pkt, Ether):
         pkt = Ether() / pkt
     _set_unset(pkt.getlayer(Ether), src=src_mac, dst=dst_mac or BROADCAST_MAC)
-    _set_unset(pkt.getlayer(ARP), hwsrc=src_mac, psrc=src_ip)
-    _set_unset(pkt.getlayer(IP), src=src_ip)
+    v6 = src_ip is not None and ":" in src_ip
+    _set_unset(pkt.getlayer(ARP), hwsrc=src_mac, psrc=None if v6 else src_ip)
+    _set_unset(pkt.getlayer(IPv6 if v6 else IP), src=src_ip)
     return pkt
 
 

@@ -113,6 +113,7 @@ class LabJob:
     select: str | None = None
     keep: bool = False
     reuse: bool = False
+    pcap_dir: str | None = None
 
 
 def run_one(job: LabJob) -> tuple[LabResult, int | None]:
@@ -120,7 +121,8 @@ def run_one(job: LabJob) -> tuple[LabResult, int | None]:
     try:
         lab = load_lab_file(job.file)
         with RunLock(job.run).held(alone=alone_reason(lab, job.select) is not None):
-            return run_lab(job.file, select=job.select, keep=job.keep, reuse=job.reuse), None
+            result = run_lab(job.file, select=job.select, keep=job.keep, reuse=job.reuse, pcap_dir=job.pcap_dir)
+            return result, None
     except LabctlError as exc:  # one broken lab must not cost the report of the others
         return LabResult(lab=Path(job.file).stem, file=job.file, error=str(exc)), exc.exit_code
 
@@ -132,6 +134,7 @@ def run_labs(
     keep: bool = False,
     reuse: bool = False,
     on_progress: Callable[[str], None] | None = None,
+    pcap_dir: str | None = None,
 ) -> tuple[list[LabResult], bool]:
     """Run ``files``, ``jobs`` labs at a time, each in a worker process; results in ``files`` order.
 
@@ -148,7 +151,7 @@ def run_labs(
     try:
         # spawn, not fork: the parent has threads (the progress spinner) and open netlink sockets
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = {pool.submit(run_one, LabJob(f, run, select, keep, reuse)): f for f in order}
+            pending = {pool.submit(run_one, LabJob(f, run, select, keep, reuse, pcap_dir)): f for f in order}
             while pending:
                 if on_progress:
                     on_progress(f"{len(done)} of {len(files)} labs done, {min(jobs, len(pending))} running")

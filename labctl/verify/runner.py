@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labctl.errors import LabctlError, LabStateError
+from labctl.errors import KernelLacksError, LabctlError, LabStateError
+from labctl.evidence.model import Evidence
 from labctl.expect.base import Row
 from labctl.kernel import kconfig
 from labctl.lab import build, state
@@ -23,6 +24,7 @@ from labctl.lab.labfile import load_lab
 from labctl.topology.checks import Check, LabFile
 from labctl.verify.explain import explain
 from labctl.verify.judge import judge
+from labctl.verify.pcaps import write_check_pcap
 from labctl.verify.stage import observe
 
 
@@ -39,6 +41,10 @@ class CheckResult:
     explanation: list[str] = field(default_factory=list)
     not_provable: list[str] = field(default_factory=list)
     """Kernel options this kernel lacks (status 'skip')."""
+    recorded: Evidence | None = field(default=None, repr=False)
+    """The Evidence itself (its captured frames and paths for an HTML report); not in the JSON form."""
+    pcap: str | None = None
+    """The pcapng file of the check's captures, with verdicts as comments (``run --pcap DIR``)."""
 
     @property
     def passed(self) -> bool:
@@ -57,6 +63,7 @@ class CheckResult:
             "evidence": [e.as_dict() for e in self.evidence],
             "explanation": self.explanation,
             "observation": self.observation,
+            **({"pcap": self.pcap} if self.pcap else {}),
         }
 
 
@@ -98,28 +105,34 @@ def lab_files(paths: Iterable[str]) -> list[str]:
     return files
 
 
-def run_check(lab: LabFile, check: Check) -> CheckResult:
+def _skipped(check: Check, lacking: list[str], start: float) -> CheckResult:
+    return CheckResult(
+        check.name,
+        check.covers,
+        check.description,
+        "skip",
+        [Row("this kernel has what the check needs", check.requires, f"lacks {', '.join(lacking)}", True)],
+        {},
+        time.monotonic() - start,
+        not_provable=lacking,
+    )
+
+
+def run_check(lab: LabFile, check: Check, pcap_dir: str | None = None) -> CheckResult:
     start = time.monotonic()
     lacking = kconfig.missing(check.requires)
     if lacking:
-        return CheckResult(
-            check.name,
-            check.covers,
-            check.description,
-            "skip",
-            [Row("this kernel has what the check needs", check.requires, f"lacks {', '.join(lacking)}", True)],
-            {},
-            time.monotonic() - start,
-            not_provable=lacking,
-        )
+        return _skipped(check, lacking, start)
     rows: list[Row] = []
     observation: dict[str, Any] = {}
     explanation: list[str] = []
     error = None
     status = "pass"
+    recorded: Evidence | None = None
     for _ in range(check.repeat):
         try:
             evidence, ctx = observe(lab, check)
+            recorded = evidence
             rows = judge(check, evidence, ctx)
             observation = evidence.as_dict()
             if evidence.errors:
@@ -137,6 +150,10 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
             rows = [Row("the check ran", "no error", f"{type(exc).__name__}: {exc}", False)]
         if status != "pass":
             break
+    written = None
+    if pcap_dir and recorded is not None:
+        frames = {key: list(capture.captured) for key, capture in recorded.captures.items()}
+        written = write_check_pcap(pcap_dir, lab.name, check.name, status, rows, frames)
     return CheckResult(
         check.name,
         check.covers,
@@ -147,7 +164,14 @@ def run_check(lab: LabFile, check: Check) -> CheckResult:
         time.monotonic() - start,
         error,
         explanation,
+        recorded=recorded,
+        pcap=written,
     )
+
+
+def with_topology_requires(check: Check, lacking: list[str]) -> Check:
+    """The check as run here: its requires include the options its lab's topology needs."""
+    return check.model_copy(update={"requires": sorted(set(check.requires) | set(lacking))})
 
 
 def selected(lab: LabFile, select: str | None) -> list[Check]:
@@ -160,6 +184,7 @@ def run_lab(
     keep: bool = False,
     on_check: Callable[[str, str], None] | None = None,
     reuse: bool = False,
+    pcap_dir: str | None = None,
 ) -> LabResult:
     """Bring the lab up, run its (selected) checks, bring it down unless ``keep``.
 
@@ -168,7 +193,21 @@ def run_lab(
     as it is and it stays up.
     """
     start = time.monotonic()
-    lab = load_lab_file(file)
+    try:
+        lab = load_lab_file(file)
+    except KernelLacksError as exc:
+        # the topology needs a kind this kernel lacks: nothing can be built, every check is not provable here
+        from labctl.topology.loader import load_file
+
+        lab = load_file(file, LabFile)[0]
+        result = LabResult(lab=lab.name, file=file)
+        for check in selected(lab, select):
+            if on_check:
+                on_check(lab.name, check.name)
+            lacking = sorted(set(exc.lacking) | set(kconfig.missing(check.requires)))
+            result.checks.append(_skipped(with_topology_requires(check, lacking), lacking, start))
+        result.seconds = time.monotonic() - start
+        return result
     result = LabResult(lab=lab.name, file=file)
     chosen = selected(lab, select)
     if not chosen:
@@ -185,7 +224,7 @@ def run_lab(
         for check in chosen:
             if on_check:
                 on_check(lab.name, check.name)
-            result.checks.append(run_check(lab, check))
+            result.checks.append(run_check(lab, check, pcap_dir))
     finally:
         if not keep and not already_up:
             build.down(lab.name)

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from labctl.evidence.model import Evidence, SendEvidence, SocketEvidence
 from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSpec
 from labctl.expect.base import JudgeContext, Needs
-from labctl.kernel import ebtables, iptables, netns, sysctl
+from labctl.kernel import ebtables, iptables, netns, nft, sysctl
 from labctl.kernel.neighwatch import flush_learned
 from labctl.kernel.packet import inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import UdpListener, send_udp
 from labctl.kernel.sysfs import write_in_namespace
 from labctl.lab.traffic import PreparedFrame, TrafficError, prepare_injection
-from labctl.topology.checks import Check, Listen, Traffic
+from labctl.topology.checks import Check, Listen, SendUdp, Traffic
 from labctl.topology.model import Topology
 from labctl.verify.judge import needs_of
 
@@ -49,7 +49,7 @@ def trace_match(check: Check) -> str:
         return check.setup.hooks_match
     for step in check.traffic:
         if step.udp is not None:
-            return f"-p udp --dport {step.udp.to.rpartition(':')[2]}"
+            return f"-p udp --dport {step.udp.port}"
         if step.ping is not None:
             return "-p icmp"
         if step.inject is not None:
@@ -78,11 +78,13 @@ def window_spec(check: Check, needs: Needs) -> WindowSpec:
     return WindowSpec(
         events=tuple(sorted(needs.events)),
         captures=[CaptureRequest(c.node, c.interface, c.filter) for c in check.setup.capture],
-        walks={node: WalkRequest(w.bridge_tables, w.nat, match) for node, w in needs.walks.items()},
+        walks={node: WalkRequest(w.bridge_tables, w.nat, match, w.nft, w.ip) for node, w in needs.walks.items()},
         rules=set(getattr(check.expect, "rules") or {}),  # noqa: B009 - the model is built from the registry
         ebtables=set(getattr(check.expect, "ebtables") or {}),  # noqa: B009
+        nft=set(getattr(check.expect, "nft") or {}),  # noqa: B009
         fdb=needs.fdb,
         conntrack=needs.conntrack,
+        routes=set(needs.routes),
     )
 
 
@@ -107,6 +109,7 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
     """Apply the check's rules on an empty conntrack table; afterwards restore the topology's rules."""
     touched_ip = list(check.setup.iptables)
     touched_eb = list(check.setup.ebtables)
+    touched_nft: list[str] = []
     try:
         for node in topo.nodes:
             flush_conntrack(_ns(topo, node))
@@ -114,6 +117,9 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
             iptables.apply_rules(_ns(topo, node), rules)
         for node, rules in check.setup.ebtables.items():
             ebtables.apply_rules(_ns(topo, node), rules)
+        for node, commands in check.setup.nftables.items():
+            touched_nft.append(node)
+            nft.apply_commands(_ns(topo, node), commands)
         yield
     finally:
         for node in touched_ip:
@@ -124,6 +130,8 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
             ebtables.flush(_ns(topo, node))
             if topo.nodes[node].ebtables:
                 ebtables.apply_rules(_ns(topo, node), topo.nodes[node].ebtables)
+        for node in touched_nft:  # the node's own ruleset again, in one transaction (ebtables' tables kept)
+            nft.replace(_ns(topo, node), topo.nodes[node].nftables or "", keep_ebtables=True)
 
 
 def _napi_threads() -> dict[int, str]:
@@ -186,14 +194,18 @@ def temporary_sysctls(topo: Topology, check: Check) -> Iterator[None]:
 
 
 def _listener(topo: Topology, spec: Listen) -> UdpListener:
-    return UdpListener(
-        _ns(topo, spec.node),
-        spec.port,
-        addr=spec.address,
-        rcvbuf=spec.rcvbuf,
-        read=spec.read,
-        socket_filter=spec.filter,
-    )
+    """The check's listener; one that cannot be made is the check's ERROR, with the kernel's reason."""
+    try:
+        return UdpListener(
+            _ns(topo, spec.node),
+            spec.port,
+            addr=spec.address.strip("[]"),
+            rcvbuf=spec.rcvbuf,
+            read=spec.read,
+            socket_filter=spec.filter,
+        )
+    except OSError as exc:
+        raise TrafficError(f"listen on {spec.node} udp {spec.address} port {spec.port}: {exc.strerror or exc}") from exc
 
 
 @dataclass
@@ -213,7 +225,40 @@ def _ip_protocol(address: str) -> int:
 _PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 
 
-def _send(topo: Topology, step: _Step, window: Window) -> None:
+def _send_udp(topo: Topology, spec: SendUdp, window: Window, errors_expected: bool) -> None:
+    """One udp step; a socket that cannot be made or a send the kernel refuses is an ERROR of the check.
+
+    Refused sends are evidence only when the check states what the sender must get (``send_error``):
+    EPERM from an OUTPUT drop is then the claim.  Otherwise a send that failed means the traffic the
+    check is about never left, and passing on it would be hope, not evidence.
+    """
+    payload = spec.payload.encode()
+    if spec.size is not None:
+        payload = (payload * (spec.size // max(len(payload), 1) + 1))[: spec.size]
+    try:
+        with pinned(spec.cpu):
+            result = send_udp(_ns(topo, spec.node), spec.host, spec.port, payload, count=spec.count,
+                              gso_size=spec.gso_size, dont_fragment=spec.df)
+    except OSError as exc:
+        window.error(f"udp from {spec.node} to {spec.to}: no socket ({exc})")
+        window.record_send(SendEvidence(spec.node, "udp", spec.count, 0, (_errno_name(exc.errno),)))
+        return
+    errors = tuple(sorted({_errno_name(code) for code in result.errors}))
+    window.record_send(SendEvidence(spec.node, "udp", spec.count, result.sent, errors))
+    if errors and not errors_expected:
+        window.error(
+            f"udp from {spec.node} to {spec.to}: {result.failed} of {spec.count} sends failed ({', '.join(errors)});"
+            " state send_error if that is the claim"
+        )
+
+
+def _errno_name(code: int | None) -> str:
+    if code is None:
+        return "EIO"
+    return errno_codes.errorcode.get(code, f"errno {code}")
+
+
+def _send(topo: Topology, step: _Step, window: Window, errors_expected: bool = False) -> None:
     traffic = step.traffic
     if traffic.inject is not None and step.frame is not None:
         spec = traffic.inject
@@ -225,27 +270,27 @@ def _send(topo: Topology, step: _Step, window: Window) -> None:
             sent = 0
         window.record_send(SendEvidence(spec.node, "inject", spec.count, sent))
     elif traffic.udp is not None:
-        spec_u = traffic.udp
-        host, _, port = spec_u.to.rpartition(":")
-        payload = spec_u.payload.encode()
-        if spec_u.size is not None:
-            payload = (payload * (spec_u.size // max(len(payload), 1) + 1))[: spec_u.size]
-        with pinned(spec_u.cpu):
-            result = send_udp(_ns(topo, spec_u.node), host.strip("[]"), int(port), payload, count=spec_u.count)
-        errors = tuple(sorted({errno_codes.errorcode.get(code, str(code)) for code in result.errors}))
-        window.record_send(SendEvidence(spec_u.node, "udp", spec_u.count, result.sent, errors))
+        _send_udp(topo, traffic.udp, window, errors_expected)
     elif traffic.ping is not None:
         spec_p = traffic.ping
-        argv = ["ping", "-n", "-q", "-c", str(spec_p.count), "-i", "0.01", "-W", "1", spec_p.to]
-        proc = netns.popen(_ns(topo, spec_p.node), argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = netns.popen(_ns(topo, spec_p.node), spec_p.argv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
         window.add_tasks([proc.pid])  # its echo requests are the lab's too
-        out, _ = proc.communicate()
+        out, err = proc.communicate()
         counts = _PING_COUNTS.search(out or "")
+        refused = [line for line in (err or "").splitlines() if "local error" in line]
         if proc.returncode not in (0, 1) or counts is None:
-            window.error(f"ping {spec_p.to} from {spec_p.node} could not run (exit {proc.returncode})")
+            reason = (err or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            window.error(f"ping {spec_p.to} from {spec_p.node} could not run: {reason[0]}")
             window.record_send(SendEvidence(spec_p.node, "ping", spec_p.count, 0, replies=0))
         else:
-            window.record_send(SendEvidence(spec_p.node, "ping", spec_p.count, int(counts[1]), replies=int(counts[2])))
+            sent = max(0, int(counts[1]) - len(refused))
+            window.record_send(SendEvidence(spec_p.node, "ping", spec_p.count, sent, replies=int(counts[2])))
+            if refused:  # ping counts them as transmitted; they never left the node
+                window.error(
+                    f"ping {spec_p.to} from {spec_p.node}: {len(refused)} echo requests refused by the node's own"
+                    f" stack ({refused[0].removeprefix('ping: ').strip()})"
+                )
     time.sleep(traffic.settle)
 
 
@@ -254,7 +299,7 @@ def warm_neighbours(topo: Topology, check: Check) -> None:
     if not check.setup.warm_neighbours:
         return
     for node, to in dict.fromkeys(
-        (t.udp.node, t.udp.to.rpartition(":")[0].strip("[]")) for t in check.traffic if t.udp
+        (t.udp.node, t.udp.host) for t in check.traffic if t.udp
     ):
         if to.startswith("127.") or to == "::1":
             continue
@@ -279,7 +324,7 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
         if step.frame is not None:
             protocols.add(_ethertype(step.frame.frame))
         elif step.traffic.udp is not None:
-            protocols.add(_ip_protocol(step.traffic.udp.to.rpartition(":")[0]))
+            protocols.add(_ip_protocol(step.traffic.udp.host))
         elif step.traffic.ping is not None:
             protocols.add(_ip_protocol(step.traffic.ping.to))
     warm_neighbours(topo, check)  # before the stage: its conntrack flush forgets the warm-up's flows
@@ -292,8 +337,9 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
             flush_learned(_ns(topo, node), bridge)
         listeners = [(spec, stack.enter_context(_listener(topo, spec))) for spec in check.setup.listen]
         window = stack.enter_context(Window(topo, window_spec(check, needs)))
+        errors_expected = getattr(check.expect, "send_error") is not None  # noqa: B009 - registry-built model
         for step in steps:
-            _send(topo, step, window)
+            _send(topo, step, window, errors_expected)
         window.record_sockets(_socket_evidence(spec, listener) for spec, listener in listeners)
         evidence = window.close()
     return evidence, JudgeContext(traffic_protocols=frozenset(protocols))

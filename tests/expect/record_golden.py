@@ -24,6 +24,9 @@ CASES = {
     "bridge-containers": ["flood-then-forward"],
     "tx-path": ["arp-unanswered", "output-drop-fails-the-send", "full-qdisc-drops"],
     "forwarding": ["prerouting-decides-the-route"],
+    "ip6-router": ["ip6-hop-limit-exceeded", "ip6-closed-port"],
+    "ip6-pmtu": ["pmtu-frag-needed", "pmtu-conntrack-entry-of-the-flow"],
+    "ip6-udp-gso": ["gso-one-send-ten-datagrams"],
 }
 
 
@@ -53,5 +56,7 @@ def record(lab_name: str, checks: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    chosen = sys.argv[1:]  # lab names: record only those (default: every case)
     for name, wanted in CASES.items():
-        record(name, wanted)
+        if not chosen or name in chosen:
+            record(name, wanted)

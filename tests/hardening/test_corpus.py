@@ -40,6 +40,13 @@ SAMPLE = [
     "bad-int-tag",
     "nul-char",
     "empty",
+    "nft-syntax",
+    "tc-rate-unit",
+    "iptables-target-typo",
+    "iptables-match-absent",
+    "check-iptables-target-typo",
+    "node-name-markup",
+    "iface-name-markup",
 ]
 
 

@@ -161,3 +161,62 @@ def test_kill_9_of_a_tracer_and_a_diagnosis_leaves_nothing_after_clean_lab(lab_n
     finally:
         netns.remove(scratch)
         tracefs.remove_stale_instances()
+
+
+_HOOK_HOLDER = """
+import sys, time
+from labctl.kernel.nftrace import HookTracer
+with HookTracer(sys.argv[1], tables=("filter",)):
+    print("installed", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_kill_9_of_a_hook_tracer_leaves_no_rule_after_the_next_command(make_lab: LabFactory, lab_name: str) -> None:
+    """A killed ``hooks`` left its NFLOG rules at the top of the lab's chains (rule numbers shifted) for good."""
+    from labctl.kernel import iptables, tracerules
+
+    make_lab('topology:\n  nodes:\n    a:\n      iptables: ["-A INPUT -p udp --dport 7 -j ACCEPT"]\n')
+    namespace = netns.namespace_name(lab_name, "a")
+    proc = subprocess.Popen([sys.executable, "-c", _HOOK_HOLDER, namespace], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "installed"
+    assert any("NFLOG" in r.rule for r in iptables.list_rules(namespace))
+    proc.kill()
+    proc.wait()
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "labctl"), "status", lab_name], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    rules = [(r.chain, r.position, r.rule) for r in iptables.list_rules(namespace) if r.position]
+    assert rules == [("INPUT", 1, "-A INPUT -p udp -m udp --dport 7 -j ACCEPT")]
+    assert tracerules._records() == [] or all(tracerules._owner_alive(r) for r in tracerules._records())
+
+
+_BRIDGE_HOOK_HOLDER = """
+import sys, time
+from labctl.kernel.nftrace import HookTracer
+with HookTracer(sys.argv[1], tables=(), bridge_tables=("filter", "nat")):
+    print("installed", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_kill_9_of_a_bridge_hook_tracer_leaves_no_rule_nor_table(make_lab: LabFactory, lab_name: str) -> None:
+    from labctl.kernel import ebtables
+
+    make_lab(
+        "topology:\n  nodes:\n    sw:\n      bridges: {br0: {ports: [p1]}}\n    a: {}\n"
+        '  links:\n    - endpoints: ["a:eth0", "sw:p1"]\n'
+    )
+    namespace = netns.namespace_name(lab_name, "sw")
+    assert ebtables.existing_tables(namespace) == []
+    proc = subprocess.Popen([sys.executable, "-c", _BRIDGE_HOOK_HOLDER, namespace], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "installed"
+    assert any("nflog" in r.rule for r in ebtables.list_rules(namespace))
+    proc.kill()
+    proc.wait()
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "labctl"), "status", lab_name], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert ebtables.existing_tables(namespace) == []  # the tables only the tracer made are gone with its rules

@@ -80,6 +80,36 @@ def test_a_directory_for_a_lab_file_is_a_message(command: list[str], tmp_path: P
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("command", [["down"], ["status"], ["exec"]])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"name: x\xff\n", "not UTF-8 text"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nesting"),
+        (b"a: &a [x]\nb: *a\n" * 2, "not valid YAML"),
+    ],
+    ids=["non-utf8", "deep-nesting", "duplicate-anchor-keys"],
+)
+def test_a_hostile_lab_file_for_down_status_exec_is_a_message(
+    command: list[str], content: bytes, message: str, tmp_path: Path
+) -> None:
+    file = tmp_path / "hostile.yaml"
+    file.write_bytes(content)
+    argv = [LABCTL, *command, str(file)] + (["node", "--", "true"] if command == ["exec"] else [])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: {file}:"), result.stderr
+
+
+@pytest.mark.parametrize("command", [["down"], ["status"], ["exec"]])
+def test_a_directory_named_like_a_lab_is_an_unknown_lab(command: list[str], tmp_path: Path) -> None:
+    """``labctl down labs`` in a folder that has ``labs/``: a lab name, not a file -- and no such lab is up."""
+    (tmp_path / "labs").mkdir()
+    argv = [LABCTL, *command, "labs"] + (["node", "--", "true"] if command == ["exec"] else [])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "lab labs is not up" in result.stderr, result.stderr
+
+
 def test_clean_lab_validates_in_process() -> None:
     with pytest.raises(BadNameError):
         clean.clean_all("../../etc")

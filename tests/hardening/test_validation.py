@@ -206,3 +206,39 @@ def test_loader_is_fast_at_1000_nodes() -> None:
     topo = loader.parse_topology("\n".join(lines) + "\n", "big.yaml")
     assert time.monotonic() - start < 3  # 10 s before the link index
     assert len(topo.link_interfaces("host")) == n
+
+
+def test_xtables_offer_reads_this_kernels_lists() -> None:
+    from labctl.kernel import xtables
+
+    targets, matches = xtables.offer("target"), xtables.offer("match")
+    with open(xtables.PROC_LISTS["target"]) as f:
+        listed = {line.strip() for line in f}
+    assert targets.known and targets.listed == listed
+    assert targets.has("LOG") and matches.has("udp") and matches.has("state")
+    assert not targets.has("CLUSTERIP_NOT_A_TARGET") and not matches.has("nosuch")
+    assert targets.suggestion("masquerde") == "MASQUERADE"
+
+
+def test_a_modular_kernel_may_load_what_it_does_not_list() -> None:
+    from labctl.kernel.xtables import Offer
+
+    offer = Offer("target", frozenset({"LOG"}), frozenset({"CLUSTERIP"}), known=True)
+    assert offer.has("CLUSTERIP") and not offer.has("LED")
+    assert Offer("match", frozenset(), frozenset(), known=False).has("anything")  # cannot see: refuse nothing
+
+
+def test_a_chain_the_node_creates_is_a_target(tmp_path: Path) -> None:
+    text = 'name: v\ntopology:\n  nodes:\n    a:\n      iptables: ["-N mine", "-A INPUT -j mine", "-A INPUT -g mine"]\n'
+    file = tmp_path / "lab.yaml"
+    file.write_text(text)
+    load_lab(str(file))
+
+
+def test_validate_prints_control_characters_escaped(tmp_path: Path) -> None:
+    """``validate`` printed keys raw: a node named ESC[2J cleared the terminal of whoever checked the file."""
+    file = tmp_path / "esc.yaml"
+    file.write_text('name: esc\ntopology:\n  nodes:\n    "\\e[2Jevil": {}\n')
+    result = subprocess.run([LABCTL, "validate", str(file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "\x1b" not in result.stdout + result.stderr and "\\x1b[2Jevil" in result.stdout, result.stdout

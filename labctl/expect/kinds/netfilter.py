@@ -1,4 +1,4 @@
-"""hooks and conntrack: the ordered netfilter walk of each packet, and the flows conntrack kept."""
+"""hooks: the ordered netfilter walk of each packet (conntrack entries are kinds/conntrack.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,38 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
-from labctl.expect.base import Issue, JudgeContext, Kind, LabView, MachineFacts, Needs, Row, WalkSpec, register
-from labctl.expect.bounds import Count, matches
+from labctl.expect.base import (
+    Issue,
+    JudgeContext,
+    Kind,
+    LabView,
+    MachineFacts,
+    Needs,
+    Row,
+    WalkSpec,
+    register,
+)
 from labctl.expect.walks import WalkForm, form_steps, judge_walks, walk_counts
 
 if TYPE_CHECKING:
     from labctl.evidence.model import Evidence
 
 
+NFT_FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
+
+
 def full_name(step: str) -> str:
-    """'filter:INPUT' is an iptables step ('ip:filter:INPUT'); 'bridge:nat:PREROUTING' an ebtables one."""
-    return step if step.count(":") == 2 else f"ip:{step}"
+    """'filter:INPUT' is an iptables step ('ip:filter:INPUT'); 'bridge:nat:PREROUTING' an ebtables one;
+    'nft:inet:filter:input' a base chain of the node's nft ruleset."""
+    return step if step.count(":") == 2 or step.startswith("nft:") else f"ip:{step}"
 
 
 def step_issue(step: str, facts: MachineFacts) -> str | None:
+    if step.startswith("nft:"):
+        parts = step.split(":")
+        if len(parts) != 4 or parts[1] not in NFT_FAMILIES or not parts[2] or not parts[3]:
+            return f"{step!r} is not 'nft:FAMILY:TABLE:CHAIN' (family one of {', '.join(NFT_FAMILIES)})"
+        return None
     parts = full_name(step).split(":")
     if len(parts) != 3 or parts[0] not in ("ip", "bridge"):
         return f"{step!r} is not 'table:CHAIN' (iptables) or 'bridge:table:CHAIN' (ebtables)"
@@ -38,7 +56,8 @@ class Hooks(Kind):
     schema = Annotated[dict[str, WalkForm], Field(min_length=1)]
     doc = (
         "Per node, the netfilter walk of each packet of the check: exactly this list of 'table:CHAIN' / "
-        "'bridge:table:CHAIN' ({contains: [...]} or {packets: [[...], ...]} for the other forms)."
+        "'bridge:table:CHAIN' / 'nft:FAMILY:TABLE:CHAIN' ({contains: [...]} or {packets: [[...], ...]} for the "
+        "other forms)."
     )
     order = 90
 
@@ -59,7 +78,9 @@ class Hooks(Kind):
             steps = [full_name(s) for s in form_steps(form)]
             spec = needs.walks.setdefault(node, WalkSpec())
             spec.bridge_tables |= {s.split(":")[1] for s in steps if s.startswith("bridge:")}
-            spec.nat |= any(s.split(":")[1] == "nat" for s in steps)
+            spec.nat |= any(s.split(":")[1] == "nat" for s in steps if not s.startswith("nft:"))
+            spec.nft |= any(s.startswith("nft:") for s in steps)
+            spec.ip = any(not s.startswith("nft:") for s in steps) or not spec.nft
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         rows = []
@@ -83,17 +104,3 @@ def _normalised(form: Any) -> Any:
             for k, v in form.model_dump(exclude_none=True).items()
         }
     )
-
-
-@register
-class Conntrack(Kind):
-    key = "conntrack"
-    schema = Count
-    doc = "Conntrack entries in all the lab's nodes after the traffic (the stage empties them first)."
-    order = 91
-
-    def needs(self, value: Any, needs: Needs) -> None:
-        needs.conntrack = True
-
-    def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
-        return [Row("conntrack entries", value, ev.conntrack, matches(value, ev.conntrack))]

@@ -1,0 +1,85 @@
+"""Which iptables targets and matches this kernel offers, so a rule it lacks is refused before building.
+
+The kernel lists the xtables extensions registered for IPv4 in
+``/proc/net/ip_tables_targets`` and ``/proc/net/ip_tables_matches``: on a
+monolithic kernel that is everything built in.  A modular kernel lists only
+what is loaded; an extension whose ``CONFIG_`` option is ``m`` is loaded on
+demand when the rule is committed, so it counts too (read through
+``kconfig``).  Without either source nothing is refused: labctl never claims a
+kernel lacks what it cannot see.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+
+from labctl.kernel import kconfig
+
+PROC_LISTS = {"target": "/proc/net/ip_tables_targets", "match": "/proc/net/ip_tables_matches"}
+STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
+"""Verdicts of the standard target: no extension, every kernel with iptables has them."""
+
+ALIASES = {"target": {"NOTRACK": "CT"}, "match": {"state": "conntrack"}}
+"""Userspace names whose extension registers in the kernel under another name (libxt's ``real_name``)."""
+
+_CONFIG_PREFIXES = {
+    "target": ("CONFIG_NETFILTER_XT_TARGET_", "CONFIG_IP_NF_TARGET_"),
+    "match": ("CONFIG_NETFILTER_XT_MATCH_", "CONFIG_IP_NF_MATCH_"),
+}
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The extensions of one kind (``target`` or ``match``) this kernel has, or may load."""
+
+    kind: str
+    listed: frozenset[str]
+    loadable: frozenset[str]
+    """Upper-cased names whose option is ``m`` (a modular kernel loads them on demand)."""
+    known: bool
+    """False when neither the kernel's list nor its config could be read: refuse nothing."""
+
+    def has(self, name: str) -> bool:
+        if not self.known:
+            return True
+        names = {name, ALIASES[self.kind].get(name, name)}
+        return bool(names & self.listed) or any(n.upper().replace("-", "_") in self.loadable for n in names)
+
+    def suggestion(self, name: str) -> str | None:
+        """The closest name this kernel has ('LOGG' -> 'LOG'), case-insensitively."""
+        pool = sorted(self.listed | (STANDARD_TARGETS if self.kind == "target" else frozenset()))
+        by_upper = {n.upper(): n for n in pool}
+        close = difflib.get_close_matches(name.upper(), list(by_upper), n=1, cutoff=0.6)
+        return by_upper[close[0]] if close else None
+
+
+@functools.cache
+def offer(kind: str) -> Offer:
+    """What this kernel offers for ``kind`` (``target`` or ``match``); read once per process."""
+    listed: set[str] = set()
+    read_list = False
+    try:
+        with open(PROC_LISTS[kind], encoding="ascii", errors="replace") as f:
+            listed = {line.strip() for line in f if line.strip()}
+            read_list = True
+    except OSError:
+        pass
+    config = kconfig.options()
+    loadable: set[str] = set()
+    if config is not None and config.get("CONFIG_MODULES") == "y":
+        for option, value in config.items():
+            for prefix in _CONFIG_PREFIXES[kind]:
+                if value == "m" and option.startswith(prefix):
+                    loadable.add(option[len(prefix) :])
+    modular_unknown = config is None and read_list and _modules_possible()
+    known = (read_list or config is not None) and not modular_unknown
+    return Offer(kind, frozenset(listed), frozenset(loadable), known)
+
+
+def _modules_possible() -> bool:
+    """A kernel without its config may still load modules: then a short list proves nothing."""
+    import os
+
+    return os.path.exists("/proc/modules")
