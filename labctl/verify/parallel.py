@@ -23,19 +23,31 @@ its own ``alone`` labs the same way.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
-from labctl.errors import LabctlError
+from labctl.errors import KernelLacksError, LabctlError
 from labctl.kernel import registry
 from labctl.topology.checks import LabFile
 from labctl.verify.runner import LabResult, load_lab_file, run_lab, selected
 
 RUNS_DIR = os.path.join(registry.STATE_DIR, "runs")
+
+
+def _mapping_proxy(items: dict[Any, Any]) -> MappingProxyType[Any, Any]:
+    return MappingProxyType(items)
+
+
+# A lab's results travel from its worker process as a pickle; the evidence keeps read-only views
+# (MappingProxyType), which pickle cannot copy: they are sent as dicts and made read-only again.
+copyreg.pickle(MappingProxyType, lambda view: (_mapping_proxy, (dict(view),)))
 
 
 def alone_reason(lab: LabFile, select: str | None = None) -> str | None:
@@ -119,7 +131,10 @@ class LabJob:
 def run_one(job: LabJob) -> tuple[LabResult, int | None]:
     """Run one lab under the run's lock; a labctl error becomes the result's ``error`` and its exit code."""
     try:
-        lab = load_lab_file(job.file)
+        try:
+            lab = load_lab_file(job.file)
+        except KernelLacksError:  # nothing is built: run_lab reports every check as not provable here
+            return run_lab(job.file, select=job.select, keep=job.keep, reuse=job.reuse), None
         with RunLock(job.run).held(alone=alone_reason(lab, job.select) is not None):
             result = run_lab(job.file, select=job.select, keep=job.keep, reuse=job.reuse, pcap_dir=job.pcap_dir)
             return result, None

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from labctl.errors import KernelLacksError
 from labctl.kernel import netns
 from labctl.verify.parallel import RunLock, alone_reason, new_run_name
 from labctl.verify.runner import lab_files, load_lab_file
@@ -43,8 +44,15 @@ def _lab(tmp_path: Path, name: str, count: int, extra: str = "") -> str:
     return str(file)
 
 
+def _reason(file: str) -> str | None:
+    try:
+        return alone_reason(load_lab_file(file))
+    except KernelLacksError:  # a lab this kernel cannot build runs nothing, alone or not
+        return None
+
+
 def test_labs_that_need_the_host_alone() -> None:
-    reasons = {Path(f).name: alone_reason(load_lab_file(f)) for f in lab_files([str(REPO / "labs")])}
+    reasons = {Path(f).name: _reason(f) for f in lab_files([str(REPO / "labs")])}
     assert "netdev_max_backlog" in (reasons["rx-backlog.yaml"] or "")  # a host-wide sysctl
     assert "full-qdisc-drops" in (reasons["tx-path.yaml"] or "")  # a check marked alone: true
     assert reasons["rx-path.yaml"] is None
