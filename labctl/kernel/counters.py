@@ -180,6 +180,16 @@ def _qdiscs(handle: NodeLinks) -> dict[str, dict[str, dict[str, int]]]:
     return result
 
 
+def qdisc_kinds(handle: NodeLinks) -> list[tuple[int, str]]:
+    """(ifindex, kind) of every qdisc in the handle's namespace: one dump on labctl's own socket."""
+    found = []
+    for _, data, offset in handle.nl.dump(RTM_GETQDISC, _TCMSG.pack(0, 0, 0, 0, 0)):
+        _, index, _, _, _ = _TCMSG.unpack_from(data, offset)
+        attrs = attributes(data, offset + _TCMSG.size, frozenset({TCA_KIND}))
+        found.append((index, attrs[TCA_KIND].split(b"\0", 1)[0].decode() if TCA_KIND in attrs else ""))
+    return found
+
+
 def _qdisc_counters(attrs: Mapping[int, bytes]) -> dict[str, int]:
     counters: dict[str, int] = {}
     if TCA_STATS2 in attrs:
