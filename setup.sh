@@ -106,6 +106,9 @@ install_all() {
     : >"$LOG"
     install_debs
     install_venv
+    # byte-compile the editable checkout (pip compiles installed packages, not this one): with
+    # PYTHONDONTWRITEBYTECODE set, every labctl command would otherwise compile its modules again
+    .venv/bin/python -m compileall -q labctl >/dev/null 2>&1 || true
     # tracefs is where the kernel path observer reads tracepoints
     mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
 }

@@ -12,7 +12,17 @@ run, interleaved with labctl, so machine load weighs on both sides):
   other end (static routes), vs iproute2 doing the same.
 * ``converge``: a second ``labctl up`` of the unchanged largest star (nothing
   to do), and ``labctl status LAB`` / ``--json`` on it.
-* ``--help``: ``labctl --help``, beside a bare ``python -c pass``.
+* ``--help``: ``labctl --help`` and ``labctl validate`` of a two-node file,
+  beside a bare ``python -c pass``.
+* ``trace``: ``labctl trace LAB client PACKET`` (one packet, a new process)
+  on a two-node lab.
+* ``run``: ``labctl run labs/`` serially and with ``-j 2`` (labs in parallel).
+  The labs have fixed names: another user's run of the same labs at the same
+  time makes a run refuse ("up already"), which the row reports.
+
+labctl's modules are byte-compiled first (``compileall``), as an installed
+package is: with ``PYTHONDONTWRITEBYTECODE`` set an editable checkout would
+otherwise compile every module on every start.
 
 ``ip -batch`` cannot switch namespace per line, so the baseline is one batch in
 the root namespace (``netns add``), one per namespace that creates veths, and
@@ -34,6 +44,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -148,11 +159,27 @@ def ip_cleanup(lab: str) -> None:
 
 
 # -- labctl as a user runs it -------------------------------------------------
+CPU: dict[str, list[float]] = {}
+"""CPU seconds (user + system) of each labctl command by its first word: on a loaded machine wall time
+is mostly waiting for a core, so the CPU a command itself used is printed beside it."""
+
+
 def labctl(*args: str, quiet: bool = True) -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.DEVNULL if quiet else None
     subprocess.run([LABCTL, *args], check=True, stdout=out)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    CPU.setdefault(" ".join(a for a in args if not a.startswith("/")), []).append(used)
+    return wall
+
+
+def cpu(*args: str) -> str:
+    """``(cpu 0.123s)``: the median CPU of the commands timed so far with these arguments (paths left out)."""
+    used = CPU.get(" ".join(args), [])
+    return f"(cpu {statistics.median(used):.3f}s)" if used else ""
 
 
 def labctl_down(lab: str) -> None:
@@ -203,17 +230,68 @@ def converge_rows(file: Path, lab: str, n: int, runs: int) -> None:
         as_json = statistics.median(labctl("status", lab, "--json") for _ in range(runs))
     finally:
         labctl_down(lab)
-    print(f"{f'second up, star {n}':<24} {'':>10} {again:>9.3f}s   goal <= 1.5 s", flush=True)
-    print(f"{f'status, star {n}':<24} {'':>10} {human:>9.3f}s   goal <= 0.3 s", flush=True)
-    print(f"{f'status --json, star {n}':<24} {'':>10} {as_json:>9.3f}s   goal <= 0.3 s", flush=True)
+    print(f"{f'second up, star {n}':<24} {'':>10} {again:>9.3f}s   goal <= 1.5 s {cpu('up')}", flush=True)
+    print(f"{f'status, star {n}':<24} {'':>10} {human:>9.3f}s   goal <= 0.3 s {cpu('status', lab)}", flush=True)
+    json_cpu = cpu("status", lab, "--json")
+    print(f"{f'status --json, star {n}':<24} {'':>10} {as_json:>9.3f}s   goal <= 0.3 s {json_cpu}", flush=True)
 
 
-def help_row(runs: int) -> None:
+SMALL = """name: bnsmall
+topology:
+  nodes:
+    client:
+      interfaces:
+        eth0: {addresses: [10.98.0.1/24]}
+    server:
+      interfaces:
+        eth0: {addresses: [10.98.0.2/24]}
+  links:
+    - endpoints: ["client:eth0", "server:eth0"]
+"""
+TRACED = "IP(dst='10.98.0.2')/UDP(dport=9)"
+
+
+def help_row(runs: int, small: Path) -> None:
     bare = statistics.median(
         timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(runs)
     )
     help_s = statistics.median(labctl("--help") for _ in range(runs))
-    print(f"{'labctl --help':<24} {bare:>9.3f}s {help_s:>9.3f}s   goal <= 0.15 s (left: python -c pass)", flush=True)
+    valid_s = statistics.median(labctl("validate", str(small)) for _ in range(runs))
+    print(
+        f"{'labctl --help':<24} {bare:>9.3f}s {help_s:>9.3f}s   goal <= 0.15 s (left: python -c pass) {cpu('--help')}",
+        flush=True,
+    )
+    print(f"{'labctl validate small':<24} {'':>10} {valid_s:>9.3f}s   goal <= 0.15 s {cpu('validate')}", flush=True)
+
+
+def trace_row(runs: int, small: Path) -> None:
+    try:
+        labctl("up", str(small))
+        labctl("trace", "bnsmall", "client", TRACED)  # the neighbour resolved, as for a user's second trace
+        one = statistics.median(labctl("trace", "bnsmall", "client", TRACED) for _ in range(runs))
+    finally:
+        labctl_down("bnsmall")
+    used = f"(cpu {statistics.median(CPU[f'trace bnsmall client {TRACED}'][1:]):.3f}s)"
+    print(f"{'trace, one packet':<24} {'':>10} {one:>9.3f}s   goal <= 0.4 s {used}", flush=True)
+
+
+def run_row(runs: int, folder: str) -> None:
+    """labctl run labs/ serially and with -j 2, interleaved; a run that did not pass is shown with its exit code."""
+    times: dict[int, list[float]] = {1: [], 2: []}
+    codes: dict[int, list[int]] = {1: [], 2: []}
+    for _ in range(runs):
+        for jobs in (1, 2):
+            t0 = time.perf_counter()
+            done = subprocess.run([LABCTL, "run", "-j", str(jobs), folder], stdout=subprocess.DEVNULL, check=False)
+            times[jobs].append(time.perf_counter() - t0)
+            codes[jobs].append(done.returncode)
+    serial, parallel = statistics.median(times[1]), statistics.median(times[2])
+    print(f"{'run labs/ (serial)':<24} {'':>10} {serial:>9.3f}s   exit codes {codes[1]}", flush=True)
+    print(
+        f"{'run -j 2 labs/':<24} {'':>10} {parallel:>9.3f}s   {serial / parallel:.2f}x faster; goal <= 12 s;"
+        f" exit codes {codes[2]}",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -221,16 +299,19 @@ def main() -> int:
     parser.add_argument("--sizes", default="200,1000", help="star sizes; the largest is also converged")
     parser.add_argument("--chain", type=int, default=200, help="routers in the chain (0: no chain row)")
     parser.add_argument("--runs", type=int, default=5, help="runs per row; the median is reported")
-    parser.add_argument("--rows", default="star,chain,converge,help", help="which rows to run")
+    parser.add_argument("--rows", default="star,chain,converge,help,trace,run", help="which rows to run")
+    parser.add_argument("--labs", default=str(Path(__file__).resolve().parent.parent / "labs"), help="for the run row")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_cli needs root (it builds namespaces)", file=sys.stderr)
         return 2
     rows = set(args.rows.split(","))
+    package = Path(__file__).resolve().parent.parent / "labctl"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True, stdout=subprocess.DEVNULL)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     print(
         f"labctl as commands vs ip -batch; {os.cpu_count()} cores (nproc), kernel {platform.release()}, "
-        f"median of {args.runs}"
+        f"median of {args.runs}, load average {os.getloadavg()[0]:.1f} at the start"
     )
     print(f"{'row':<24} {'ip -batch':>10} {'labctl':>10} {'ratio':>7}")
     ratios: dict[str, float] = {}
@@ -254,8 +335,14 @@ def main() -> int:
             ratios[f"chain {args.chain}"] = up_down_row(
                 f"up+down, chain {args.chain}", file, lab, lambda: ip_chain_up(base, args.chain), args.runs
             )
-    if "help" in rows:
-        help_row(args.runs)
+        small = Path(tmp, "bnsmall.yaml")
+        small.write_text(SMALL)
+        if "help" in rows:
+            help_row(args.runs, small)
+        if "trace" in rows:
+            trace_row(args.runs, small)
+    if "run" in rows:
+        run_row(args.runs, args.labs)
     for what, ratio in ratios.items():
         print(f"goal up+down <= 1.0x ip -batch, {what}: {'met' if ratio <= 1.0 else 'NOT met'} ({ratio:.2f}x)")
     return 0

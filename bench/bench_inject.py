@@ -21,6 +21,7 @@ removed at the end, even on failure.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -162,6 +164,36 @@ def capture_labctl(tx: str, rx: str, frame: bytes, count: int, rate: float | Non
     return Loss("labctl Capture", _offered(rate), sent, elapsed, stats.frames, stats.drops)
 
 
+def _capture_worker(rx: str, ready: Any, stop: Any, results: Any) -> None:
+    """A capture in a process of its own, as ``labctl capture`` runs beside ``labctl inject``."""
+    with Capture(rx, "eth0", FILTER) as capture:
+        ready.set()
+        stop.wait(120)
+        time.sleep(0.2)  # the last frames through the receive path
+    stats = capture.stats()
+    results.put((stats.frames, stats.drops))
+
+
+def capture_labctl_process(tx: str, rx: str, frame: bytes, count: int) -> Loss:
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_capture_worker, args=(rx, ready, stop, results))
+    proc.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the capture process did not start")
+        with Injector(tx, "eth0") as injector:
+            start = time.perf_counter()
+            sent = injector.send(frame, count)
+            elapsed = time.perf_counter() - start
+        stop.set()
+        frames, drops = results.get(timeout=60)
+    finally:
+        stop.set()
+        proc.join(30)
+    return Loss("labctl Capture, apart", "full speed", sent, elapsed, frames, drops)
+
+
 def capture_tcpdump(tx: str, rx: str, frame: bytes, count: int, rate: float | None) -> Loss:
     argv = ["tcpdump", "-i", "eth0", "-n", "-w", "/dev/null", FILTER]
     proc = netns.popen(rx, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -211,6 +243,21 @@ def print_losses(losses: list[Loss]) -> None:
         print(f"{loss.tool:<22}{loss.offered:<12}{loss.sent:>9}{pps:>11,.0f}{loss.seen:>10}{loss.dropped:>14}")
 
 
+def print_capture_ratio(runs: list[Loss], rates: list[Rate]) -> None:
+    """The fastest of ``runs`` (one kind of capture) against trafgen with no capture at all."""
+    trafgen = max((r.pps for r in rates if r.tool == "trafgen" and r.path == "qdisc"), default=0)
+    fastest = max(runs, key=lambda x: x.sent / x.send_seconds if x.send_seconds else 0.0)
+    pps = fastest.sent / fastest.send_seconds if fastest.send_seconds else 0.0
+    lost = max(x.sent - x.seen for x in runs)  # not captured, kernel drops included
+    verdict = "met" if trafgen and pps >= trafgen and lost == 0 else "NOT met"
+    print(
+        f"\ninject with a capture on the receiver ({runs[0].tool}): {pps:,.0f} frames/s"
+        f" = {pps / trafgen if trafgen else 0:.2f}x"
+        f" trafgen without capture (qdisc path); lost at most {lost} of {fastest.sent} over {len(runs)} runs"
+        f" -- goal >= 1.0x, 0 lost: {verdict}"
+    )
+
+
 def best(runs: list[Rate]) -> Rate:
     """The fastest of the repeats: the least disturbed by other work on the host."""
     return max(runs, key=lambda r: r.pps)
@@ -246,7 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         for rate in (None, args.rate):
             losses.append(capture_labctl(tx, rx, frame, args.capture_count, rate))
             losses.append(capture_tcpdump(tx, rx, frame, args.capture_count, rate))
+        # the row of issue #12: inject with a capture running on the receiver vs trafgen without one (best of R):
+        # the capture in the injecting process (one GIL for both) and, as the two commands run, in its own
+        captured = [capture_labctl(tx, rx, frame, args.capture_count, None) for _ in range(args.repeat - 1)]
+        apart = [capture_labctl_process(tx, rx, frame, args.capture_count) for _ in range(args.repeat)]
+        losses += captured + apart
         print_losses(losses)
+        print_capture_ratio([x for x in losses if x.tool == "labctl Capture" and x.offered == "full speed"], rates)
+        print_capture_ratio(apart, rates)
     finally:
         netns.remove(tx)
         netns.remove(rx)

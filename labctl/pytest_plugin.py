@@ -14,10 +14,18 @@ Claims: every collected check carries ``claim(ID)`` markers for the claims
 it covers, and a Python test can say ``@pytest.mark.claim("R7")``;
 ``--claim R7`` (repeatable) runs only the tests of those claims, and
 ``-m "claim(id='R7')"`` works too.
+
+With pytest-xdist (``pytest -n 2 labs/``) the checks of one lab file stay in
+one worker (an ``xdist_group`` per file; ``--dist load`` becomes
+``loadgroup``), and labs that need the host to themselves run while no other
+lab of the session runs (labctl/verify/parallel.py's lock, named after the
+session).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +61,7 @@ class CheckFailed(Exception):
 
 class LabCollector(pytest.File):
     lab: LabFile | None = None
+    _held: contextlib.ExitStack | None = None
     lacking: list[str] | None = None
     """Kernel options the lab's topology needs and this kernel lacks: nothing is built, every check skips."""
 
@@ -69,7 +78,9 @@ class LabCollector(pytest.File):
         except LabctlError as exc:
             raise self.CollectError(str(exc)) from exc
         for check in self.lab.checks:
-            yield CheckItem.from_parent(self, name=check.name, check=check)
+            item = CheckItem.from_parent(self, name=check.name, check=check)
+            item.add_marker(pytest.mark.xdist_group(name=str(self.path)))  # one lab, one worker
+            yield item
 
     def setup(self) -> None:
         from labctl.lab import build
@@ -77,13 +88,24 @@ class LabCollector(pytest.File):
         assert self.lab is not None
         if self.lacking:
             return
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set in xdist workers only
+        if run:
+            from labctl.verify.parallel import RunLock, alone_reason
+
+            self._held = contextlib.ExitStack()
+            self._held.enter_context(RunLock(f"pytest-{run}").held(alone=alone_reason(self.lab) is not None))
         build.up(self.lab, str(self.path))
 
     def teardown(self) -> None:
         from labctl.lab import build
 
-        if self.lab is not None and not self.lacking:
-            build.down(self.lab.name)
+        try:
+            if self.lab is not None and not self.lacking:
+                build.down(self.lab.name)
+        finally:
+            if self._held is not None:
+                self._held.close()
+                self._held = None
 
 
 class CheckItem(pytest.Item):
@@ -125,9 +147,31 @@ class CheckItem(pytest.Item):
         return self.path, None, f"{self.path.name}::{self.name} [{', '.join(self.check.covers)}]"
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "claim(id): the PATHS.md claim a lab check or test proves")
     config.addinivalue_line("markers", "lab(file, name=None): the lab file the module's `lab` fixture brings up")
+    if getattr(config.option, "dist", "no") == "load":  # pytest -n N: keep each lab's checks in one worker
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist's controller learns the session's run id (the lock's name) as it starts a worker."""
+    node.config.stash[_RUN_ID] = node.workerinput.get("testrunuid")
+
+
+_RUN_ID = pytest.StashKey[str]()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """xdist's controller removes the session's lock files once every worker is done."""
+    uid = session.config.stash.get(_RUN_ID, None)
+    if uid:
+        with contextlib.suppress(Exception):
+            from labctl.verify.parallel import RunLock
+
+            RunLock(f"pytest-{uid}").remove()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

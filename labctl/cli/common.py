@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +38,28 @@ class _LazyConsole:
 
 console: Console = _LazyConsole()  # type: ignore[assignment]
 err_console: Console = _LazyConsole(stderr=True)  # type: ignore[assignment]
+
+
+_SIMPLE_MARKUP = re.compile(r"\[/?[a-z ]*\]")
+
+
+def say(markup: str) -> None:
+    """One line with simple Rich markup (``[bold]…[/]``): through Rich on a terminal, as plain text into a pipe.
+
+    ``labctl up`` and ``down`` print one such line; importing Rich and its console for it costs
+    more than 0.03 s of a command a script runs hundreds of times (bench/bench_cli.py).
+    """
+    if sys.stdout.isatty() or "\\" in markup:
+        console.print(markup)
+        return
+    sys.stdout.write(_SIMPLE_MARKUP.sub("", markup) + "\n")
+
+
+def escape(text: str) -> str:
+    """Rich's markup escape, imported on first use (Rich is not imported by commands that print plainly)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def reports_errors(func: F) -> F:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from labctl.cli.common import console, print_json, reports_errors, require_root, up_lab_name
 
@@ -53,6 +52,8 @@ def rules(
     if not rows:
         console.print(f"lab [bold]{name}[/]: no iptables, ebtables or nft tables in {node or 'any node'}")
         return
+    from rich.table import Table
+
     for current in dict.fromkeys(r.node for r in rows):
         table = Table(title=f"{name} / {current}", title_justify="left", show_edge=False, pad_edge=False)
         for column, justify in (

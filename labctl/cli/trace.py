@@ -31,9 +31,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from labctl.cli.common import console, err_console, print_json, reports_errors, require_root, up_lab_name
+from labctl.cli.common import console, err_console, escape, print_json, reports_errors, require_root, up_lab_name
 
 if TYPE_CHECKING:
     from labctl.lab.live import LiveLab

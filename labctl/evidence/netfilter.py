@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from labctl.kernel import ebtables, iptables
-from labctl.kernel.iptables import RuleCounter
 from labctl.kernel.nftrace import HookStep
+
+if TYPE_CHECKING:  # python-iptables is imported by the functions that read rules, when a lab has some
+    from labctl.kernel.iptables import RuleCounter
 
 RuleCounts = dict[str, dict[str, int]]
 
@@ -38,6 +40,8 @@ def is_trace_rule(row: RuleCounter) -> bool:
 
 def user_rows(rows: list[RuleCounter]) -> list[RuleCounter]:
     """``rows`` without trace rules, renumbered per table and chain as if the trace were absent."""
+    from labctl.kernel.iptables import RuleCounter
+
     kept: list[RuleCounter] = []
     numbers: dict[tuple[str, str], int] = {}
     for row in rows:
@@ -59,6 +63,10 @@ def counts(rows: list[RuleCounter]) -> dict[str, int]:
 
 def read_rule_counts(ip_nodes: Mapping[str, str], bridge_nodes: Mapping[str, str]) -> tuple[RuleCounts, RuleCounts]:
     """Packet counters of every rule and policy of the given nodes (node -> namespace)."""
+    if not ip_nodes and not bridge_nodes:
+        return {}, {}
+    from labctl.kernel import ebtables, iptables
+
     ip = {node: counts(iptables.list_rules(ns)) for node, ns in ip_nodes.items()}
     eb = {node: counts(ebtables.list_rules(ns)) for node, ns in bridge_nodes.items()}
     return ip, eb

@@ -135,6 +135,9 @@ class Kind:
     doc: ClassVar[str] = ""
     order: ClassVar[int] = 100
     """Position in reports (and in the generated model): smaller first."""
+    host_wide: ClassVar[bool] = False
+    """It judges host-wide evidence (softnet_stat is per CPU, shared by every namespace): a check stating it
+    runs while no other lab runs (``labctl run -j``, ``pytest -n``; see labctl/verify/parallel.py)."""
 
     def references(self, value: Any, lab: LabView) -> list[Issue]:
         return []

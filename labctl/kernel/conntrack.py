@@ -18,8 +18,6 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2.conntrack import Conntrack
-
 from labctl.kernel import netns
 
 _PROTOCOLS = {
@@ -101,6 +99,8 @@ def as_record(entry: ConntrackEntry) -> dict[str, Any]:
 def entries(namespace: str) -> list[ConntrackEntry]:
     """Every conntrack entry of ``namespace`` (empty when conntrack is not in use there)."""
     with netns.entered(namespace):
+        from pyroute2.conntrack import Conntrack  # imported by the labs that read conntrack only
+
         ct = Conntrack()
         try:
             return [_entry(raw) for raw in ct.dump_entries()]

@@ -69,7 +69,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from labctl.kernel import ebtables, iptables, netns, tracerules
+from labctl.kernel import netns, tracerules
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
@@ -416,6 +416,8 @@ class HookTracer:
         return f"{self.tag}|{family}|{table}|{chain}"
 
     def _install(self, group: int) -> None:
+        from labctl.kernel import ebtables, iptables  # python-iptables: imported only when rules are made
+
         ip_rules = [
             f"-t {table} -I {chain} 1 {self.match}{self._ct_words(table)} -j NFLOG --nflog-group {group} "
             f"--nflog-prefix {self.prefix('ip', table, chain)}"
@@ -460,6 +462,8 @@ class HookTracer:
 
     def _teardown(self) -> None:
         """Remove the trace rules (and bridge tables only we created), unbind."""
+        from labctl.kernel import ebtables, iptables  # python-iptables: imported only when rules are made
+
         try:
             if self._installed.ip_rules:
                 iptables.delete_where(self.namespace, lambda text: f'"{self.tag}|' in text)
@@ -482,6 +486,8 @@ class HookTracer:
             self._recorded = False
 
     def _drop_bridge_tables_we_made(self) -> None:
+        from labctl.kernel import ebtables  # python-iptables: imported only when rules are made
+
         rows = ebtables.list_rules(self.namespace)
         for table in self.bridge_tables:
             if table in self._installed.bridge_tables_before:
@@ -554,6 +560,8 @@ def ebtables_match(match: str) -> str:
     Only the words listed in ``_EB_TRANSLATION`` and ``-p`` are understood;
     anything else needs an explicit ``bridge_match``.
     """
+    from labctl.kernel import iptables  # python-iptables: imported only when rules are made
+
     words = iptables.tokenize(match)
     if not words:
         return ""

@@ -194,8 +194,15 @@ STACK_SKIP = re.compile(r"^(trace_event_raw_event_|perf_trace_|kfree_skb|__kfree
 
 
 def available_events() -> dict[str, list[str]]:
-    """Every tracepoint of this kernel, by subsystem."""
-    root = os.path.join(ensure_mounted(), "events")
+    """Every tracepoint of this kernel, by subsystem (a copy: callers may change it)."""
+    return {system: list(names) for system, names in _available_events(ensure_mounted()).items()}
+
+
+@functools.cache
+def _available_events(tracefs_root: str) -> dict[str, list[str]]:
+    """Read once per process: walking events/ costs 60 ms a check, and the set of tracepoints
+    of a kernel without module loading never changes while it runs (this one has none)."""
+    root = os.path.join(tracefs_root, "events")
     result: dict[str, list[str]] = {}
     for system in sorted(os.listdir(root)):
         sysdir = os.path.join(root, system)
@@ -214,7 +221,7 @@ def resolve_events(specs: Iterable[str]) -> tuple[list[str], dict[str, str]]:
     Tracepoints come and go between kernel releases; a lab asks for what it
     would like and reports what this kernel could not give.
     """
-    known = available_events()
+    known = _available_events(ensure_mounted())
     enabled: list[str] = []
     skipped: dict[str, str] = {}
     for spec in specs:
@@ -542,9 +549,14 @@ def _field_def(line: str) -> FieldDef | None:
 
 
 def read_format(event: str) -> EventFormat:
-    """The format of ``sys:name`` on the running kernel."""
+    """The format of ``sys:name`` on the running kernel (parsed once per process: it is immutable)."""
+    return _read_format(ensure_mounted(), event)
+
+
+@functools.lru_cache(maxsize=512)
+def _read_format(tracefs_root: str, event: str) -> EventFormat:
     system, _, name = event.partition(":")
-    path = os.path.join(ensure_mounted(), "events", system, name, "format")
+    path = os.path.join(tracefs_root, "events", system, name, "format")
     try:
         return parse_format(_read(path), system)
     except FileNotFoundError as exc:

@@ -10,10 +10,7 @@ from the lab's own interfaces (no ARP from the root namespace).
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass
-
-from pyroute2.netlink.exceptions import NetlinkError
 
 from labctl.errors import LabctlError, LabNotUpError
 from labctl.kernel import netns
@@ -90,14 +87,10 @@ def mac_of_address(topo: Topology, address: str) -> str | None:
 
 def _route(handle: NodeLinks, dst: str) -> tuple[str | None, str | None, str | None]:
     """(out interface, gateway, preferred source) the node's kernel picks for ``dst`` (IPv4 or IPv6)."""
-    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
     try:
-        answer = handle.ipr.route("get", dst=dst, family=family)
-    except NetlinkError:
+        return handle.route_to(dst)  # the family follows the address
+    except OSError:  # unreachable, no route: the kernel's refusal, as pyroute2's NetlinkError was
         return None, None, None
-    msg = answer[0]
-    names = {index: name for name, index in handle.index.items()}
-    return names.get(msg.get("oif")), msg.get("gateway"), msg.get("prefsrc")
 
 
 def prepare_injection(topo: Topology, node: str, ifname: str | None, expr: str) -> PreparedFrame:

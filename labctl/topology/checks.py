@@ -239,6 +239,10 @@ class Check(Strict):
     traffic: list[Traffic] = []
     expect: Expect = Expect()  # type: ignore[valid-type]
     repeat: Annotated[int, Field(ge=1, le=100)] = 1
+    alone: bool = False
+    """Run while no other lab runs (``labctl run -j``, ``pytest -n``): the verdict depends on timing another
+    lab's load would change (a rate-limited qdisc's drop count).  Host-wide sysctls and host-wide evidence
+    (softnet) make a lab run alone without saying so."""
 
     @model_validator(mode="before")
     @classmethod

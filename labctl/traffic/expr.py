@@ -23,8 +23,15 @@ import functools
 import ipaddress
 from typing import Any
 
+from scapy.config import conf as scapy_conf
 from scapy.fields import IP6Field, IPField
 from scapy.packet import Packet, Raw
+
+# Scapy reads the host's IPv4 routing table when its layers are imported (about 0.1 s of every
+# command that builds a packet).  It says nothing about a lab node -- fill_defaults sets IPv4
+# sources from the lab -- so it is not read.  (IPv6's is: an IPv6 packet from a node without an
+# IPv6 address still takes its source from Scapy, which warns when it has no route at all.)
+scapy_conf.route_autoload = False
 
 _MAX_TOKEN = 40
 _LITERAL_TYPES = (str, bytes, int, float, bool, type(None))

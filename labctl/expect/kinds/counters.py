@@ -60,6 +60,7 @@ class Counters(Kind):
 @register
 class SoftnetDropped(Kind):
     key = "softnet_dropped"
+    host_wide = True
     schema = Count
     doc = "softnet_stat 'dropped' (input_pkt_queue full), summed over every CPU."
     order = 31
@@ -80,6 +81,7 @@ class SoftnetDropped(Kind):
 @register
 class Softnet(Kind):
     key = "softnet"
+    host_wide = True
     schema = Annotated[dict[str, Annotated[dict[str, Count], Field(min_length=1)]], Field(min_length=1)]
     doc = "Per CPU ('0', '1', ...), deltas of softnet_stat columns: processed, dropped, received_rps, ..."
     order = 32

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from labctl.kernel import counters, iptables
+from labctl.kernel import counters
 from labctl.kernel.tracefs import ChainBuilder, SkbChain, TraceEvent, TraceSession
 from labctl.lab.trace.inject import RICH_EVENTS
 from labctl.lab.trace.knowledge import Knowledge, counter_deltas
@@ -15,6 +16,9 @@ from labctl.lab.trace.placement import Placer, Timeline, event_kind
 from labctl.lab.trace.rules import moved_rules, read_rules, rule_deltas
 from labctl.lab.trace.tasks import FOREIGN, KERNEL, UNKNOWN, TaskMap, foreign_device_names
 from labctl.topology.model import Topology
+
+if TYPE_CHECKING:
+    from labctl.kernel import iptables
 
 
 class Follower:

@@ -67,6 +67,8 @@ class Knowledge:
         self.rules_known = False
         self.fib: list[TraceEvent] = []
         self._fib_times: list[float] = []
+        self._moved: dict[tuple[str | None, tuple[str, ...]], dict[str, int]] = {}
+        self._moved_of: dict[str, dict[str, int]] | None = None
 
     @property
     def lab_devices(self) -> set[str]:
@@ -97,10 +99,23 @@ class Knowledge:
         return self.deltas.get(node or "", {}).get(key, 0)
 
     def moved(self, node: str | None, keys: Iterable[str]) -> dict[str, int]:
-        return {key: value for key in keys if (value := self.delta(node, key))}
+        """The counters among ``keys`` that moved on ``node`` (a new dict: callers add to it).
+
+        A burst asks the same questions for every packet; the answers are
+        remembered (the deltas do not change once the window is read).
+        """
+        wanted = keys if isinstance(keys, tuple) else tuple(keys)
+        memo = (node, wanted)
+        found = self._moved.get(memo)
+        if found is None or self._moved_of is not self.deltas:
+            if self._moved_of is not self.deltas:  # new deltas (a follower reads them again)
+                self._moved, self._moved_of = {}, self.deltas
+            found = {key: value for key in wanted if (value := self.delta(node, key))}
+            self._moved[memo] = found
+        return dict(found)
 
     def link_moved(self, node: str | None, device: str | None, keys: Iterable[str]) -> dict[str, int]:
-        return self.moved(node, (f"{device}.{key}" for key in keys)) if device else {}
+        return self.moved(node, tuple(f"{device}.{key}" for key in keys)) if device else {}
 
     def tap_count(self, node: str, device: str, ethertype: int | None) -> int:
         index = self.ifindex.get(node, {}).get(device)

@@ -1,0 +1,144 @@
+"""labctl run -j: labs in worker processes, the ones that need the host to themselves alone, exact per-lab verdicts."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from labctl.errors import KernelLacksError
+from labctl.kernel import netns
+from labctl.verify.parallel import RunLock, alone_reason, new_run_name
+from labctl.verify.runner import lab_files, load_lab_file
+
+REPO = Path(__file__).resolve().parents[2]
+TWO_NODES = """\
+topology:
+  nodes:
+    client:
+      interfaces:
+        eth0: {addresses: [10.0.7.1/24]}
+    server:
+      interfaces:
+        eth0: {addresses: [10.0.7.2/24]}
+  links:
+    - endpoints: ["client:eth0", "server:eth0"]
+"""
+CHECKS = """\
+checks:
+  - name: closed-port
+    traffic:
+      - udp: {node: client, to: "10.0.7.2:9", count: COUNT}
+    expect:
+      dropped: {reason: NO_SOCKET, count: COUNT}
+"""
+
+
+def _lab(tmp_path: Path, name: str, count: int, extra: str = "") -> str:
+    file = tmp_path / f"{name}.yaml"
+    file.write_text(f"name: {name}\n{extra}{TWO_NODES}{CHECKS.replace('COUNT', str(count))}")
+    return str(file)
+
+
+def _reason(file: str) -> str | None:
+    try:
+        return alone_reason(load_lab_file(file))
+    except KernelLacksError:  # a lab this kernel cannot build runs nothing, alone or not
+        return None
+
+
+def test_labs_that_need_the_host_alone() -> None:
+    reasons = {Path(f).name: _reason(f) for f in lab_files([str(REPO / "labs")])}
+    assert "netdev_max_backlog" in (reasons["rx-backlog.yaml"] or "")  # a host-wide sysctl
+    assert "full-qdisc-drops" in (reasons["tx-path.yaml"] or "")  # a check marked alone: true
+    assert reasons["rx-path.yaml"] is None
+    assert all(r is None for name, r in reasons.items() if name not in ("rx-backlog.yaml", "tx-path.yaml"))
+
+
+def test_a_check_judging_softnet_or_marked_alone_makes_its_lab_alone(tmp_path: Path) -> None:
+    softnet = tmp_path / "s.yaml"
+    softnet.write_text(
+        f"name: s\n{TWO_NODES}checks:\n  - name: c\n    traffic: [{{udp: {{node: client, to: '10.0.7.2:9'}}}}]\n"
+        "    expect: {softnet: {'0': {processed: '>=0'}}}\n"
+    )
+    assert "softnet" in (alone_reason(load_lab_file(str(softnet))) or "")
+    marked = tmp_path / "m.yaml"
+    marked.write_text(f"name: m\n{TWO_NODES}{CHECKS.replace('COUNT', '1')}    alone: true\n")
+    assert "alone: true" in (alone_reason(load_lab_file(str(marked))) or "")
+    assert alone_reason(load_lab_file(str(marked)), select="no-such-check") is None  # only the selected checks count
+
+
+def _hold(run: str, alone: bool, log: str, entered: Any, release: Any) -> None:
+    with RunLock(run).held(alone):
+        with open(log, "a") as f:
+            f.write(f"{'X' if alone else 'S'}+\n")
+        entered.set()
+        release.wait(30)
+        with open(log, "a") as f:
+            f.write(f"{'X' if alone else 'S'}-\n")
+
+
+def test_run_lock_shares_and_excludes(tmp_path: Path) -> None:
+    run = new_run_name()
+    log = tmp_path / "log"
+    log.touch()
+    ctx = multiprocessing.get_context("spawn")
+    release = ctx.Event()
+    entered = [ctx.Event() for _ in range(3)]
+    shared = [ctx.Process(target=_hold, args=(run, False, str(log), entered[i], release)) for i in range(2)]
+    alone_release = ctx.Event()  # referenced until the child has it (a collected semaphore cannot be unpickled)
+    alone = ctx.Process(target=_hold, args=(run, True, str(log), entered[2], alone_release))
+    try:
+        for p in shared:
+            p.start()
+        assert entered[0].wait(30) and entered[1].wait(30)  # two labs hold it at once
+        alone.start()
+        time.sleep(0.5)
+        assert "X+" not in log.read_text()  # the alone lab waits for both
+        release.set()
+        assert entered[2].wait(30)
+        alone_release.set()
+        for p in [*shared, alone]:
+            p.join(30)
+    finally:
+        release.set()
+        alone_release.set()
+        RunLock(run).remove()
+    order = log.read_text().split()
+    assert order.index("X+") > max(i for i, what in enumerate(order) if what == "S-"), order
+
+
+def test_run_j2_runs_labs_at_once_with_exact_verdicts(tmp_path: Path, lab_name: str) -> None:
+    """Two labs with the same addresses and device names, different drop counts, traced at the same time."""
+    files = [_lab(tmp_path, f"{lab_name}a", 3), _lab(tmp_path, f"{lab_name}b", 5)]
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("labctl")), "run", "-j", "2", "--json", *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    labs = json.loads(out.stdout)["labs"]
+    assert [lab["lab"] for lab in labs] == [f"{lab_name}a", f"{lab_name}b"]  # the order given, whatever ran first
+    assert all(lab["passed"] for lab in labs)
+    assert not netns.list_labctl(f"{lab_name}a") and not netns.list_labctl(f"{lab_name}b")
+
+
+def test_run_j2_reports_a_broken_lab_and_runs_the_others(tmp_path: Path, lab_name: str) -> None:
+    broken = tmp_path / f"{lab_name}x.yaml"
+    broken.write_text(f"name: {lab_name}x\ntopology: {{nodes: {{a: {{bogus: 1}}}}}}\nchecks: []\n")
+    files = [str(broken), _lab(tmp_path, f"{lab_name}c", 2)]
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("labctl")), "run", "-j", "2", "--json", *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr + out.stdout
+    labs = json.loads(out.stdout)["labs"]
+    assert labs[0]["error"] and "bogus" in labs[0]["error"]
+    assert labs[1]["passed"]
