@@ -55,6 +55,43 @@ class Offer:
         return by_upper[close[0]] if close else None
 
 
+MODULES_DIR = "/lib/modules"
+
+
+@functools.cache
+def _module_names() -> frozenset[str]:
+    """Upper-cased extension names the installed modules provide (``xt_udp`` is an alias of ``xt_tcpudp``).
+
+    The config names an option, not every extension it builds: CONFIG_NETFILTER_XTABLES builds the tcp and
+    udp matches into xt_tcpudp.  modules.alias and modules.dep name them all; a module kernel loads them on
+    demand when the rule is committed.  A target and a match may share a name here: this only ever widens
+    what counts as present, so nothing the kernel has is refused.
+    """
+    import os
+    import platform
+
+    base = os.path.join(MODULES_DIR, platform.release())
+    names: set[str] = set()
+    try:
+        with open(os.path.join(base, "modules.alias"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "alias":
+                    names.add(parts[1])
+        with open(os.path.join(base, "modules.dep"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                module = os.path.basename(line.partition(":")[0])
+                names.add(module.split(".ko", 1)[0])
+    except OSError:
+        return frozenset()
+    found = set()
+    for name in names:
+        for prefix in ("xt_", "ipt_"):
+            if name.startswith(prefix) and len(name) > len(prefix):
+                found.add(name[len(prefix):].upper().replace("-", "_"))
+    return frozenset(found)
+
+
 @functools.cache
 def offer(kind: str) -> Offer:
     """What this kernel offers for ``kind`` (``target`` or ``match``); read once per process."""
@@ -73,6 +110,7 @@ def offer(kind: str) -> Offer:
             for prefix in _CONFIG_PREFIXES[kind]:
                 if value == "m" and option.startswith(prefix):
                     loadable.add(option[len(prefix) :])
+    loadable |= _module_names()
     modular_unknown = config is None and read_list and _modules_possible()
     known = (read_list or config is not None) and not modular_unknown
     return Offer(kind, frozenset(listed), frozenset(loadable), known)

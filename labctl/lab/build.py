@@ -42,6 +42,10 @@ DAD_ON = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad
 """accept_dad per node (``dad:``); 'all' stays 0 (the kernel uses the larger of all and the interface's)."""
 
 
+FALLBACK_DEVICE_ROOM = 32
+"""ifindexes left free for the kernel's per-namespace fallback tunnel devices (about ten exist)."""
+
+
 def owner(lab: str) -> str:
     """The name under which a lab holds host-wide sysctl overrides."""
     return f"lab:{lab}"
@@ -229,18 +233,23 @@ class Builder:
 
         The kernel numbers other devices (bridges, taps, peers arriving from
         other nodes) from 2 upward, one by one; explicit numbers start above
-        all the devices this node will ever hold, so they can never collide.
+        all the devices this node will ever hold, so they can never collide --
+        plus room for the fallback devices a tunnel module puts in every
+        namespace, old and new, when it loads (gre0, gretap0, erspan0, tunl0,
+        sit0, ip6tnl0, ...: on a modular kernel a lab's GRE link loads ip_gre
+        mid-build, and every later namespace starts with them).
         """
         if node not in self.fresh:
             return None
-        self.next_index[node] = self.next_index.get(node, 2 + len(self.wanted_interfaces[node])) + 1
+        start = 2 + len(self.wanted_interfaces[node]) + FALLBACK_DEVICE_ROOM
+        self.next_index[node] = self.next_index.get(node, start) + 1
         return self.next_index[node]
 
     def configure(self) -> None:
         for node, handle in self.handles.items():
             if node not in self.fresh:
                 handle.ensure_indexes(self.wanted_interfaces[node])  # a dump only if this run made some
-            for ifname in self.wanted_interfaces[node]:
+            for ifname in self.lower_first(node):
                 if ifname in self.topo.nodes[node].bridges:
                     continue
                 link = self.link_at.get((node, ifname))
@@ -248,6 +257,28 @@ class Builder:
                 if node not in self.fresh and link is not None:
                     attrs = dataclasses.replace(attrs, detach=True)  # a port taken off a bridge's list
                 handle.configure(ifname, attrs)
+
+    def lower_first(self, node: str) -> list[str]:
+        """The node's interfaces, each after the one it sits on: an 802.1Q device cannot be set up while its
+        parent is down (ENETDOWN), so a vlan, macvlan or vxlan is configured after its parent or underlay."""
+        spec = self.topo.nodes[node]
+        wanted = self.wanted_interfaces[node]
+
+        def lower(ifname: str) -> str | None:
+            cfg = spec.interfaces.get(ifname)
+            if cfg is None or cfg.kind is None:
+                return None
+            return cfg.vlan_parent_and_id(ifname)[0] if cfg.kind == "vlan" else cfg.underlay()
+
+        def depth(ifname: str) -> int:
+            seen = {ifname}
+            low = lower(ifname)
+            while low is not None and low in wanted and low not in seen:
+                seen.add(low)
+                low = lower(low)
+            return len(seen) - 1
+
+        return sorted(wanted, key=lambda name: (depth(name), name))
 
     def addresses_and_routes(self) -> None:
         for node, spec in self.topo.nodes.items():
