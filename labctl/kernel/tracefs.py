@@ -1065,6 +1065,12 @@ def _device_verdict(event: TraceEvent, devices: set[str]) -> bool | None:
     return any(name in devices for name in names)
 
 
+MAX_CHAIN_EVENTS = 4096
+"""A chain is cut at this many events.  A real skb's path is tens of events; an address recycled by an
+untraced free under a machine-wide flood would otherwise collect events for as long as the flood lasts
+(a live ``--follow`` grew to gigabytes that way)."""
+
+
 class ChainBuilder:
     """Cuts an event stream into per-skb chains as the events arrive.
 
@@ -1105,7 +1111,7 @@ class ChainBuilder:
         chain.events.append(event)
         if chain.on_lab is None:
             chain.on_lab = verdict
-        if event.key in TERMINAL_EVENTS:
+        if event.key in TERMINAL_EVENTS or len(chain.events) >= MAX_CHAIN_EVENTS:
             del self.open[addr]
             done.append(chain)
         return done

@@ -365,3 +365,14 @@ def test_stage_names_follow_the_notes() -> None:
     assert tracefs.stage_of(_event(1, "net:net_dev_xmit", 1, "x", rc=0)) == "tx done"
     assert tracefs.stage_of(_event(1, "skb:skb_copy_datagram_iovec", 1)) == "copied to user (recvmsg)"
     assert tracefs.stage_of(_event(1, "neigh:neigh_create")) == "neigh:neigh_create"
+
+
+def test_a_chain_that_never_ends_is_cut_so_a_live_view_stays_bounded() -> None:
+    """An address recycled by an untraced free under a flood must not collect events for ever (--follow)."""
+    builder = tracefs.ChainBuilder({"lab0"})
+    addr = 0xFFFF888100000200
+    done: list[tracefs.SkbChain] = []
+    for i in range(tracefs.MAX_CHAIN_EVENTS * 3 + 5):
+        done += builder.add(_event(1.0 + i * 1e-6, "net:netif_receive_skb", addr, "lab0"))
+    assert [len(c.events) for c in done] == [tracefs.MAX_CHAIN_EVENTS] * 3
+    assert len(builder.open[addr].events) == 5
