@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from labctl.kernel import netns
-from labctl.kernel.sockets import SK_MEMINFO_DROPS, SK_MEMINFO_RMEM_ALLOC, SK_MEMINFO_VARS, SO_MEMINFO
+from labctl.kernel.sockets import SK_MEMINFO_DROPS, SK_MEMINFO_RMEM_ALLOC, SK_MEMINFO_VARS, SO_MEMINFO, family_of
 
 TCP_STATES = (
     "",
@@ -66,10 +66,6 @@ def tcp_info(sock: socket.socket) -> TcpInfo:
     return TcpInfo(state, unacked, sacked)
 
 
-def _family(address: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in address else socket.AF_INET
-
-
 @dataclass(frozen=True)
 class TcpListenerStats:
     state: str
@@ -102,7 +98,7 @@ class TcpListener:
 
     def __post_init__(self) -> None:
         with netns.entered(self.namespace):
-            self._sock = socket.socket(_family(self.addr), socket.SOCK_STREAM)
+            self._sock = socket.socket(family_of(self.addr), socket.SOCK_STREAM)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._sock.bind((self.addr.strip("[]"), self.port))
@@ -249,7 +245,7 @@ def connect_tcp(
     transfer and the wait for EOF by one deadline each for all connections.
     """
     with netns.entered(namespace):
-        socks = [socket.socket(_family(host), socket.SOCK_STREAM) for _ in range(count)]
+        socks = [socket.socket(family_of(host), socket.SOCK_STREAM) for _ in range(count)]
     try:
         results: dict[int, Attempt] = {}
         connected: dict[int, socket.socket] = {}
