@@ -14,20 +14,9 @@ from labctl.errors import KernelLacksError
 from labctl.kernel import netns
 from labctl.verify.parallel import RunLock, alone_reason, new_run_name
 from labctl.verify.runner import lab_files, load_lab_file
+from tests.lab.test_verify import TWO_NODES
 
 REPO = Path(__file__).resolve().parents[2]
-TWO_NODES = """\
-topology:
-  nodes:
-    client:
-      interfaces:
-        eth0: {addresses: [10.0.7.1/24]}
-    server:
-      interfaces:
-        eth0: {addresses: [10.0.7.2/24]}
-  links:
-    - endpoints: ["client:eth0", "server:eth0"]
-"""
 CHECKS = """\
 checks:
   - name: closed-port
