@@ -62,6 +62,7 @@ import errno
 import os
 import secrets
 import select
+import shlex
 import socket
 import struct
 import time
@@ -118,7 +119,7 @@ BRIDGE_CHAINS = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
 }
 COPY_RANGE = 64
-"""Bytes of each packet copied into the trace: the IPv4 + transport headers."""
+"""Bytes of each packet copied into the trace: the IPv4 (or IPv6) + transport headers."""
 
 
 class TraceError(RuntimeError):
@@ -151,6 +152,8 @@ class HookStep:
     bridged packets seen by iptables through br_netfilter they are the bridge,
     and ``physin``/``physout`` the ports).  ``src``/``dst``/``ip_id`` come from
     the IPv4 header as it was *at that hook*, so NAT rewrites are visible.
+    An IPv6 packet (family ``ip6``: ip6tables) has no id: ``flow`` is its
+    header's flow label, which forwarding and NAT leave alone.
     """
 
     family: str
@@ -165,10 +168,11 @@ class HookStep:
     src: str | None = None
     dst: str | None = None
     ip_id: int | None = None
+    flow: int | None = None
 
     @property
     def name(self) -> str:
-        """``family:table:chain``, e.g. ``ip:nat:PREROUTING``."""
+        """``family:table:chain``, e.g. ``ip:nat:PREROUTING``, ``ip6:filter:INPUT``."""
         return f"{self.family}:{self.table}:{self.chain}"
 
 
@@ -340,6 +344,7 @@ def open_listener(namespace: str, group: int | None = None) -> NflogListener:
 @dataclass
 class _Installed:
     ip_rules: list[str] = field(default_factory=list)
+    ip6_rules: list[str] = field(default_factory=list)
     bridge_rules: list[str] = field(default_factory=list)
     bridge_tables_before: list[str] = field(default_factory=list)
     nft_rules: int = 0
@@ -354,11 +359,14 @@ class HookTracer:
             send_the_packet()
         steps = tracer.steps()       # [HookStep(family='ip', table='raw', ...), ...]
 
-    ``tables`` are iptables tables (legacy xtables); ``bridge_tables`` are
+    ``tables`` are iptables tables (legacy xtables); ``tables6`` the
+    ip6tables tables traced (steps ``ip6:TABLE:CHAIN``, none unless given:
+    tracing a table instantiates it); ``bridge_tables`` are
     ebtables tables (``"nat"``, ``"filter"``), traced only when given.
     ``nft`` adds the base chains of the namespace's own nf_tables tables
     (steps ``nft:FAMILY:TABLE:CHAIN``).  ``match`` is iptables match syntax
-    limiting the trace to the lab's packets (translated for nft);
+    limiting the trace to the lab's packets (translated for nft and, by
+    :func:`ip6_match`, for ip6tables);
     ``bridge_match`` the ebtables equivalent (derived from ``match`` for
     ``-p``, ``-s``, ``-d``, ``--sport``, ``--dport`` when not given).
     """
@@ -373,12 +381,15 @@ class HookTracer:
         group: int | None = None,
         conntrack: bool = False,
         nft: bool = False,
+        tables6: Sequence[str] = (),
     ) -> None:
-        unknown = [t for t in tables if t not in IP_CHAINS] + [t for t in bridge_tables if t not in BRIDGE_CHAINS]
+        unknown = [t for t in (*tables, *tables6) if t not in IP_CHAINS]
+        unknown += [t for t in bridge_tables if t not in BRIDGE_CHAINS]
         if unknown:
             raise ValueError(f"cannot trace tables {unknown}")
         self.namespace = namespace
         self.tables = tuple(tables)
+        self.tables6 = tuple(tables6)
         self.bridge_tables = tuple(bridge_tables)
         self.match = match
         self.bridge_match = bridge_match if bridge_match is not None else ebtables_match(match)
@@ -424,6 +435,13 @@ class HookTracer:
             for table in self.tables
             for chain in IP_CHAINS[table]
         ]
+        match6 = ip6_match(self.match)
+        ip6_rules = [
+            f"-t {table} -I {chain} 1 {match6}{self._ct_words(table)} -j NFLOG --nflog-group {group} "
+            f"--nflog-prefix {self.prefix('ip6', table, chain)}"
+            for table in self.tables6
+            for chain in IP_CHAINS[table]
+        ]
         bridge_rules = [
             f"-t {table} -I {chain} 1 {self.bridge_match} --nflog-group {group} "
             f"--nflog-prefix {self.prefix('bridge', table, chain)} -j CONTINUE"
@@ -441,6 +459,9 @@ class HookTracer:
         if ip_rules:
             iptables.apply_rules(self.namespace, ip_rules)
             self._installed.ip_rules = ip_rules
+        if ip6_rules:
+            iptables.apply_rules(self.namespace, ip6_rules, "ip6")
+            self._installed.ip6_rules = ip6_rules
         if self.nft:
             from labctl.kernel import nft
 
@@ -468,6 +489,9 @@ class HookTracer:
             if self._installed.ip_rules:
                 iptables.delete_where(self.namespace, lambda text: f'"{self.tag}|' in text)
                 self._installed.ip_rules = []
+            if self._installed.ip6_rules:
+                iptables.delete_where(self.namespace, lambda text: f'"{self.tag}|' in text, "ip6")
+                self._installed.ip6_rules = []
             if self._installed.nft_rules:
                 from labctl.kernel import nft
 
@@ -481,7 +505,8 @@ class HookTracer:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
-        if self._recorded and not self._installed.ip_rules and not self._installed.bridge_rules:
+        installed = self._installed
+        if self._recorded and not (installed.ip_rules or installed.ip6_rules or installed.bridge_rules):
             tracerules.forget(self.tag)
             self._recorded = False
 
@@ -516,6 +541,9 @@ class HookTracer:
 
 def _step(family: str, table: str, chain: str, message: NflogMessage, names: dict[int, str]) -> HookStep:
     src, dst, ip_id = _ipv4_header(message.payload)
+    flow = None
+    if ip_id is None:
+        src, dst, flow = _ipv6_header(message.payload)
     return HookStep(
         family=family,
         table=table,
@@ -529,7 +557,16 @@ def _step(family: str, table: str, chain: str, message: NflogMessage, names: dic
         src=src,
         dst=dst,
         ip_id=ip_id,
+        flow=flow,
     )
+
+
+def _ipv6_header(payload: bytes) -> tuple[str | None, str | None, int | None]:
+    """Source, destination and flow label of an IPv6 header (the packet's mark across hooks and nodes)."""
+    if len(payload) < 40 or payload[0] >> 4 != 6:
+        return None, None, None
+    flow = struct.unpack_from("!I", payload, 0)[0] & 0xFFFFF
+    return socket.inet_ntop(socket.AF_INET6, payload[8:24]), socket.inet_ntop(socket.AF_INET6, payload[24:40]), flow
 
 
 def _ipv4_header(payload: bytes) -> tuple[str | None, str | None, int | None]:
@@ -580,6 +617,32 @@ def ebtables_match(match: str) -> str:
             raise ValueError(f"cannot translate {word!r} for ebtables; pass bridge_match")
         i += 2
     return " ".join(out)
+
+
+def ip6_match(match: str) -> str:
+    """An iptables trace match (``-p icmp``, ``-p udp --dport 53``) for ip6tables.
+
+    ``-p icmp`` becomes ``-p icmpv6 --icmpv6-type echo-request`` (the pings
+    a check sends, not the neighbour discovery ICMPv6 also carries); IPv4
+    addresses (``-s``/``-d``) cannot match an IPv6 packet and are left out.
+    """
+    from labctl.kernel import iptables  # python-iptables: imported only when rules are made
+
+    words = [t.value for t in iptables.tokenize(match)]
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        value = words[i + 1] if i + 1 < len(words) else None
+        if word in ("-p", "--protocol") and value in ("icmp", "1"):
+            out += ["-p", "icmpv6", "--icmpv6-type", "echo-request"]
+            i += 2
+        elif word in ("-s", "--source", "-d", "--destination") and value is not None and ":" not in value:
+            i += 2
+        else:
+            out.append(word)
+            i += 1
+    return " ".join(w if w == "!" else shlex.quote(w) for w in out)
 
 
 def hook_name(number: int) -> str:

@@ -71,6 +71,7 @@ class Builder:
         self.fresh: set[str] = set()  # nodes whose namespace this run created
         self.tables: dict[str, tuple[bool, bool]] = {}  # existing node -> (has iptables, has ebtables tables)
         self.nft_tables: dict[str, list[tuple[str, str]]] = {}  # existing node -> its nf_tables tables
+        self.ip6_tables: dict[str, bool] = {}  # existing node -> has ip6tables (legacy) tables
         self.traffic_changes: list[str] = []  # "a:eth0: tc replaced", "b: nftables loaded" (for up to print)
         self.next_index: dict[str, int] = {}
         # lookups the steps make per interface, computed once (labs have thousands of links)
@@ -159,6 +160,7 @@ class Builder:
                         )
                     self.tables[node] = (_has_iptables_here(), bridge_tables_here())
                     self.nft_tables[node] = nft.tables_here()
+                    self.ip6_tables[node] = _has_iptables_here("ip6")
             if node in self.fresh:
                 handle.index = {"lo": 1}
 
@@ -318,6 +320,13 @@ class Builder:
         """
         for node, spec in self.topo.nodes.items():
             ns = self.ns[node]
+            if spec.ip6tables or self.ip6_tables.get(node, False):
+                from labctl.kernel import iptables
+
+                # compared, not flushed: an unchanged file leaves the rules and their counters alone
+                done = iptables.converge(ns, spec.ip6tables, "ip6")
+                if done is not None:
+                    self.traffic_changes.append(f"{node}: ip6tables {done}")
             has_iptables, has_ebtables = self.tables.get(node, (False, False))
             if not (spec.iptables or spec.ebtables or has_iptables or has_ebtables):
                 continue
@@ -568,10 +577,10 @@ BUILD_STEPS = 10
 """Steps ``up`` reports to its progress callback."""
 
 
-def _has_iptables_here() -> bool:
-    """Whether the thread's namespace has any legacy xtables table (else there is nothing to flush)."""
+def _has_iptables_here(family: str = "ip") -> bool:
+    """Whether the thread's namespace has any legacy xtables table of ``family`` (else there is nothing to flush)."""
     try:
-        with open("/proc/thread-self/net/ip_tables_names") as f:
+        with open(f"/proc/thread-self/net/{'ip6' if family == 'ip6' else 'ip'}_tables_names") as f:
             return bool(f.read().split())
     except FileNotFoundError:
         return False

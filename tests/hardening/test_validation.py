@@ -212,7 +212,7 @@ def test_xtables_offer_reads_this_kernels_lists() -> None:
     from labctl.kernel import xtables
 
     targets, matches = xtables.offer("target"), xtables.offer("match")
-    with open(xtables.PROC_LISTS["target"]) as f:
+    with open(xtables.PROC_LISTS["ip"]["target"]) as f:
         listed = {line.strip() for line in f}
     assert targets.known and targets.listed == listed
     assert targets.has("LOG") and matches.has("udp") and matches.has("state")
