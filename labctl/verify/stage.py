@@ -81,7 +81,7 @@ def _match_of_packet(expr: str) -> str:
         if pkt.haslayer(name):
             dport = pkt[name].fields.get("dport")
             return f"-p {proto} --dport {dport}" if isinstance(dport, int) else f"-p {proto}"
-    if pkt.haslayer("ICMP"):
+    if pkt.haslayer("ICMP") or pkt.haslayer("ICMPv6EchoRequest"):  # ip6tables: echo requests (not ND)
         return "-p icmp"
     return ""
 

@@ -18,8 +18,8 @@ import pytest
 
 from labctl.kernel import iptables, netns
 from labctl.kernel.iptables import RuleError
-from labctl.kernel.nftrace import HookTracer
 from labctl.kernel.links import LinkAttrs, NodeLinks
+from labctl.kernel.nftrace import HookTracer
 from labctl.kernel.sysctl import write_here
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

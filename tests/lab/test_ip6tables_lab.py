@@ -96,7 +96,8 @@ def test_a_checks_rules_are_undone_and_the_nodes_own_restored(make_lab: LabFacto
         ROUTED6
         + "checks:\n  - name: c\n    setup:\n      ip6tables:\n"
         + '        r: ["-I FORWARD 1 -p udp --dport 6002 -j DROP"]\n        b: ["-A INPUT -p udp"]\n'
-        + '    traffic: [{udp: {node: a, to: "[2001:db8:82::2]:6002"}}]\n    expect: {counters: {b: {Udp6.InDatagrams: 0}}}\n'
+        + '    traffic: [{udp: {node: a, to: "[2001:db8:82::2]:6002"}}]\n'
+        + "    expect: {counters: {b: {Udp6.InDatagrams: 0}}}\n"
     )
     assert isinstance(lab, LabFile)
     r, b = (netns.namespace_name(lab_name, n) for n in ("r", "b"))
