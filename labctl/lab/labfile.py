@@ -175,6 +175,10 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
         if parsed_rule.command == "new-chain":
             chains.setdefault((_rule_node(at), parsed_rule.family), set()).add(parsed_rule.chain)
     for at, parsed_rule in parsed:
+        if parsed_rule.family == "ip6" and _ip6_lacking(parsed_rule.table):
+            if at[0] == "checks":  # a node's rules: the lab is not provable here (traffic_kernel_problems)
+                problems.append(source.problem(at, _ip6_lacking_message(parsed_rule.table)))
+            continue  # no ip6tables here: its extensions cannot be listed either
         problem = _missing_extension(parsed_rule, chains.get((_rule_node(at), parsed_rule.family), set()))
         if problem is not None:
             problems.append(source.problem(at, problem))
@@ -252,6 +256,21 @@ def traffic_requirements(topo: Topology) -> list[tuple[KeyPath, str, str]]:
             for option in _ip6_requirements(spec.ip6tables):
                 needed.append((("topology", "nodes", name, "ip6tables"), "ip6tables", option))
     return needed
+
+
+def _ip6_lacking(table: str) -> list[str]:
+    """What ip6tables rules in ``table`` need that this kernel is built without (nothing when it cannot tell)."""
+    from labctl.kernel import xtables
+
+    return kconfig.missing(xtables.ip6_requirements([table])) if kconfig.options() is not None else []
+
+
+def _ip6_lacking_message(table: str) -> str:
+    lacking = _ip6_lacking(table)
+    return (
+        f"ip6tables table {table}: this kernel lacks {', '.join(lacking)}; a check that needs it says so "
+        f"(requires: [{', '.join(lacking)}]) and is then not provable here"
+    )
 
 
 def _ip6_requirements(rules: list[str]) -> list[str]:
