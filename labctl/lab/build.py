@@ -313,7 +313,8 @@ class Builder:
                 handle.replace_route(str(route.network), str(route.via) if route.via else None, route.dev)
 
     def netfilter(self) -> None:
-        """The topology's own rules; a converge starts them from scratch (counters reset).
+        """The topology's own rules; a converge starts iptables/ebtables from scratch (counters reset),
+        while ip6tables rules are compared with the file's and left alone when equal (iptsync).
 
         A namespace without tables has nothing to flush: checked by reading
         /proc and one netlink dump, not by python-iptables and ``nft``.
