@@ -154,21 +154,21 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
         for target, rules in check.setup.ebtables.items():
             places.append((("checks", i, "setup", "ebtables", target), "ebtables", rules))
     if not any(rules for _, _, rules in places):
-        return problems  # python-iptables costs 0.3-0.5 s to import: only for labs that have rules
-    from labctl.kernel import ebtables, iptables
+        return problems
+    from labctl.kernel import ebtables, iptparse, iptrules  # pure parsers: python-iptables is not imported
 
-    parsed: list[tuple[KeyPath, iptables.ParsedRule]] = []
+    parsed: list[tuple[KeyPath, iptrules.ParsedRule]] = []
     for path, kind, rules in places:
         for index, rule in enumerate(rules):
             try:
                 if kind == "ebtables":
                     result: Any = ebtables.parse_rule(rule)
                 else:
-                    result = iptables.parse_rule(rule, "ip6" if kind == "ip6tables" else "ip")
-            except iptables.RuleError as exc:
+                    result = iptparse.parse_rule(rule, "ip6" if kind == "ip6tables" else "ip")
+            except iptrules.RuleError as exc:
                 problems.append(source.problem((*path, index), str(exc)))
                 continue
-            if isinstance(result, iptables.ParsedRule):
+            if isinstance(result, iptrules.ParsedRule):
                 parsed.append(((*path, index), result))
     chains: dict[tuple[str, str], set[str]] = {}  # (node, family) -> chains its rules create (-N): no extension
     for at, parsed_rule in parsed:
