@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from labctl.kernel.nftrace import HookStep
 
 if TYPE_CHECKING:  # python-iptables is imported by the functions that read rules, when a lab has some
-    from labctl.kernel.iptables import RuleCounter
+    from labctl.kernel.iptrules import RuleCounter
 
 RuleCounts = dict[str, dict[str, int]]
 
@@ -44,7 +44,7 @@ def is_trace_rule(row: RuleCounter) -> bool:
 
 def user_rows(rows: list[RuleCounter]) -> list[RuleCounter]:
     """``rows`` without trace rules, renumbered per table and chain as if the trace were absent."""
-    from labctl.kernel.iptables import RuleCounter
+    from labctl.kernel.iptrules import RuleCounter
 
     kept: list[RuleCounter] = []
     numbers: dict[tuple[str, str], int] = {}

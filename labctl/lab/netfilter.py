@@ -29,7 +29,7 @@ from labctl.evidence.model import SendEvidence
 from labctl.evidence.netfilter import TRACE_RULE, user_rows
 from labctl.evidence.window import WalkRequest, Window, WindowSpec
 from labctl.kernel import ebtables, iptables, netns, nft, nftrace, tracefs
-from labctl.kernel.iptables import RuleCounter
+from labctl.kernel.iptrules import RuleCounter
 from labctl.kernel.nftrace import HookStep
 from labctl.kernel.packet import inject
 from labctl.lab import state
