@@ -84,3 +84,20 @@ def test_a_step_keeps_its_flow_label_through_the_golden_form() -> None:
 def test_ip6_trace_rules_are_not_the_users() -> None:
     row = RuleCounter("filter", "INPUT", 1, '-A INPUT -j NFLOG --nflog-prefix "lt0a1b2c|ip6|filter|INPUT"', 0, 0)
     assert is_trace_rule(row)
+
+
+def test_a_family_mix_up_is_named_in_the_hint() -> None:
+    """IPv6 traffic expected on iptables counters or walks: the FAIL says which key sees it."""
+    ipv6 = JudgeContext(traffic_protocols=frozenset({0x86DD}))
+    ipv4 = JudgeContext(traffic_protocols=frozenset({0x0800}))
+    evidence = Evidence(ip6tables=frozen_nested({"h2": {"filter:INPUT:1": 1}}))
+    (row,) = kinds()["rules"].judge({"h2": {"filter:INPUT:1": 1}}, evidence, ipv6)
+    assert not row.ok and "expect ip6tables:" in row.hint
+    (row,) = kinds()["ip6tables"].judge({"h2": {"filter:INPUT:1": 2}}, evidence, ipv4)
+    assert "expect rules:" in row.hint
+    (row,) = kinds()["ip6tables"].judge({"h2": {"filter:INPUT:1": 2}}, evidence, ipv6)
+    assert row.hint == ""  # the right family, a wrong count: nothing to say about families
+    (walk,) = kinds()["hooks"].judge({"h2": ["raw:PREROUTING"]}, Evidence(), ipv6)
+    assert not walk.ok and "ip6:TABLE:CHAIN" in walk.hint
+    (walk,) = kinds()["hooks"].judge({"h2": ["ip6:raw:PREROUTING"]}, Evidence(), ipv4)
+    assert "TABLE:CHAIN; ip6tables never sees it" in walk.hint

@@ -93,10 +93,26 @@ class Hooks(Kind):
             wanted = _normalised(form)
             ok, detail = judge_walks(wanted, walks)
             expected = wanted if isinstance(wanted, list) else wanted.model_dump(exclude_none=True)
+            hint = "" if ok else _family_hint([full_name(s) for s in form_steps(form)], ctx)
             rows.append(
-                Row(f"{node} netfilter walk of each packet", expected, walk_counts(walks), ok, detail=detail)
+                Row(f"{node} netfilter walk of each packet", expected, walk_counts(walks), ok, hint, detail=detail)
             )
         return rows
+
+
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+
+
+def _family_hint(steps: list[str], ctx: JudgeContext) -> str:
+    """An IPv6 check walked with iptables steps (or the reverse): say which tables see its packets."""
+    protocols = ctx.traffic_protocols
+    ip_steps = any(s.startswith("ip:") for s in steps)
+    ip6_steps = any(s.startswith("ip6:") for s in steps)
+    if ETH_P_IPV6 in protocols and ETH_P_IP not in protocols and ip_steps and not ip6_steps:
+        return "the check's traffic is IPv6: ip6tables steps are written ip6:TABLE:CHAIN; iptables never sees it"
+    if ETH_P_IP in protocols and ETH_P_IPV6 not in protocols and ip6_steps and not ip_steps:
+        return "the check's traffic is IPv4: iptables steps are written TABLE:CHAIN; ip6tables never sees it"
+    return ""
 
 
 def _normalised(form: Any) -> Any:

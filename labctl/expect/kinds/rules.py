@@ -57,15 +57,22 @@ class _RuleKind(Kind):
             for key, bound in wanted.items():
                 delta = self.source(ev).get(node, {}).get(key)
                 observed: Any = delta if delta is not None else "no such rule"
-                rows.append(
-                    Row(
-                        f"{node} {self.label} {key} packets (delta)",
-                        bound,
-                        observed,
-                        delta is not None and matches(bound, delta),
-                    )
-                )
+                ok = delta is not None and matches(bound, delta)
+                hint = "" if ok else self.family_hint(ctx)
+                rows.append(Row(f"{node} {self.label} {key} packets (delta)", bound, observed, ok, hint))
         return rows
+
+    def family_hint(self, ctx: JudgeContext) -> str:
+        """IPv6 traffic judged on iptables counters (or IPv4 on ip6tables'): name the other key."""
+        protocols = ctx.traffic_protocols
+        if self.family == "ip" and _ETH_P_IPV6 in protocols and _ETH_P_IP not in protocols:
+            return "the check's traffic is IPv6: ip6tables rules count it (expect ip6tables:, not rules:)"
+        if self.family == "ip6" and _ETH_P_IP in protocols and _ETH_P_IPV6 not in protocols:
+            return "the check's traffic is IPv4: iptables rules count it (expect rules:, not ip6tables:)"
+        return ""
+
+
+_ETH_P_IP, _ETH_P_IPV6 = 0x0800, 0x86DD
 
 
 @register
