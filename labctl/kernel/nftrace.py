@@ -392,7 +392,9 @@ class HookTracer:
         self.tables6 = tuple(tables6)
         self.bridge_tables = tuple(bridge_tables)
         self.match = match
-        self.bridge_match = bridge_match if bridge_match is not None else ebtables_match(match)
+        # an IPv6-only trace (ip6tables tables, no iptables ones) follows IPv6 frames across bridges too
+        bridge_family = "ip6" if tables6 and not tables else "ip"
+        self.bridge_match = bridge_match if bridge_match is not None else ebtables_match(match, bridge_family)
         self.group = group
         self.conntrack = conntrack
         self.nft = nft
@@ -591,18 +593,21 @@ _EB_TRANSLATION = {
 }
 
 
-def ebtables_match(match: str) -> str:
+def ebtables_match(match: str, family: str = "ip") -> str:
     """Translate a simple iptables match (``-p udp --dport 53 -d 10.0.0.1``) to ebtables.
 
     Only the words listed in ``_EB_TRANSLATION`` and ``-p`` are understood;
-    anything else needs an explicit ``bridge_match``.
+    anything else needs an explicit ``bridge_match``.  ``family`` ``ip6``
+    matches IPv6 frames instead (``-p IPv6 --ip6-proto udp --ip6-dport 53``;
+    ``-p icmp`` becomes ICMPv6 echo requests, as in :func:`ip6_match`).
     """
     from labctl.kernel import iptables  # python-iptables: imported only when rules are made
 
     words = iptables.tokenize(match)
     if not words:
         return ""
-    out = ["-p", "IPv4"]
+    six = family == "ip6"
+    out = ["-p", "IPv6" if six else "IPv4"]
     i = 0
     while i < len(words):
         word = words[i].value
@@ -610,9 +615,14 @@ def ebtables_match(match: str) -> str:
             raise ValueError(f"cannot translate {match!r} for ebtables; pass bridge_match")
         value = words[i + 1].value
         if word in ("-p", "--protocol"):
-            out += ["--ip-proto", value]
+            if six and value in ("icmp", "1"):
+                out += ["--ip6-proto", "ipv6-icmp", "--ip6-icmp-type", "echo-request"]
+            else:
+                out += ["--ip6-proto" if six else "--ip-proto", value]
+        elif word in _EB_TRANSLATION and six and word in ("-s", "--source", "-d", "--destination") and ":" not in value:
+            pass  # an IPv4 address matches no IPv6 frame (as ip6_match leaves it out)
         elif word in _EB_TRANSLATION:
-            out += [_EB_TRANSLATION[word], value]
+            out += [_EB_TRANSLATION[word].replace("--ip-", "--ip6-") if six else _EB_TRANSLATION[word], value]
         else:
             raise ValueError(f"cannot translate {word!r} for ebtables; pass bridge_match")
         i += 2

@@ -172,3 +172,33 @@ def test_rules_and_hooks_show_ipv6(make_lab: LabFactory, lab_name: str) -> None:
     assert data["drops"] == {"NETFILTER_DROP at nf_hook_slow": 1}
     passed = _json("hooks", lab_name, "a", "IPv6(dst='2001:db8:82::2')/UDP(dport=6001)", "--via", "b")
     assert [item["walk"][:2] for item in passed["nodes"]] == [["ip6:raw:PREROUTING", "ip6:mangle:PREROUTING"]]
+
+
+BRIDGED6 = """\
+topology:
+  nodes:
+    a:
+      ipv6: true
+      dad: false
+      interfaces:
+        eth0: {addresses: ["2001:db8:83::1/64"]}
+    sw:
+      bridges: {br0: {ports: [p1, p2]}}
+    b:
+      ipv6: true
+      dad: false
+      interfaces:
+        eth0: {addresses: ["2001:db8:83::2/64"]}
+  links:
+    - endpoints: ["a:eth0", "sw:p1"]
+    - endpoints: ["b:eth0", "sw:p2"]
+"""
+
+
+def test_hooks_follow_an_ipv6_frame_across_a_bridge(make_lab: LabFactory, lab_name: str) -> None:
+    """The bridge's ebtables steps are matched on IPv6 frames (-p IPv6 --ip6-proto udp ...) for an IPv6 trace."""
+    make_lab(BRIDGED6)
+    data = _json("hooks", lab_name, "a", "IPv6(dst='2001:db8:83::2')/UDP(dport=6003)", "--via", "sw", "--via", "b")
+    walks = {item["node"]: item["walk"] for item in data["nodes"]}
+    assert "bridge:filter:FORWARD" in walks["sw"] and walks["sw"][0] == "bridge:nat:PREROUTING"
+    assert walks["b"][:2] == ["ip6:raw:PREROUTING", "ip6:mangle:PREROUTING"]
