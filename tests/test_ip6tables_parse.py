@@ -11,7 +11,7 @@ import iptc
 import pytest
 
 from labctl.kernel.iptables import RuleError, build_rule, parse_rule
-from labctl.kernel.nftrace import ip6_match
+from labctl.kernel.nftrace import ebtables_match, ip6_match
 
 
 def test_icmpv6_implies_the_icmp6_match() -> None:
@@ -53,3 +53,10 @@ def test_the_trace_match_for_ip6tables() -> None:
         "-d 2001:db8::2 -m comment --comment 'two words'"
     )
     assert ip6_match("") == ""
+
+
+def test_the_bridge_trace_match_for_ipv6_frames() -> None:
+    assert ebtables_match("-p udp --dport 5000", "ip6") == "-p IPv6 --ip6-proto udp --ip6-dport 5000"
+    assert ebtables_match("-p icmp", "ip6") == "-p IPv6 --ip6-proto ipv6-icmp --ip6-icmp-type echo-request"
+    assert ebtables_match("-p tcp -d 10.0.0.1", "ip6") == "-p IPv6 --ip6-proto tcp"
+    assert ebtables_match("-p udp --dport 53") == "-p IPv4 --ip-proto udp --ip-dport 53"
