@@ -23,6 +23,7 @@ from labctl.kernel.iptbuild import close_handle as _close
 from labctl.kernel.iptparse import parse_rule
 from labctl.kernel.iptrules import Family, ParsedRule, RuleError
 from labctl.kernel.iptrules import clean as _clean
+from labctl.names import scratch_namespace_name
 
 
 @dataclass
@@ -46,7 +47,7 @@ class _TableBatch:
     undo: list[_Undo] = field(default_factory=list)
 
 
-def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip") -> None:
+def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip", name_culprit: bool = True) -> None:
     """Install ``rules`` (of ``family``: ``ip`` iptables, ``ip6`` ip6tables) in ``namespace``: all or none.
 
     All rules are parsed and built first; then each table's operations go
@@ -55,7 +56,8 @@ def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip") -> 
     refuses a table, the tables committed before it are put back by undoing
     exactly what was added, so no rule of the batch remains.  A kernel refusal
     does not say which rule is bad; the batch is then replayed rule by rule
-    in a throw-away namespace to name it.
+    in a throw-away namespace to name it (unless ``name_culprit`` is False:
+    the caller is itself working in a throw-away namespace).
     """
     parsed = [_parse_in(namespace, text, family) for text in rules]
     for rule in parsed:
@@ -69,7 +71,7 @@ def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip") -> 
         try:
             for batch in batches:
                 _stage(batch, namespace)
-            _commit_all(batches, namespace)
+            _commit_all(batches, namespace, name_culprit)
         finally:
             for batch in batches:
                 if batch.handle is not None:
@@ -136,7 +138,7 @@ def _chain_length(table: XtTable, chain: str) -> int:
     return count
 
 
-def _commit_all(batches: list[_TableBatch], namespace: str) -> None:
+def _commit_all(batches: list[_TableBatch], namespace: str, name_culprit: bool = True) -> None:
     committed: list[_TableBatch] = []
     for batch in batches:
         assert batch.handle is not None
@@ -145,6 +147,8 @@ def _commit_all(batches: list[_TableBatch], namespace: str) -> None:
         except iptc.IPTCError as exc:
             for done in reversed(committed):
                 _undo(done)
+            if not name_culprit:
+                raise RuleError("; ".join(r.text for r in batch.rules), _clean(exc), namespace) from exc
             raise _blame(batch, namespace, _clean(exc)) from exc
         committed.append(batch)
 
@@ -186,7 +190,7 @@ def _replay_for_culprit(batch: _TableBatch) -> tuple[ParsedRule, str] | None:
     chains = []
     if batch.handle is not None:
         chains = [c.name for c in batch.handle.chains if not batch.handle.builtin_chain(c.name)]
-    scratch = netns.namespace_name(f"iptdiag{os.getpid()}", f"{threading.get_ident()}")
+    scratch = scratch_namespace_name(os.getpid(), threading.get_ident())  # reclaimed by clean if we die
     netns.create(scratch)
     try:
         with netns.entered(scratch):

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from labctl.kernel import netns
 from labctl.kernel.iptapply import apply_rules
 from labctl.kernel.iptlist import existing_tables, flush, list_rules
-from labctl.kernel.iptrules import Family, RuleCounter
+from labctl.kernel.iptrules import Family, RuleCounter, RuleError
+from labctl.names import scratch_namespace_name
 
 Listing = dict[str, tuple[tuple[str, int, str], ...]]
 
@@ -46,15 +47,20 @@ def _has_user_chain(rows: Sequence[RuleCounter], table: str) -> bool:
 _BUILTIN = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
 
-def wanted_listing(rules: Sequence[str], family: Family) -> Listing:
-    """``rules`` as the kernel lists them back, installed in a scratch namespace that is gone afterwards."""
+def wanted_listing(rules: Sequence[str], family: Family) -> Listing | None:
+    """``rules`` as the kernel lists them back, installed in a scratch namespace that is gone afterwards.
+
+    None when the kernel refuses them: the caller installs them for real, which names the rule.
+    """
     if not rules:
         return {}
-    scratch = netns.namespace_name(f"iptsync{os.getpid()}", f"{threading.get_ident()}")
+    scratch = scratch_namespace_name(os.getpid(), threading.get_ident())  # reclaimed by clean if we die
     netns.create(scratch)
     try:
-        apply_rules(scratch, rules, family)
+        apply_rules(scratch, rules, family, name_culprit=False)
         return listing(list_rules(scratch, family=family))
+    except RuleError:
+        return None
     finally:
         netns.remove(scratch)
 

@@ -127,3 +127,11 @@ def test_the_tracer_walks_an_ipv6_datagram_in_kernel_order(ns: str) -> None:
     assert len({s.flow for s in steps}) == 1  # one packet, one flow label at every hook
     assert user_rows(ns) == [("filter", "INPUT", 1, "-A INPUT -p udp -m udp --dport 5604")]  # trace rules gone
     assert iptables.existing_tables(ns) == []  # the IPv4 tables were not traced, so not instantiated
+
+
+def test_converge_to_rules_the_kernel_refuses_names_the_rule(ns: str) -> None:
+    iptables.apply_rules(ns, ["-A INPUT -p udp"], "ip6")
+    with pytest.raises(RuleError, match="kernel refused the rule") as refused:
+        iptables.converge(ns, ["-A INPUT -p tcp", "-t raw -A PREROUTING -j REJECT"], "ip6")  # REJECT: filter only
+    assert refused.value.rule == "-t raw -A PREROUTING -j REJECT"
+    assert not [n for n in netns.list_all() if f"ebdiag{os.getpid()}." in n]  # our scratch namespaces are gone
