@@ -47,7 +47,7 @@ class _TableBatch:
     undo: list[_Undo] = field(default_factory=list)
 
 
-def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip", name_culprit: bool = True) -> None:
+def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip") -> None:
     """Install ``rules`` (of ``family``: ``ip`` iptables, ``ip6`` ip6tables) in ``namespace``: all or none.
 
     All rules are parsed and built first; then each table's operations go
@@ -56,8 +56,7 @@ def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip", nam
     refuses a table, the tables committed before it are put back by undoing
     exactly what was added, so no rule of the batch remains.  A kernel refusal
     does not say which rule is bad; the batch is then replayed rule by rule
-    in a throw-away namespace to name it (unless ``name_culprit`` is False:
-    the caller is itself working in a throw-away namespace).
+    in a throw-away namespace to name it.
     """
     parsed = [_parse_in(namespace, text, family) for text in rules]
     for rule in parsed:
@@ -71,7 +70,7 @@ def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip", nam
         try:
             for batch in batches:
                 _stage(batch, namespace)
-            _commit_all(batches, namespace, name_culprit)
+            _commit_all(batches, namespace)
         finally:
             for batch in batches:
                 if batch.handle is not None:
@@ -138,7 +137,7 @@ def _chain_length(table: XtTable, chain: str) -> int:
     return count
 
 
-def _commit_all(batches: list[_TableBatch], namespace: str, name_culprit: bool = True) -> None:
+def _commit_all(batches: list[_TableBatch], namespace: str) -> None:
     committed: list[_TableBatch] = []
     for batch in batches:
         assert batch.handle is not None
@@ -147,8 +146,6 @@ def _commit_all(batches: list[_TableBatch], namespace: str, name_culprit: bool =
         except iptc.IPTCError as exc:
             for done in reversed(committed):
                 _undo(done)
-            if not name_culprit:
-                raise RuleError("; ".join(r.text for r in batch.rules), _clean(exc), namespace) from exc
             raise _blame(batch, namespace, _clean(exc)) from exc
         committed.append(batch)
 

@@ -7,7 +7,8 @@ kernel holds as text (``-p udp --dport 53`` is listed back as ``-p udp -m udp
 their own and listed back there with the same libxt ``save`` functions; the
 two listings are compared table by table.  Equal: nothing is touched.
 Different: the node's tables are emptied and the rules installed (one batch,
-all or nothing).  A table with no rules, no user chain and ACCEPT policies
+all or nothing; rules the kernel refuses are found in the scratch namespace,
+so the node keeps its old rules whole).  A table with no rules, no user chain and ACCEPT policies
 counts as absent (legacy tables cannot be unregistered, so an emptied one stays).
 """
 
@@ -47,20 +48,22 @@ def _has_user_chain(rows: Sequence[RuleCounter], table: str) -> bool:
 _BUILTIN = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
 
-def wanted_listing(rules: Sequence[str], family: Family) -> Listing | None:
+def wanted_listing(rules: Sequence[str], family: Family, namespace: str) -> Listing:
     """``rules`` as the kernel lists them back, installed in a scratch namespace that is gone afterwards.
 
-    None when the kernel refuses them: the caller installs them for real, which names the rule.
+    A rule the kernel refuses raises RuleError naming it (and ``namespace``, the node it was meant for),
+    before the node is touched: its rules stay whole.
     """
     if not rules:
         return {}
-    scratch = scratch_namespace_name(os.getpid(), threading.get_ident())  # reclaimed by clean if we die
+    # tid + 1: the culprit search of a refused batch makes its own scratch namespace with this thread's id
+    scratch = scratch_namespace_name(os.getpid(), threading.get_ident() + 1)  # reclaimed by clean if we die
     netns.create(scratch)
     try:
-        apply_rules(scratch, rules, family, name_culprit=False)
+        apply_rules(scratch, rules, family)
         return listing(list_rules(scratch, family=family))
-    except RuleError:
-        return None
+    except RuleError as exc:
+        raise exc.in_namespace(namespace) from exc
     finally:
         netns.remove(scratch)
 
@@ -68,14 +71,15 @@ def wanted_listing(rules: Sequence[str], family: Family) -> Listing | None:
 def converge(namespace: str, rules: Sequence[str], family: Family = "ip") -> str | None:
     """Make ``namespace``'s ``family`` rules be ``rules``; what was done (``replaced``, ``removed``) or None.
 
-    A namespace with no table of the family gets the rules directly.
+    A namespace with no table of the family gets the rules directly.  Rules the kernel refuses leave the
+    node's rules as they were (RuleError names the rule).
     """
     if not existing_tables(namespace, family):
         if rules:
             apply_rules(namespace, rules, family)
         return None
     have = listing(list_rules(namespace, family=family))
-    if have == wanted_listing(rules, family):
+    if have == wanted_listing(rules, family, namespace):
         return None
     flush(namespace, family)
     if rules:

@@ -129,9 +129,10 @@ def test_the_tracer_walks_an_ipv6_datagram_in_kernel_order(ns: str) -> None:
     assert iptables.existing_tables(ns) == []  # the IPv4 tables were not traced, so not instantiated
 
 
-def test_converge_to_rules_the_kernel_refuses_names_the_rule(ns: str) -> None:
+def test_converge_to_rules_the_kernel_refuses_names_the_rule_and_keeps_the_old(ns: str) -> None:
     iptables.apply_rules(ns, ["-A INPUT -p udp"], "ip6")
     with pytest.raises(RuleError, match="kernel refused the rule") as refused:
         iptables.converge(ns, ["-A INPUT -p tcp", "-t raw -A PREROUTING -j REJECT"], "ip6")  # REJECT: filter only
-    assert refused.value.rule == "-t raw -A PREROUTING -j REJECT"
+    assert refused.value.rule == "-t raw -A PREROUTING -j REJECT" and refused.value.namespace == ns
+    assert user_rows(ns) == [("filter", "INPUT", 1, "-A INPUT -p udp")]  # the node's rules stay whole
     assert not [n for n in netns.list_all() if f"ebdiag{os.getpid()}." in n]  # our scratch namespaces are gone
