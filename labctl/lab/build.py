@@ -6,7 +6,7 @@ this run created is rolled back if any step fails, so a failed ``up`` leaves
 nothing half-built behind.
 
 Speed comes from doing per node what the kernel needs and no more: every
-device in a namespace this run created gets its ifindex chosen here (so no
+device in a namespace this run created gets its ifindex chosen in advance (so no
 lookups), each node's changes go out as one netlink batch per step, veth
 peers are born with their settings, and a converge reads each namespace's
 state once.  python-iptables (0.3 s to import) is loaded only when a node
