@@ -184,8 +184,8 @@ def run(
     ] = False,
     kernel: Annotated[
         list[str] | None,
-        typer.Option("--kernel", help="host, 6.1 (Debian 12's kernel in a QEMU VM) or a bzImage; repeat for a "
-                     "verdict table across kernels"),
+        typer.Option("--kernel", help="host, 6.1 (Debian 12's kernel in a QEMU VM), 6.12 (bookworm-backports') "
+                     "or a bzImage; repeat for a verdict table across kernels"),
     ] = None,
     html: Annotated[
         Path | None, typer.Option("--html", help="write a self-contained HTML report (path pictures, pcaps beside it)")

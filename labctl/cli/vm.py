@@ -143,10 +143,13 @@ def _claims(results: list[LabResult]) -> dict[str, object]:
     return {"proven": verdicts.proven, "failed": verdicts.failed, "not_provable": verdicts.not_provable}
 
 
+KERNEL_HELP = "6.1 (Debian 12's kernel), 6.12 (bookworm-backports') or a path to a bzImage"
+
+
 @vm_app.command()
 @reports_errors
 def shell(
-    kernel: Annotated[str, typer.Option("--kernel", help="6.1 (Debian 12's kernel) or a path to a bzImage")] = "6.1",
+    kernel: Annotated[str, typer.Option("--kernel", help=KERNEL_HELP)] = "6.1",
     paths: Annotated[list[str] | None, typer.Argument(help="lab files or folders to put in the guest")] = None,
 ) -> None:
     """A shell in the guest (labctl on PATH, the lab files in the working folder); exit powers it off."""
@@ -165,7 +168,7 @@ def shell(
 @reports_errors
 def exec_(
     command: Annotated[list[str], typer.Argument(help="command to run in the guest, e.g. -- labctl validate labs/")],
-    kernel: Annotated[str, typer.Option("--kernel", help="6.1 (Debian 12's kernel) or a path to a bzImage")] = "6.1",
+    kernel: Annotated[str, typer.Option("--kernel", help=KERNEL_HELP)] = "6.1",
     paths: Annotated[list[str] | None, typer.Option("--lab", help="lab files or folders to put in the guest")] = None,
 ) -> None:
     """Run one command in the guest (labctl on PATH, labs/ in its working folder); its output and exit status
@@ -193,7 +196,8 @@ def build() -> None:
 
     require_root()
     built = image.ensure(_say)
-    console.print(f"image {built.directory} (kernel {built.release}, built in {built.build_seconds:.0f} s)")
+    releases = ", ".join(f"{name}: {kernel.release}" for name, kernel in built.kernels.items())
+    console.print(f"image {built.directory} (kernels {releases}; built in {built.build_seconds:.0f} s)")
 
 
 @vm_app.command()
@@ -207,7 +211,7 @@ def info(json: Annotated[bool, typer.Option("--json", help="machine-readable out
         "recipe": image.recipe_hash(),
         "directory": str(image.image_dir()),
         "built": built is not None,
-        "kernel": built.release if built else None,
+        "kernels": {name: kernel.release for name, kernel in built.kernels.items()} if built else None,
         "build_seconds": built.build_seconds if built else None,
     }
     accel = image.CACHE / "accel.json"

@@ -1,9 +1,12 @@
-"""The guest's disk image: Debian 12 with its own kernel, built once and cached under /var/cache/labctl.
+"""The guest's disk image: Debian 12 with two Debian kernels, built once and cached under /var/cache/labctl.
 
 Why an image and not the host's files: the point of a VM run is *another* kernel -- Debian 12's own
 ``linux-image-cloud-amd64`` (6.1), which has as modules what the host lacks (netem, 802.1Q, bond, VRF, GRE,
-flower, ebtable_broute ...).  Its modules and initramfs come with the package, so a debootstrap of Debian 12
-with that package installed is a complete, consistent guest.
+flower, ebtable_broute ...), and the same package from bookworm-backports (6.12), a kernel between 6.1 and
+the host's that the labs' ``kernel:`` boundaries (6.7, 6.10) fall inside.  Their modules and initramfs come
+with the packages, so a debootstrap of Debian 12 with both installed is a complete, consistent guest for
+either: one root filesystem, one cache entry, and each kernel booted with its own vmlinuz and initramfs
+(taken out of the image's /boot and named after the kernel's series: ``vmlinuz-6.1``, ``initrd-6.12.img``).
 
 The image holds only what changes rarely: Debian's packages (the same list ``setup.sh`` installs on the host,
 ``debian-packages.txt``) and a virtualenv with labctl's Python dependencies (wheels built on the host from PyPI,
@@ -39,9 +42,12 @@ CACHE = Path(os.environ.get("LABCTL_VM_CACHE", "/var/cache/labctl/vm"))
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
+BACKPORTS = f"{SUITE}-backports"
+"""The backports kernel is the version ``KERNEL_PACKAGE`` depends on in this suite (6.12 in bookworm-backports),
+installed beside the suite's own (the two metapackages share a name, so the versioned package is named)."""
 VENV = "/opt/labctl/venv"
 INIT = "/usr/local/sbin/labctl-guest-init"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bump when the build steps below change in a way the recipe's data does not show."""
 
 GUEST_INIT = """#!/bin/bash
@@ -73,16 +79,33 @@ exec /bin/bash /job/guest.sh
 
 
 @dataclass(frozen=True)
+class BootKernel:
+    """One of the image's kernels: its series (6.1, 6.12), ``uname -r``, and its files taken out of /boot."""
+
+    series: str
+    release: str
+    vmlinuz: Path
+    initrd: Path
+
+
+@dataclass(frozen=True)
 class Image:
-    """A built image: the root filesystem and the kernel + initramfs taken out of it."""
+    """A built image: the root filesystem and the kernels (+ initramfs) taken out of it, by series."""
 
     directory: Path
     rootfs: Path
-    kernel: Path
-    initrd: Path
-    release: str
-    """``uname -r`` of the image's kernel (6.1.0-…-cloud-amd64)."""
+    kernels: dict[str, BootKernel]
     build_seconds: float
+
+    def kernel(self, series: str) -> BootKernel:
+        if series not in self.kernels:
+            raise VmError(f"the image {self.directory} has no {series} kernel (it has {', '.join(self.kernels)})")
+        return self.kernels[series]
+
+
+def series(release: str) -> str:
+    """6.1.0-28-cloud-amd64 -> 6.1, 6.12.57+deb12-cloud-amd64 -> 6.12: the name ``--kernel`` takes."""
+    return ".".join(release.split("-")[0].split("+")[0].split(".")[:2])
 
 
 def repo_root() -> Path:
@@ -110,6 +133,7 @@ def recipe() -> dict[str, object]:
         "suite": SUITE,
         "mirror": MIRROR,
         "kernel": KERNEL_PACKAGE,
+        "backports": BACKPORTS,
         "debian": debian_packages(),
         "python": python_requirements(),
         "init": GUEST_INIT,
@@ -131,14 +155,14 @@ def load() -> Image | None:
         meta = json.loads((directory / "image.json").read_text())
     except (OSError, ValueError):
         return None
-    return Image(
-        directory,
-        directory / "rootfs.img",
-        directory / "vmlinuz",
-        directory / "initrd.img",
-        meta["release"],
-        meta["build_seconds"],
-    )
+    try:
+        kernels = {
+            name: BootKernel(name, release, directory / f"vmlinuz-{name}", directory / f"initrd-{name}.img")
+            for name, release in meta["kernels"].items()
+        }
+        return Image(directory, directory / "rootfs.img", kernels, meta["build_seconds"])
+    except (KeyError, AttributeError, TypeError):
+        return None
 
 
 @contextlib.contextmanager
@@ -180,9 +204,18 @@ root=$1 wheels=$2
 mount -t proc proc "$root/proc"
 trap 'umount -l "$root/proc" || true' EXIT
 printf '#!/bin/sh\\nexit 101\\n' > "$root/usr/sbin/policy-rc.d"; chmod +x "$root/usr/sbin/policy-rc.d"
-echo "deb {mirror} {suite} main" > "$root/etc/apt/sources.list"
+printf 'deb {mirror} {suite} main\\ndeb {mirror} {backports} main\\n' > "$root/etc/apt/sources.list"
 chroot "$root" apt-get update -qq
 chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {packages}
+# the backports kernel: the versioned package its metapackage depends on (the suite's metapackage stays)
+version=$(chroot "$root" apt-cache madison {kernel} \\
+    | awk -F'|' '$3 ~ /{backports}\\// {{gsub(/ /, "", $2); print $2; exit}}')
+backport=$(chroot "$root" apt-cache show "{kernel}=$version" \\
+    | sed -n 's/^Depends: \\(linux-image-[^ ,]*\\).*/\\1/p' | head -n1)
+[ -n "$backport" ] || {{ echo "no {kernel} in {backports}" >&2; exit 1; }}
+echo "backports kernel: $backport ($version)"
+chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
+    -t {backports} "$backport"
 chroot "$root" apt-get clean
 rm -rf "$root/var/lib/apt/lists/"*
 mkdir -p "$root/wheels"; cp "$wheels"/*.whl "$root/wheels/"
@@ -214,9 +247,11 @@ def build(directory: Path, say: Callable[[str], None]) -> Image:
         say(f"vm: debootstrap --variant=minbase {SUITE}")
         _run(["debootstrap", "--variant=minbase", SUITE, str(root), MIRROR], log, "running debootstrap")
         packages = [KERNEL_PACKAGE, *debian_packages()]
-        say(f"vm: installing {KERNEL_PACKAGE} and {len(packages) - 1} Debian packages, and the venv")
+        say(f"vm: installing {KERNEL_PACKAGE} ({SUITE} and {BACKPORTS}) and {len(packages) - 1} Debian packages,"
+            " and the venv")
         script = CHROOT_SCRIPT.format(
-            mirror=MIRROR, suite=SUITE, packages=" ".join(packages), venv=VENV,
+            mirror=MIRROR, suite=SUITE, backports=BACKPORTS, kernel=KERNEL_PACKAGE, packages=" ".join(packages),
+            venv=VENV,
             requirements=" ".join(f"'{r}'" for r in python_requirements()),
         )
         _run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "build", str(root),
@@ -224,9 +259,10 @@ def build(directory: Path, say: Callable[[str], None]) -> Image:
         init = root / INIT.lstrip("/")
         init.write_text(GUEST_INIT)
         init.chmod(0o755)
-        release = _kernel_release(root)
-        shutil.copy(root / "boot" / f"vmlinuz-{release}", directory / "vmlinuz")
-        shutil.copy(root / "boot" / f"initrd.img-{release}", directory / "initrd.img")
+        releases = _kernel_releases(root)
+        for name, release in releases.items():
+            shutil.copy(root / "boot" / f"vmlinuz-{release}", directory / f"vmlinuz-{name}")
+            shutil.copy(root / "boot" / f"initrd.img-{release}", directory / f"initrd-{name}.img")
         used = int(subprocess.run(["du", "-sm", str(root)], capture_output=True, text=True).stdout.split()[0])
         size = f"{used * 2 + 512}M"  # room for a guest's writes (they go to a snapshot anyway)
         say(f"vm: writing the ext4 root filesystem ({used} MiB used, {size})")
@@ -236,8 +272,8 @@ def build(directory: Path, say: Callable[[str], None]) -> Image:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
     seconds = time.monotonic() - start
     (directory / "recipe.json").write_text(json.dumps(recipe(), indent=2))
-    (directory / "image.json").write_text(json.dumps({"release": release, "build_seconds": round(seconds, 1)}))
-    say(f"vm: image built in {seconds:.0f} s (kernel {release})")
+    (directory / "image.json").write_text(json.dumps({"kernels": releases, "build_seconds": round(seconds, 1)}))
+    say(f"vm: image built in {seconds:.0f} s (kernels {', '.join(releases.values())})")
     for old in directory.parent.glob("debian12-*"):
         if old != directory and old.is_dir():  # images of earlier recipes are never used again
             shutil.rmtree(old, ignore_errors=True)
@@ -246,8 +282,10 @@ def build(directory: Path, say: Callable[[str], None]) -> Image:
     return image
 
 
-def _kernel_release(root: Path) -> str:
+def _kernel_releases(root: Path) -> dict[str, str]:
+    """The image's kernels by series: the suite's and the backports one, two different series."""
     releases = sorted(p.name for p in (root / "lib" / "modules").iterdir())
-    if len(releases) != 1:
-        raise VmError(f"expected one kernel in the image, found {releases}")
-    return releases[0]
+    by_series = {series(release): release for release in releases}
+    if len(releases) != 2 or len(by_series) != 2:
+        raise VmError(f"expected two kernels of two series in the image ({SUITE}, {BACKPORTS}), found {releases}")
+    return dict(sorted(by_series.items(), key=lambda item: [int(part) for part in item[0].split(".")]))

@@ -2,9 +2,12 @@
 
 - ``host``: this machine's kernel, in this process (what ``labctl run`` always did);
 - ``6.1`` (or ``debian``): Debian 12's own kernel, ``linux-image-cloud-amd64``, booted from the cached image;
+- ``6.12`` (or ``backports``): the same package from bookworm-backports, installed in the same image beside
+  6.1 and booted with its own initramfs and modules;
 - a path to a bzImage: that kernel with the image's root filesystem.  It boots without an initramfs (the
-  image's is built for 6.1), so it needs virtio-blk, virtio-pci and ext4 built in; it finds no modules, and
-  its options are read from /proc/config.gz if it has one (otherwise every ``requires:`` is unmet: SKIP).
+  image's are built for its own kernels), so it needs virtio-blk, virtio-pci and ext4 built in; it finds no
+  modules, and its options are read from /proc/config.gz if it has one (otherwise every ``requires:`` is
+  unmet: SKIP).
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ from labctl.verify.runner import LabResult, run_labs
 from labctl.vm import image, job, protocol, qemu
 from labctl.vm.errors import VmError
 
-IMAGE_KERNEL_NAMES = ("6.1", "debian", "bookworm")
+IMAGE_KERNEL_NAMES = {
+    "6.1": "6.1", "debian": "6.1", "bookworm": "6.1",
+    "6.12": "6.12", "backports": "6.12", "bookworm-backports": "6.12",
+}
+"""What ``--kernel`` accepts for the image's kernels, and the series each names (the image's kernel of that series)."""
 DEFAULT_TIMEOUT = float(os.environ.get("LABCTL_VM_TIMEOUT", 2400))
 """Seconds a guest may take for the whole job before it is killed (TCG runs every lab in ~10 min)."""
 
@@ -34,7 +41,7 @@ class Kernel:
     label: str
     """As the user named it: host, 6.1, /path/to/bzImage."""
     bzimage: Path | None = None
-    """None: this machine's kernel (host) or the image's own kernel."""
+    """None: this machine's kernel (host) or one of the image's kernels (its series is the label)."""
 
     @property
     def is_host(self) -> bool:
@@ -45,13 +52,14 @@ def resolve(name: str) -> Kernel:
     if name == "host":
         return Kernel("host")
     if name in IMAGE_KERNEL_NAMES:
-        return Kernel("6.1")
+        return Kernel(IMAGE_KERNEL_NAMES[name])
     if "/" in name or os.path.exists(name):
         path = Path(name)
         if not path.is_file():
             raise VmError(f"--kernel {name}: no such kernel image file")
         return Kernel(name, path.resolve())
-    raise VmError(f"--kernel {name}: use host, 6.1 (Debian 12's linux-image-cloud-amd64) or a path to a bzImage")
+    raise VmError(f"--kernel {name}: use host, 6.1 (Debian 12's linux-image-cloud-amd64), 6.12 (the same from "
+                  "bookworm-backports) or a path to a bzImage")
 
 
 @dataclass
@@ -94,7 +102,8 @@ def run_host(files: list[str], select: str | None, keep: bool, reuse: bool, prog
 
 def machine_for(kernel: Kernel, built: image.Image, disks: list[tuple[Path, bool]]) -> qemu.Machine:
     if kernel.bzimage is None:
-        return qemu.Machine(built.kernel, built.initrd, built.rootfs, disks, f"init={image.INIT}")
+        boot_kernel = built.kernel(kernel.label)
+        return qemu.Machine(boot_kernel.vmlinuz, boot_kernel.initrd, built.rootfs, disks, f"init={image.INIT}")
     return qemu.Machine(kernel.bzimage, None, built.rootfs, disks, f"init={image.INIT}")
 
 
