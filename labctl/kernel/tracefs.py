@@ -278,7 +278,7 @@ _DECL = re.compile(r"^(?P<type>.*?)\s*\b(?P<name>\w+)\s*(?P<array>\[[^\]]*\])?$"
 
 _INT_PATTERNS = {"d": r"-?\d+", "i": r"-?\d+", "u": r"-?\d+", "o": r"[0-7]+"}
 _POINTER_PATTERNS = [
-    (re.compile(r"[SsBFf]"), r"\S+"),
+    (re.compile(r"[SsBFf]"), r"\S+(?: \[\S+\])?"),  # a symbol in a module: "nft_do_chain+0x40f/0x630 [nf_tables]"
     (re.compile(r"[Ii]4"), r"[0-9.]+"),
     (re.compile(r"[Ii]6"), r"[0-9a-fA-F:.]+"),
     (re.compile(r"[Mm]"), r"[0-9a-fA-F:-]+"),

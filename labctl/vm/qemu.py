@@ -28,6 +28,13 @@ QEMU = "qemu-system-x86_64"
 KVM_BROKEN = "KVM internal error"
 MEMORY_MB = 2048
 CPUS = 2  # labs name CPU 1 (RPS masks, cpu: on injections)
+TCG_CPU = "max,-cx16"
+"""Under TCG, QEMU's ``max`` CPU without CMPXCHG16B.  With CX16, Debian's 6.12 under Debian's QEMU 7.2 (TCG,
+multi-threaded) oopses within seconds of boot, every time, in ``kmem_cache_alloc_noprof`` right after SLUB's
+per-CPU ``cmpxchg16b %gs:(%rsi)`` (``this_cpu_try_cmpxchg128``, new in 6.8), with garbage in EFLAGS -- also
+with ``-cpu qemu64`` or ``max,-la57`` (single-threaded TCG hangs in soft lockups instead); 6.1 boots with it.  Without
+CX16 the kernel uses its own ``this_cpu_cmpxchg16b_emu`` (6.12) or SLUB's locked path (6.1) and both boot
+and run every lab.  KVM keeps ``-cpu host``."""
 
 
 def apt_install(packages: list[str]) -> None:
@@ -102,7 +109,7 @@ class Machine:
         if accel == "kvm":
             argv += ["-accel", "kvm", "-cpu", "host"]
         else:
-            argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
+            argv += ["-accel", "tcg,thread=multi", "-cpu", TCG_CPU]
         if self.initrd is not None:
             argv += ["-initrd", str(self.initrd)]
         argv += ["-drive", f"file={self.rootfs},if=virtio,format=raw,snapshot=on"]

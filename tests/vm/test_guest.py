@@ -42,3 +42,20 @@ def test_a_guest_that_does_not_finish_is_killed() -> None:
     with pytest.raises(VmError, match="did not finish within 3 s"):
         kernels.boot(kernels.resolve("6.1"), [], None, "run", print, timeout=3)
     assert image.load() is not None
+
+
+def test_6_12_boots_the_backports_kernel_and_meets_the_6_10_boundary() -> None:
+    """``--kernel 6.12``: the same image, bookworm-backports' kernel; between 6.10 and the host's, the stray ACK
+    to a listener is dropped with TCP_FLAGS (the ``>=6.10`` check passes, the ``<6.10`` one is skipped)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "labctl.cli", "run", "--kernel", "6.12", "--json", "-k", "stray-ack",
+         "labs/tcp-connect.yaml"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    (lab,) = report["labs"]
+    assert lab["kernel"].startswith("6.12.")
+    status = {check["name"]: check["status"] for check in lab["checks"]}
+    assert status == {"stray-ack-is-reset": "pass", "stray-ack-is-reset-before-6-10": "skip"}
+    assert report["kernels"][0]["kernel"] == "6.12"
