@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from labctl.kernel import tracefs
 from labctl.vm import image, kernels
 from labctl.vm.errors import VmError
 
@@ -77,3 +78,36 @@ def test_the_recipe_names_the_backports_suite() -> None:
     script = image.CHROOT_SCRIPT.format(mirror="M", suite="bookworm", backports="bookworm-backports",
                                         kernel="linux-image-cloud-amd64", packages="p", venv="/v", requirements="r")
     assert "deb M bookworm-backports main" in script and "-t bookworm-backports" in script
+
+
+KFREE_SKB_6_12 = '''name: kfree_skb
+ID: 1524
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:void * location;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:void * rx_sk;\toffset:24;\tsize:8;\tsigned:0;
+\tfield:unsigned short protocol;\toffset:32;\tsize:2;\tsigned:0;
+\tfield:enum skb_drop_reason reason;\toffset:36;\tsize:4;\tsigned:0;
+
+print fmt: "skbaddr=%p rx_sk=%p protocol=%u location=%pS reason: %s", REC->skbaddr, REC->rx_sk, REC->protocol, \
+REC->location, __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 8, "NETFILTER_DROP" })
+'''
+
+
+@pytest.mark.parametrize(("location", "function"), [
+    ("nft_do_chain+0x40f/0x630 [nf_tables]", "nft_do_chain"),   # 6.12 (Debian's, modules): the module is named
+    ("nft_do_chain+0x40f/0x630", "nft_do_chain"),               # built in (the host's 6.18)
+])
+def test_a_drop_location_in_a_module_is_parsed(location: str, function: str) -> None:
+    """Debian's 6.12 prints a drop in modular code with its module: ``at: nft_do_chain`` must still match (E1
+    and the nft drop were 'None at None' on 6.12 before)."""
+    fmt = tracefs.parse_format(KFREE_SKB_6_12, "skb")
+    line = (f"         python3-305     [001] .....    37.539422: kfree_skb: skbaddr=000000001d9ea586 "
+            f"rx_sk=0000000000000000 protocol=2048 location={location} reason: NETFILTER_DROP")
+    event = tracefs.parse_line(line, {"kfree_skb": [fmt]})
+    assert event is not None and event.reason == "NETFILTER_DROP" and event.function == function
