@@ -28,6 +28,11 @@ QEMU = "qemu-system-x86_64"
 KVM_BROKEN = "KVM internal error"
 MEMORY_MB = 2048
 CPUS = 2  # labs name CPU 1 (RPS masks, cpu: on injections)
+TCG_ACCEL = "tcg,thread=single"
+"""One host thread runs both vCPUs.  Multi-threaded TCG (QEMU 7.2) let Debian's 6.12 panic 130 s into a run of
+every lab with RIP in the middle of an instruction (``dev_queue_xmit_nit``, code that packet sockets' static
+keys patch at run time while the other vCPU runs it); single-threaded TCG keeps code patching coherent and,
+on this shared 2-core host, was faster too (6.12, every lab: 210 s wall against 316 s)."""
 TCG_CPU = "max,-cx16"
 """Under TCG, QEMU's ``max`` CPU without CMPXCHG16B.  With CX16, Debian's 6.12 under Debian's QEMU 7.2 (TCG,
 multi-threaded) oopses within seconds of boot, every time, in ``kmem_cache_alloc_noprof`` right after SLUB's
@@ -109,7 +114,7 @@ class Machine:
         if accel == "kvm":
             argv += ["-accel", "kvm", "-cpu", "host"]
         else:
-            argv += ["-accel", "tcg,thread=multi", "-cpu", TCG_CPU]
+            argv += ["-accel", TCG_ACCEL, "-cpu", TCG_CPU]
         if self.initrd is not None:
             argv += ["-initrd", str(self.initrd)]
         argv += ["-drive", f"file={self.rootfs},if=virtio,format=raw,snapshot=on"]
