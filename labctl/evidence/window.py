@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 
@@ -34,6 +34,7 @@ from labctl.evidence.model import (
 )
 from labctl.kernel import conntrack, counters, netns, tracefs
 from labctl.kernel.conntrack import as_record as conntrack_record
+from labctl.kernel.links import NodeLinks
 from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries
 from labctl.kernel.nftrace import IP_CHAINS, HookTracer
 from labctl.kernel.packet import Capture
@@ -61,6 +62,23 @@ DRAIN_SECONDS = 0.05
 
 LATE_EVENTS_SECONDS = 0.5
 """Events are kept until this long after the caller's last action (frees of queued skbs)."""
+
+QUIET_SECONDS = 0.03
+""":meth:`Window.settle` ends once the lab has been quiet this long: no packet counted by any of its devices
+or qdiscs, nothing held in a qdisc or a CPU's backlog, nothing unread by a listener.  Once a send returns,
+the kernel has done its work in the sender's own context (softirq runs as the send re-enables bottom
+halves); what it defers is visible in those queues.  Steps whose wait is a *timer* (an ARP probe, a netem
+delay) say how long with ``settle: SECONDS``, which is a fixed sleep."""
+
+QUIET_RELAYED_SECONDS = 0.1
+"""The quiet period of a lab with relays: a frame a relay process has not read yet is in a tap's socket
+queue, which no counter shows (a relay waits for a core on a loaded machine)."""
+
+QUIET_POLL_SECONDS = 0.01
+"""How often :meth:`Window.settle` reads the lab's counters (0.5 ms of CPU for three namespaces)."""
+
+QUIET_MAX_SECONDS = 2.0
+"""A lab that never goes quiet (a flood, another user's load on the CPU backlog) is waited for this long."""
 
 
 @dataclass
@@ -136,6 +154,9 @@ class Window:
         self._evidence: Evidence | None = None
         self._raw: list[tracefs.TraceEvent] = []
         self._relays: set[int] = set()
+        self._busy: list[Callable[[], bool]] = []
+        self.settled: list[float] = []
+        """Seconds each :meth:`settle` waited (a fixed settle too), in order."""
         self.since = 0.0
         self.until = 0.0
         self.skipped: dict[str, str] = {}
@@ -203,6 +224,51 @@ class Window:
 
     def record_exec(self, run: ExecEvidence) -> None:
         self._execs.append(run)
+
+    def busy_while(self, pending: Callable[[], bool]) -> None:
+        """Tell :meth:`settle` of work the counters do not show (a listener thread with datagrams unread)."""
+        self._busy.append(pending)
+
+    def settle(self, fixed: float | None = None) -> float:
+        """Wait until the kernel is done with what the caller sent; the seconds waited.
+
+        ``fixed`` (a step's ``settle:``): exactly that long -- the wait is a timer nothing shows running
+        (ARP probes, a netem delay).  Otherwise until the lab has been quiet for :data:`QUIET_SECONDS`
+        (:data:`QUIET_RELAYED_SECONDS` with relays): no packet counted by its interfaces or qdiscs --
+        read per namespace, so another lab's traffic neither ends nor stretches the wait -- nothing held
+        in its qdiscs or any CPU's backlog, and nothing :meth:`busy_while` reports; at most
+        :data:`QUIET_MAX_SECONDS`.  A quiet period is no shorter for a check that expects nothing
+        (count 0): nothing can arrive unseen -- whatever the kernel still holds is in the queues read here.
+        """
+        start = time.monotonic()
+        if fixed is not None:
+            time.sleep(fixed)
+            self.settled.append(fixed)
+            return fixed
+        quiet = QUIET_RELAYED_SECONDS if self._relays else QUIET_SECONDS
+        handles: list[NodeLinks] = []
+        try:
+            handles = [NodeLinks(ns) for ns in self.nodes.values()]
+            last: tuple[int, ...] | None = None
+            quiet_since = start
+            while True:
+                now = time.monotonic()
+                seen = [counters.activity(handle) for handle in handles]
+                moved = tuple(m for m, _ in seen)
+                held = any(h for _, h in seen) or counters.backlog() > 0 or any(busy() for busy in self._busy)
+                if moved != last or held:
+                    last, quiet_since = moved, now
+                elif now - quiet_since >= quiet:
+                    break
+                if now - start >= QUIET_MAX_SECONDS:
+                    break
+                time.sleep(QUIET_POLL_SECONDS)
+        finally:
+            for handle in handles:
+                handle.close()
+        waited = time.monotonic() - start
+        self.settled.append(waited)
+        return waited
 
     def error(self, text: str) -> None:
         """A step that could not do what it said: the verdict must be ERROR, never PASS."""

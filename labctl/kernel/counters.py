@@ -317,3 +317,24 @@ def by_node(delta_: dict[str, Any], namespaces: Mapping[str, str]) -> dict[str, 
                     flat[f"{ifname}.qdisc.{key}"] = flat.get(f"{ifname}.qdisc.{key}", 0) + value
         result[node] = flat
     return result
+
+
+def activity(handle: NodeLinks) -> tuple[int, int]:
+    """(every packet and drop the namespace's interfaces and qdiscs have counted, packets its qdiscs hold now).
+
+    The first number moves whenever a packet crosses, enters or is dropped at one of the namespace's
+    devices; the second is what a qdisc still holds (a shaper releases it later, on a timer).  An
+    observation window waits until neither moves (labctl/evidence/window.py, ``Window.settle``).
+    """
+    moved = sum(sum(stats.values()) for stats in _links(handle).values())
+    held = 0
+    for qdiscs in _qdiscs(handle).values():
+        for counts in qdiscs.values():
+            moved += counts.get("packets", 0) + counts.get("drops", 0)
+            held += counts.get("qlen", 0)
+    return moved, held
+
+
+def backlog() -> int:
+    """Packets waiting in every CPU's backlog now (softnet_stat's backlog_len; 0 where the kernel lacks it)."""
+    return sum(row.get("backlog_len", 0) for row in softnet())

@@ -23,8 +23,7 @@ import errno as errno_codes
 import os
 import re
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from labctl.evidence.model import Evidence, ExecEvidence, SendEvidence, SocketEvidence
@@ -319,7 +318,7 @@ def _send(
                     f"ping {spec_p.to} from {spec_p.node}: {len(refused)} echo requests refused by the node's own"
                     f" stack ({refused[0].removeprefix('ping: ').strip()})"
                 )
-    time.sleep(traffic.settle)
+    window.settle(traffic.settle)  # a stated settle is a fixed wait; else until the lab is quiet
 
 
 def warm_neighbours(topo: Topology, check: Check) -> None:
@@ -375,6 +374,9 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
             stack.callback(listener.close)
             listeners.append((spec, listener))
         window = stack.enter_context(Window(topo, window_spec(check, needs)))
+        for _, listener in listeners:  # a datagram its reader thread has not taken yet is still on its way
+            if isinstance(listener, UdpListener) and listener.read:
+                window.busy_while(_unread(listener))
         for error in stage_errors:
             window.error(error)
         errors_expected = getattr(check.expect, "send_error") is not None  # noqa: B009 - registry-built model
@@ -394,6 +396,10 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
             errors=evidence.errors + tuple(e for e in stage_errors if e not in evidence.errors),
         )
     return evidence, JudgeContext(traffic_protocols=frozenset(protocols))
+
+
+def _unread(listener: UdpListener) -> Callable[[], bool]:
+    return lambda: listener.stats().queued_bytes > 0
 
 
 def _socket_evidence(spec: Listen, listener: UdpListener | TcpListener) -> SocketEvidence:
