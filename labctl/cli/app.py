@@ -193,9 +193,10 @@ def run(
     pcap_dir: Annotated[
         Path | None, typer.Option("--pcap", help="write each check's captures to DIR/LAB.CHECK.pcapng, with verdicts")
     ] = None,
-    jobs: Annotated[
-        int, typer.Option("-j", "--jobs", min=1, help="labs at a time, each in its own process (some run alone)")
-    ] = 1,
+    jobs_given: Annotated[
+        str,
+        typer.Option("-j", "--jobs", help="labs at a time, each in its own process (some run alone); auto: 3 per core"),
+    ] = "1",
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
@@ -204,6 +205,12 @@ def run(
     files = lab_files(paths)
     if not files:
         raise typer.BadParameter(f"no lab files in {' '.join(paths)}")
+    from labctl.verify.parallel import parse_jobs
+
+    try:
+        jobs = parse_jobs(jobs_given, len(files))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="-j") from exc
     if kernel:
         from labctl.cli.vm import run_on_kernels
 
