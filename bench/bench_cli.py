@@ -43,6 +43,7 @@ again, even when a step fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -276,6 +277,17 @@ def trace_row(runs: int, small: Path) -> None:
     print(f"{'trace, one packet':<24} {'':>10} {one:>9.3f}s   goal <= 0.4 s {used}", flush=True)
 
 
+def _failed_checks(report: str) -> list[str]:
+    """LAB:CHECK of each check of a ``run --json`` report that failed or erred (LAB: error for a lab)."""
+    try:
+        labs = json.loads(report)["labs"]
+    except (ValueError, KeyError, TypeError):
+        return ["(no JSON report)"]
+    found = [f"{lab['lab']}: {lab['error'][:80]}" for lab in labs if lab.get("error")]
+    found += [f"{lab['lab']}:{c['name']}" for lab in labs for c in lab["checks"] if c["status"] in ("fail", "error")]
+    return found
+
+
 def run_row(runs: int, folder: str, jobs_list: list[int]) -> None:
     """labctl run labs/ with each -j of ``jobs_list`` (1: serial), interleaved; the best -j is named.
 
@@ -285,12 +297,16 @@ def run_row(runs: int, folder: str, jobs_list: list[int]) -> None:
     times: dict[int, list[float]] = {j: [] for j in jobs_list}
     codes: dict[int, list[int]] = {j: [] for j in jobs_list}
     cpu: dict[int, list[float]] = {j: [] for j in jobs_list}
+    failed: dict[int, list[str]] = {j: [] for j in jobs_list}
     for _ in range(runs):
         for jobs in jobs_list:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            done = subprocess.run([LABCTL, "run", "-j", str(jobs), folder], stdout=subprocess.DEVNULL, check=False)
+            done = subprocess.run(
+                [LABCTL, "run", "-j", str(jobs), "--json", folder], stdout=subprocess.PIPE, text=True, check=False
+            )
             times[jobs].append(time.perf_counter() - t0)
+            failed[jobs] += _failed_checks(done.stdout)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[jobs].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             codes[jobs].append(done.returncode)
@@ -304,6 +320,9 @@ def run_row(runs: int, folder: str, jobs_list: list[int]) -> None:
             f" exit codes {codes[jobs]}",
             flush=True,
         )
+    for jobs in jobs_list:
+        if failed[jobs]:
+            print(f"  -j {jobs}: not passed: {', '.join(failed[jobs])}", flush=True)
     passing = [j for j in jobs_list if not any(codes[j])] or jobs_list
     best = min(passing, key=lambda j: medians[j])
     verdict = "met" if medians[best] <= 12.0 else "not met"
