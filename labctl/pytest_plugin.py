@@ -16,9 +16,9 @@ it covers, and a Python test can say ``@pytest.mark.claim("R7")``;
 ``-m "claim(id='R7')"`` works too.
 
 With pytest-xdist (``pytest -n 2 labs/``) the checks of one lab file stay in
-one worker (an ``xdist_group`` per file; ``--dist load`` becomes
-``loadgroup``), and a lab or check that needs the host to itself runs while no
-other lab of the session acts (labctl/verify/parallel.py's lock, named after
+one worker (``--dist load``, what ``-n`` implies, becomes ``loadfile``), and
+a lab or check that needs the host to itself runs while no other lab of the
+session acts (labctl/verify/parallel.py's lock, named after
 the session).
 """
 
@@ -159,7 +159,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "claim(id): the PATHS.md claim a lab check or test proves")
     config.addinivalue_line("markers", "lab(file, name=None): the lab file the module's `lab` fixture brings up")
     if getattr(config.option, "dist", "no") == "load":  # pytest -n N: keep each lab's checks in one worker
-        config.option.dist = "loadgroup"
+        # loadfile, not loadgroup: with pytest 9.2 and xdist 3.8 workers never add the xdist_group suffix
+        # (a plain test file with @pytest.mark.xdist_group spreads over the workers too), so loadgroup ran
+        # one lab's checks in several workers at once -- one tore the lab down under the others
+        config.option.dist = "loadfile"
 
 
 @pytest.hookimpl(optionalhook=True)
