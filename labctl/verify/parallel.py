@@ -178,7 +178,9 @@ def auto_jobs(labs: int, cores: int | None = None) -> int:
 
 
 JOBS_PER_CORE = 3
-"""Measured on 2 cores (bench/bench_cli.py --rows run): -j 6 beat -j 4 and -j 8 (README, Benchmarks)."""
+"""A serial run of labs/ is ~8.6 s of CPU in ~58 s on an idle 2-core machine, so 6 labs at a time still
+leave CPU idle; measured at load average 6-10 (README, Benchmarks), -j auto took 40-56 s where the serial
+run took 67-89 s.  When other users already hold the cores, -j beyond them buys nothing."""
 
 
 def parse_jobs(text: str, labs: int) -> int:
