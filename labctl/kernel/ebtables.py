@@ -29,7 +29,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from labctl.kernel import netns
+from labctl.kernel import netns, rulesync
 from labctl.kernel.iptrules import RuleCounter, RuleError, Token, tokenize
 from labctl.names import has_control, scratch_namespace_name
 
@@ -351,11 +351,29 @@ def parse_save(text: str) -> list[RuleCounter]:
 
 
 def flush(namespace: str) -> None:
-    """Delete every bridge table of ``namespace`` (for ``down`` and tests)."""
+    """Delete every bridge table of ``namespace`` (for a converge that replaces them, and tests)."""
     for table in existing_tables(namespace):
         delete_table(namespace, table)
     if broute_available():  # a legacy table cannot be removed: emptied, its policy back to ACCEPT
         netns.run(namespace, [LEGACY, "-t", "broute", "--init-table"], capture_output=True)
+
+
+def has_tables(namespace: str) -> bool:
+    """Whether ``namespace`` holds any bridge table (ebtables-nft's; a legacy broute table counts when listed)."""
+    return bool(existing_tables(namespace)) or broute_available()
+
+
+TOOL = rulesync.RuleTool("ebtables", has_tables, list_rules, apply_rules, flush)
+"""ebtables as :func:`labctl.kernel.rulesync.converge` drives it."""
+
+
+def converge(namespace: str, rules: Sequence[str]) -> str | None:
+    """Make ``namespace``'s ebtables rules be ``rules``: ``loaded``, ``replaced``, ``removed`` or None.
+
+    None: they already were, and nothing was touched (counters keep counting).  A rule ebtables-nft
+    refuses leaves the node's rules as they were (RuleError names the rule).
+    """
+    return rulesync.converge(TOOL, namespace, rules)
 
 
 def run(namespace: str, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
