@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from labctl.kernel import rulesync
-from labctl.kernel.iptapply import apply_rules
+from labctl.kernel.iptapply import apply_rules, replace_rules
 from labctl.kernel.iptlist import existing_tables, flush, list_rules
 from labctl.kernel.iptrules import TOOL, Family
 
@@ -22,6 +22,7 @@ def tool(family: Family = "ip") -> rulesync.RuleTool:
         has_tables=lambda namespace: bool(existing_tables(namespace, family)),
         list_rules=lambda namespace: list_rules(namespace, family=family),
         apply_rules=lambda namespace, rules: apply_rules(namespace, rules, family),
+        replace_rules=lambda namespace, rules: replace_rules(namespace, rules, family),
         flush=lambda namespace: flush(namespace, family),
     )
 

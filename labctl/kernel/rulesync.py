@@ -7,9 +7,9 @@ text (``-p udp --dport 53`` is listed back as ``-p udp -m udp --dport 53``;
 ebtables-nft prints its own spelling too), so the wanted rules are installed
 in a scratch namespace of their own and listed back there by the same code
 that lists the node's; the two listings are compared table by table.  Equal:
-nothing is touched.  Different: the node's tables are emptied and the rules
-installed (one batch, all or nothing; rules the kernel refuses are found in
-the scratch namespace, so the node keeps its old rules whole).  A table with
+nothing is touched.  Different: the node's rules are swapped for the file's,
+each table in one step (never empty in between); rules the kernel refuses
+are found in the scratch namespace, so the node keeps its old rules whole.  A table with
 no rules, no user chain and ACCEPT policies counts as absent (legacy tables
 cannot be unregistered, so an emptied one stays).
 
@@ -44,6 +44,9 @@ class RuleTool:
     """Whether the namespace holds any table of the tool (none: the rules go straight in)."""
     list_rules: Callable[[str], Sequence[RuleCounter]]
     apply_rules: Callable[[str, Sequence[str]], None]
+    """Add rules to the namespace's, all or none (the scratch namespace, a node without tables)."""
+    replace_rules: Callable[[str, Sequence[str]], None]
+    """Swap the namespace's rules for these, each table in one step (never seen empty in between)."""
     flush: Callable[[str], None]
 
 
@@ -100,8 +103,8 @@ def converge(tool: RuleTool, namespace: str, rules: Sequence[str]) -> str | None
     have = listing(tool.list_rules(namespace))
     if have == wanted_listing(tool, rules, namespace):
         return None
-    tool.flush(namespace)
-    if rules:
-        tool.apply_rules(namespace, rules)
-        return "replaced" if have else "loaded"
-    return "removed"
+    if not rules:
+        tool.flush(namespace)
+        return "removed"
+    tool.replace_rules(namespace, rules)
+    return "replaced" if have else "loaded"
