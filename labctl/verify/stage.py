@@ -141,16 +141,15 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
             nft.apply_commands(_ns(topo, node), commands)
         yield
     finally:
-        for node in touched_ip:
-            iptables.flush(_ns(topo, node))
-            if topo.nodes[node].iptables:
-                iptables.apply_rules(_ns(topo, node), topo.nodes[node].iptables)
-        for node in touched_ip6:  # the node's own ip6tables rules again
-            iptables.converge(_ns(topo, node), topo.nodes[node].ip6tables, "ip6")
+        for node in touched_ip:  # the node's own rules again, each table swapped whole (never open between)
+            iptables.replace_rules(_ns(topo, node), topo.nodes[node].iptables)
+        for node in touched_ip6:
+            iptables.replace_rules(_ns(topo, node), topo.nodes[node].ip6tables, "ip6")
         for node in touched_eb:
-            ebtables.flush(_ns(topo, node))
             if topo.nodes[node].ebtables:
-                ebtables.apply_rules(_ns(topo, node), topo.nodes[node].ebtables)
+                ebtables.replace_rules(_ns(topo, node), topo.nodes[node].ebtables)
+            else:
+                ebtables.flush(_ns(topo, node))  # tables only the check made go
         for node in touched_nft:  # the node's own ruleset again, in one transaction (ebtables' tables kept)
             nft.replace(_ns(topo, node), topo.nodes[node].nftables or "", keep_ebtables=True)
 
