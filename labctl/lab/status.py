@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from labctl.kernel import netns
-from labctl.kernel.links import PEER_ALIAS, LinkInfo, NodeLinks
+from labctl.kernel.links import PEER_ALIAS, LinkInfo, Netlink, NodeLinks
 from labctl.lab import relay, state
 from labctl.names import lab_name_problem
 
@@ -44,17 +44,18 @@ def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
     found: dict[str, tuple[str, dict[str, LinkInfo], list[dict[str, Any]]]] = {}
     fdb: dict[str, list[dict[str, Any]]] = {}
     traffic: dict[str, tuple[dict[int, Any], list[str]]] = {}
-    for ns in namespaces:
-        node = netns.split_namespace_name(ns)[1]  # type: ignore[index]
-        with NodeLinks(ns) as handle:
-            found[node] = (ns, handle.links(), handle.routes())
-            if any(info.kind == "bridge" for info in found[node][1].values()):
-                fdb[node] = handle.static_fdb()
-                if any(i.kind == "bridge" and i.details.get("vlan_filtering") for i in found[node][1].values()):
-                    for port, vlans in handle.port_vlans().items():
-                        if port in found[node][1]:
-                            found[node][1][port].port["vlans"] = vlans
-            traffic[node] = _traffic_control(handle)
+    with netns.walking(namespaces) as entering:
+        for ns in entering:  # the thread is inside ns: its sockets are opened without another switch
+            node = netns.split_namespace_name(ns)[1]  # type: ignore[index]
+            with NodeLinks(ns, Netlink()) as handle:
+                found[node] = (ns, handle.links(), handle.routes())
+                if any(info.kind == "bridge" for info in found[node][1].values()):
+                    fdb[node] = handle.static_fdb()
+                    if any(i.kind == "bridge" and i.details.get("vlan_filtering") for i in found[node][1].values()):
+                        for port, vlans in handle.port_vlans().items():
+                            if port in found[node][1]:
+                                found[node][1][port].port["vlans"] = vlans
+                traffic[node] = _traffic_control(handle)
     result: dict[str, Any] = {}
     for node, (ns, links, routes) in found.items():
         result[node] = {
@@ -88,13 +89,12 @@ def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
 
 
 def _traffic_control(handle: NodeLinks) -> tuple[dict[int, Any], list[str]]:
-    """The node's tc per ifindex and its nf_tables tables ("inet filter"): two dumps in the namespace."""
+    """The node's tc per ifindex and its nf_tables tables ("inet filter"): two dumps, called inside the namespace."""
     from labctl.kernel import nft
     from labctl.kernel.counters import qdisc_kinds
     from labctl.lab import tc
 
-    with netns.entered(handle.namespace):
-        tables = [f"{family} {name}" for family, name in nft.tables_here()]
+    tables = [f"{family} {name}" for family, name in nft.tables_here()]  # the caller is inside the namespace
     if all(kind in tc._DEFAULT_QDISCS for _, kind in qdisc_kinds(handle)):  # what status_here leaves out
         return {}, tables  # nothing set: no pyroute2 socket (1 ms a node, a second at 1000 nodes)
     return tc.status_here(handle.ipr), tables
