@@ -9,21 +9,25 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from labctl.cli.common import console
+from labctl.cli.common import console, say
 
 SUMMARY_ABOVE = 50
 """Labs with more nodes than this are summarised: a table of thousands of rows helps no one."""
 
 
 def status(data: dict[str, Any], full: bool = False) -> None:
-    """One lab: every interface, or past :data:`SUMMARY_ABOVE` nodes a summary and what is wrong."""
+    """One lab: every interface, or past :data:`SUMMARY_ABOVE` nodes a summary and what is wrong.
+
+    The summary's lines go through :func:`say` (plain text into a pipe): a
+    script polling a big lab's status does not pay for importing Rich.
+    """
     colour = {"up": "green", "building": "yellow"}.get(data["state"], "red")
-    head = f"[bold]{data['lab']}[/] [{colour}]{data['state']}[/]"
+    head = f"[bold]{_text(data['lab'])}[/] [{colour}]{data['state']}[/]"
     if data.get("file"):
-        head += f"  ({data['file']})"
-    console.print(head, highlight=False)
+        head += f"  ({_text(data['file'])})"
+    say(head)
     if data["missing_nodes"]:
-        console.print(f"  [red]missing nodes:[/] {', '.join(data['missing_nodes'])}", highlight=False)
+        say(f"  [red]missing nodes:[/] {_text(', '.join(data['missing_nodes']))}")
     if full or len(data["nodes"]) <= SUMMARY_ABOVE:
         _interfaces_table(data)
         _kind_details(data)
@@ -36,7 +40,12 @@ def status(data: dict[str, Any], full: bool = False) -> None:
         _summary(data)
     for vm, relay in data["relays"].items():
         alive = "[green]running[/]" if relay["alive"] else "[red]dead[/]"
-        console.print(f"  relay for {vm}: pid {relay['pid']} {alive}", highlight=False)
+        say(f"  relay for {_text(vm)}: pid {relay['pid']} {alive}")
+
+
+def _text(value: str) -> str:
+    """A name or path as literal text in a :func:`say` line (Rich's escape of ``[``)."""
+    return value.replace("[", "\\[")
 
 
 PORT_DEFAULTS = {"learning": 1, "flood": 1, "mcast_flood": 1, "bcast_flood": 1, "isolated": 0, "hairpin": 0}
@@ -130,29 +139,28 @@ def _summary(data: dict[str, Any]) -> None:
     kinds = Counter(iface["kind"] for _, iface in interfaces)
     addresses = sum(len(iface["addresses"]) for _, iface in interfaces)
     routes = sum(1 for info in nodes.values() for r in info["routes"] if r["via"] or r["dst"] == "default")
-    console.print(
+    say(
         f"  {len(nodes)} nodes, {len(interfaces)} interfaces"
-        f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}),"
-        f" {addresses} addresses, {routes} gateway routes",
-        highlight=False,
+        f" ({', '.join(f'{n} {_text(k)}' for k, n in sorted(kinds.items()))}),"
+        f" {addresses} addresses, {routes} gateway routes"
     )
-    console.print(
+    say(
         f"  interfaces: [green]{states['up']} up[/], [red]{states['down']} down[/],"
-        f" [yellow]{states['no-carrier']} no-carrier[/]",
-        highlight=False,
+        f" [yellow]{states['no-carrier']} no-carrier[/]"
     )
     for node, info in sorted(nodes.items()):
         for bridge, ports in sorted(info["bridges"].items()):
-            console.print(f"  bridge {node}:{bridge}: {len(ports)} ports", highlight=False)
+            say(f"  bridge {_text(node)}:{_text(bridge)}: {len(ports)} ports")
     trouble = [(node, iface) for node, iface in interfaces if _state(iface) != "up"]
     for node, iface in trouble[:20]:
-        console.print(f"  [red]{_state(iface)}:[/] {node}:{iface['name']} (peer {iface.get('peer') or '-'})")
+        peer = iface.get("peer") or "-"
+        say(f"  [red]{_state(iface)}:[/] {_text(node)}:{_text(iface['name'])} (peer {_text(peer)})")
     if len(trouble) > 20:
-        console.print(f"  ... and {len(trouble) - 20} more not up")
-    console.print(
-        f"  [dim]summarised ({len(nodes)} nodes > {SUMMARY_ABOVE}): `labctl status {data['lab']} --json`"
-        " has every interface, address and route[/]",
-        highlight=False,
+        say(f"  ... and {len(trouble) - 20} more not up (`--json` lists them all)")
+    lab = _text(data["lab"])
+    say(
+        f"  [dim]summarised ({len(nodes)} nodes > {SUMMARY_ABOVE}): `labctl status {lab} --all` for every"
+        f" interface, `--node NODE` for some nodes, `--json` for everything[/]"
     )
 
 
