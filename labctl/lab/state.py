@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -44,6 +43,8 @@ class LabState:
 
 def digest(topo: Any) -> str:
     """A short fingerprint of a topology, to tell whether a lab's file changed since ``up``."""
+    import hashlib  # only up needs it: status, down and exec read state without (2.5 ms of OpenSSL)
+
     return hashlib.sha256(json.dumps(topo.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
