@@ -28,6 +28,10 @@ def status(data: dict[str, Any], full: bool = False) -> None:
     say(head)
     if data["missing_nodes"]:
         say(f"  [red]missing nodes:[/] {_text(', '.join(data['missing_nodes']))}")
+    gone = data.get("missing_interfaces", [])
+    if gone:
+        more = f" and {len(gone) - 20} more (`--json` lists them all)" if len(gone) > 20 else ""
+        say(f"  [red]missing interfaces:[/] {_text(', '.join(gone[:20]))}{more}")
     if full or len(data["nodes"]) <= SUMMARY_ABOVE:
         _interfaces_table(data)
         _kind_details(data)

@@ -39,6 +39,8 @@ class LabState:
     started: float = field(default_factory=time.time)
     digest: str = ""
     tc: dict[str, str] = field(default_factory=dict)  # "node:iface" -> fingerprint of the tc built there
+    interfaces: dict[str, list[str]] = field(default_factory=dict)
+    """node -> the interfaces ``up`` made there: status names those the kernel no longer has (deleted by hand)."""
 
 
 def digest(topo: Any) -> str:

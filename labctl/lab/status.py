@@ -50,14 +50,30 @@ def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
     expected = set(saved.nodes) if saved else set(result)
     if nodes is not None:
         expected &= set(nodes)
+    gone = _missing_interfaces(saved.interfaces if saved else {}, result)
+    whole = expected <= set(result) and not (gone and saved is not None and saved.status == "up")
     return {
         "lab": lab,
         "file": saved.file if saved else None,
-        "state": (saved.status if saved else "orphaned") if expected <= set(result) else "incomplete",
+        "state": (saved.status if saved else "orphaned") if whole else "incomplete",
         "missing_nodes": sorted(expected - set(result)),
+        "missing_interfaces": gone,
         "nodes": result,
         "relays": {vm: {"pid": pid, "alive": pid in relays} for vm, pid in (saved.relays if saved else {}).items()},
     }
+
+
+def _missing_interfaces(made: dict[str, list[str]], nodes: dict[str, dict[str, Any]]) -> list[str]:
+    """``node:interface`` of each interface ``up`` made that the kernel no longer has (in the nodes read).
+
+    The state says what was made; only the kernel says what is there, so an
+    interface deleted by hand shows up here and never as present.
+    """
+    gone = []
+    for node, info in nodes.items():
+        present = {iface["name"] for iface in info["interfaces"]}
+        gone += [f"{node}:{name}" for name in made.get(node, ()) if name not in present]
+    return gone
 
 
 PARALLEL_ABOVE = 200
