@@ -180,6 +180,10 @@ def _qdiscs(handle: NodeLinks) -> dict[str, dict[str, dict[str, int]]]:
     return result
 
 
+DEFAULT_QDISCS = frozenset({"noqueue", "pfifo_fast", "mq", "noop"})
+"""What an interface has before anyone sets tc: status shows none of them (labctl.lab.tc.status_here)."""
+
+
 def qdisc_kinds(handle: NodeLinks) -> list[tuple[int, str]]:
     """(ifindex, kind) of every qdisc in the handle's namespace: one dump on labctl's own socket."""
     found = []

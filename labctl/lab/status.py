@@ -90,6 +90,8 @@ def read_nodes(namespaces: list[str]) -> dict[str, dict[str, Any]]:
     """
     import threading
 
+    from labctl.kernel import counters, nft  # noqa: F401 -- imported once here, not again in each forked reader
+
     workers = min(len(os.sched_getaffinity(0)), 1 + len(namespaces) // PARALLEL_ABOVE)
     if workers < 2 or threading.active_count() > 1:  # fork only a single-threaded process
         return _read_share(namespaces)
@@ -178,12 +180,13 @@ def _read_node(handle: NodeLinks) -> dict[str, Any]:
 def _traffic_control(handle: NodeLinks) -> tuple[dict[int, Any], list[str]]:
     """The node's tc per ifindex and its nf_tables tables ("inet filter"): two dumps, called inside the namespace."""
     from labctl.kernel import nft
-    from labctl.kernel.counters import qdisc_kinds
-    from labctl.lab import tc
+    from labctl.kernel.counters import DEFAULT_QDISCS, qdisc_kinds
 
     tables = [f"{family} {name}" for family, name in nft.tables_here()]  # the caller is inside the namespace
-    if all(kind in tc._DEFAULT_QDISCS for _, kind in qdisc_kinds(handle)):  # what status_here leaves out
+    if all(kind in DEFAULT_QDISCS for _, kind in qdisc_kinds(handle)):  # what status_here leaves out
         return {}, tables  # nothing set: no pyroute2 socket (1 ms a node, a second at 1000 nodes)
+    from labctl.lab import tc
+
     return tc.status_here(handle.ipr), tables
 
 
