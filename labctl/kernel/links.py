@@ -300,13 +300,16 @@ class Netlink:
     of a round trip per object.
     """
 
-    def __init__(self, protocol: int = NETLINK_ROUTE) -> None:
+    def __init__(self, protocol: int = NETLINK_ROUTE, dumps_only: bool = False) -> None:
+        """``dumps_only``: a socket that only reads dumps (status) needs neither the big receive buffer
+        nor an explicit bind (the kernel binds it on the first send): two system calls fewer a socket."""
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
-        try:  # a batch's acks wait in the receive buffer until it is read: room for thousands
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
-        except PermissionError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-        self.sock.bind((0, 0))
+        if not dumps_only:
+            try:  # a batch's acks wait in the receive buffer until it is read: room for thousands
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+            except PermissionError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+            self.sock.bind((0, 0))
         self.seq = 0
         self.pending: list[tuple[int, str, bytes, int | None]] = []  # seq, what it is about, message, fd
 

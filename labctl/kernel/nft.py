@@ -231,7 +231,7 @@ def tables_here() -> list[tuple[str, str]]:
     from labctl.kernel.links import NETLINK_NETFILTER, Netlink
 
     nf_msg_gettable, nfnl_subsys_nftables, nfta_table_name = 1, 10, 1
-    sock = Netlink(NETLINK_NETFILTER)
+    sock = Netlink(NETLINK_NETFILTER, dumps_only=True)
     found = []
     try:
         body = struct.pack("=BBH", 0, 0, 0)

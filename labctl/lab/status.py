@@ -144,7 +144,7 @@ def _read_share(namespaces: list[str]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     with netns.walking(namespaces) as entering:
         for ns in entering:  # the thread is inside ns: its sockets are opened without another switch
-            with NodeLinks(ns, Netlink()) as handle:
+            with NodeLinks(ns, Netlink(dumps_only=True)) as handle:
                 found[netns.split_namespace_name(ns)[1]] = _read_node(handle)  # type: ignore[index]
     return found
 
