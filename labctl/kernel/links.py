@@ -215,9 +215,7 @@ def _attrs(data: bytes, offset: int = 0, wanted: frozenset[int] | None = None) -
 def _decode_details(table: dict[int, tuple[str, str]], payload: bytes) -> dict[str, Any]:
     """Decode the attributes of ``table`` found in a nested IFLA_INFO_DATA / SLAVE_DATA payload."""
     found: dict[str, Any] = {}
-    for kind, data in _attrs(payload).items():
-        if kind not in table:
-            continue
+    for kind, data in _attrs(payload, 0, frozenset(table)).items():  # stops once all are found (a port has ~40)
         name, encoding = table[kind]
         if encoding in ("u8", "u16", "u32") and len(data) >= {"u8": 1, "u16": 2, "u32": 4}[encoding]:
             found[name] = int.from_bytes(data[: {"u8": 1, "u16": 2, "u32": 4}[encoding]], "little")
