@@ -498,6 +498,8 @@ def decode_links(raw: list[tuple[int, dict[int, bytes], int]]) -> dict[str, Link
     return result
 
 
+LINK_DUMP = _IFINFO.pack(0, 0, 0, 0, 0)
+"""An RTM_GETLINK dump request of every interface."""
 ADDRESS_DUMP = _IFADDR.pack(0, 0, 0, 0, 0)
 """An RTM_GETADDR dump request of every family."""
 
@@ -602,9 +604,9 @@ class NodeLinks:
     # -- reading ---------------------------------------------------------
     def _dump_links(self, wanted: frozenset[int] | None = None) -> Iterator[tuple[int, dict[int, bytes], int]]:
         self.commit()
-        for _, data, offset in self.nl.dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
-            _, _, index, flags, _ = _IFINFO.unpack_from(data, offset)
-            yield index, _attrs(data, offset + _IFINFO.size, wanted), flags
+        for data in self.nl.dump_all(RTM_GETLINK, LINK_DUMP):
+            _, _, index, flags, _ = _IFINFO.unpack_from(data, 16)
+            yield index, _attrs(data, 16 + _IFINFO.size, wanted), flags
 
     def refresh(self, names: set[str] | None = None) -> dict[str, int]:
         """Learn interface indexes; one dump serves any ``names`` (cheaper than a request per name)."""

@@ -235,9 +235,9 @@ def tables_here() -> list[tuple[str, str]]:
     found = []
     try:
         body = struct.pack("=BBH", 0, 0, 0)
-        for _kind, data, offset in sock.dump((nfnl_subsys_nftables << 8) | nf_msg_gettable, body):
-            family = data[offset]
-            attrs = offset + 4
+        for data in sock.dump_all((nfnl_subsys_nftables << 8) | nf_msg_gettable, body):  # payload at byte 16
+            family = data[16]
+            attrs = 16 + 4
             name = ""
             while attrs + 4 <= len(data):
                 length, kind = struct.unpack_from("=HH", data, attrs)
