@@ -74,6 +74,8 @@ def test_a_big_lab_is_summarised_with_what_is_wrong_and_all_or_node_show_every_r
     assert "10.81.0.1/24" not in summary
     every = runner.invoke(app, ["status", lab_name, "--all"], env={"COLUMNS": "200"}).output
     assert all(f"10.81.0.{i}/24" in every for i in (1, 2, 3)) and "summarised (" not in every
+    row = next(line.split() for line in every.splitlines() if line.startswith("h0 ") and " eth0 " in line)
+    assert row == ["h0", "eth0", "veth", "up", "sw:p0", row[5], "1500", "10.81.0.1/24"]  # into a pipe: one line a row
     some = runner.invoke(app, ["status", lab_name, "--node", "h0"], env={"COLUMNS": "200"}).output
     assert "10.81.0.1/24" in some and "10.81.0.2/24" not in some
     unknown = runner.invoke(app, ["status", lab_name, "--node", "nope"])
