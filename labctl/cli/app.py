@@ -92,7 +92,8 @@ def status(
         typer.Option("--all", help=f"the full table past {render.SUMMARY_ABOVE} nodes too (larger labs: a summary)"),
     ] = False,
     node: Annotated[
-        list[str] | None, typer.Option("--node", "-n", help="only this node, in full (repeat for more); needs LAB")
+        list[str] | None,
+        typer.Option("--node", "-n", metavar="NODE", help="only this node, in full (repeat for more); needs LAB"),
     ] = None,
 ) -> None:
     """Nodes, interfaces, addresses, bridge ports and routes as the kernel has them."""
