@@ -45,12 +45,13 @@ def lab_status(lab: str, nodes: list[str] | None = None) -> dict[str, Any]:
             raise LabNotUpError(f"lab {lab} has no node {', '.join(unknown)} up")
         namespaces = [ns for ns in namespaces if ns in wanted]
     relays = relay.find(lab)
-    result = read_nodes(namespaces)
+    made = saved.interfaces if saved else {}
+    result = read_nodes(namespaces, {netns.namespace_name(lab, node): len(names) for node, names in made.items()})
     _name_peers(result)
     expected = set(saved.nodes) if saved else set(result)
     if nodes is not None:
         expected &= set(nodes)
-    gone = _missing_interfaces(saved.interfaces if saved else {}, result)
+    gone = _missing_interfaces(made, result)
     whole = expected <= set(result) and not (gone and saved is not None and saved.status == "up")
     return {
         "lab": lab,
@@ -79,14 +80,21 @@ def _missing_interfaces(made: dict[str, list[str]], nodes: dict[str, dict[str, A
 PARALLEL_ABOVE = 200
 """Labs with more nodes than this are read by one process per core: the kernel's answers and their
 decoding are per namespace, so two cores read a 1000-node lab in about half the time."""
+BATCHES = 250
+"""A big lab's namespaces are handed out in at most this many batches (one byte each in the queue)."""
 
 
-def read_nodes(namespaces: list[str]) -> dict[str, dict[str, Any]]:
+def read_nodes(namespaces: list[str], weights: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Node -> what the kernel has in its namespace (peers not named yet), in ``namespaces``' order.
 
-    Past :data:`PARALLEL_ABOVE` namespaces the list is split between this
-    process and forked readers, one per further core; a reader that fails
-    leaves its share to this process, so the result is the same either way.
+    Past :data:`PARALLEL_ABOVE` namespaces this process and forked readers,
+    one per further core, take batches of namespaces from one queue (a pipe
+    holding a byte per batch) until it is empty: nodes differ a thousandfold
+    in cost (a star's switch holds a third of its interfaces), so a fixed
+    split would leave one reader waiting for the other.  ``weights`` (a
+    namespace's interface count, from the state) put the heaviest first, so
+    no reader starts the switch when the others are done.  A reader that
+    fails leaves its batches to this process: the result is the same either way.
     """
     import threading
 
@@ -95,12 +103,23 @@ def read_nodes(namespaces: list[str]) -> dict[str, dict[str, Any]]:
     workers = min(len(os.sched_getaffinity(0)), 1 + len(namespaces) // PARALLEL_ABOVE)
     if workers < 2 or threading.active_count() > 1:  # fork only a single-threaded process
         return _read_share(namespaces)
-    shares = [namespaces[i * len(namespaces) // workers : (i + 1) * len(namespaces) // workers] for i in range(workers)]
-    readers = [_fork_reader(share) for share in shares[1:]]
-    found = _read_share(shares[0])
+    size = -(-len(namespaces) // BATCHES)
+    heaviest_first = sorted(namespaces, key=lambda ns: -(weights or {}).get(ns, 0))
+    batches = [heaviest_first[i : i + size] for i in range(0, len(namespaces), size)]
+    queue, filling = os.pipe()
     try:
-        for share, (pid, pipe) in zip(shares[1:], readers, strict=True):
-            found.update(_collect(pid, pipe) or _read_share(share))
+        os.write(filling, bytes(range(len(batches))))  # at most 250 bytes: a pipe holds them at once
+        os.close(filling)  # before forking: an empty queue then reads as end of file in every reader
+        readers = [_fork_reader(batches, queue) for _ in range(workers - 1)]
+        found = _read_batches(batches, queue)
+    finally:
+        os.close(queue)
+    try:
+        failed = False
+        for pid, pipe in readers:
+            share = _collect(pid, pipe)
+            failed = failed or share is None
+            found.update(share or {})
     finally:
         for pid, pipe in readers:  # an interrupted collection: no reader outlives the command
             with contextlib.suppress(OSError):
@@ -108,11 +127,22 @@ def read_nodes(namespaces: list[str]) -> dict[str, dict[str, Any]]:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
+    order = [netns.split_namespace_name(ns)[1] for ns in namespaces]  # type: ignore[index]
+    if failed:  # what a failed reader took is read here
+        found.update(_read_share([ns for ns, node in zip(namespaces, order, strict=True) if node not in found]))
+    return {node: found[node] for node in order if node in found}
+
+
+def _read_batches(batches: list[list[str]], queue: int) -> dict[str, dict[str, Any]]:
+    """Take batches from the queue until it is empty (a one-byte read is atomic between readers)."""
+    found: dict[str, dict[str, Any]] = {}
+    while taken := os.read(queue, 1):
+        found.update(_read_share(batches[taken[0]]))
     return found
 
 
-def _fork_reader(share: list[str]) -> tuple[int, int]:
-    """A child that reads ``share`` and writes it, marshalled, into a pipe: (pid, read end)."""
+def _fork_reader(batches: list[list[str]], queue: int) -> tuple[int, int]:
+    """A child that reads batches from ``queue`` and writes them, marshalled, into a pipe: (pid, read end)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller's code
@@ -120,7 +150,7 @@ def _fork_reader(share: list[str]) -> tuple[int, int]:
         try:
             os.close(read_end)
             with os.fdopen(write_end, "wb") as out:
-                out.write(marshal.dumps(_read_share(share)))
+                out.write(marshal.dumps(_read_batches(batches, queue)))
             code = 0
         finally:
             os._exit(code)
@@ -129,7 +159,7 @@ def _fork_reader(share: list[str]) -> tuple[int, int]:
 
 
 def _collect(pid: int, pipe: int) -> dict[str, dict[str, Any]] | None:
-    """A reader's share, or None when it failed (then the caller reads that share itself)."""
+    """A reader's nodes, or None when it failed (then the caller reads what it took itself)."""
     chunks = []
     while chunk := os.read(pipe, 1 << 20):
         chunks.append(chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -108,14 +109,25 @@ def test_forked_readers_read_what_one_process_reads(
     make_lab(STAR)
     namespaces = netns.list_labctl(lab_name)
     alone = _without_counters(status.read_nodes(namespaces))  # 4 nodes: below PARALLEL_ABOVE, no fork
-    forks: list[list[str]] = []
+    forks: list[int] = []
     real_fork = status._fork_reader
-    monkeypatch.setattr(status, "_fork_reader", lambda share: forks.append(share) or real_fork(share))
+    monkeypatch.setattr(status, "_fork_reader", lambda *args: forks.append(1) or real_fork(*args))
     monkeypatch.setattr(status, "PARALLEL_ABOVE", 1)
     monkeypatch.setattr(status.os, "sched_getaffinity", lambda pid: {0, 1})  # two cores, as CI has
-    split = status.read_nodes(namespaces)
-    assert forks == [namespaces[2:]]
-    assert list(split) == ["h0", "h1", "h2", "sw"]  # the order of one reader
+    heaviest = {netns.namespace_name(lab_name, "sw"): 4}
+    split = status.read_nodes(namespaces, heaviest)
+    assert forks == [1]
+    assert list(split) == ["h0", "h1", "h2", "sw"]  # the order of one reader, whoever read which
     assert _without_counters(split) == alone
-    monkeypatch.setattr(status, "marshal", _FailingMarshal)
-    assert _without_counters(status.read_nodes(namespaces)) == alone and len(forks) == 2
+    monkeypatch.setattr(status, "marshal", _FailingMarshal)  # the reader takes batches, then cannot hand them back
+    read_here: list[str] = []
+    real_read = status._read_share
+
+    def slow_read(batch: list[str]) -> dict[str, Any]:  # a batch takes long enough for the reader to take some
+        time.sleep(0.05)
+        read_here.extend(batch)  # in this process only: the reader's list is its own copy
+        return real_read(batch)
+
+    monkeypatch.setattr(status, "_read_share", slow_read)
+    assert _without_counters(status.read_nodes(namespaces, heaviest)) == alone and forks == [1, 1]
+    assert sorted(read_here) == sorted(namespaces)  # what the failed reader took was read here again
