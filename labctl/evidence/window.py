@@ -83,6 +83,8 @@ class WalkRequest:
     match: str = ""
     nft: bool = False
     ip: bool = True
+    ip6: bool = False
+    """The ip6tables tables too (steps ``ip6:TABLE:CHAIN``)."""
 
 
 @dataclass
@@ -96,6 +98,8 @@ class WindowSpec:
     rules: set[str] = field(default_factory=set)
     """Nodes whose iptables rule counters are read."""
     ebtables: set[str] = field(default_factory=set)
+    ip6tables: set[str] = field(default_factory=set)
+    """Nodes whose ip6tables rule counters are read."""
     nft: set[str] = field(default_factory=set)
     """Nodes whose nf_tables rule counters are read."""
     fdb: set[str] = field(default_factory=set)
@@ -165,6 +169,7 @@ class Window:
                     bridge_tables=sorted(w.bridge_tables),
                     conntrack=w.nat,
                     nft=w.nft,
+                    tables6=IP_TRACE_TABLES if w.ip6 else (),
                 )
             )
             for node, w in spec.walks.items()
@@ -173,6 +178,7 @@ class Window:
         self._pump = self._stack.enter_context(WatchPump(list(self._watches.values())))
         self._rules_before = self._rule_counts()
         self._nft_before = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
+        self._ip6_before = nf_evidence.read_ip6_counts({n: self.nodes[n] for n in self.spec.ip6tables})
         self._before = counters.Snapshot.take(self.nodes.values())
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
         buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
@@ -251,6 +257,7 @@ class Window:
             after = counters.Snapshot.take(self.nodes.values())
             rules_after = self._rule_counts()
             nft_after = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
+            ip6_after = nf_evidence.read_ip6_counts({n: self.nodes[n] for n in self.spec.ip6tables})
             self._pump.close()
             notes = {node: watch.notes() for node, watch in self._watches.items()}
             if self._pump.error:
@@ -302,6 +309,7 @@ class Window:
             sends=tuple(self._sends),
             rules=frozen_nested(rules),
             ebtables=frozen_nested(bridge_rules),
+            ip6tables=frozen_nested(nf_evidence.nft_deltas(self._ip6_before, ip6_after)),
             nft=frozen_nested(nf_evidence.nft_deltas(self._nft_before, nft_after)),
             walks=MappingProxyType(walks),
             fdb=MappingProxyType(fdb),

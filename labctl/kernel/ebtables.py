@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from labctl.kernel import netns
-from labctl.kernel.iptables import RuleCounter, RuleError, Token, tokenize
+from labctl.kernel.iptrules import RuleCounter, RuleError, Token, tokenize
 from labctl.names import has_control, scratch_namespace_name
 
 EBTABLES = "ebtables-nft"

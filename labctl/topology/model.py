@@ -210,6 +210,8 @@ class Node(Strict):
     routes: list[Route] = []
     iptables: list[str] = []
     """Rules in iptables syntax (-t nat -A POSTROUTING -o eth1 -j MASQUERADE), applied in order."""
+    ip6tables: list[str] = []
+    """IPv6 rules in ip6tables syntax (-A INPUT -p icmpv6 --icmpv6-type echo-request -j DROP), applied in order."""
     ebtables: list[str] = []
     """Rules in ebtables syntax (-t broute -A BROUTING -p ipv4 -j DROP), applied in order."""
     nftables: NftRuleset | None = None
