@@ -249,7 +249,9 @@ def print_result(result: TraceResult) -> None:
     groups = result.groups()
     for group in groups[:MAX_GROUPS]:
         first = group[0]
-        title = f"packet {first.index + 1}" if len(group) == 1 else f"{len(group)} packets like #{first.index + 1}"
+        title = f"packet {first.index + 1}"
+        if len(group) > 1:
+            title += f" ×{len(group)} identical"
         _say(f"\n[bold cyan]{title}[/] [dim]skb {hex(first.skb)}[/]")
         for line in path_lines(first, width):
             _say(line)

@@ -64,6 +64,7 @@ DEFAULT_EVENTS: tuple[str, ...] = (
 )
 
 TERMINAL_EVENTS = frozenset({"skb:kfree_skb", "skb:consume_skb"})
+_TERMINAL_NAMES = frozenset(key.partition(":")[2] for key in TERMINAL_EVENTS)
 """Events after which an skb no longer exists (its address may be reused)."""
 
 DEVICE_FIELDS = ("name", "dev", "dev_name", "br_dev")
@@ -655,34 +656,56 @@ _STACK_HEADER = re.compile(r"^\s*.*?-\d+\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d
 _LOST = re.compile(r"^CPU:(?P<cpu>\d+) \[LOST (?P<count>\d+) EVENTS\]")
 
 
-def parse_line(line: str, formats: Mapping[str, Sequence[EventFormat]]) -> TraceEvent | None:
+BodyCache = dict[tuple[str, str], tuple[str, "dict[str, str | int] | None"]]
+"""(event name, body) → (system, fields): a burst repeats the same few bodies (skb addresses are recycled)."""
+MAX_CACHED_BODIES = 1 << 16
+"""Bodies remembered per session; the cache starts afresh when full (a flood of distinct bodies)."""
+
+
+def parse_line(
+    line: str, formats: Mapping[str, Sequence[EventFormat]], cache: BodyCache | None = None
+) -> TraceEvent | None:
     """Parse one line of ``trace``/``trace_pipe``; ``formats`` maps event name → candidate formats.
 
     A body that matches none of the formats is kept as ``fields={"raw": body}``
     rather than lost, so a kernel that renders differently degrades visibly.
+    ``cache`` remembers parsed bodies: the format's regex and the conversions
+    run once per distinct body, and each event gets its own copy of the fields.
     """
     match = _LINE.match(line)
     if match is None:
         return None
-    event = match.group("event")
-    body = match.group("body")
+    comm, pid, cpu, flags, timestamp, event, body = match.groups()
+    known = cache.get((event, body)) if cache is not None else None
+    if known is None:
+        known = _parse_body(event, body, formats)
+        if cache is not None:
+            if len(cache) >= MAX_CACHED_BODIES:
+                cache.clear()
+            cache[(event, body)] = known
+    system, values = known
+    return TraceEvent(
+        float(timestamp),
+        int(cpu),
+        int(pid),
+        comm,
+        system,
+        event,
+        dict(values) if values is not None else {"raw": body},
+        flags or "",
+    )
+
+
+def _parse_body(
+    event: str, body: str, formats: Mapping[str, Sequence[EventFormat]]
+) -> tuple[str, dict[str, str | int] | None]:
     system = ""
-    values: dict[str, str | int] | None = None
     for fmt in formats.get(event, ()):
         system = fmt.system
         values = fmt.parse_body(body)
         if values is not None:
-            break
-    return TraceEvent(
-        timestamp=float(match.group("ts")),
-        cpu=int(match.group("cpu")),
-        pid=int(match.group("pid")),
-        comm=match.group("comm"),
-        system=system,
-        name=event,
-        fields=values if values is not None else {"raw": body},
-        flags=match.group("flags") or "",
-    )
+            return system, values
+    return system, None
 
 
 # --------------------------------------------------------------------------- sessions
@@ -730,6 +753,7 @@ class TraceSession:
         self._created = False
         self._partial = b""
         self._pending: list[TraceEvent] = []
+        self._bodies: BodyCache = {}
         self._lost_lines = 0
         self._lost_at_stop: int | None = None
         self._lock = threading.RLock()
@@ -856,8 +880,11 @@ class TraceSession:
                 self._set(self._event_file(event, "filter"), expression)
             elif event not in self.skipped:
                 raise TraceError(f"filter for {event}, which is not among the session's events")
-        if self.hashed and "skb:kfree_skb" in self.formats and "location=%pS" not in self.formats[
-                "skb:kfree_skb"].print_fmt:
+        if (
+            self.hashed
+            and "skb:kfree_skb" in self.formats
+            and "location=%pS" not in self.formats["skb:kfree_skb"].print_fmt
+        ):
             self._set(self._event_file("skb:kfree_skb", "trigger"), "stacktrace")
             self._stack_trigger = True
         for event in self.enabled:
@@ -886,18 +913,17 @@ class TraceSession:
         """Parse everything the kernel has buffered (trace_pipe consumes it)."""
         with self._lock:
             data = self._partial + self._read_available()
-            lines = data.split(b"\n")
-            self._partial = lines.pop()
+            end = data.rfind(b"\n") + 1
+            self._partial = data[end:]
         parsed = []
-        for raw in lines:
-            line = raw.decode("utf-8", "backslashreplace")
-            lost = _LOST.match(line)
-            if lost is not None:
+        bodies = self._bodies
+        for line in data[:end].decode("utf-8", "backslashreplace").split("\n"):
+            if line.startswith("CPU:") and (lost := _LOST.match(line)) is not None:
                 self._lost_lines += int(lost.group("count"))
                 continue
             if self._stack_trigger and self._stack_line(line):
                 continue
-            event = parse_line(line, self._by_name)
+            event = parse_line(line, self._by_name, bodies)
             if event is not None:
                 parsed.append(event)
                 if self._stack_trigger and event.key == "skb:kfree_skb":
@@ -1059,10 +1085,20 @@ def _windowed(events: Iterable[TraceEvent], since: float | None, until: float | 
 
 
 def _device_verdict(event: TraceEvent, devices: set[str]) -> bool | None:
-    names = event.devices
-    if not names:
-        return None
-    return any(name in devices for name in names)
+    """True: the event names a device of ``devices``; False: only others; None: no device at all.
+
+    Called for every event of a window (400,000 for a burst): written out rather than built on
+    :attr:`TraceEvent.devices`.
+    """
+    fields = event.fields
+    verdict = None
+    for name in DEVICE_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, str):
+            if value in devices:
+                return True
+            verdict = False
+    return verdict
 
 
 MAX_CHAIN_EVENTS = 4096
@@ -1094,8 +1130,8 @@ class ChainBuilder:
 
     def add(self, event: TraceEvent) -> list[SkbChain]:
         """Feed the next event (time order); returns the chains it completed (freed or cut)."""
-        addr = event.skbaddr
-        if addr is None:
+        addr = event.fields.get("skbaddr")  # TraceEvent.skbaddr, inline: this runs for every event
+        if not addr or not isinstance(addr, int):
             return []
         done: list[SkbChain] = []
         verdict = _device_verdict(event, self.devices)
@@ -1111,7 +1147,7 @@ class ChainBuilder:
         chain.events.append(event)
         if chain.on_lab is None:
             chain.on_lab = verdict
-        if event.key in TERMINAL_EVENTS or len(chain.events) >= MAX_CHAIN_EVENTS:
+        if (event.system == "skb" and event.name in _TERMINAL_NAMES) or len(chain.events) >= MAX_CHAIN_EVENTS:
             del self.open[addr]
             done.append(chain)
         return done
