@@ -656,56 +656,70 @@ _STACK_HEADER = re.compile(r"^\s*.*?-\d+\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d
 _LOST = re.compile(r"^CPU:(?P<cpu>\d+) \[LOST (?P<count>\d+) EVENTS\]")
 
 
-BodyCache = dict[tuple[str, str], tuple[str, "dict[str, str | int] | None"]]
-"""(event name, body) → (system, fields): a burst repeats the same few bodies (skb addresses are recycled)."""
-MAX_CACHED_BODIES = 1 << 16
-"""Bodies remembered per session; the cache starts afresh when full (a flood of distinct bodies)."""
+LineCache = dict[tuple[str, ...], tuple[str, "dict[str, str | int]"]]
+"""A line but its timestamp (comm, pid, cpu, flags, event, body) → (system, fields).  A burst repeats
+a few dozen such lines hundreds of thousands of times (skb addresses are recycled)."""
+MAX_CACHED_LINES = 1 << 16
+"""Lines remembered per session; the cache starts afresh when full (a flood of distinct lines)."""
 
 
 def parse_line(
-    line: str, formats: Mapping[str, Sequence[EventFormat]], cache: BodyCache | None = None
+    line: str,
+    formats: Mapping[str, Sequence[EventFormat]],
+    cache: LineCache | None = None,
+    *,
+    share: bool = False,
 ) -> TraceEvent | None:
     """Parse one line of ``trace``/``trace_pipe``; ``formats`` maps event name → candidate formats.
 
     A body that matches none of the formats is kept as ``fields={"raw": body}``
     rather than lost, so a kernel that renders differently degrades visibly.
-    ``cache`` remembers parsed bodies: the format's regex and the conversions
-    run once per distinct body, and each event gets its own copy of the fields.
+    ``cache`` remembers parsed lines: the format's regex and the conversions
+    run once per distinct line.  With ``share``, events of one cached line
+    share one ``fields`` dict (nobody may change it): two events whose fields
+    are the same object said the same thing but when (:func:`same_but_time`).
     """
     match = _LINE.match(line)
     if match is None:
         return None
     comm, pid, cpu, flags, timestamp, event, body = match.groups()
-    known = cache.get((event, body)) if cache is not None else None
-    if known is None:
-        known = _parse_body(event, body, formats)
-        if cache is not None:
-            if len(cache) >= MAX_CACHED_BODIES:
+    known = None
+    if cache is not None:
+        key = (comm, pid, cpu, flags, event, body)
+        known = cache.get(key)
+        if known is None:
+            if len(cache) >= MAX_CACHED_LINES:
                 cache.clear()
-            cache[(event, body)] = known
+            known = cache[key] = _parse_body(event, body, formats)
+    else:
+        known = _parse_body(event, body, formats)
     system, values = known
     return TraceEvent(
-        float(timestamp),
-        int(cpu),
-        int(pid),
-        comm,
-        system,
-        event,
-        dict(values) if values is not None else {"raw": body},
-        flags or "",
+        float(timestamp), int(cpu), int(pid), comm, system, event, values if share else dict(values), flags or ""
     )
+
+
+def same_but_time(event: TraceEvent) -> int:
+    """A token equal for two events of one session that differ only in their timestamp.
+
+    Events parsed with a shared line cache share their ``fields`` dict; the
+    token is that dict's identity (alive as long as the events are, so never
+    reused meanwhile).  Events made otherwise get tokens of their own: they
+    are never taken for one another.
+    """
+    return id(event.fields)
 
 
 def _parse_body(
     event: str, body: str, formats: Mapping[str, Sequence[EventFormat]]
-) -> tuple[str, dict[str, str | int] | None]:
+) -> tuple[str, dict[str, str | int]]:
     system = ""
     for fmt in formats.get(event, ()):
         system = fmt.system
         values = fmt.parse_body(body)
         if values is not None:
             return system, values
-    return system, None
+    return system, {"raw": body}
 
 
 # --------------------------------------------------------------------------- sessions
@@ -753,7 +767,7 @@ class TraceSession:
         self._created = False
         self._partial = b""
         self._pending: list[TraceEvent] = []
-        self._bodies: BodyCache = {}
+        self._lines: LineCache = {}
         self._lost_lines = 0
         self._lost_at_stop: int | None = None
         self._lock = threading.RLock()
@@ -916,14 +930,15 @@ class TraceSession:
             end = data.rfind(b"\n") + 1
             self._partial = data[end:]
         parsed = []
-        bodies = self._bodies
+        cache = self._lines
+        share = not self._stack_trigger  # the stack trace of a drop writes its location into the fields
         for line in data[:end].decode("utf-8", "backslashreplace").split("\n"):
             if line.startswith("CPU:") and (lost := _LOST.match(line)) is not None:
                 self._lost_lines += int(lost.group("count"))
                 continue
             if self._stack_trigger and self._stack_line(line):
                 continue
-            event = parse_line(line, self._by_name, bodies)
+            event = parse_line(line, self._by_name, cache, share=share)
             if event is not None:
                 parsed.append(event)
                 if self._stack_trigger and event.key == "skb:kfree_skb":
@@ -1107,6 +1122,9 @@ untraced free under a machine-wide flood would otherwise collect events for as l
 (a live ``--follow`` grew to gigabytes that way)."""
 
 
+MAX_CACHED_VERDICTS = 4096
+
+
 class ChainBuilder:
     """Cuts an event stream into per-skb chains as the events arrive.
 
@@ -1127,6 +1145,8 @@ class ChainBuilder:
         self.created: list[SkbChain] = []
         """Every chain in the order it started (only with ``keep``: a live view would grow forever)."""
         self._keep = keep
+        self._verdicts: dict[int, tuple[dict[str, str | int], bool | None]] = {}
+        """id(fields) → (fields, its device verdict): events of a burst share their fields (parse_line)."""
 
     def add(self, event: TraceEvent) -> list[SkbChain]:
         """Feed the next event (time order); returns the chains it completed (freed or cut)."""
@@ -1134,7 +1154,13 @@ class ChainBuilder:
         if not addr or not isinstance(addr, int):
             return []
         done: list[SkbChain] = []
-        verdict = _device_verdict(event, self.devices)
+        fields = event.fields
+        known = self._verdicts.get(id(fields))
+        if known is None:
+            if len(self._verdicts) >= MAX_CACHED_VERDICTS:
+                self._verdicts.clear()
+            known = self._verdicts[id(fields)] = (fields, _device_verdict(event, self.devices))
+        verdict = known[1]
         chain = self.open.get(addr)
         if chain is not None and verdict is not None and chain.on_lab is not None and chain.on_lab != verdict:
             done.append(chain)

@@ -34,11 +34,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
 
 from labctl.evidence.attribution import Scope
-from labctl.kernel import tracefs
-from labctl.kernel.tracefs import ChainBuilder, SkbChain, TraceEvent
+from labctl.kernel.tracefs import ChainBuilder, SkbChain, TraceEvent, same_but_time
 from labctl.lab.trace.explain import is_injection
 
 FIB_EVENT = "fib:fib_table_lookup"
@@ -53,9 +51,8 @@ class Group:
     """Every chain of the group, the representative first, in the order they started."""
 
 
-def shape(event: TraceEvent) -> tuple[Any, ...]:
-    """Everything an event says except when: its identity in a group."""
-    return (event.name, event.pid, event.cpu, event.flags, event.comm, tuple(event.fields.values()))
+TERMINAL_NAMES = frozenset({"kfree_skb", "consume_skb"})
+"""skb:kfree_skb and skb:consume_skb (tracefs.TERMINAL_EVENTS), by name: checked once per chain."""
 
 
 class Folding:
@@ -80,32 +77,43 @@ class Folding:
         ordered = sorted((e for e in events if since <= e.timestamp <= until), key=attrgetter("timestamp"))
         self.order = dict(zip(map(id, ordered), range(len(ordered)), strict=True))
         builder = ChainBuilder(scope.devices, keep=True)
+        add = builder.add
+        kept: list[TraceEvent] = []  # events of no skb (fib lookups, neighbour timers): never folded
         for event in ordered:
-            builder.add(event)
+            addr = event.fields.get("skbaddr")
+            if addr and isinstance(addr, int):
+                add(event)
+            else:
+                kept.append(event)
         freed_before: dict[int, bool] = {}
-        by_signature: dict[tuple[Any, ...], Group] = {}
-        dropped: set[int] = set()
-        terminal = tracefs.TERMINAL_EVENTS
+        by_signature: dict[tuple[int, ...], Group] = {}
+        injection: dict[int, bool] = {}  # per first event's token: is_injection reads nothing else
         for chain in builder.created:
             events_of = chain.events
             clean = freed_before.get(chain.skbaddr, True)
             last = events_of[-1]
-            freed = f"{last.system}:{last.name}" in terminal
+            freed = last.system == "skb" and last.name in TERMINAL_NAMES
             freed_before[chain.skbaddr] = freed
-            if not (clean and freed and is_injection(events_of[0], self.tid, self.ifname, self.length)):
+            first = events_of[0]
+            token = same_but_time(first)
+            injected = injection.get(token)
+            if injected is None:
+                injected = injection[token] = is_injection(first, self.tid, self.ifname, self.length)
+            if not (clean and freed and injected):
+                kept.extend(events_of)
                 continue
-            signature = tuple(shape(e) for e in events_of)
+            signature = tuple(map(same_but_time, events_of))
             group = by_signature.get(signature)
             if group is None:
                 by_signature[signature] = group = Group(chain, [chain])
-                self.groups[id(events_of[0])] = group
+                self.groups[id(first)] = group
+                kept.extend(events_of)
                 continue
             group.members.append(chain)
-            dropped.update(id(e) for e in events_of)
-        self.folded_events = len(dropped)
-        if not dropped:
-            return ordered
-        return [e for e in ordered if id(e) not in dropped]
+            self.folded_events += len(events_of)
+        order = self.order
+        kept.sort(key=lambda e: order[id(e)])
+        return kept
 
     def members(self, chain: SkbChain) -> list[SkbChain]:
         """The chains ``chain`` stands for (itself alone when it was not folded)."""
