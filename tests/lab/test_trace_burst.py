@@ -1,0 +1,173 @@
+"""``labctl trace -n N``: a burst explained once per distinct path, and still exact.
+
+The golden tests read a recorded window (``golden/trace-burst``: 2000 frames
+from one lab while a second lab with the same names injected the same frame
+from another process) and check that folding identical skbs changes nothing
+but the cost: attribution keeps exactly the skbs it keeps unfolded, every
+injected skb gets its own path, the groups and counts are those expected.
+The real-kernel tests trace a burst and check that the counts add up.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from labctl.evidence.attribution import Scope, attribute
+from labctl.kernel import netns, tracefs
+from labctl.kernel.tracefs import TraceEvent
+from labctl.lab.trace import Knowledge, PacketPath, TraceResult, explain, trace_packet
+from labctl.lab.trace.burst import Folding
+from labctl.lab.trace.explain import is_injection
+from labctl.lab.trace.frame import FrameInfo
+from labctl.lab.traffic import PreparedFrame
+from labctl.topology.model import Topology
+from tests.conftest import LabFactory
+from tests.lab.test_trace import CLOSED, ROOT, _app, pair
+
+GOLDEN = Path(__file__).parent / "golden" / "trace-burst"
+TOPOLOGY = """\
+name: burst-gold
+topology:
+  nodes:
+    client:
+      interfaces:
+        eth0: {addresses: [10.97.0.1/24]}
+    server:
+      interfaces:
+        eth0: {addresses: [10.97.0.2/24]}
+  links:
+    - endpoints: ["client:eth0", "server:eth0"]
+"""
+
+
+def _recorded() -> tuple[list[TraceEvent], dict[str, Any]]:
+    formats: dict[str, list[tracefs.EventFormat]] = {}
+    for file in sorted((GOLDEN / "formats").glob("*.format")):
+        fmt = tracefs.parse_format(file.read_text(), system=file.name.split(".")[0])
+        formats.setdefault(fmt.name, []).append(fmt)
+    cache: tracefs.LineCache = {}
+    text = gzip.decompress((GOLDEN / "trace.txt.gz").read_bytes()).decode()
+    events = [e for line in text.split("\n") if (e := tracefs.parse_line(line, formats, cache, share=True))]
+    return events, json.loads((GOLDEN / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def recorded() -> tuple[list[TraceEvent], dict[str, Any]]:
+    return _recorded()
+
+
+def _scope(meta: dict[str, Any]) -> Scope:
+    return Scope(devices={"eth0"}, tasks={meta["tid"]}, since=meta["since"], until=meta["until"] + 0.5)
+
+
+def _folding(meta: dict[str, Any]) -> Folding:
+    return Folding(meta["tid"], meta["ifname"], len(bytes.fromhex(meta["frame"])))
+
+
+def test_folding_keeps_attribution_exact(recorded: tuple[list[TraceEvent], dict[str, Any]]) -> None:
+    events, meta = recorded
+    plain, _ = attribute(events, _scope(meta))
+    folding = _folding(meta)
+    reduced = folding.fold(events, _scope(meta))
+    folded, _ = attribute(reduced, _scope(meta))
+    assert folding.folded_events > 7000 and len(reduced) <= len(events) - folding.folded_events
+    expanded = []
+    for packet in folded:
+        group = folding.groups.get(id(packet.events[0]))
+        if group is None:
+            expanded.append(tuple(map(id, packet.events)))
+            continue
+        assert list(packet.events) == group.representative.events  # attribution kept it whole
+        expanded += [tuple(map(id, member.events)) for member in group.members]
+    assert sorted(expanded) == sorted(tuple(map(id, p.events)) for p in plain)
+    # the look-alike lab's skbs (same device name, frame and length, another process) are never the lab's
+    assert {p.events[0].pid for p in plain} == {meta["tid"]}
+    length = len(bytes.fromhex(meta["frame"]))
+    assert sum(1 for p in plain if is_injection(p.events[0], meta["tid"], meta["ifname"], length)) == meta["sent"]
+
+
+def _explained(events: list[TraceEvent], meta: dict[str, Any], fold: bool) -> list[PacketPath]:
+    topo = Topology.model_validate(yaml.safe_load(TOPOLOGY))
+    frame = bytes.fromhex(meta["frame"])
+    prepared = PreparedFrame(netns.namespace_name(topo.name, "client"), meta["ifname"], frame, "UDP")
+    folding = _folding(meta) if fold else None
+    scope = _scope(meta)
+    attributed = attribute(folding.fold(events, scope) if folding else events, scope)[1]
+    knowledge = Knowledge(topo)
+    paths, _ = explain(
+        attributed, knowledge, prepared, FrameInfo.parse(frame), meta["tid"], meta["since"], meta["sent"], folding
+    )
+    return paths
+
+
+def _names(path: PacketPath) -> str:
+    return " → ".join(s.name for s in path.stages) + f" ✗ {path.ending.reason}"
+
+
+def test_a_burst_is_explained_once_per_path(recorded: tuple[list[TraceEvent], dict[str, Any]]) -> None:
+    events, meta = recorded
+    folded = _explained(events, meta, fold=True)
+    plain = _explained(events, meta, fold=False)
+    assert len(folded) == len(plain) == meta["sent"]
+    for one, other in zip(folded, plain, strict=True):  # every skb: its own index, address and events
+        assert (one.index, one.skb, one.signature()) == (other.index, other.skb, other.signature())
+        assert [id(e) for e in one.events] == [id(e) for e in other.events]
+    assert len({id(p.segments) for p in folded}) < 50  # explained once per group, not once per skb
+    result = TraceResult("burst-gold", "client", "eth0", CLOSED, "UDP", 42, meta["sent"], sent=meta["sent"])
+    result.packets = folded
+    groups = [(_names(g[0]), len(g)) for g in result.groups()]
+    assert groups == GROUPS
+    assert result.fates == {"dropped:NO_SOCKET": meta["sent"]}
+    data = result.as_dict()
+    assert [(p["count"], len(p["skbs"])) for p in data["packets"]] == [(n, n) for _, n in GROUPS]
+    assert sorted(row[0] for p in data["packets"] for row in p["skbs"]) == list(range(meta["sent"]))
+
+
+GROUPS = [
+    (
+        "dev_queue_xmit → netif_rx → backlog → netif_receive_skb → ip_rcv → PREROUTING → routing → LOCAL_IN → UDP"
+        " ✗ NO_SOCKET",
+        2000,
+    )
+]
+"""The recorded burst: one path, taken by all 2000 frames (the look-alike lab's are not among them)."""
+
+
+# ---------------------------------------------------------------- the real kernel
+
+
+@ROOT
+def test_a_burst_of_2000_adds_up(make_lab: LabFactory) -> None:
+    topo = make_lab(pair())
+    result = trace_packet(topo, "client", CLOSED, count=2000)
+    assert result.sent == 2000 and result.lost_events == 0
+    assert len(result.packets) == 2000 and [p.index for p in result.packets] == list(range(2000))
+    assert len({p.skb for p in result.packets}) < 2000  # addresses are recycled: folding is what groups them
+    assert len({id(p.segments) for p in result.packets}) < 100
+    assert sum(len(g) for g in result.groups()) == 2000
+    assert result.fates == {"dropped:NO_SOCKET": 2000}
+    assert all(p.nodes == ["client", "server"] for p in result.packets)
+    assert result.counters["server"]["Udp.NoPorts"] == 2000  # the kernel's own count agrees
+
+
+@ROOT
+def test_cli_groups_a_burst(make_lab: LabFactory, lab_name: str) -> None:
+    make_lab(pair())
+    text = CliRunner().invoke(_app(), ["trace", lab_name, "client", CLOSED, "-n", "500"])
+    assert text.exit_code == 0, text.output
+    counts = [int(n) for n in re.findall(r"^packet \d+ ×(\d+) identical", text.stdout, re.M)]
+    singles = len(re.findall(r"^packet \d+ skb", text.stdout, re.M))
+    assert sum(counts) + singles == 500 and counts, text.stdout
+    result = CliRunner().invoke(_app(), ["trace", lab_name, "client", CLOSED, "-n", "500", "--json"])
+    data = json.loads(result.stdout)
+    assert sum(p["count"] for p in data["packets"]) == 500 == data["fates"]["dropped:NO_SOCKET"]
+    assert Counter(len(p["skbs"]) == p["count"] for p in data["packets"]) == {True: len(data["packets"])}
