@@ -115,10 +115,10 @@ class _InjectCpu:
     def __enter__(self) -> _InjectCpu:
         original, meter = self._send, self
 
-        def send(injector: Injector, frame: bytes, count: int = 1) -> int:
+        def send(injector: Injector, frame: bytes, count: int = 1, rate: float | None = None) -> int:
             start = time.process_time()
             try:
-                return original(injector, frame, count)
+                return original(injector, frame, count, rate)
             finally:
                 meter.seconds += time.process_time() - start
 
@@ -173,7 +173,7 @@ def floor(frame: PreparedFrame, count: int) -> Floor:
         for line in lines:
             tracefs._LINE.match(line)
         header = time.process_time() - start
-        session._read_available = lambda: data  # type: ignore[method-assign, assignment]
+        session._read_available = lambda: data  # type: ignore[method-assign]
         start = time.process_time()
         session._drain()
         events = time.process_time() - start
