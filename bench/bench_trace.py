@@ -122,7 +122,7 @@ class _InjectCpu:
             finally:
                 meter.seconds += time.process_time() - start
 
-        Injector.send = send  # type: ignore[method-assign]
+        Injector.send = send  # type: ignore[method-assign, assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
