@@ -680,8 +680,8 @@ _LOST = re.compile(r"^CPU:(?P<cpu>\d+) \[LOST (?P<count>\d+) EVENTS\]")
 LineCache = dict[tuple[str, ...], tuple[int, int, str, str, str, "dict[str, str | int]", str]]
 """A line but its timestamp (comm, pid, cpu, flags, event, body) → what it says but when.  A burst
 repeats a few dozen such lines hundreds of thousands of times (skb addresses are recycled)."""
-MAX_CACHED_LINES = 1 << 16
-"""Lines remembered per session; the cache starts afresh when full (a flood of distinct lines)."""
+MAX_CACHED_LINES = 1 << 14
+"""Lines remembered per session (~1 KiB each); the cache starts afresh when full (a flood of distinct lines)."""
 
 
 def parse_line(

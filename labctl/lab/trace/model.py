@@ -112,7 +112,12 @@ class Segment:
 
 @dataclass
 class PacketPath:
-    """One skb from its first event to its free (or to the end of the trace)."""
+    """One skb from its first event to its free (or to the end of the trace).
+
+    Skbs of a burst that took the same path (:mod:`.burst`) share one explanation: their
+    ``segments`` and ``ending`` are the same objects (stage times are the first skb's); ``index``,
+    ``skb`` and ``events`` are each one's own.
+    """
 
     index: int
     skb: int
