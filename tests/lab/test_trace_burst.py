@@ -33,7 +33,9 @@ from labctl.topology.model import Topology
 from tests.conftest import LabFactory
 from tests.lab.test_trace import CLOSED, ROOT, _app, pair
 
-GOLDEN = Path(__file__).parent / "golden" / "trace-burst"
+GOLDEN = Path(__file__).parent / "golden"
+RECORDINGS = ("trace-burst", "trace-burst-rich")
+"""2000 frames with the lean events beside a flood of look-alikes; 300 with the rich ones (fib lookups)."""
 TOPOLOGY = """\
 name: burst-gold
 topology:
@@ -49,20 +51,20 @@ topology:
 """
 
 
-def _recorded() -> tuple[list[TraceEvent], dict[str, Any]]:
+def _recorded(name: str) -> tuple[list[TraceEvent], dict[str, Any]]:
     formats: dict[str, list[tracefs.EventFormat]] = {}
-    for file in sorted((GOLDEN / "formats").glob("*.format")):
+    for file in sorted((GOLDEN / name / "formats").glob("*.format")):
         fmt = tracefs.parse_format(file.read_text(), system=file.name.split(".")[0])
         formats.setdefault(fmt.name, []).append(fmt)
     cache: tracefs.LineCache = {}
-    text = gzip.decompress((GOLDEN / "trace.txt.gz").read_bytes()).decode()
+    text = gzip.decompress((GOLDEN / name / "trace.txt.gz").read_bytes()).decode()
     events = [e for line in text.split("\n") if (e := tracefs.parse_line(line, formats, cache, share=True))]
-    return events, json.loads((GOLDEN / "meta.json").read_text())
+    return events, json.loads((GOLDEN / name / "meta.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def recorded() -> tuple[list[TraceEvent], dict[str, Any]]:
-    return _recorded()
+@pytest.fixture(scope="module", params=RECORDINGS)
+def recorded(request: pytest.FixtureRequest) -> tuple[list[TraceEvent], dict[str, Any]]:
+    return _recorded(request.param)
 
 
 def _scope(meta: dict[str, Any]) -> Scope:
@@ -79,7 +81,7 @@ def test_folding_keeps_attribution_exact(recorded: tuple[list[TraceEvent], dict[
     folding = _folding(meta)
     reduced = folding.fold(events, _scope(meta))
     folded, _ = attribute(reduced, _scope(meta))
-    assert folding.folded_events > 7000 and len(reduced) <= len(events) - folding.folded_events
+    assert folding.folded_events > 3 * meta["sent"] and len(reduced) <= len(events) - folding.folded_events
     expanded = []
     for packet in folded:
         group = folding.groups.get(id(packet.events[0]))
@@ -103,10 +105,23 @@ def _explained(events: list[TraceEvent], meta: dict[str, Any], fold: bool) -> li
     scope = _scope(meta)
     attributed = attribute(folding.fold(events, scope) if folding else events, scope)[1]
     knowledge = Knowledge(topo)
+    knowledge.set_fib(attributed)
     paths, _ = explain(
         attributed, knowledge, prepared, FrameInfo.parse(frame), meta["tid"], meta["since"], meta["sent"], folding
     )
     return paths
+
+
+LEAN_PATH = (
+    "dev_queue_xmit → netif_rx → backlog → netif_receive_skb → ip_rcv → PREROUTING → routing → LOCAL_IN → UDP"
+    " ✗ NO_SOCKET"
+)
+
+
+RICH_PATH = (
+    "dev_queue_xmit → driver xmit → tx done → netif_rx → backlog → netif_receive_skb → ip_rcv → PREROUTING"
+    " → routing → LOCAL_IN → UDP ✗ NO_SOCKET"
+)
 
 
 def _names(path: PacketPath) -> str:
@@ -125,21 +140,22 @@ def test_a_burst_is_explained_once_per_path(recorded: tuple[list[TraceEvent], di
     result = TraceResult("burst-gold", "client", "eth0", CLOSED, "UDP", 42, meta["sent"], sent=meta["sent"])
     result.packets = folded
     groups = [(_names(g[0]), len(g)) for g in result.groups()]
-    assert groups == GROUPS
+    assert groups == GROUPS[meta["sent"]]
+    routing = [s for s in result.groups()[0][0].stages if s.name == "routing"]
+    assert routing[0].evidence == ("traced" if knowledge_has_fib(events) else "inferred")
     assert result.fates == {"dropped:NO_SOCKET": meta["sent"]}
     data = result.as_dict()
-    assert [(p["count"], len(p["skbs"])) for p in data["packets"]] == [(n, n) for _, n in GROUPS]
+    assert [(p["count"], len(p["skbs"])) for p in data["packets"]] == [(n, n) for _, n in GROUPS[meta["sent"]]]
     assert sorted(row[0] for p in data["packets"] for row in p["skbs"]) == list(range(meta["sent"]))
 
 
-GROUPS = [
-    (
-        "dev_queue_xmit → netif_rx → backlog → netif_receive_skb → ip_rcv → PREROUTING → routing → LOCAL_IN → UDP"
-        " ✗ NO_SOCKET",
-        2000,
-    )
-]
-"""The recorded burst: one path, taken by all 2000 frames (the look-alike lab's are not among them)."""
+GROUPS = {2000: [(LEAN_PATH, 2000)], 300: [(RICH_PATH, 300)]}
+"""Per recording (by its frame count): the distinct paths and how many took each (the look-alike lab's
+frames are never among them)."""
+
+
+def knowledge_has_fib(events: list[TraceEvent]) -> bool:
+    return any(e.key == "fib:fib_table_lookup" for e in events)
 
 
 # ---------------------------------------------------------------- the real kernel
@@ -171,3 +187,26 @@ def test_cli_groups_a_burst(make_lab: LabFactory, lab_name: str) -> None:
     data = json.loads(result.stdout)
     assert sum(p["count"] for p in data["packets"]) == 500 == data["fates"]["dropped:NO_SOCKET"]
     assert Counter(len(p["skbs"]) == p["count"] for p in data["packets"]) == {True: len(data["packets"])}
+
+
+def test_a_member_whose_fib_lookup_is_missing_gets_its_own_path() -> None:
+    """A frame whose fib lookup the trace lacks (lost, say) reads differently: never hidden in a group."""
+    events, meta = _recorded("trace-burst-rich")
+    tenth = _explained(events, meta, fold=False)[10]
+    received = next(e for e in tenth.events if e.key == "net:netif_receive_skb")
+    gone = {
+        id(e)
+        for e in events
+        if e.key == "fib:fib_table_lookup"
+        and e.cpu == received.cpu
+        and received.timestamp <= e.timestamp <= tenth.events[-1].timestamp
+    }
+    assert gone
+    fewer = [e for e in events if id(e) not in gone]
+    folded, plain = _explained(fewer, meta, fold=True), _explained(fewer, meta, fold=False)
+    assert [(p.index, p.skb, p.signature()) for p in folded] == [(p.index, p.skb, p.signature()) for p in plain]
+    result = TraceResult("burst-gold", "client", "eth0", CLOSED, "UDP", 42, meta["sent"], sent=meta["sent"])
+    result.packets = folded
+    assert sorted(len(g) for g in result.groups()) == [1, meta["sent"] - 1]
+    alone = next(g[0] for g in result.groups() if len(g) == 1)
+    assert alone.index == 10 and next(s for s in alone.stages if s.name == "routing").evidence != "traced"

@@ -21,8 +21,12 @@ Why this is exact, not an approximation:
   leaving them out cannot glue two other chains together, and every other
   chain (ARP, ICMP errors, other labs' look-alikes, neighbour drops) reaches
   attribution untouched.
-- path building reads timestamps across chains only for fib lookups (rich
-  event set) and VM relays (tap links): with either, nothing is folded.
+- path building reads timestamps across chains only for VM relays (tap
+  links: then nothing is folded) and for fib lookups (the rich event set: a
+  routing stage is "traced" by the lookup its packet made).  The fib
+  questions the representative's path asked are asked again with each
+  member's own times (:meth:`Knowledge.fib_after`); a member whose answers
+  differ gets a path of its own.
 
 A test checks attribution of the folded window against the unfolded one on
 recorded events (``tests/lab/test_trace_burst.py``): a future attribution rule
@@ -38,8 +42,6 @@ from operator import attrgetter
 from labctl.evidence.attribution import Scope
 from labctl.kernel.tracefs import ChainBuilder, SkbChain, TraceEvent, same_but_time
 from labctl.lab.trace.explain import is_injection
-
-FIB_EVENT = "fib:fib_table_lookup"
 
 
 @dataclass
@@ -67,9 +69,9 @@ class Folding:
         self.folded_events = 0
 
     @staticmethod
-    def applies(events: Sequence[str], tap_links: bool) -> bool:
-        """Folding is exact only without fib lookups (cross-chain by time) and VM relays."""
-        return FIB_EVENT not in events and not tap_links
+    def applies(tap_links: bool) -> bool:
+        """Folding is exact only without VM relays (the relay's new skb is found by time)."""
+        return not tap_links
 
     def fold(self, events: Sequence[TraceEvent], scope: Scope) -> list[TraceEvent]:
         """The window's events with every injected chain but its group's representative left out."""

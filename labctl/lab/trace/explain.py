@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from labctl.kernel import tracefs
 from labctl.kernel.tracefs import SkbChain, TraceEvent
 from labctl.lab.trace.frame import FrameInfo
-from labctl.lab.trace.knowledge import Knowledge
+from labctl.lab.trace.knowledge import FibQuestion, Knowledge, fib_words
 from labctl.lab.trace.model import PacketPath
 from labctl.lab.trace.path import PathBuilder
 from labctl.lab.trace.placement import CAUSE_WINDOW, RX_EVENTS, Placed, Placer, Timeline
@@ -74,9 +74,28 @@ def explain(
         placed, hops = placer.place(chain.events, start=(node, prepared.ifname))
         chain = _through_relays(chain, placed, hops, chains, placer, knowledge, info, claimed)
         timeline.add(placed)
-        explained.append((builder.build(chain, placed, hops, index=0, role="injected", info=info), placed))
+        knowledge.fib_log = [] if folding is not None else None
+        path = builder.build(chain, placed, hops, index=0, role="injected", info=info)
+        questions, knowledge.fib_log = knowledge.fib_log or [], None
+        explained.append((path, placed))
         group = folding.members(chain) if folding is not None else [chain]
-        members.extend((_as_attributed(member, group[0], chain), len(explained) - 1) for member in group)
+        attributed = [_as_attributed(member, group[0], chain) for member in group]
+        if not questions or len(group) == 1:
+            members.extend((member, len(explained) - 1) for member in attributed)
+            continue
+        # the path read fib lookups, matched by time: each member asks the same questions with its own
+        # times, and one whose answers differ (no lookup, another table) gets a path of its own
+        position = {id(event): at for at, event in enumerate(chain.events)}
+        by_answers = {tuple(fib_words(q.answer) for q in questions): len(explained) - 1}
+        for member in attributed:
+            answers = tuple(fib_words(_asked(knowledge, q, member.events, position)) for q in questions)
+            which = by_answers.get(answers)
+            if which is None:
+                own, own_hops = placer.place(member.events, start=(node, prepared.ifname))
+                timeline.add(own)
+                explained.append((builder.build(member, own, own_hops, index=0, role="injected", info=info), own))
+                which = by_answers[answers] = len(explained) - 1
+            members.append((member, which))
     if folding is not None:
         members.sort(key=lambda m: m[0].events[0].timestamp)
         del members[count:]
@@ -98,6 +117,15 @@ def explain(
         timeline.add(placed)
         others.append(builder.build(chain, placed, hops, index=len(others), role="related"))
     return paths, others
+
+
+def _asked(knowledge: Knowledge, question: FibQuestion, events: Sequence[TraceEvent], position: dict[int, int]) -> Any:
+    """The answer to a representative's fib ``question`` for another skb of its group (``events``)."""
+    received = events[position[id(question.received)]]
+    later = events[position[id(question.later)]] if question.later is not None else None
+    start = received.timestamp
+    end = later.timestamp if later is not None else start + 0.001
+    return knowledge.fib_between(start, end, received.cpu, question.ifindex, question.info)
 
 
 def _as_attributed(member: SkbChain, representative: SkbChain, kept: SkbChain) -> SkbChain:

@@ -165,7 +165,7 @@ def trace_frame(
             time.sleep(min(settle, 0.2))
             result.settled = True
         folding = Folding(tid, prepared.ifname, len(prepared.frame))
-        evidence = window.close(folding.fold if Folding.applies(wanted, bool(knowledge.tap_ends)) else None)
+        evidence = window.close(folding.fold if Folding.applies(bool(knowledge.tap_ends)) else None)
     result.events_enabled = sorted(evidence.traced)
     result.events_skipped = dict(window.skipped)
     result.lost_events = evidence.lost_events
