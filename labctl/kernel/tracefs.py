@@ -64,8 +64,9 @@ DEFAULT_EVENTS: tuple[str, ...] = (
 )
 
 TERMINAL_EVENTS = frozenset({"skb:kfree_skb", "skb:consume_skb"})
-_TERMINAL_NAMES = frozenset(key.partition(":")[2] for key in TERMINAL_EVENTS)
 """Events after which an skb no longer exists (its address may be reused)."""
+TERMINAL_NAMES = frozenset(key.partition(":")[2] for key in TERMINAL_EVENTS)
+"""Their names (all in the ``skb`` system): a comparison per event cheaper than building the key."""
 
 DEVICE_FIELDS = ("name", "dev", "dev_name", "br_dev")
 """Fields that hold a device name: ``name`` in net:*, ``dev`` in bridge/neigh/qdisc, ``dev_name`` in napi."""
@@ -1198,7 +1199,7 @@ class ChainBuilder:
         chain.events.append(event)
         if chain.on_lab is None:
             chain.on_lab = verdict
-        if (event.system == "skb" and event.name in _TERMINAL_NAMES) or len(chain.events) >= MAX_CHAIN_EVENTS:
+        if (event.system == "skb" and event.name in TERMINAL_NAMES) or len(chain.events) >= MAX_CHAIN_EVENTS:
             del self.open[addr]
             done.append(chain)
         return done

@@ -5,7 +5,8 @@ explaining 400,000 events one skb at a time cost ~30 s; yet a burst of one
 frame takes a handful of different paths.  So, before attribution, the
 injected skbs' chains are grouped by everything an event says except its
 time -- (event, pid, comm, cpu, context flags, every field: device, address,
-length, reason, location) for each event of the chain -- and only the first
+length, reason, location) for each event of the chain, which the parser
+makes cheap to compare (:func:`~labctl.kernel.tracefs.same_but_time`) -- and only the first
 chain of each group (its *representative*) goes on to attribution and to the
 path builder.  The other members get the representative's verdict and path;
 their own skb addresses, events and times are kept.
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from labctl.evidence.attribution import Scope
-from labctl.kernel.tracefs import ChainBuilder, SkbChain, TraceEvent, same_but_time
+from labctl.kernel.tracefs import TERMINAL_NAMES, ChainBuilder, SkbChain, TraceEvent, same_but_time
 from labctl.lab.trace.explain import is_injection
 
 
@@ -51,10 +52,6 @@ class Group:
     representative: SkbChain
     members: list[SkbChain] = field(default_factory=list)
     """Every chain of the group, the representative first, in the order they started."""
-
-
-TERMINAL_NAMES = frozenset({"kfree_skb", "consume_skb"})
-"""skb:kfree_skb and skb:consume_skb (tracefs.TERMINAL_EVENTS), by name: checked once per chain."""
 
 
 class Folding:
