@@ -210,3 +210,25 @@ def test_a_member_whose_fib_lookup_is_missing_gets_its_own_path() -> None:
     assert sorted(len(g) for g in result.groups()) == [1, meta["sent"] - 1]
     alone = next(g[0] for g in result.groups() if len(g) == 1)
     assert alone.index == 10 and next(s for s in alone.stages if s.name == "routing").evidence != "traced"
+
+
+def test_a_burst_that_lost_events_stays_exact(recorded: tuple[list[TraceEvent], dict[str, Any]]) -> None:
+    """The ring lost a stretch of the burst: the skbs cut by the gap are explained one by one, never grouped
+    with whole ones, and the loss is counted where the kernel said it (the LOST line)."""
+    events, meta = recorded
+    times = sorted(e.timestamp for e in events)
+    gap = (times[len(times) * 45 // 100], times[len(times) * 55 // 100])
+    damaged = [e for e in events if not gap[0] <= e.timestamp <= gap[1]]
+    folded, plain = _explained(damaged, meta, fold=True), _explained(damaged, meta, fold=False)
+    assert 0 < len(plain) < meta["sent"]
+    assert [(p.index, p.skb, p.signature(), [id(e) for e in p.events]) for p in folded] == [
+        (p.index, p.skb, p.signature(), [id(e) for e in p.events]) for p in plain
+    ]
+    session = tracefs.TraceSession(["skb:kfree_skb"])  # never started: only its parser is used
+    text = gzip.decompress((GOLDEN / "trace-burst" / "trace.txt.gz").read_bytes())
+    lines = text.split(b"\n")
+    with_loss = b"\n".join([*lines[:100], b"CPU:1 [LOST 4321 EVENTS]", *lines[100:]])
+    session._read_available = lambda: with_loss  # type: ignore[method-assign]
+    parsed = session._drain()
+    assert session.lost_events() == 4321
+    assert len(parsed) == len(lines) - 1  # every line but the trailing empty one, the LOST line aside
