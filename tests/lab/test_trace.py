@@ -548,7 +548,8 @@ def test_cli_json_has_the_documented_fields(make_lab: LabFactory, lab_name: str)
     for key in ("lost_events", "events", "fates", "packets", "related", "counters", "softnet", "rules"):
         assert key in data
     packet = data["packets"][0]
-    assert set(packet) == {"index", "skb", "role", "kind", "length", "segments", "ending"}
+    assert set(packet) == {"index", "skb", "role", "kind", "length", "segments", "ending", "count", "skbs"}
+    assert packet["count"] == 1 and packet["skbs"][0][:2] == [0, packet["skb"]]
     assert set(packet["segments"][1]) == {"node", "device", "from", "stages"}
     assert set(packet["segments"][1]["stages"][0]) == {
         "stage",
