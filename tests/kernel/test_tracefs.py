@@ -150,6 +150,14 @@ def test_attribution_excludes_concurrent_noise(pair: Pair, noise: Pair) -> None:
     assert all(c.devices and set(c.devices) <= lab_devices for c in lab_chains)
 
 
+def test_events_are_resolved_from_the_named_subsystems() -> None:
+    enabled, skipped = tracefs.resolve_events(["skb:kfree_skb", "qdisc:*", "nosuch:x", "skb:nosuch", "..:x", "bad"])
+    assert enabled[0] == "skb:kfree_skb" and "qdisc:qdisc_enqueue" in enabled
+    assert all(e.startswith(("skb:", "qdisc:")) for e in enabled)
+    assert set(skipped) == {"nosuch:x", "skb:nosuch", "..:x", "bad"}
+    assert set(enabled) <= {f"{s}:{n}" for s, names in tracefs.available_events().items() for n in names}
+
+
 def test_hashing_probe_is_recorded_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe's answer is kept for this boot only; an unreadable record is probed again, never trusted."""
     from labctl.kernel import registry
