@@ -446,7 +446,10 @@ def test_follow_shows_what_another_labctl_process_injects(busy: tuple[Topology, 
         deadline = time.monotonic() + 10
         for path in follower.paths(stop=lambda: time.monotonic() > deadline or proc.poll() is not None, poll=0.05):
             seen.append(path)
-        seen.extend(follower.paths(stop=lambda: True))
+        # a path comes out once idle: read on for a few idle periods after the process ended (stop=True at
+        # once lost it when the trace process ended soon after its packet, on a loaded machine)
+        drain = time.monotonic() + 4 * follower.idle
+        seen.extend(follower.paths(stop=lambda: time.monotonic() > drain, poll=0.05))
     assert proc.wait() == 0
     story = [(p.kind, p.nodes, p.ending.fate, p.ending.function) for p in seen]
     drops = [p for p in seen if p.ending.reason == "NO_SOCKET" and p.ending.function == "__udp4_lib_rcv"]
