@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 
@@ -109,6 +109,9 @@ class WindowSpec:
 
 
 IP_TRACE_TABLES = tuple(IP_CHAINS)
+
+Fold = Callable[[Sequence[tracefs.TraceEvent], Scope], list[tracefs.TraceEvent]]
+"""What :meth:`Window.close` may apply to the raw events before attributing them."""
 
 
 def lab_devices(topo: Topology) -> set[str]:
@@ -242,8 +245,12 @@ class Window:
 
     # ------------------------------------------------------------ closing
 
-    def close(self) -> Evidence:
-        """Stop recording, read everything again, attribute, and release every resource."""
+    def close(self, fold: Fold | None = None) -> Evidence:
+        """Stop recording, read everything again, attribute, and release every resource.
+
+        ``fold`` may leave events out before attribution (``labctl trace`` of a burst: one chain per
+        group of identical skbs, see :mod:`labctl.lab.trace.burst`); it sees the window's scope.
+        """
         if self._evidence is not None:
             return self._evidence
         try:
@@ -289,7 +296,7 @@ class Window:
             relays=self._relays,
             unreachable={node: c.get("Icmp.OutDestUnreachs", 0) for node, c in by_node.items()},
         )
-        packets, events = attribute(self._raw, scope)
+        packets, events = attribute(fold(self._raw, scope) if fold is not None else self._raw, scope)
         rules, bridge_rules = nf_evidence.rule_deltas(self._rules_before, rules_after)
         self._evidence = Evidence(
             packets=packets,

@@ -30,13 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from labctl.kernel import netns, rulesync
+from labctl.kernel.broute import LEGACY, broute_available
 from labctl.kernel.iptrules import RuleCounter, RuleError, Token, tokenize
 from labctl.names import has_control, scratch_namespace_name
 
 EBTABLES = "ebtables-nft"
 RESTORE = "ebtables-nft-restore"
 SAVE = "ebtables-nft-save"
-LEGACY = "ebtables-legacy"
 LEGACY_RESTORE = "ebtables-legacy-restore"
 
 TABLES = ("filter", "nat")
@@ -56,14 +56,6 @@ BROUTE_UNSUPPORTED = (
     "says requires: [CONFIG_BRIDGE_EBT_BROUTE]"
 )
 
-
-def broute_available() -> bool:
-    """The kernel has the legacy broute table and ebtables-legacy is installed."""
-    import shutil
-
-    from labctl.kernel import kconfig
-
-    return not kconfig.missing(["CONFIG_BRIDGE_EBT_BROUTE"]) and shutil.which(LEGACY) is not None
 
 _COMMANDS = {
     "-A": "append",

@@ -314,11 +314,12 @@ def _ip6_requirements(rules: list[str]) -> list[str]:
 
 def traffic_kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
     """What the topology's tc and nftables need that this kernel is built without, named by option."""
-    if kconfig.options() is None:
+    needed = traffic_requirements(topo)
+    if not needed or kconfig.options() is None:  # the kernel's config is read only when something is needed
         return [], []
     problems: list[Problem] = []
     lacking: list[str] = []
-    for path, what, option in traffic_requirements(topo):
+    for path, what, option in needed:
         if kconfig.missing([option]):
             problems.append(source.problem(path, f"{what}: this kernel lacks {option}"))
             if option not in lacking:
