@@ -203,6 +203,7 @@ def build_rule(parsed: ParsedRule, table: Any = None) -> iptc.Rule:
     if parsed.command not in ("append", "insert"):
         raise parsed.error(f"{parsed.command} is not a rule")
     with LOCK:
+        _reclaim_exit_handler()
         tables = [table if table is not None else _ChainOracle(parsed.family)]
         rule: iptc.Rule = _Rule6(tables=tables) if parsed.family == "ip6" else _Rule(tables=tables)
         _set_generic(rule, parsed)
@@ -210,6 +211,18 @@ def build_rule(parsed: ParsedRule, table: Any = None) -> iptc.Rule:
             _add_match(rule, parsed, match)
         _set_target(rule, parsed)
         return rule
+
+
+def _reclaim_exit_handler() -> None:
+    """Point libxtables' one global ``xt_params`` back at python-iptables' before options are parsed.
+
+    A bad option value (``--dport x``) makes libxtables call ``xt_params->exit_err``: python-iptables'
+    raises, but libnftables (the nft code, in the same process) sets its own on init, which prints
+    ``nft v1.0.6: Port "x" does not resolve`` and calls exit(2) -- the whole process gone, no rollback.
+    """
+    from iptc import xtables as xt
+
+    xt._lib_xtables.xtables_set_params(ctypes.byref(xt._xt_globals))
 
 
 def _set_generic(rule: iptc.Rule, parsed: ParsedRule) -> None:
