@@ -120,13 +120,23 @@ def _received_anew(event: TraceEvent, previous: TraceEvent) -> bool:
     return event.key in DRIVER_RECEIVES and not (previous.key.startswith(("net:net_dev_", "qdisc:")))
 
 
+def _sent_unreceived(event: TraceEvent, previous: TraceEvent) -> bool:
+    """A transmit right after a driver receive is another skb: a received frame is sent on only after the
+    stack took it (``netif_receive_skb``: forwarding, bridging); GRO frees the segments it merged untraced,
+    and the next skb allocated on that CPU -- another namespace's reply sent in softirq -- reuses the address.
+    (``net_dev_xmit`` after ``netif_rx`` is the same skb: veth's transmit *is* the peer's receive.)"""
+    return previous.key in DRIVER_RECEIVES and event.key == "net:net_dev_queue"
+
+
 def _split(events: Sequence[TraceEvent], tasks: set[int]) -> list[list[TraceEvent]]:
     """Cut one address's events where a new skb starts using it (a foreign task's, or a fresh send)."""
     pieces: list[list[TraceEvent]] = [[]]
     for event in events:
         last = pieces[-1][-1] if pieces[-1] else None
         foreign = last is not None and _foreign_process(event, tasks) and not _foreign_process(last, tasks)
-        if last is not None and (foreign or _starts_an_skb(event) or _received_anew(event, last)):
+        if last is not None and (
+            foreign or _starts_an_skb(event) or _received_anew(event, last) or _sent_unreceived(event, last)
+        ):
             pieces.append([])
         pieces[-1].append(event)
     return [p for p in pieces if p]
@@ -141,28 +151,97 @@ def _pieces(events: Sequence[TraceEvent], scope: Scope) -> list[tuple[SkbChain, 
     ]
 
 
-def lab_packets(events: Sequence[TraceEvent], scope: Scope) -> list[Packet]:
-    """Rule 1: the skbs whose story starts in a lab task and stays on lab devices."""
-    return _lab_packets(_pieces(events, scope), scope)
+class CpuOrder:
+    """Each CPU's events in the order its ring buffer kept them: what ran just before or after an event.
+
+    Hard-irq events are skipped: a hard irq interrupts whatever ran, it is not part of its call.
+    """
+
+    def __init__(self, events: Sequence[TraceEvent]) -> None:
+        self._by_cpu: dict[int, list[TraceEvent]] = {}
+        self._at: dict[int, int] = {}
+        for event in events:
+            if len(event.flags) >= 3 and event.flags[2] in "hH":
+                continue
+            line = self._by_cpu.setdefault(event.cpu, [])
+            self._at[id(event)] = len(line)
+            line.append(event)
+
+    def before(self, event: TraceEvent) -> TraceEvent | None:
+        at = self._at.get(id(event), 0)
+        return self._by_cpu[event.cpu][at - 1] if at > 0 else None
+
+    def after_its_skb(self, event: TraceEvent) -> TraceEvent | None:
+        """The first event after ``event`` on its CPU that is not of the same skb (its own transmit path)."""
+        at = self._at.get(id(event))
+        line = self._by_cpu.get(event.cpu, [])
+        for later in line[at + 1 :] if at is not None else ():
+            if later.skbaddr != event.skbaddr:
+                return later
+        return None
 
 
-def _lab_packets(pieces: Pieces, scope: Scope) -> list[Packet]:
-    found: list[Packet] = []
-    for chain, piece in pieces:
+def made_elsewhere(first: TraceEvent, order: CpuOrder, lab: set[int], timers: set[int], since: float) -> bool:
+    """Whether an skb first seen in softirq was made for someone else than the task whose context lent it.
+
+    Two calls make skbs in softirq without the current task's say, and the
+    CPU's order shows them.  A neighbour timer's ARP probe: its transmit is
+    followed, in the same call, by ``neigh:neigh_timer_handler`` on the same
+    device -- the skb is the lab's only if the lab's namespace vouched for
+    that timer event (rule 4).  A reply made on receive (ARP reply, ICMP
+    error): its transmit comes right after the receive it answers, in the
+    same task and context -- the skb is the lab's only if that receive was.
+    """
+    timer = order.after_its_skb(first)
+    if (
+        timer is not None
+        and timer.key == TIMER_HANDLER
+        and timer.device == first.device
+        and timer.timestamp - first.timestamp <= TIMER_GAP
+    ):
+        return id(timer) not in timers
+    cause = order.before(first)
+    return (
+        cause is not None
+        and cause.key == RECEIVE
+        and cause.pid == first.pid
+        and cause.in_interrupt == first.in_interrupt
+        and since <= cause.timestamp
+        and 0 <= first.timestamp - cause.timestamp <= LEARN_GAP
+        and id(cause) not in lab
+    )
+
+
+def lab_packets(events: Sequence[TraceEvent], scope: Scope, timers: set[int] | None = None) -> list[Packet]:
+    """Rule 1: the skbs whose story starts in a lab task and stays on lab devices.
+
+    ``events`` in trace order; ``timers`` are the ids of neighbour timer events the lab's namespace vouched for.
+    """
+    return _lab_packets(_pieces(events, scope), scope, CpuOrder(events), timers or set())
+
+
+def _lab_packets(pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int]) -> list[Packet]:
+    found: dict[int, Packet] = {}
+    lab: set[int] = set()
+    for index, (chain, piece) in sorted(enumerate(pieces), key=lambda ip: ip[1][1][0].timestamp):  # cause first
         if chain.on_lab is False:
             continue
         first = piece[0]
         if first.pid not in scope.tasks or (first.devices and not set(first.devices) & scope.devices):
             continue
         # softirq work runs in whichever task is current: an skb first seen there is the lab's only
-        # if it then reaches a lab device (a deviceless one may be another namespace's timer or backlog)
+        # if it then reaches a lab device (a deviceless one may be another namespace's timer or backlog),
+        # and if the CPU's order does not show it made for another (a timer's probe, a reply to a receive)
         if first.in_interrupt and not any(set(e.devices) & scope.devices for e in piece):
+            continue
+        if first.in_interrupt and first.skbaddr is not None and made_elsewhere(first, order, lab, timers, scope.since):
             continue
         if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
             continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab
         origin = "task" if first.in_interrupt else ("relayed" if first.pid in scope.relays else "sent")
-        found.append(Packet(chain.skbaddr, tuple(piece), origin=origin))
-    return found
+        found[index] = Packet(chain.skbaddr, tuple(piece), origin=origin)
+        lab.update(id(e) for e in piece)
+    return [found[index] for index in sorted(found)]
 
 
 def learnt_from(events: Sequence[TraceEvent]) -> dict[int, TraceEvent]:
@@ -286,12 +365,6 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | 
     errors for (``Icmp.OutDestUnreachs``); otherwise the closest -- but never
     an fdb update rule 3 tied to a foreign or a lab skb, both someone's own.
     Each event kind is vouched separately.
-
-    Candidates are taken from the whole trace, also before ``since``: the
-    window starts tracing before it listens, so every notification has its
-    own event in the trace, and one whose event came before the window (the
-    bridge flushed just after) takes that event -- which is not counted --
-    rather than a look-alike inside the window.
     """
     owners = owners if owners is not None else {}
     tied = learnt_from(events) if not scope.lost else {}
@@ -299,7 +372,7 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | 
     kept = [e for e in events if owner_of.get(id(e)) == "lab" and scope.since <= e.timestamp <= scope.until]
     candidates: dict[tuple[str, tuple[str, str, str]], list[TraceEvent]] = {}
     for event in events:
-        if event.timestamp <= scope.until and event.key.startswith(VOUCHED):
+        if scope.since <= event.timestamp <= scope.until and event.key.startswith(VOUCHED):
             candidates.setdefault((event.key, _event_key(event)), []).append(event)
     taken: set[int] = set()
     heard = sorted(((note, node) for node, notes in scope.notes.items() for note in notes), key=lambda n: n[0].received)
@@ -320,7 +393,6 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | 
             if own:
                 taken.add(id(own[0]))  # already kept: the notification is its own
                 continue
-            before = [e for e in before if id(e) not in owner_of or owner_of[id(e)] == "unknown"]
             if not before:
                 continue
             chosen = max(before, key=lambda e: e.timestamp)
@@ -329,8 +401,7 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | 
                 agreeing = [e for e in before if len(_purged_before(e, events, scope)) == errors]
                 chosen = max(agreeing, key=lambda e: e.timestamp) if agreeing else chosen
             taken.add(id(chosen))
-            if scope.since <= chosen.timestamp:
-                kept.append(chosen)
+            kept.append(chosen)
     return sorted(kept, key=lambda e: e.timestamp)
 
 
@@ -348,7 +419,8 @@ def attribute(events: Sequence[TraceEvent], scope: Scope) -> tuple[tuple[Packet,
     """The lab's packets and every lab event (packets' events plus rules 2 to 4), in time order."""
     ordered = sorted(events, key=lambda e: e.timestamp)  # stable: each CPU's events keep the kernel's order
     pieces = _pieces(ordered, scope)
-    packets = _lab_packets(pieces, scope)
+    timers = {id(e) for e in vouched_events(ordered, scope) if e.key == TIMER_HANDLER}
+    packets = _lab_packets(pieces, scope, CpuOrder(ordered), timers)
     in_packets = {id(e) for p in packets for e in p.events}
     napi_threads = {e.pid for p in packets for e in p.events if e.comm.startswith("napi/")}
     tasks = scope.tasks | napi_threads
