@@ -15,7 +15,13 @@ holds, and never because of a device name alone:
    chain may run anywhere (another CPU's backlog, a NAPI thread).  A chain is
    cut where a *foreign* user task touches the address in process context:
    that is a new skb reusing the address after an untraced free; so is a
-   transmit in process context (a fresh send reusing a GRO-merged segment's address).
+   transmit in process context (a fresh send reusing a GRO-merged segment's
+   address), and a transmit right after a driver receive (GRO freed the merged
+   segment; another namespace's answer sent in softirq reused it).  But the
+   task a softirq runs in only lent its context: a chain started there is
+   not the lab's when the CPU's order shows it made for another -- a
+   neighbour timer's probe whose timer event no lab notification vouches for,
+   an answer to a receive that was not the lab's (:func:`made_elsewhere`).
 2. **It has no skb and ran in a lab task** (a fib lookup, a napi poll of a
    NAPI thread that handled the lab's skbs).
 3. **A bridge learnt from the lab's skb.**  ``br_fdb_update`` names the
