@@ -23,8 +23,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
+from typing import ClassVar, Self
 
 from labctl.kernel import netns
 from labctl.kernel.bpf import DLT_RAW, SockFilter, attach_filter, compile_filter
@@ -84,6 +85,98 @@ def family_of(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
+def sk_meminfo(sock: socket.socket) -> tuple[int, ...]:
+    """The socket's SO_MEMINFO counters, indexed by the ``SK_MEMINFO_*`` constants."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * SK_MEMINFO_VARS)
+    return struct.unpack(f"{len(raw) // 4}I", raw)
+
+
+def wait_until(done: Callable[[], bool], timeout: float, interval: float) -> bool:
+    """Poll ``done`` every ``interval`` seconds until it holds (True) or ``timeout`` passed (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(interval)
+    return done()
+
+
+@dataclass
+class SocketListener:
+    """A socket bound in ``namespace`` and served by a poll thread until :meth:`close`: the lifecycle
+    :class:`UdpListener` and :class:`labctl.kernel.tcp.TcpListener` share.
+
+    A subclass names its socket type (``kind``) and the thread's name prefix, sets the socket up before
+    it is served (``_prepare``: options, filter, ``bind``, ``listen``; a failure closes the socket), says
+    whether to serve it at all (``_serving``) and handles what ``poll`` reports (``_on_events``).  A wake
+    pipe ends the thread's ``poll`` on close, and the thread handles that last wake-up like any other, so
+    what is queued when :meth:`close` is called is still taken.
+    """
+
+    kind: ClassVar[socket.SocketKind]
+    thread_prefix: ClassVar[str]
+
+    namespace: str
+    port: int
+    addr: str = "0.0.0.0"
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        with netns.entered(self.namespace):
+            self._sock = socket.socket(family_of(self.addr), self.kind)
+        try:
+            self._prepare()
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe()
+        self._closing = threading.Event()
+        if self._serving():
+            name = f"{self.thread_prefix}-{self.port}"
+            self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+            self._thread.start()
+
+    def _prepare(self) -> None:
+        """Set the new socket up (options, bind, listen) before it is served."""
+        raise NotImplementedError
+
+    def _serving(self) -> bool:
+        """Whether a thread serves the socket (False: what arrives stays queued in the kernel)."""
+        return True
+
+    def _on_events(self, poller: select.poll, events: list[tuple[int, int]]) -> None:
+        """Handle one ``poll`` wake-up (the socket's, a connection's or the wake pipe's)."""
+        raise NotImplementedError
+
+    def _serve(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._closing.is_set():
+            self._on_events(poller, poller.poll())
+
+    def _release(self) -> None:
+        """Close what the thread opened besides the socket (after the thread ended)."""
+
+    def close(self) -> None:
+        """Stop the thread (it handles what is queued first) and close the socket."""
+        if self._sock.fileno() < 0:
+            return
+        self._closing.set()
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join()
+        self._release()
+        self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class ListenerStats:
     """The socket's own view (SO_MEMINFO): what waits in its queue and what it dropped."""
@@ -98,7 +191,7 @@ Datagram = tuple[bytes, tuple[str, int]]
 
 
 @dataclass
-class UdpListener:
+class UdpListener(SocketListener):
     """A UDP socket bound in ``namespace``; reads in a background thread unless ``read=False``.
 
     ``rcvbuf`` is forced with SO_RCVBUFFORCE (the kernel doubles it and keeps
@@ -106,44 +199,30 @@ class UdpListener:
     The filter is attached before ``bind`` so no datagram escapes it.
     """
 
-    namespace: str
-    port: int
-    addr: str = "0.0.0.0"
+    kind: ClassVar[socket.SocketKind] = socket.SOCK_DGRAM
+    thread_prefix: ClassVar[str] = "udp"
+
     rcvbuf: int | None = None
     read: bool = True
     socket_filter: str | None = None
     _received: list[Datagram] = field(default_factory=list, init=False, repr=False)
-    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        program = udp_socket_filter(self.socket_filter) if self.socket_filter else None
-        with netns.entered(self.namespace):
-            self._sock = socket.socket(family_of(self.addr), socket.SOCK_DGRAM)
-        try:
-            if self.rcvbuf is not None:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
-            if program is not None:
-                attach_filter(self._sock, program)
-            self._sock.bind((self.addr, self.port))
-        except BaseException:
-            self._sock.close()
-            raise
-        self._sock.setblocking(False)
-        self._wake_r, self._wake_w = os.pipe()
-        self._closing = threading.Event()
-        if self.read:
-            self._thread = threading.Thread(target=self._reader, name=f"udp-{self.port}", daemon=True)
-            self._thread.start()
+        # compiled before the socket exists: a bad expression creates nothing
+        self._program = udp_socket_filter(self.socket_filter) if self.socket_filter else None
+        super().__post_init__()
 
-    def _reader(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._closing.is_set():
-            poller.poll()
-            self._drain()
+    def _prepare(self) -> None:
+        if self.rcvbuf is not None:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+        if self._program is not None:
+            attach_filter(self._sock, self._program)
+        self._sock.bind((self.addr, self.port))
 
-    def _drain(self) -> None:
+    def _serving(self) -> bool:
+        return self.read
+
+    def _on_events(self, poller: select.poll, events: list[tuple[int, int]]) -> None:
         while True:
             try:
                 payload, source = self._sock.recvfrom(65535)
@@ -157,43 +236,16 @@ class UdpListener:
 
     def wait(self, count: int, timeout: float = 1.0) -> bool:
         """Wait until ``count`` datagrams were read (True) or ``timeout`` passed."""
-        deadline = time.monotonic() + timeout
-        while len(self._received) < count and time.monotonic() < deadline:
-            time.sleep(0.002)
-        return len(self._received) >= count
+        return wait_until(lambda: len(self._received) >= count, timeout, 0.002)
 
     def stats(self) -> ListenerStats:
-        raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * SK_MEMINFO_VARS)
-        info = struct.unpack(f"{len(raw) // 4}I", raw)
+        info = sk_meminfo(self._sock)
         return ListenerStats(
             queued_bytes=info[SK_MEMINFO_RMEM_ALLOC],
             rcvbuf=info[SK_MEMINFO_RCVBUF],
             drops=info[SK_MEMINFO_DROPS],
             received=len(self._received),
         )
-
-    def close(self) -> None:
-        """Stop the reader (it takes what is queued first) and close the socket."""
-        if self._sock.fileno() < 0:
-            return
-        self._closing.set()
-        os.write(self._wake_w, b"x")
-        if self._thread is not None:
-            self._thread.join()
-        self._sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def __enter__(self) -> UdpListener:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------- sender

@@ -205,6 +205,18 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def _settle(registry: dict[str, Any], key: str, restored: dict[str, str]) -> None:
+    """After an owner let go of ``key``: another owner still holds it (the most recent remaining value is
+    put in force), or none does (the original is written back, noted in ``restored``, and forgotten)."""
+    entry = registry[key]
+    if entry["owners"]:
+        _write_here(key, list(entry["owners"].values())[-1])
+    else:
+        _write_here(key, entry["original"])
+        restored[key] = entry["original"]
+        del registry[key]
+
+
 class GlobalOverrides:
     """Host-wide sysctls changed on behalf of an owner (a lab or a trace session).
 
@@ -245,12 +257,7 @@ class GlobalOverrides:
                 if key in wanted or owner not in entry["owners"]:
                     continue
                 del entry["owners"][owner]
-                if entry["owners"]:
-                    _write_here(key, list(entry["owners"].values())[-1])
-                else:
-                    _write_here(key, entry["original"])
-                    restored[key] = entry["original"]
-                    del registry[key]
+                _settle(registry, key, restored)
             for key, text in wanted.items():
                 # the original is on disk before the kernel value changes: a kill -9 in between is undoable
                 entry = registry.setdefault(key, {"original": _read_here(key), "owners": {}})
@@ -273,13 +280,7 @@ class GlobalOverrides:
                 entry = registry[key]
                 if entry["owners"].pop(owner, None) is None:
                     continue
-                if entry["owners"]:
-                    # another owner still holds it: keep the most recent remaining value
-                    _write_here(key, list(entry["owners"].values())[-1])
-                else:
-                    _write_here(key, entry["original"])
-                    restored[key] = entry["original"]
-                    del registry[key]
+                _settle(registry, key, restored)
         return restored
 
     @staticmethod

@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_codes
-import os
 import select
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
+from typing import ClassVar
 
 from labctl.kernel import netns
-from labctl.kernel.sockets import SK_MEMINFO_DROPS, SK_MEMINFO_RMEM_ALLOC, SK_MEMINFO_VARS, SO_MEMINFO, family_of
+from labctl.kernel.sockets import (
+    SK_MEMINFO_DROPS,
+    SK_MEMINFO_RMEM_ALLOC,
+    SocketListener,
+    family_of,
+    sk_meminfo,
+    wait_until,
+)
 
 TCP_STATES = (
     "",
@@ -79,52 +86,41 @@ class TcpListenerStats:
 
 
 @dataclass
-class TcpListener:
+class TcpListener(SocketListener):
     """A TCP socket listening in ``namespace``; with ``accept`` a thread accepts and reads each connection to EOF.
 
     Without ``accept`` the handshakes the kernel completes wait in the accept queue (``backlog`` long, then
     the listener drops SYNs/ACKs: TcpExt.ListenOverflows, ListenDrops).
     """
 
-    namespace: str
-    port: int
-    addr: str = "0.0.0.0"
+    kind: ClassVar[socket.SocketKind] = socket.SOCK_STREAM
+    thread_prefix: ClassVar[str] = "tcp"
+
     backlog: int = 16
     accept: bool = True
     _accepted: int = field(default=0, init=False)
     _bytes: int = field(default=0, init=False)
     _open: int = field(default=0, init=False)
-    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        with netns.entered(self.namespace):
-            self._sock = socket.socket(family_of(self.addr), socket.SOCK_STREAM)
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._sock.bind((self.addr.strip("[]"), self.port))
-            self._sock.listen(self.backlog)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._sock.setblocking(False)
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        self._closing = threading.Event()
         self._conns: dict[int, socket.socket] = {}
-        if self.accept:
-            self._thread = threading.Thread(target=self._serve, name=f"tcp-{self.port}", daemon=True)
-            self._thread.start()
+        super().__post_init__()
 
-    def _serve(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._closing.is_set():
-            for fd, _ in poller.poll():
-                if fd == self._sock.fileno():
-                    self._accept_all(poller)
-                elif fd in self._conns:
-                    self._read(fd, poller)
+    def _prepare(self) -> None:
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.addr.strip("[]"), self.port))
+        self._sock.listen(self.backlog)
+
+    def _serving(self) -> bool:
+        return self.accept
+
+    def _on_events(self, poller: select.poll, events: list[tuple[int, int]]) -> None:
+        for fd, _ in events:
+            if fd == self._sock.fileno():
+                self._accept_all(poller)
+            elif fd in self._conns:
+                self._read(fd, poller)
 
     def _accept_all(self, poller: select.poll) -> None:
         while True:
@@ -158,20 +154,17 @@ class TcpListener:
             with self._lock:
                 self._bytes += len(data)
 
+    def _idle(self) -> bool:
+        with self._lock:
+            return self._open == 0
+
     def wait_idle(self, timeout: float = 1.0) -> bool:
         """Wait until every accepted connection reached EOF (True) or ``timeout`` passed."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._open == 0:
-                    return True
-            time.sleep(0.005)
-        return False
+        return wait_until(self._idle, timeout, 0.005)
 
     def stats(self) -> TcpListenerStats:
         info = tcp_info(self._sock)
-        raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * SK_MEMINFO_VARS)
-        mem = struct.unpack(f"{len(raw) // 4}I", raw)
+        mem = sk_meminfo(self._sock)
         with self._lock:
             return TcpListenerStats(
                 state=info.state,
@@ -183,26 +176,9 @@ class TcpListener:
                 drops=mem[SK_MEMINFO_DROPS],
             )
 
-    def close(self) -> None:
-        if self._sock.fileno() < 0:
-            return
-        self._closing.set()
-        os.write(self._wake_w, b"x")
-        if self._thread is not None:
-            self._thread.join()
+    def _release(self) -> None:
         for conn in self._conns.values():
             conn.close()
-        self._sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def __enter__(self) -> TcpListener:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------- client
@@ -281,20 +257,15 @@ def _handshakes(
     """Wait for every pending connect's verdict; the connected sockets, by index."""
     connected: dict[int, socket.socket] = {}
     by_fd = {sock.fileno(): index for index, sock in pending.items()}
-    poller = select.poll()
-    for fd in by_fd:
-        poller.register(fd, select.POLLOUT)
-    while by_fd and time.monotonic() < deadline:
-        for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-            index = by_fd.pop(fd)
-            poller.unregister(fd)
-            sock = pending[index]
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code == 0:
-                connected[index] = sock
-            else:
-                outcome = {errno_codes.ECONNREFUSED: "refused", errno_codes.ETIMEDOUT: "timed_out"}.get(code, "error")
-                results[index] = Attempt(outcome, _name(code), 0, tcp_info(sock).state)
+    for fd in _ready(by_fd, select.POLLOUT, deadline):
+        index = by_fd.pop(fd)
+        sock = pending[index]
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            connected[index] = sock
+        else:
+            outcome = {errno_codes.ECONNREFUSED: "refused", errno_codes.ETIMEDOUT: "timed_out"}.get(code, "error")
+            results[index] = Attempt(outcome, _name(code), 0, tcp_info(sock).state)
     for index in by_fd.values():  # the kernel had not given up yet: no answer within the step's time
         results[index] = Attempt("timed_out", "ETIMEDOUT", 0, tcp_info(pending[index]).state)
     return connected
@@ -306,40 +277,44 @@ def _send_all(socks: dict[int, socket.socket], payload: bytes, deadline: float) 
         return sent
     view = memoryview(payload)
     by_fd = {sock.fileno(): index for index, sock in socks.items()}
-    poller = select.poll()
-    for fd in by_fd:
-        poller.register(fd, select.POLLOUT)
-    while by_fd and time.monotonic() < deadline:
-        for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-            index = by_fd[fd]
-            try:
-                sent[index] += socks[index].send(view[sent[index]:])
-            except BlockingIOError:
-                continue
-            except OSError:  # a reset mid-transfer: what went out is what counts
-                by_fd.pop(fd)
-                poller.unregister(fd)
-                continue
-            if sent[index] >= len(view):
-                by_fd.pop(fd)
-                poller.unregister(fd)
+    for fd in _ready(by_fd, select.POLLOUT, deadline):
+        index = by_fd[fd]
+        try:
+            sent[index] += socks[index].send(view[sent[index]:])
+        except BlockingIOError:
+            continue
+        except OSError:  # a reset mid-transfer: what went out is what counts
+            by_fd.pop(fd)
+            continue
+        if sent[index] >= len(view):
+            by_fd.pop(fd)
     return sent
 
 
 def _wait_eof(socks: dict[int, socket.socket], deadline: float) -> None:
     """Until every server closed its side (it read everything) or the deadline."""
     by_fd = {sock.fileno(): sock for sock in socks.values()}
+    for fd in _ready(by_fd, select.POLLIN, deadline):
+        try:
+            data = by_fd[fd].recv(65536)
+        except BlockingIOError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            by_fd.pop(fd)
+
+
+def _ready(pending: Mapping[int, object], events: int, deadline: float) -> Iterator[int]:
+    """Each fd of ``pending`` as ``poll`` finds it ready for ``events``, until none is pending or ``deadline``.
+
+    The caller takes an fd out of ``pending`` when it is done with it; it is then no longer polled.
+    """
     poller = select.poll()
-    for fd in by_fd:
-        poller.register(fd, select.POLLIN)
-    while by_fd and time.monotonic() < deadline:
+    for fd in pending:
+        poller.register(fd, events)
+    while pending and time.monotonic() < deadline:
         for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-            try:
-                data = by_fd[fd].recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                by_fd.pop(fd)
+            yield fd
+            if fd not in pending:
                 poller.unregister(fd)

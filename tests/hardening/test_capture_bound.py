@@ -9,22 +9,22 @@ import time
 
 import pytest
 
-from labctl.cli import traffic
+from labctl.cli.traffic import capture
 from labctl.lab.live import TargetError
 
 LABCTL = os.path.join(os.path.dirname(sys.executable), "labctl")
 
 
 def test_a_ring_within_memory_is_page_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(traffic, "_mem_available", lambda: 8 << 30)
-    assert traffic.ring_bytes(32768) == 32 << 20
-    assert traffic.ring_bytes(5) == 4096
+    monkeypatch.setattr(capture, "_mem_available", lambda: 8 << 30)
+    assert capture.ring_bytes(32768) == 32 << 20
+    assert capture.ring_bytes(5) == 4096
 
 
 def test_a_ring_beyond_a_quarter_of_available_memory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(traffic, "_mem_available", lambda: 8 << 30)
+    monkeypatch.setattr(capture, "_mem_available", lambda: 8 << 30)
     with pytest.raises(TargetError, match="at most 2097152 KiB"):
-        traffic.ring_bytes(2097153)
+        capture.ring_bytes(2097153)
 
 
 def test_capture_with_100_gb_exits_2_at_once() -> None:
