@@ -321,7 +321,8 @@ def _send(
                     f"ping {spec_p.to} from {spec_p.node}: {len(refused)} echo requests refused by the node's own"
                     f" stack ({refused[0].removeprefix('ping: ').strip()})"
                 )
-    time.sleep(traffic.settle)
+    with window.draining():  # a settle (an ARP timing out) is long enough for a busy host to fill the ring
+        time.sleep(traffic.settle)
 
 
 def warm_neighbours(topo: Topology, check: Check) -> None:
