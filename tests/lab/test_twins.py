@@ -62,7 +62,7 @@ def test_two_copies_and_noise_change_no_verdict() -> None:
         noise.terminate()
         noise.wait(timeout=30)
     for result in results:
-        assert result["failures"] == []
+        assert result["failures"] == [], "\n".join(result["failures"])  # whole rows: a rare flake must say why
         for name, statuses in result["statuses"].items():
             assert len(statuses) == ITERATIONS
             assert set(statuses) == {"fail" if name == "wrong-on-purpose" else "pass"}
