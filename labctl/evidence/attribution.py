@@ -387,18 +387,21 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | 
         for (kind, event_key), group in candidates.items():
             if event_key != key or not _state_agrees(group[0], note):
                 continue
+            # its own update, however late the notification was read (a loaded host): each update sends one
+            own = [
+                e for e in group if id(e) not in taken and owner_of.get(id(e)) == "lab" and e.timestamp <= note.received
+            ]
+            if own:
+                taken.add(id(own[0]))  # already kept: the notification is its own
+                continue
             before = [
                 e
                 for e in group
                 if id(e) not in taken
                 and 0 <= note.received - e.timestamp <= VOUCH_WINDOW
                 and _state_agrees(e, note)
-                and owner_of.get(id(e)) != "foreign"
+                and owner_of.get(id(e)) not in ("foreign", "lab")
             ]
-            own = [e for e in before if owner_of.get(id(e)) == "lab"]
-            if own:
-                taken.add(id(own[0]))  # already kept: the notification is its own
-                continue
             if not before:
                 continue
             chosen = max(before, key=lambda e: e.timestamp)

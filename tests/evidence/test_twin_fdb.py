@@ -177,3 +177,14 @@ def test_recorded_twins_each_count_their_own_two_updates() -> None:
     # recorded as it happened: copy a read its notifications 2 ms late, after copy b's look-alikes -- the
     # notifications alone picked b's updates for a (same count, someone else's events)
     assert by_notes[0] == by_notes[1] == own[1]
+
+
+def test_a_notification_read_late_still_takes_its_own_update_and_no_look_alike() -> None:
+    """Under load the reader may wake long after the kernel sent: its own update is taken, not a third one."""
+    probe = [  # a twin's neighbour timer probe, learnt just before the late notification (no one's send)
+        _ev(1.38, 1, 24, "net:netif_receive_skb", SOFTIRQ, "ksoftirqd/1", name="veth1", skbaddr=0xC1),
+        _learnt(1.380001, 1, 24, "veth1", comm="ksoftirqd/1"),
+    ]
+    late = [_note("veth1", C1_MAC, 1.4), _note("veth2", C2_MAC, 1.4001)]  # 0.4 s after copy a's updates
+    counts = _fdb_counts(_merged(A, B, probe), _scope(100, late))
+    assert counts["bridge:br_fdb_update"] == 2 and counts["bridge:br_fdb_update@veth1"] == 1
