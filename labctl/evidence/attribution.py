@@ -368,7 +368,8 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | 
     same device name and address), the one whose consequences agree with what
     the namespace itself counted is chosen: for a neighbour that failed, the
     queue it purged has as many skbs as the node sent ICMP host-unreachable
-    errors for (``Icmp.OutDestUnreachs``); otherwise the closest -- but never
+    errors for (``Icmp.OutDestUnreachs``), and none is when none agrees (its
+    own would: the others are look-alikes); otherwise the closest -- but never
     an fdb update rule 3 tied to a foreign or a lab skb, both someone's own.
     Each event kind is vouched separately.
     """
@@ -408,7 +409,9 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | 
             errors = scope.unreachable.get(node)
             if kind == TIMER_HANDLER and "FAILED" in note.state and errors is not None:
                 agreeing = [e for e in before if len(_purged_before(e, events, scope)) == errors]
-                chosen = max(agreeing, key=lambda e: e.timestamp) if agreeing else chosen
+                if not agreeing:
+                    continue  # its own would agree: every candidate contradicts the namespace's own count
+                chosen = max(agreeing, key=lambda e: e.timestamp)
             taken.add(id(chosen))
             kept.append(chosen)
     return sorted(kept, key=lambda e: e.timestamp)

@@ -77,3 +77,28 @@ def test_an_address_freed_by_a_gro_merge_and_reused_by_another_skb_starts_a_new_
     packets, kept = attribute(events, _scope())
     assert [len(p.events) for p in packets] == [2]  # the datagram ends at its merge
     assert Counter(n for e in kept for n in e.names())["net:netif_rx@eth0"] == 0
+
+
+def _failed(ts: float, cpu: int, pid: int, queued: int) -> list[TraceEvent]:
+    """A neighbour timer giving up: it purges its queue (NEIGH_FAILED, deviceless), then its tracepoint."""
+    purge = [
+        TraceEvent(ts + i * 1e-6, cpu, pid, "ksoftirqd", "skb", "kfree_skb",
+                   {"skbaddr": 0x80 + 16 * cpu + i, "reason": "NEIGH_FAILED", "location": "neigh_invalidate+0x8"},
+                   SOFTIRQ)
+        for i in range(queued)
+    ]
+    timer = TraceEvent(ts + 0.00001, cpu, pid, "ksoftirqd", "neigh", "neigh_timer_handler",
+                       {"dev": "eth0", "primary_key4": "10.0.8.99", "nud_state": "failed"}, SOFTIRQ)
+    return [*purge, timer]
+
+
+def test_a_failed_neighbour_is_never_vouched_through_a_look_alike_that_contradicts_the_namespaces_count() -> None:
+    """The lab's own timer event left the vouch window (a late reader); the only candidate purged 3 skbs
+    while the lab's node sent 1 host-unreachable: it is someone else's, and nothing is counted."""
+    events = _failed(1.0, 0, 24, 1) + _failed(1.3, 1, 25, 3)
+    scope = _scope([NeighNote("neigh", "eth0", "10.0.8.99", "FAILED", received=1.4)])
+    scope.unreachable = {"client": 1}
+    drops = [e for e in attribute(events, scope)[1] if e.key == "skb:kfree_skb"]
+    assert drops == []
+    scope.notes = {"client": [NeighNote("neigh", "eth0", "10.0.8.99", "FAILED", received=1.1)]}
+    assert len([e for e in attribute(events, scope)[1] if e.key == "skb:kfree_skb"]) == 1  # in time: its own
