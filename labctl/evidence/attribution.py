@@ -386,7 +386,7 @@ def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | 
     for note, node in heard:
         key = (note.kind, note.device, note.address)
         for (kind, event_key), group in candidates.items():
-            if event_key != key or not _state_agrees(group[0], note):
+            if event_key != key:  # each event's state is checked below: a group mixes a neighbour's states
                 continue
             # its own update, however late the notification was read (a loaded host): each update sends one
             own = [

@@ -102,3 +102,13 @@ def test_a_failed_neighbour_is_never_vouched_through_a_look_alike_that_contradic
     assert drops == []
     scope.notes = {"client": [NeighNote("neigh", "eth0", "10.0.8.99", "FAILED", received=1.1)]}
     assert len([e for e in attribute(events, scope)[1] if e.key == "skb:kfree_skb"]) == 1  # in time: its own
+
+
+def test_a_look_alike_in_another_state_before_it_does_not_hide_the_labs_failed_neighbour() -> None:
+    """Another namespace's neighbour still probing (INCOMPLETE) came first: the FAILED one is still the lab's."""
+    probing = TraceEvent(1.0, 1, 25, "ksoftirqd", "neigh", "neigh_timer_handler",
+                         {"dev": "eth0", "primary_key4": "10.0.8.99", "nud_state": "incomplete"}, SOFTIRQ)
+    scope = _scope([NeighNote("neigh", "eth0", "10.0.8.99", "FAILED", received=1.2)])
+    scope.unreachable = {"client": 1}
+    drops = [e for e in attribute([probing, *_failed(1.1, 0, 24, 1)], scope)[1] if e.key == "skb:kfree_skb"]
+    assert len(drops) == 1
