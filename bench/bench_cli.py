@@ -13,9 +13,10 @@ run, interleaved with labctl, so machine load weighs on both sides):
 * ``converge``: a second ``labctl up`` of the unchanged largest star (nothing
   to do), and ``labctl status LAB`` / ``--json`` on it.
 * ``--help``: ``labctl --help`` and ``labctl validate`` of a two-node file,
-  beside a bare ``python -c pass``.
+  beside a bare ``python -c pass`` and, as validate's floor, a new interpreter
+  that only imports Typer, PyYAML and pydantic's BaseModel.
 * ``trace``: ``labctl trace LAB client PACKET`` (one packet, a new process)
-  on a two-node lab.
+  on a two-node lab; its floor adds Rich and Scapy's Ethernet/IPv4 layers.
 * ``run``: ``labctl run labs/`` serially and with ``-j 2`` (labs in parallel).
   The labs have fixed names: another user's run of the same labs at the same
   time makes a run refuse ("up already"), which the row reports.
@@ -251,17 +252,42 @@ topology:
 TRACED = "IP(dst='10.98.0.2')/UDP(dport=9)"
 
 
+FLOORS = {
+    "validate": "import typer, yaml\nfrom pydantic import BaseModel",
+    "trace": (
+        "import typer, yaml, rich.console\nfrom pydantic import BaseModel\nfrom scapy.config import conf\n"
+        "conf.route_autoload = conf.route6_autoload = False\nimport scapy.layers.l2, scapy.layers.inet"
+    ),
+}
+"""What a command cannot do without, imported and nothing else: the libraries labctl is built on (Typer,
+PyYAML, pydantic; Rich and Scapy's Ethernet/IPv4 layers for a trace).  Printed beside the row as its floor."""
+
+
+def floor(what: str, runs: int) -> tuple[float, float]:
+    """(wall, CPU) medians of a new interpreter importing FLOORS[what]."""
+    walls, cpus = [], []
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        walls.append(timed(lambda: subprocess.run([sys.executable, "-c", FLOORS[what]], check=True)))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def help_row(runs: int, small: Path) -> None:
     bare = statistics.median(
         timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(runs)
     )
     help_s = statistics.median(labctl("--help") for _ in range(runs))
     valid_s = statistics.median(labctl("validate", str(small)) for _ in range(runs))
+    floor_s, floor_cpu = floor("validate", runs)
     print(
         f"{'labctl --help':<24} {bare:>9.3f}s {help_s:>9.3f}s   goal <= 0.15 s (left: python -c pass) {cpu('--help')}",
         flush=True,
     )
     print(f"{'labctl validate small':<24} {'':>10} {valid_s:>9.3f}s   goal <= 0.15 s {cpu('validate')}", flush=True)
+    print(f"{'  floor: typer+pydantic':<24} {'':>10} {floor_s:>9.3f}s   (cpu {floor_cpu:.3f}s) importing Typer, PyYAML"
+          " and pydantic's BaseModel, nothing else", flush=True)
 
 
 def trace_row(runs: int, small: Path) -> None:
@@ -272,7 +298,10 @@ def trace_row(runs: int, small: Path) -> None:
     finally:
         labctl_down("bnsmall")
     used = f"(cpu {statistics.median(CPU[f'trace bnsmall client {TRACED}'][1:]):.3f}s)"
+    floor_s, floor_cpu = floor("trace", runs)
     print(f"{'trace, one packet':<24} {'':>10} {one:>9.3f}s   goal <= 0.4 s {used}", flush=True)
+    print(f"{'  floor: +scapy, rich':<24} {'':>10} {floor_s:>9.3f}s   (cpu {floor_cpu:.3f}s) the same, and Rich and"
+          " Scapy's Ethernet/IPv4 layers", flush=True)
 
 
 def run_row(runs: int, folder: str) -> None:

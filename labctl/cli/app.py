@@ -85,21 +85,32 @@ def down(lab: LabArg) -> None:
 @app.command()
 @reports_errors
 def status(
-    lab: Annotated[str | None, typer.Argument(help="lab name (all labs when omitted)")] = None, json: JsonOpt = False
+    lab: Annotated[str | None, typer.Argument(help="lab name (all labs when omitted)")] = None,
+    json: JsonOpt = False,
+    every: Annotated[
+        bool,
+        typer.Option("--all", help=f"the full table past {render.SUMMARY_ABOVE} nodes too (larger labs: a summary)"),
+    ] = False,
+    node: Annotated[
+        list[str] | None,
+        typer.Option("--node", "-n", metavar="NODE", help="only this node, in full (repeat for more); needs LAB"),
+    ] = None,
 ) -> None:
     """Nodes, interfaces, addresses, bridge ports and routes as the kernel has them."""
     from labctl.lab.status import lab_status, running_labs
 
     require_root()
+    if node and not lab:
+        raise typer.BadParameter("--node needs a LAB", param_hint="--node")
     labs = [lab_name(lab)] if lab else running_labs()
-    data = [lab_status(name) for name in labs]
+    data = [lab_status(name, node or None) for name in labs]
     if json:
         print_json(data)  # one shape whatever the arguments: a list of labs
         return
     if not data:
         console.print("no labs are up")
     for item in data:
-        render.status(item)
+        render.status(item, full=every or bool(node))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -29,11 +29,11 @@ def rules(
     node: Annotated[str | None, typer.Argument(help="only this node (all nodes when omitted)")] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Every iptables, ebtables and nft rule of the lab's nodes, with packet/byte counters.
+    """Every iptables, ip6tables, ebtables and nft rule of the lab's nodes, with packet/byte counters.
 
-    iptables rules are read with python-iptables, which uses the legacy xtables
+    iptables and ip6tables rules are read with python-iptables, which uses the legacy xtables
     backend: inside a node look with `labctl exec LAB NODE -- iptables-legacy -nvL`
-    (plain `iptables` is the nft variant and only warns that legacy tables exist).
+    (`ip6tables-legacy -nvL`; plain `iptables` is the nft variant and only warns that legacy tables exist).
     ebtables rules live in nf_tables (ebtables-nft; this kernel has no legacy
     ebtables): `ebtables-nft -L --Lc` or `nft list ruleset`.  Rule 0 of a chain is
     its policy; ebtables policies keep no counters (shown as –).  nft rules (a
@@ -50,7 +50,7 @@ def rules(
         print_json([r.as_dict() for r in rows])
         return
     if not rows:
-        console.print(f"lab [bold]{name}[/]: no iptables, ebtables or nft tables in {node or 'any node'}")
+        console.print(f"lab [bold]{name}[/]: no iptables, ip6tables, ebtables or nft tables in {node or 'any node'}")
         return
     from rich.table import Table
 
@@ -66,7 +66,7 @@ def rules(
         ):
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for row in (r for r in rows if r.node == current):
-            where = f"{row.family} {row.table}" if row.family in ("bridge", "nft") else row.table
+            where = f"{row.family} {row.table}" if row.family in ("bridge", "nft", "ip6") else row.table
             number = "policy" if row.number == 0 else str(row.number)
             text = (row.policy or "") if row.number == 0 else row.rule
             style = "dim" if row.number == 0 and not row.packets else None
@@ -98,7 +98,9 @@ def hooks(
 
     An NFLOG rule at the top of every chain (iptables raw/mangle/nat/filter, and
     ebtables nat/filter on nodes with a bridge) logs the packet with a sequence
-    number for as long as the trace lasts; the order is the kernel's.  The packet
+    number for as long as the trace lasts; the order is the kernel's.  An IPv6
+    packet is traced through the ip6tables tables instead (steps ip6:filter:INPUT)
+    and gets a random flow label (unless fl= is set).  The packet
     gets a random IP ID (unless the expression sets id=), which NAT never changes,
     so the walk follows it through DNAT/SNAT, and a random source port or ICMP
     echo id (unless set), so each trace is a new flow: nat chains run only for a
@@ -117,6 +119,7 @@ def hooks(
         print_json(walk.as_dict())
         return
     id_text = f", IP ID {walk.ip_id:#06x}" if walk.ip_id is not None else ""
+    id_text += f", flow label {walk.flow:#07x}" if walk.flow is not None else ""
     console.print(
         f"[bold]{walk.lab}[/]: {walk.count} × {walk.packet} from {walk.node}:{walk.interface}{id_text}",
         highlight=False,

@@ -313,7 +313,9 @@ class FdbEntry:
 WalkStep = HookStep
 """One netfilter table/chain a packet passed on a node (``.name``: ``ip:filter:INPUT``), in kernel order."""
 
-_STEP_FIELDS = ("family", "table", "chain", "seq", "ifin", "ifout", "mark", "physin", "physout", "src", "dst", "ip_id")
+_STEP_FIELDS = (
+    "family", "table", "chain", "seq", "ifin", "ifout", "mark", "physin", "physout", "src", "dst", "ip_id", "flow"
+)
 
 
 def step_as_dict(step: HookStep) -> dict[str, Any]:
@@ -357,6 +359,7 @@ class Evidence:
     sends: tuple[SendEvidence, ...] = ()
     rules: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
     ebtables: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
+    ip6tables: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
     nft: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: FROZEN_EMPTY)
     """Per node, packet deltas of nf_tables rule counters: by ``family table chain handle N`` and by comment."""
     walks: Mapping[str, tuple[tuple[WalkStep, ...], ...]] = field(default_factory=lambda: FROZEN_EMPTY)
@@ -407,6 +410,7 @@ class Evidence:
             "sends": [s.as_dict() for s in self.sends],
             "rules": {n: dict(r) for n, r in self.rules.items()},
             "ebtables": {n: dict(r) for n, r in self.ebtables.items()},
+            "ip6tables": {n: dict(r) for n, r in self.ip6tables.items()},
             "nft": {n: dict(r) for n, r in self.nft.items()},
             "walks": {n: [[step_as_dict(s) for s in w] for w in walks] for n, walks in self.walks.items()},
             "fdb": {k: [e.as_dict() for e in v] for k, v in self.fdb.items()},
@@ -439,6 +443,7 @@ class Evidence:
             sends=tuple(SendEvidence.from_dict(s) for s in data.get("sends", ())),
             rules=frozen_nested(data.get("rules", {})),
             ebtables=frozen_nested(data.get("ebtables", {})),
+            ip6tables=frozen_nested(data.get("ip6tables", {})),
             nft=frozen_nested(data.get("nft", {})),
             walks=MappingProxyType(
                 {

@@ -9,7 +9,11 @@ check also traces hooks.
 **Walks are per packet.**  nfnetlink_log numbers every message of a group,
 so the steps of all packets come back in one kernel order; each step carries
 the IPv4 id of the packet as it was at that hook (NAT rewrites addresses, not
-the id), which splits the sequence into one walk per packet.
+the id), which splits the sequence into one walk per packet.  IPv6 has no id:
+an IPv6 step carries its flow label, and since identical datagrams of one
+flow share it, a packet's walk also ends where a table:chain it already
+passed comes round again (a node runs each hook once per packet, and the
+hooks of one packet run one after another).
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from typing import TYPE_CHECKING
 from labctl.kernel.nftrace import HookStep
 
 if TYPE_CHECKING:  # python-iptables is imported by the functions that read rules, when a lab has some
-    from labctl.kernel.iptables import RuleCounter
+    from labctl.kernel.iptrules import RuleCounter
 
 RuleCounts = dict[str, dict[str, int]]
 
-TRACE_RULE = re.compile(r"lt[0-9a-f]{6}\|(?:ip|bridge|nft)\|")
+TRACE_RULE = re.compile(r"lt[0-9a-f]{6}\|(?:ip|ip6|bridge|nft)\|")
 """The NFLOG prefix a HookTracer's own rules carry (``lt<tag>|ip|raw|PREROUTING``)."""
 
 
@@ -40,7 +44,7 @@ def is_trace_rule(row: RuleCounter) -> bool:
 
 def user_rows(rows: list[RuleCounter]) -> list[RuleCounter]:
     """``rows`` without trace rules, renumbered per table and chain as if the trace were absent."""
-    from labctl.kernel.iptables import RuleCounter
+    from labctl.kernel.iptrules import RuleCounter
 
     kept: list[RuleCounter] = []
     numbers: dict[tuple[str, str], int] = {}
@@ -92,6 +96,15 @@ def rule_deltas(
     return diff(before[0], after[0]), diff(before[1], after[1])
 
 
+def read_ip6_counts(nodes: Mapping[str, str]) -> RuleCounts:
+    """Packet counters of every ip6tables rule and policy of the given nodes (node -> namespace)."""
+    if not nodes:
+        return {}
+    from labctl.kernel import iptables
+
+    return {node: counts(iptables.list_rules(ns, family="ip6")) for node, ns in nodes.items()}
+
+
 def read_nft_counts(nodes: Mapping[str, str]) -> RuleCounts:
     """Packet counters of every nf_tables rule with a ``counter`` of the given nodes (node -> namespace)."""
     if not nodes:
@@ -110,12 +123,22 @@ def nft_deltas(before: RuleCounts, after: RuleCounts) -> RuleCounts:
 
 
 def packet_of(step: HookStep) -> str:
-    return f"id {step.ip_id}" if step.ip_id is not None else "non-IP"
+    if step.ip_id is not None:
+        return f"id {step.ip_id}"
+    if step.flow is not None:
+        return f"ip6 flow {step.flow}"
+    return "non-IP"
 
 
 def walks_per_packet(steps: Iterable[HookStep]) -> tuple[tuple[HookStep, ...], ...]:
     """The steps, in kernel order, split into one walk per packet (in the order packets first appeared)."""
-    walks: dict[str, list[HookStep]] = {}
+    walks: list[list[HookStep]] = []
+    current: dict[str, list[HookStep]] = {}
     for step in sorted(steps, key=lambda s: s.seq):
-        walks.setdefault(packet_of(step), []).append(step)
-    return tuple(tuple(w) for w in walks.values())
+        key = packet_of(step)
+        walk = current.get(key)
+        if walk is None or (step.flow is not None and any(s.name == step.name for s in walk)):
+            walk = current[key] = []
+            walks.append(walk)
+        walk.append(step)
+    return tuple(tuple(w) for w in walks)

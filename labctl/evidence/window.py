@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 
@@ -83,6 +83,8 @@ class WalkRequest:
     match: str = ""
     nft: bool = False
     ip: bool = True
+    ip6: bool = False
+    """The ip6tables tables too (steps ``ip6:TABLE:CHAIN``)."""
 
 
 @dataclass
@@ -96,6 +98,8 @@ class WindowSpec:
     rules: set[str] = field(default_factory=set)
     """Nodes whose iptables rule counters are read."""
     ebtables: set[str] = field(default_factory=set)
+    ip6tables: set[str] = field(default_factory=set)
+    """Nodes whose ip6tables rule counters are read."""
     nft: set[str] = field(default_factory=set)
     """Nodes whose nf_tables rule counters are read."""
     fdb: set[str] = field(default_factory=set)
@@ -107,6 +111,9 @@ class WindowSpec:
 
 
 IP_TRACE_TABLES = tuple(IP_CHAINS)
+
+Fold = Callable[[Sequence[tracefs.TraceEvent], Scope], list[tracefs.TraceEvent]]
+"""What :meth:`Window.close` may apply to the raw events before attributing them."""
 
 
 def lab_devices(topo: Topology) -> set[str]:
@@ -167,12 +174,14 @@ class Window:
                     bridge_tables=sorted(w.bridge_tables),
                     conntrack=w.nat,
                     nft=w.nft,
+                    tables6=IP_TRACE_TABLES if w.ip6 else (),
                 )
             )
             for node, w in spec.walks.items()
         }
         self._rules_before = self._rule_counts()
         self._nft_before = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
+        self._ip6_before = nf_evidence.read_ip6_counts({n: self.nodes[n] for n in self.spec.ip6tables})
         self._before = counters.Snapshot.take(self.nodes.values())
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
         buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
@@ -244,8 +253,12 @@ class Window:
 
     # ------------------------------------------------------------ closing
 
-    def close(self) -> Evidence:
-        """Stop recording, read everything again, attribute, and release every resource."""
+    def close(self, fold: Fold | None = None) -> Evidence:
+        """Stop recording, read everything again, attribute, and release every resource.
+
+        ``fold`` may leave events out before attribution (``labctl trace`` of a burst: one chain per
+        group of identical skbs, see :mod:`labctl.lab.trace.burst`); it sees the window's scope.
+        """
         if self._evidence is not None:
             return self._evidence
         try:
@@ -259,6 +272,7 @@ class Window:
             after = counters.Snapshot.take(self.nodes.values())
             rules_after = self._rule_counts()
             nft_after = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
+            ip6_after = nf_evidence.read_ip6_counts({n: self.nodes[n] for n in self.spec.ip6tables})
             self._pump.close()
             notes = {node: watch.notes() for node, watch in self._watches.items()}
             if self._pump.error:
@@ -291,7 +305,7 @@ class Window:
             unreachable={node: c.get("Icmp.OutDestUnreachs", 0) for node, c in by_node.items()},
             lost=lost,
         )
-        packets, events = attribute(self._raw, scope)
+        packets, events = attribute(fold(self._raw, scope) if fold is not None else self._raw, scope)
         rules, bridge_rules = nf_evidence.rule_deltas(self._rules_before, rules_after)
         self._evidence = Evidence(
             packets=packets,
@@ -311,6 +325,7 @@ class Window:
             sends=tuple(self._sends),
             rules=frozen_nested(rules),
             ebtables=frozen_nested(bridge_rules),
+            ip6tables=frozen_nested(nf_evidence.nft_deltas(self._ip6_before, ip6_after)),
             nft=frozen_nested(nf_evidence.nft_deltas(self._nft_before, nft_after)),
             walks=MappingProxyType(walks),
             fdb=MappingProxyType(fdb),

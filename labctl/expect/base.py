@@ -61,6 +61,8 @@ class WalkSpec:
     """The node's nft base chains too (steps ``nft:FAMILY:TABLE:CHAIN``)."""
     ip: bool = True
     """The iptables tables (False when every step named is an nft one: tracing them would instantiate them)."""
+    ip6: bool = False
+    """The ip6tables tables (steps ``ip6:TABLE:CHAIN``)."""
 
 
 @dataclass

@@ -180,12 +180,16 @@ def _qdiscs(handle: NodeLinks) -> dict[str, dict[str, dict[str, int]]]:
     return result
 
 
+DEFAULT_QDISCS = frozenset({"noqueue", "pfifo_fast", "mq", "noop"})
+"""What an interface has before anyone sets tc: status shows none of them (labctl.lab.tc.status_here)."""
+
+
 def qdisc_kinds(handle: NodeLinks) -> list[tuple[int, str]]:
     """(ifindex, kind) of every qdisc in the handle's namespace: one dump on labctl's own socket."""
     found = []
-    for _, data, offset in handle.nl.dump(RTM_GETQDISC, _TCMSG.pack(0, 0, 0, 0, 0)):
-        _, index, _, _, _ = _TCMSG.unpack_from(data, offset)
-        attrs = attributes(data, offset + _TCMSG.size, frozenset({TCA_KIND}))
+    for data in handle.nl.dump_all(RTM_GETQDISC, _TCMSG.pack(0, 0, 0, 0, 0)):  # each message: payload at 16
+        _, index, _, _, _ = _TCMSG.unpack_from(data, 16)
+        attrs = attributes(data, 16 + _TCMSG.size, frozenset({TCA_KIND}))
         found.append((index, attrs[TCA_KIND].split(b"\0", 1)[0].decode() if TCA_KIND in attrs else ""))
     return found
 

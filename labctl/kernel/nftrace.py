@@ -36,8 +36,8 @@ Why NFLOG and not the alternatives (checked on this 6.18 kernel):
   nfnetlink_log logger directly (``nf_log_all_netns`` only gates the syslog
   logger), and nfnetlink_log instances are per namespace.
 
-pyroute2 0.9.7 has no nfnetlink_log (NFULNL) message class, so the few
-structures needed are packed and parsed here with :mod:`struct`.
+The nfnetlink_log socket and its messages are :mod:`labctl.kernel.nflog`; the
+match words said again for ip6tables and ebtables are :mod:`labctl.kernel.tracematch`.
 
 Side effects and kernel facts to know about (seen on 6.18):
 
@@ -58,50 +58,18 @@ Side effects and kernel facts to know about (seen on 6.18):
 
 from __future__ import annotations
 
-import errno
-import os
 import secrets
-import select
 import socket
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from labctl.kernel import netns, tracerules
+from labctl.kernel.nflog import NflogListener, NflogMessage, TraceError, open_listener
+from labctl.kernel.tracematch import ebtables_match, ip6_match
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_ULOG = 4
-NFULNL_MSG_PACKET = 0
-NFULNL_MSG_CONFIG = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-
-# config attributes / commands (linux/netfilter/nfnetlink_log.h)
-NFULA_CFG_CMD = 1
-NFULA_CFG_MODE = 2
-NFULA_CFG_TIMEOUT = 4
-NFULA_CFG_QTHRESH = 5
-NFULA_CFG_FLAGS = 6
-NFULNL_CFG_CMD_BIND = 1
-NFULNL_CFG_CMD_UNBIND = 2
-NFULNL_COPY_PACKET = 2
-NFULNL_CFG_F_SEQ = 0x1
-
-# packet attributes
-NFULA_PACKET_HDR = 1
-NFULA_MARK = 2
-NFULA_TIMESTAMP = 3
-NFULA_IFINDEX_INDEV = 4
-NFULA_IFINDEX_OUTDEV = 5
-NFULA_IFINDEX_PHYSINDEV = 6
-NFULA_IFINDEX_PHYSOUTDEV = 7
-NFULA_PAYLOAD = 9
-NFULA_PREFIX = 10
-NFULA_SEQ = 12
+__all__ = ["HookStep", "HookTracer", "TraceError", "ebtables_match", "hook_name", "ip6_match"]
 
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 """nf_inet_hooks and nf_br_hooks share these numbers (0..4)."""
@@ -117,31 +85,6 @@ BRIDGE_CHAINS = {
     "nat": ("PREROUTING", "OUTPUT", "POSTROUTING"),
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
 }
-COPY_RANGE = 64
-"""Bytes of each packet copied into the trace: the IPv4 + transport headers."""
-
-
-class TraceError(RuntimeError):
-    """The trace could not be set up (netlink refused, rules refused)."""
-
-
-@dataclass(frozen=True)
-class NflogMessage:
-    """One nfnetlink_log packet message, decoded."""
-
-    family: int
-    hook: int
-    prefix: str
-    seq: int | None
-    indev: int | None
-    outdev: int | None
-    physindev: int | None
-    physoutdev: int | None
-    mark: int
-    timestamp: float | None
-    payload: bytes
-
-
 @dataclass(frozen=True)
 class HookStep:
     """One table/chain a packet passed, in kernel order.
@@ -151,6 +94,8 @@ class HookStep:
     bridged packets seen by iptables through br_netfilter they are the bridge,
     and ``physin``/``physout`` the ports).  ``src``/``dst``/``ip_id`` come from
     the IPv4 header as it was *at that hook*, so NAT rewrites are visible.
+    An IPv6 packet (family ``ip6``: ip6tables) has no id: ``flow`` is its
+    header's flow label, which forwarding and NAT leave alone.
     """
 
     family: str
@@ -165,172 +110,12 @@ class HookStep:
     src: str | None = None
     dst: str | None = None
     ip_id: int | None = None
+    flow: int | None = None
 
     @property
     def name(self) -> str:
-        """``family:table:chain``, e.g. ``ip:nat:PREROUTING``."""
+        """``family:table:chain``, e.g. ``ip:nat:PREROUTING``, ``ip6:filter:INPUT``."""
         return f"{self.family}:{self.table}:{self.chain}"
-
-
-# --------------------------------------------------------------------------
-# netlink plumbing
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
-
-
-def _config_message(group: int, attrs: bytes, seq: int) -> bytes:
-    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(group)) + attrs
-    kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-    return struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
-
-
-def parse_attrs(data: bytes) -> dict[int, bytes]:
-    """Netlink attributes of one message body (type flags masked off)."""
-    attrs: dict[int, bytes] = {}
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        attrs[kind & 0x3FFF] = data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return attrs
-
-
-def parse_packet(family: int, body: bytes) -> NflogMessage:
-    """Decode the attributes of an NFULNL_MSG_PACKET (after the nfgenmsg)."""
-    attrs = parse_attrs(body)
-
-    def u32(kind: int) -> int | None:
-        raw = attrs.get(kind)
-        return struct.unpack("!I", raw[:4])[0] if raw else None
-
-    hook = attrs[NFULA_PACKET_HDR][2] if NFULA_PACKET_HDR in attrs else -1
-    stamp = None
-    if NFULA_TIMESTAMP in attrs:
-        sec, usec = struct.unpack("!QQ", attrs[NFULA_TIMESTAMP][:16])
-        stamp = sec + usec / 1e6
-    return NflogMessage(
-        family=family,
-        hook=hook,
-        prefix=attrs.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode(errors="replace"),
-        seq=u32(NFULA_SEQ),
-        indev=u32(NFULA_IFINDEX_INDEV),
-        outdev=u32(NFULA_IFINDEX_OUTDEV),
-        physindev=u32(NFULA_IFINDEX_PHYSINDEV),
-        physoutdev=u32(NFULA_IFINDEX_PHYSOUTDEV),
-        mark=u32(NFULA_MARK) or 0,
-        timestamp=stamp,
-        payload=attrs.get(NFULA_PAYLOAD, b""),
-    )
-
-
-def parse_datagram(data: bytes) -> tuple[list[NflogMessage], list[int]]:
-    """Split one recv() into packet messages and netlink error codes (acks are 0)."""
-    messages: list[NflogMessage] = []
-    errors: list[int] = []
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
-        if length < 16:
-            break
-        body = data[offset + 16 : offset + length]
-        if kind == NLMSG_ERROR:
-            errors.append(-struct.unpack_from("=i", body)[0])
-        elif kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
-            messages.append(parse_packet(body[0], body[4:]))
-        offset += (length + 3) & ~3
-    return messages, errors
-
-
-class NflogListener:
-    """An nfnetlink_log group bound from inside a namespace.
-
-    The socket is created with the thread in the namespace, so it receives
-    what NFLOG rules of *that* namespace log.  Messages are queued one per
-    packet (queue threshold 1) and numbered (``NFULNL_CFG_F_SEQ``).
-    """
-
-    def __init__(self, namespace: str, group: int) -> None:
-        self.namespace = namespace
-        self.group = group
-        self._seq = 0
-        self._pending: list[NflogMessage] = []
-        with netns.entered(namespace):
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE
-            self.sock.bind((0, 0))
-            self._configure()
-        except Exception:
-            self.sock.close()
-            raise
-
-    def _configure(self) -> None:
-        self._request(_attr(NFULA_CFG_CMD, struct.pack("=Bxxx", NFULNL_CFG_CMD_BIND)))
-        self._request(_attr(NFULA_CFG_MODE, struct.pack("!IBx", COPY_RANGE, NFULNL_COPY_PACKET)))
-        self._request(_attr(NFULA_CFG_QTHRESH, struct.pack("!I", 1)))
-        self._request(_attr(NFULA_CFG_TIMEOUT, struct.pack("!I", 0)))
-        self._request(_attr(NFULA_CFG_FLAGS, struct.pack("!H", NFULNL_CFG_F_SEQ)))
-
-    def _request(self, attrs: bytes) -> None:
-        """Send one config message and wait for its ack; OSError on refusal."""
-        self._seq += 1
-        self.sock.send(_config_message(self.group, attrs, self._seq))
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.sock], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            messages, errors = parse_datagram(self.sock.recv(1 << 16))
-            self._pending.extend(messages)
-            if errors:
-                if errors[0]:
-                    raise OSError(errors[0], f"nfnetlink_log group {self.group}: {os.strerror(errors[0])}")
-                return
-        raise TimeoutError(f"nfnetlink_log did not answer (group {self.group})")
-
-    def drain(self, settle: float = 0.2, timeout: float = 5.0) -> list[NflogMessage]:
-        """Everything received so far, waiting until ``settle`` seconds pass quietly."""
-        messages, self._pending = self._pending, []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.sock], [], [], settle)
-            if not ready:
-                break
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    raise TraceError("trace messages were lost (socket buffer overrun)") from exc
-                raise
-            messages.extend(parse_datagram(data)[0])
-        return messages
-
-    def close(self) -> None:
-        try:
-            self._request(_attr(NFULA_CFG_CMD, struct.pack("=Bxxx", NFULNL_CFG_CMD_UNBIND)))
-        except OSError:
-            pass
-        finally:
-            self.sock.close()
-
-
-def open_listener(namespace: str, group: int | None = None) -> NflogListener:
-    """Bind ``group``, or the first free group from a pid-derived start."""
-    if group is not None:
-        return NflogListener(namespace, group)
-    start = 0x4C00 + (os.getpid() % 0x300)
-    for candidate in range(start, start + 64):
-        try:
-            return NflogListener(namespace, candidate)
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-    raise TraceError(f"no free nfnetlink_log group in {namespace}")
 
 
 # --------------------------------------------------------------------------
@@ -340,6 +125,7 @@ def open_listener(namespace: str, group: int | None = None) -> NflogListener:
 @dataclass
 class _Installed:
     ip_rules: list[str] = field(default_factory=list)
+    ip6_rules: list[str] = field(default_factory=list)
     bridge_rules: list[str] = field(default_factory=list)
     bridge_tables_before: list[str] = field(default_factory=list)
     nft_rules: int = 0
@@ -354,11 +140,14 @@ class HookTracer:
             send_the_packet()
         steps = tracer.steps()       # [HookStep(family='ip', table='raw', ...), ...]
 
-    ``tables`` are iptables tables (legacy xtables); ``bridge_tables`` are
+    ``tables`` are iptables tables (legacy xtables); ``tables6`` the
+    ip6tables tables traced (steps ``ip6:TABLE:CHAIN``, none unless given:
+    tracing a table instantiates it); ``bridge_tables`` are
     ebtables tables (``"nat"``, ``"filter"``), traced only when given.
     ``nft`` adds the base chains of the namespace's own nf_tables tables
     (steps ``nft:FAMILY:TABLE:CHAIN``).  ``match`` is iptables match syntax
-    limiting the trace to the lab's packets (translated for nft);
+    limiting the trace to the lab's packets (translated for nft and, by
+    :func:`ip6_match`, for ip6tables);
     ``bridge_match`` the ebtables equivalent (derived from ``match`` for
     ``-p``, ``-s``, ``-d``, ``--sport``, ``--dport`` when not given).
     """
@@ -373,15 +162,20 @@ class HookTracer:
         group: int | None = None,
         conntrack: bool = False,
         nft: bool = False,
+        tables6: Sequence[str] = (),
     ) -> None:
-        unknown = [t for t in tables if t not in IP_CHAINS] + [t for t in bridge_tables if t not in BRIDGE_CHAINS]
+        unknown = [t for t in (*tables, *tables6) if t not in IP_CHAINS]
+        unknown += [t for t in bridge_tables if t not in BRIDGE_CHAINS]
         if unknown:
             raise ValueError(f"cannot trace tables {unknown}")
         self.namespace = namespace
         self.tables = tuple(tables)
+        self.tables6 = tuple(tables6)
         self.bridge_tables = tuple(bridge_tables)
         self.match = match
-        self.bridge_match = bridge_match if bridge_match is not None else ebtables_match(match)
+        # an IPv6-only trace (ip6tables tables, no iptables ones) follows IPv6 frames across bridges too
+        bridge_family = "ip6" if tables6 and not tables else "ip"
+        self.bridge_match = bridge_match if bridge_match is not None else ebtables_match(match, bridge_family)
         self.group = group
         self.conntrack = conntrack
         self.nft = nft
@@ -424,6 +218,13 @@ class HookTracer:
             for table in self.tables
             for chain in IP_CHAINS[table]
         ]
+        match6 = ip6_match(self.match)
+        ip6_rules = [
+            f"-t {table} -I {chain} 1 {match6}{self._ct_words(table)} -j NFLOG --nflog-group {group} "
+            f"--nflog-prefix {self.prefix('ip6', table, chain)}"
+            for table in self.tables6
+            for chain in IP_CHAINS[table]
+        ]
         bridge_rules = [
             f"-t {table} -I {chain} 1 {self.bridge_match} --nflog-group {group} "
             f"--nflog-prefix {self.prefix('bridge', table, chain)} -j CONTINUE"
@@ -441,6 +242,9 @@ class HookTracer:
         if ip_rules:
             iptables.apply_rules(self.namespace, ip_rules)
             self._installed.ip_rules = ip_rules
+        if ip6_rules:
+            iptables.apply_rules(self.namespace, ip6_rules, "ip6")
+            self._installed.ip6_rules = ip6_rules
         if self.nft:
             from labctl.kernel import nft
 
@@ -468,6 +272,9 @@ class HookTracer:
             if self._installed.ip_rules:
                 iptables.delete_where(self.namespace, lambda text: f'"{self.tag}|' in text)
                 self._installed.ip_rules = []
+            if self._installed.ip6_rules:
+                iptables.delete_where(self.namespace, lambda text: f'"{self.tag}|' in text, "ip6")
+                self._installed.ip6_rules = []
             if self._installed.nft_rules:
                 from labctl.kernel import nft
 
@@ -481,7 +288,8 @@ class HookTracer:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
-        if self._recorded and not self._installed.ip_rules and not self._installed.bridge_rules:
+        installed = self._installed
+        if self._recorded and not (installed.ip_rules or installed.ip6_rules or installed.bridge_rules):
             tracerules.forget(self.tag)
             self._recorded = False
 
@@ -516,6 +324,9 @@ class HookTracer:
 
 def _step(family: str, table: str, chain: str, message: NflogMessage, names: dict[int, str]) -> HookStep:
     src, dst, ip_id = _ipv4_header(message.payload)
+    flow = None
+    if ip_id is None:
+        src, dst, flow = _ipv6_header(message.payload)
     return HookStep(
         family=family,
         table=table,
@@ -529,7 +340,16 @@ def _step(family: str, table: str, chain: str, message: NflogMessage, names: dic
         src=src,
         dst=dst,
         ip_id=ip_id,
+        flow=flow,
     )
+
+
+def _ipv6_header(payload: bytes) -> tuple[str | None, str | None, int | None]:
+    """Source, destination and flow label of an IPv6 header (the packet's mark across hooks and nodes)."""
+    if len(payload) < 40 or payload[0] >> 4 != 6:
+        return None, None, None
+    flow = struct.unpack_from("!I", payload, 0)[0] & 0xFFFFF
+    return socket.inet_ntop(socket.AF_INET6, payload[8:24]), socket.inet_ntop(socket.AF_INET6, payload[24:40]), flow
 
 
 def _ipv4_header(payload: bytes) -> tuple[str | None, str | None, int | None]:
@@ -542,44 +362,6 @@ def _ipv4_header(payload: bytes) -> tuple[str | None, str | None, int | None]:
 def _interface_names(namespace: str) -> dict[int, str]:
     with netns.entered(namespace):
         return {index: name for index, name in socket.if_nameindex()}
-
-
-_EB_TRANSLATION = {
-    "-s": "--ip-src",
-    "--source": "--ip-src",
-    "-d": "--ip-dst",
-    "--destination": "--ip-dst",
-    "--sport": "--ip-sport",
-    "--dport": "--ip-dport",
-}
-
-
-def ebtables_match(match: str) -> str:
-    """Translate a simple iptables match (``-p udp --dport 53 -d 10.0.0.1``) to ebtables.
-
-    Only the words listed in ``_EB_TRANSLATION`` and ``-p`` are understood;
-    anything else needs an explicit ``bridge_match``.
-    """
-    from labctl.kernel import iptables  # python-iptables: imported only when rules are made
-
-    words = iptables.tokenize(match)
-    if not words:
-        return ""
-    out = ["-p", "IPv4"]
-    i = 0
-    while i < len(words):
-        word = words[i].value
-        if i + 1 >= len(words):
-            raise ValueError(f"cannot translate {match!r} for ebtables; pass bridge_match")
-        value = words[i + 1].value
-        if word in ("-p", "--protocol"):
-            out += ["--ip-proto", value]
-        elif word in _EB_TRANSLATION:
-            out += [_EB_TRANSLATION[word], value]
-        else:
-            raise ValueError(f"cannot translate {word!r} for ebtables; pass bridge_match")
-        i += 2
-    return " ".join(out)
 
 
 def hook_name(number: int) -> str:

@@ -100,7 +100,8 @@ def remove(namespace: str, tag: str, bridge_rules: list[str], bridge_tables_befo
     """Delete the rules of ``tag`` from ``namespace`` (those that are there) and the bridge tables only they needed."""
     from labctl.kernel import ebtables, iptables
 
-    iptables.delete_where(namespace, lambda text: f'"{tag}|' in text or f"{tag}|" in text)
+    for family in iptables.FAMILIES:  # ip and ip6: a table the tracer never touched costs one /proc read
+        iptables.delete_where(namespace, lambda text: f'"{tag}|' in text or f"{tag}|" in text, family)
     if not bridge_rules:
         return
     present = {(r.table, r.rule) for r in ebtables.list_rules(namespace)}

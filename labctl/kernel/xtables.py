@@ -1,8 +1,10 @@
-"""Which iptables targets and matches this kernel offers, so a rule it lacks is refused before building.
+"""Which iptables / ip6tables targets and matches this kernel offers, so a rule it lacks is refused before building.
 
 The kernel lists the xtables extensions registered for IPv4 in
-``/proc/net/ip_tables_targets`` and ``/proc/net/ip_tables_matches``: on a
-monolithic kernel that is everything built in.  A modular kernel lists only
+``/proc/net/ip_tables_targets`` and ``/proc/net/ip_tables_matches``, for IPv6
+in ``/proc/net/ip6_tables_targets`` and ``ip6_tables_matches`` (family-free
+``xt_*`` extensions such as NFLOG or udp appear in both): on a monolithic
+kernel that is everything built in.  A modular kernel lists only
 what is loaded; an extension whose ``CONFIG_`` option is ``m`` is loaded on
 demand when the rule is committed, so it counts too (read through
 ``kconfig``).  Without either source nothing is refused: labctl never claims a
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import difflib
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from labctl.kernel import kconfig
 
-PROC_LISTS = {"target": "/proc/net/ip_tables_targets", "match": "/proc/net/ip_tables_matches"}
+PROC_LISTS = {
+    "ip": {"target": "/proc/net/ip_tables_targets", "match": "/proc/net/ip_tables_matches"},
+    "ip6": {"target": "/proc/net/ip6_tables_targets", "match": "/proc/net/ip6_tables_matches"},
+}
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
 """Verdicts of the standard target: no extension, every kernel with iptables has them."""
 
@@ -25,9 +31,32 @@ ALIASES = {"target": {"NOTRACK": "CT"}, "match": {"state": "conntrack"}}
 """Userspace names whose extension registers in the kernel under another name (libxt's ``real_name``)."""
 
 _CONFIG_PREFIXES = {
-    "target": ("CONFIG_NETFILTER_XT_TARGET_", "CONFIG_IP_NF_TARGET_"),
-    "match": ("CONFIG_NETFILTER_XT_MATCH_", "CONFIG_IP_NF_MATCH_"),
+    "ip": {
+        "target": ("CONFIG_NETFILTER_XT_TARGET_", "CONFIG_IP_NF_TARGET_"),
+        "match": ("CONFIG_NETFILTER_XT_MATCH_", "CONFIG_IP_NF_MATCH_"),
+    },
+    "ip6": {
+        "target": ("CONFIG_NETFILTER_XT_TARGET_", "CONFIG_IP6_NF_TARGET_"),
+        "match": ("CONFIG_NETFILTER_XT_MATCH_", "CONFIG_IP6_NF_MATCH_"),
+    },
 }
+_MODULE_PREFIXES = {"ip": ("xt_", "ipt_"), "ip6": ("xt_", "ip6t_")}
+
+IP6_BASE = "CONFIG_IP6_NF_IPTABLES"
+"""ip6tables itself (ip6_tables.ko): without it no ip6tables rule, counter or walk exists."""
+IP6_TABLE_OPTIONS = {
+    "filter": "CONFIG_IP6_NF_FILTER",
+    "mangle": "CONFIG_IP6_NF_MANGLE",
+    "raw": "CONFIG_IP6_NF_RAW",
+    "nat": "CONFIG_IP6_NF_NAT",
+    "security": "CONFIG_IP6_NF_SECURITY",
+}
+"""The option that builds each ip6tables table (ip6table_filter.ko ...)."""
+
+
+def ip6_requirements(tables: Iterable[str]) -> list[str]:
+    """Kernel options ip6tables rules in ``tables`` need: ip6tables itself and each table's option."""
+    return [IP6_BASE, *(IP6_TABLE_OPTIONS[t] for t in dict.fromkeys(tables) if t in IP6_TABLE_OPTIONS)]
 
 
 @dataclass(frozen=True)
@@ -59,7 +88,7 @@ MODULES_DIR = "/lib/modules"
 
 
 @functools.cache
-def _module_names() -> frozenset[str]:
+def _module_names(family: str = "ip") -> frozenset[str]:
     """Upper-cased extension names the installed modules provide (``xt_udp`` is an alias of ``xt_tcpudp``).
 
     The config names an option, not every extension it builds: CONFIG_NETFILTER_XTABLES builds the tcp and
@@ -86,19 +115,19 @@ def _module_names() -> frozenset[str]:
         return frozenset()
     found = set()
     for name in names:
-        for prefix in ("xt_", "ipt_"):
+        for prefix in _MODULE_PREFIXES[family]:
             if name.startswith(prefix) and len(name) > len(prefix):
                 found.add(name[len(prefix):].upper().replace("-", "_"))
     return frozenset(found)
 
 
 @functools.cache
-def offer(kind: str) -> Offer:
-    """What this kernel offers for ``kind`` (``target`` or ``match``); read once per process."""
+def offer(kind: str, family: str = "ip") -> Offer:
+    """What this kernel offers ``family`` (``ip``, ``ip6``) for ``kind`` (``target`` or ``match``); read once."""
     listed: set[str] = set()
     read_list = False
     try:
-        with open(PROC_LISTS[kind], encoding="ascii", errors="replace") as f:
+        with open(PROC_LISTS[family][kind], encoding="ascii", errors="replace") as f:
             listed = {line.strip() for line in f if line.strip()}
             read_list = True
     except OSError:
@@ -107,10 +136,10 @@ def offer(kind: str) -> Offer:
     loadable: set[str] = set()
     if config is not None and config.get("CONFIG_MODULES") == "y":
         for option, value in config.items():
-            for prefix in _CONFIG_PREFIXES[kind]:
+            for prefix in _CONFIG_PREFIXES[family][kind]:
                 if value == "m" and option.startswith(prefix):
                     loadable.add(option[len(prefix) :])
-    loadable |= _module_names()
+    loadable |= _module_names(family)
     modular_unknown = config is None and read_list and _modules_possible()
     known = (read_list or config is not None) and not modular_unknown
     return Offer(kind, frozenset(listed), frozenset(loadable), known)

@@ -96,6 +96,7 @@ def up(
             nodes=dict(builder.ns),
             relays=previous.relays if previous else {},
             digest=state.digest(topo),
+            interfaces={node: sorted(names) for node, names in builder.wanted_interfaces.items()},
         )
         state.save(current)  # written first: a kill -9 from here on is still cleanable
         run = _Run()
@@ -182,9 +183,9 @@ def _relays(builder: Builder, run: _Run, previous: dict[str, int]) -> dict[str, 
 
 
 def _is_rule_error(exc: BaseException) -> bool:
-    """A rule the kernel refused (python-iptables is loaded only if rules were applied)."""
-    iptables = sys.modules.get("labctl.kernel.iptables")
-    return iptables is not None and isinstance(exc, iptables.RuleError)
+    """A rule the kernel refused (iptables, ip6tables or ebtables: their one RuleError, loaded with any rule)."""
+    rules = sys.modules.get("labctl.kernel.iptrules")
+    return rules is not None and isinstance(exc, rules.RuleError)
 
 
 def _rollback(run: _Run, lab: str, first_up: bool) -> None:

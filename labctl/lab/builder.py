@@ -34,6 +34,7 @@ class Builder(Plan):
         self.fresh: set[str] = set()  # nodes whose namespace this run created
         self.tables: dict[str, tuple[bool, bool]] = {}  # existing node -> (has iptables, has ebtables tables)
         self.nft_tables: dict[str, list[tuple[str, str]]] = {}  # existing node -> its nf_tables tables
+        self.ip6_tables: dict[str, bool] = {}  # existing node -> has ip6tables (legacy) tables
         self.traffic_changes: list[str] = []  # "a:eth0: tc replaced", "b: nftables loaded" (for up to print)
         self.ifindex = IfindexPlan(self.wanted_interfaces, self.fresh)
         self.changes: list[str] = []

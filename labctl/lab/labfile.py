@@ -142,35 +142,44 @@ def rule_problems(topo: Topology, source: SourceMap) -> list[Problem]:
     places: list[tuple[tuple[str | int, ...], str, list[str]]] = []
     for name, spec in topo.nodes.items():
         places.append((("topology", "nodes", name, "iptables"), "iptables", spec.iptables))
+        places.append((("topology", "nodes", name, "ip6tables"), "ip6tables", spec.ip6tables))
         places.append((("topology", "nodes", name, "ebtables"), "ebtables", spec.ebtables))
     for i, check in enumerate(topo.checks if isinstance(topo, LabFile) else []):
         if kconfig.missing(check.requires) or version.outside(check.kernel):
             continue  # never run on this kernel (reported not provable here): its rules need what it requires
         for target, rules in check.setup.iptables.items():
             places.append((("checks", i, "setup", "iptables", target), "iptables", rules))
+        for target, rules in check.setup.ip6tables.items():
+            places.append((("checks", i, "setup", "ip6tables", target), "ip6tables", rules))
         for target, rules in check.setup.ebtables.items():
             places.append((("checks", i, "setup", "ebtables", target), "ebtables", rules))
     if not any(rules for _, _, rules in places):
-        return problems  # python-iptables costs 0.3-0.5 s to import: only for labs that have rules
-    from labctl.kernel import ebtables, iptables
+        return problems
+    from labctl.kernel import ebtables, iptparse, iptrules  # pure parsers: python-iptables is not imported
 
-    parsed: list[tuple[KeyPath, iptables.ParsedRule]] = []
+    parsed: list[tuple[KeyPath, iptrules.ParsedRule]] = []
     for path, kind, rules in places:
-        parse = iptables.parse_rule if kind == "iptables" else ebtables.parse_rule
         for index, rule in enumerate(rules):
             try:
-                result = parse(rule)
-            except iptables.RuleError as exc:
+                if kind == "ebtables":
+                    result: Any = ebtables.parse_rule(rule)
+                else:
+                    result = iptparse.parse_rule(rule, "ip6" if kind == "ip6tables" else "ip")
+            except iptrules.RuleError as exc:
                 problems.append(source.problem((*path, index), str(exc)))
                 continue
-            if isinstance(result, iptables.ParsedRule):
+            if isinstance(result, iptrules.ParsedRule):
                 parsed.append(((*path, index), result))
-    chains: dict[str, set[str]] = {}  # node -> chains its rules create (-N): a -j to one is no extension
+    chains: dict[tuple[str, str], set[str]] = {}  # (node, family) -> chains its rules create (-N): no extension
     for at, parsed_rule in parsed:
         if parsed_rule.command == "new-chain":
-            chains.setdefault(_rule_node(at), set()).add(parsed_rule.chain)
+            chains.setdefault((_rule_node(at), parsed_rule.family), set()).add(parsed_rule.chain)
     for at, parsed_rule in parsed:
-        problem = _missing_extension(parsed_rule, chains.get(_rule_node(at), set()))
+        if parsed_rule.family == "ip6" and _ip6_lacking(parsed_rule.table):
+            if at[0] == "checks":  # a node's rules: the lab is not provable here (traffic_kernel_problems)
+                problems.append(source.problem(at, _ip6_lacking_message(parsed_rule.table)))
+            continue  # no ip6tables here: its extensions cannot be listed either
+        problem = _missing_extension(parsed_rule, chains.get((_rule_node(at), parsed_rule.family), set()))
         if problem is not None:
             problems.append(source.problem(at, problem))
     return problems
@@ -243,16 +252,76 @@ def traffic_requirements(topo: Topology) -> list[tuple[KeyPath, str, str]]:
         if spec.nftables is not None:
             for option in nft_model.requirements(spec.nftables):
                 needed.append((("topology", "nodes", name, "nftables"), "nftables", option))
+        if spec.ip6tables:
+            for option in _ip6_requirements(spec.ip6tables):
+                needed.append((("topology", "nodes", name, "ip6tables"), "ip6tables", option))
     return needed
+
+
+def _ip6_lacking(table: str) -> list[str]:
+    """What ip6tables rules in ``table`` need that this kernel is built without (nothing when it cannot tell)."""
+    from labctl.kernel import xtables
+
+    return kconfig.missing(xtables.ip6_requirements([table])) if kconfig.options() is not None else []
+
+
+def _ip6_lacking_message(table: str) -> str:
+    lacking = _ip6_lacking(table)
+    return (
+        f"ip6tables table {table}: this kernel lacks {', '.join(lacking)}; a check that needs it says so "
+        f"(requires: [{', '.join(lacking)}]) and is then not provable here"
+    )
+
+
+def ip6_expect_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
+    """A check's ``ip6tables:`` counters and ``ip6:`` walk steps need ip6tables and the table, as its
+    ``setup.ip6tables`` rules do: on a kernel without them a check that does not say so in ``requires:`` is
+    refused here, by file line, instead of failing when it runs."""
+    from labctl.kernel import xtables
+
+    if kconfig.options() is None or not kconfig.missing(xtables.ip6_requirements(xtables.IP6_TABLE_OPTIONS)):
+        return []  # cannot tell, or every ip6tables table is here (this machine): nothing to refuse
+    from labctl.expect.kinds.netfilter import full_name
+    from labctl.expect.walks import form_steps
+
+    problems: list[Problem] = []
+    for i, check in enumerate(lab.checks):
+        if kconfig.missing(check.requires) or version.outside(check.kernel):
+            continue  # never run on this kernel: reported not provable here
+        counts, walks = (getattr(check.expect, key) or {} for key in ("ip6tables", "hooks"))  # generated model
+        places: list[tuple[KeyPath, str]] = [
+            (("checks", i, "expect", "ip6tables", node, key), key.split(":")[0])
+            for node, wanted in counts.items()
+            for key in wanted
+        ]
+        for node, form in walks.items():
+            tables = [full_name(s).split(":")[1] for s in form_steps(form) if full_name(s).startswith("ip6:")]
+            places += [(("checks", i, "expect", "hooks", node), table) for table in dict.fromkeys(tables)]
+        problems += [source.problem(path, _ip6_lacking_message(table)) for path, table in places
+                     if _ip6_lacking(table)]
+    return problems
+
+
+def _ip6_requirements(rules: list[str]) -> list[str]:
+    """ip6tables itself and the option of each table the rules name (``-t nat`` -> CONFIG_IP6_NF_NAT)."""
+    from labctl.kernel import xtables
+
+    tables = []
+    for rule in rules:
+        words = rule.split()
+        flags = [i for i, word in enumerate(words[:-1]) if word in ("-t", "--table")]
+        tables.append(words[flags[0] + 1] if flags else "filter")
+    return xtables.ip6_requirements(tables)
 
 
 def traffic_kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
     """What the topology's tc and nftables need that this kernel is built without, named by option."""
-    if kconfig.options() is None:
+    needed = traffic_requirements(topo)
+    if not needed or kconfig.options() is None:  # the kernel's config is read only when something is needed
         return [], []
     problems: list[Problem] = []
     lacking: list[str] = []
-    for path, what, option in traffic_requirements(topo):
+    for path, what, option in needed:
         if kconfig.missing([option]):
             problems.append(source.problem(path, f"{what}: this kernel lacks {option}"))
             if option not in lacking:
@@ -288,28 +357,30 @@ def _rule_node(path: KeyPath) -> str:
 
 
 def _missing_extension(rule: Any, chains: set[str]) -> str | None:
-    """An iptables match or target of ``rule`` this kernel lacks, said with the rule and "did you mean"."""
+    """An iptables / ip6tables match or target of ``rule`` this kernel lacks, said with the rule and "did you mean"."""
     from labctl.kernel import xtables
 
     for match in rule.matches:
-        offer = xtables.offer("match")
+        offer = xtables.offer("match", rule.family)
         if not offer.has(match.name):
-            return rule.error(_lacks("match", match.name, offer.suggestion(match.name)), match.token).args[0]
+            lacks = _lacks("match", match.name, offer.suggestion(match.name), rule.family)
+            return rule.error(lacks, match.token).args[0]
     target = rule.target
     if target is None or target.name in xtables.STANDARD_TARGETS or target.name in chains:
         return None
-    offer = xtables.offer("target")
+    offer = xtables.offer("target", rule.family)
     if offer.has(target.name):
         return None
     where = f"{', '.join(sorted(chains))}" if chains else "none"
-    reason = _lacks("target", target.name, offer.suggestion(target.name))
+    reason = _lacks("target", target.name, offer.suggestion(target.name), rule.family)
     return rule.error(f"{reason}, and no chain of that name is created (-N) on this node (chains: {where})",
                       target.token).args[0]
 
 
-def _lacks(kind: str, name: str, suggestion: str | None) -> str:
+def _lacks(kind: str, name: str, suggestion: str | None, family: str = "ip") -> str:
     hint = f" (did you mean {suggestion}?)" if suggestion else ""
-    return f"this kernel has no iptables {kind} {name!r}{hint}"
+    tool = "ip6tables" if family == "ip6" else "iptables"
+    return f"this kernel has no {tool} {kind} {name!r}{hint}"
 
 
 def expectation_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
@@ -401,6 +472,7 @@ def load_lab(file: str) -> tuple[LabFile, SourceMap]:
         + tc_reference_problems(lab, source)
         + nft_problems(lab, source)
         + expectation_problems(lab, source)
+        + ip6_expect_problems(lab, source)
         + feature_problems(lab, source)
     )
     if problems:

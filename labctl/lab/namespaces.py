@@ -49,14 +49,15 @@ def namespaces(builder: Builder, created: list[str]) -> None:
                     )
                 builder.tables[node] = (_has_iptables_here(), bridge_tables_here())
                 builder.nft_tables[node] = nft.tables_here()
+                builder.ip6_tables[node] = _has_iptables_here("ip6")
         if node in builder.fresh:
             handle.index = {"lo": 1}
 
 
-def _has_iptables_here() -> bool:
-    """Whether the thread's namespace has any legacy xtables table (else there is nothing to flush)."""
+def _has_iptables_here(family: str = "ip") -> bool:
+    """Whether the thread's namespace has any legacy xtables table of ``family`` (else there is nothing to flush)."""
     try:
-        with open("/proc/thread-self/net/ip_tables_names") as f:
+        with open(f"/proc/thread-self/net/{'ip6' if family == 'ip6' else 'ip'}_tables_names") as f:
             return bool(f.read().split())
     except FileNotFoundError:
         return False

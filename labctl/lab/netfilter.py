@@ -6,16 +6,18 @@ injects one packet and records, on every node it may cross, the tables and
 chains the kernel ran for it, in order (an NFLOG rule at the top of every
 chain, numbered by nfnetlink_log -- see :mod:`labctl.kernel.nftrace`).
 
-Everything happens inside the lab's namespaces.  iptables is python-iptables,
-i.e. legacy xtables: inside a node ``iptables-legacy -nvL`` shows the same
-rules, while ``iptables`` (the nft variant) only warns that legacy tables
-exist.  ebtables is ``ebtables-nft`` (this kernel has no legacy ebtables).
+Everything happens inside the lab's namespaces.  iptables and ip6tables are
+python-iptables, i.e. legacy xtables: inside a node ``iptables-legacy -nvL``
+(``ip6tables-legacy -nvL``) shows the same rules, while ``iptables`` (the
+nft variant) only warns that legacy tables exist.  ebtables is
+``ebtables-nft`` (this kernel has no legacy ebtables).  An IPv6 packet is
+traced through the ip6tables tables (steps ``ip6:filter:INPUT``) and followed
+by its flow label, as an IPv4 one is by its IP ID.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -27,10 +29,11 @@ from labctl.evidence.model import SendEvidence
 from labctl.evidence.netfilter import TRACE_RULE, user_rows
 from labctl.evidence.window import WalkRequest, Window, WindowSpec
 from labctl.kernel import ebtables, iptables, netns, nft, nftrace, tracefs
-from labctl.kernel.iptables import RuleCounter
+from labctl.kernel.iptrules import RuleCounter
 from labctl.kernel.nftrace import HookStep
 from labctl.kernel.packet import inject
 from labctl.lab import state
+from labctl.lab.hookframe import protocol_match, summary, tag_frame
 from labctl.lab.live import TargetError
 from labctl.lab.traffic import TrafficError, prepare_injection
 from labctl.topology.model import Topology
@@ -79,7 +82,8 @@ def _nodes(current: state.LabState, wanted: list[str] | None) -> dict[str, str]:
 class RuleRow:
     """One rule (or built-in chain policy, ``number`` 0) of a node, with its counters.
 
-    ``family`` is ``ip`` (iptables, legacy xtables) or ``bridge`` (ebtables-nft).
+    ``family`` is ``ip`` (iptables, legacy xtables), ``ip6`` (ip6tables, legacy xtables) or ``bridge``
+    (ebtables-nft).
     ebtables policies have no counters (nf_tables base chains keep none): None.
     """
 
@@ -127,6 +131,7 @@ def lab_rules(lab: str, node: str | None = None) -> list[RuleRow]:
             raise LabStateError(f"lab {lab}: node {name} has no namespace ({namespace})")
         try:
             rows += _chain_order([_row(name, "ip", r) for r in iptables.list_rules(namespace)])
+            rows += _chain_order([_row(name, "ip6", r) for r in iptables.list_rules(namespace, family="ip6")])
             rows += _chain_order([_row(name, "bridge", r) for r in ebtables.list_rules(namespace)])
             rows += _nft_rows(name, namespace)
         except iptables.RuleError as exc:
@@ -187,7 +192,7 @@ class Verdict:
 
     @property
     def where(self) -> str:
-        prefix = "bridge:" if self.family == "bridge" else ""
+        prefix = f"{self.family}:" if self.family in ("bridge", "ip6") else ""
         if self.family == "nft":
             return f"nft {self.table} {self.chain} handle {self.number}"
         what = "policy" if self.number == 0 else f"rule {self.number}"
@@ -247,6 +252,8 @@ class HookWalk:
     drops: dict[str, int] = field(default_factory=dict)
     """``REASON at function`` -> how many of the injected skbs the kernel freed so (not the
     replies or ICMP errors they provoke: those are other skbs)."""
+    flow: int | None = None
+    """The IPv6 flow label the traced packet was tagged with (None for IPv4, followed by ``ip_id``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -256,6 +263,7 @@ class HookWalk:
             "packet": self.packet,
             "count": self.count,
             "ip_id": self.ip_id,
+            "flow": self.flow,
             "nodes": [n.as_dict() for n in self.nodes],
             "drops": self.drops,
         }
@@ -263,64 +271,6 @@ class HookWalk:
 
 def short_name(step: HookStep) -> str:
     return f"{step.table}:{step.chain}" if step.family == "ip" else step.name
-
-
-def _tag_frame(frame: bytes, expr: str) -> tuple[bytes, int | None]:
-    """Make the packet recognisable and a new flow, unless the user fixed those fields.
-
-    * a random IP ID: NAT rewrites addresses and ports but never the ID, so
-      the ID singles out the traced packet at every hook of every node (ICMP
-      errors and replies it provokes carry their own IDs);
-    * a random source port (UDP/TCP) or echo id (ICMP): conntrack keys flows
-      by them, and nat chains run only for a flow's first packet, so a second
-      trace with Scapy's fixed defaults (sport 53) would silently skip nat.
-
-    Returns the frame and the IP ID to follow (None for non-IPv4 frames).
-    """
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.l2 import Ether
-
-    from labctl.traffic.expr import parse_packet
-
-    pkt = Ether(frame)
-    if IP not in pkt:
-        return frame, None
-    written = parse_packet(expr)
-    rng = random.SystemRandom()
-
-    def unset(layer: type[Any], name: str) -> bool:
-        return layer in pkt and (layer not in written or name not in written[layer].fields)
-
-    if unset(IP, "id"):
-        pkt[IP].id = rng.randint(0x1000, 0xFFFF)
-    for layer, name in ((UDP, "sport"), (TCP, "sport"), (ICMP, "id")):
-        if unset(layer, name):
-            setattr(pkt[layer], name, rng.randint(20000, 60999))
-    del pkt[IP].chksum
-    for layer in (UDP, TCP, ICMP):
-        if layer in pkt:
-            del pkt[layer].chksum
-    return bytes(pkt), int(pkt[IP].id)
-
-
-def _summary(frame: bytes) -> str:
-    from scapy.layers.l2 import Ether
-
-    return str(Ether(frame).summary())
-
-
-def _protocol_match(frame: bytes) -> str:
-    """iptables words limiting the trace rules to the packet's protocol (NAT may change ports)."""
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.l2 import Ether
-
-    pkt = Ether(frame)
-    if IP not in pkt:
-        return ""
-    for layer, name in ((UDP, "udp"), (TCP, "tcp"), (ICMP, "icmp")):
-        if layer in pkt:
-            return f"-p {name}"
-    return ""
 
 
 def _hop_order(topo: Topology, start: str, nodes: list[str]) -> list[str]:
@@ -344,7 +294,12 @@ def _hop_order(topo: Topology, start: str, nodes: list[str]) -> list[str]:
 def _user_counts(namespace: str) -> dict[tuple[str, str, str, int], RuleCounter]:
     """(family, table, chain, number) -> rule, trace rules left out and the rest renumbered."""
     found: dict[tuple[str, str, str, int], RuleCounter] = {}
-    for family, rows in (("ip", iptables.list_rules(namespace)), ("bridge", ebtables.list_rules(namespace))):
+    listings = (
+        ("ip", iptables.list_rules(namespace)),
+        ("ip6", iptables.list_rules(namespace, family="ip6")),
+        ("bridge", ebtables.list_rules(namespace)),
+    )
+    for family, rows in listings:
         for row in user_rows(rows):
             found[(family, row.table, row.chain, row.position)] = row
     for nft_row in _nft_rows("", namespace):  # the node's own nft rules, numbered by handle
@@ -412,8 +367,8 @@ def trace_hooks(
         if node not in current.nodes:
             raise LabNotUpError(f"lab {lab} has no node {node!r} (nodes: {', '.join(sorted(current.nodes))})")
         prepared = prepare_injection(topo, node, interface, expr)
-        frame, ip_id = _tag_frame(prepared.frame, expr)
-        match = _protocol_match(frame)
+        frame, ip_id, flow = tag_frame(prepared.frame, expr)
+        match = protocol_match(frame)
         traced = _nodes(current, via)
         before = {name: _user_counts(namespace) for name, namespace in traced.items()}
         spec = WindowSpec(
@@ -424,6 +379,8 @@ def trace_hooks(
                     nat=conntrack,
                     match=match,
                     nft=topo.nodes[name].nftables is not None,
+                    ip=flow is None,
+                    ip6=flow is not None,
                 )
                 for name in traced
             },
@@ -444,21 +401,29 @@ def trace_hooks(
                 drops[f"{drop.reason or '?'} at {drop.function or '?'}"] += 1
         walks = {}
         for name in traced:
-            steps = [
-                s for walk in evidence.walks.get(name, ()) for s in walk if ip_id is None or s.ip_id in (ip_id, None)
-            ]
+            steps = [s for walk in evidence.walks.get(name, ()) for s in walk if _is_traced(s, ip_id, flow)]
             walks[name] = NodeWalk(name, sorted(steps, key=lambda s: s.seq), _verdicts(before[name], after[name]))
         order = _hop_order(topo, node, list(traced))
         return HookWalk(
             lab=lab,
             node=node,
             interface=prepared.ifname,
-            packet=_summary(frame),
+            packet=summary(frame),
             count=count,
             ip_id=ip_id,
             nodes=[walks[n] for n in order],
             drops=dict(drops),
+            flow=flow,
         )
+
+
+def _is_traced(step: HookStep, ip_id: int | None, flow: int | None) -> bool:
+    """The step is the traced packet's: its IP ID (IPv4) or flow label (IPv6), or a step without either."""
+    if ip_id is not None:
+        return step.ip_id in (ip_id, None)
+    if flow is not None:
+        return step.flow in (flow, None) and step.ip_id is None
+    return True
 
 
 def _injected_here(events: Sequence[tracefs.TraceEvent], ifname: str) -> bool:

@@ -1,4 +1,4 @@
-"""The build's netfilter step: each node's iptables, ebtables and nftables rules, converged to the file.
+"""The build's netfilter step: each node's iptables, ip6tables, ebtables and nftables rules, converged to the file.
 
 python-iptables (0.3 s to import) is loaded only when a node has rules or had tables.
 """
@@ -14,27 +14,36 @@ if TYPE_CHECKING:
 
 
 def netfilter(builder: Builder) -> None:
-    """The topology's own rules; a converge starts them from scratch (counters reset).
+    """The topology's own rules, each tool converged to the file (:mod:`labctl.kernel.rulesync`).
 
-    A namespace without tables has nothing to flush: checked by reading
-    /proc and one netlink dump, not by python-iptables and ``nft``.
+    The file's rules are compared with the node's, not flushed and re-added: an unchanged file leaves
+    the rules, their counters and the firewall alone (a second ``up`` changes nothing); a changed one is
+    replaced and reported (``r1: iptables replaced``).  A namespace without tables has nothing to compare:
+    that is known from /proc and one netlink dump (namespaces.py), not by python-iptables and ``nft``.
     """
     for node, spec in builder.topo.nodes.items():
         ns = builder.ns[node]
         has_iptables, has_ebtables = builder.tables.get(node, (False, False))
-        if not (spec.iptables or spec.ebtables or has_iptables or has_ebtables):
-            continue
-        from labctl.kernel import ebtables, iptables
+        if spec.iptables or has_iptables:
+            from labctl.kernel import iptables
 
-        if has_iptables:
-            iptables.flush(ns)
-        if has_ebtables:
-            ebtables.flush(ns)
-        if spec.iptables:
-            iptables.apply_rules(ns, spec.iptables)
-        if spec.ebtables:
-            ebtables.apply_rules(ns, spec.ebtables)
+            _report(builder, node, "iptables", iptables.converge(ns, spec.iptables))
+        if spec.ip6tables or builder.ip6_tables.get(node, False):
+            from labctl.kernel import iptables
+
+            _report(builder, node, "ip6tables", iptables.converge(ns, spec.ip6tables, "ip6"))
+        # a node whose nftables: has no ebtables: owns its bridge tables (nft converges them below)
+        if spec.ebtables or (has_ebtables and spec.nftables is None):
+            from labctl.kernel import ebtables
+
+            _report(builder, node, "ebtables", ebtables.converge(ns, spec.ebtables))
     nftables(builder)
+
+
+def _report(builder: Builder, node: str, tool: str, done: str | None) -> None:
+    """``r1: iptables replaced`` for ``up`` to print; a node this run created was not converged but built."""
+    if done is not None and node not in builder.fresh:
+        builder.traffic_changes.append(f"{node}: {tool} {done}")
 
 
 def nftables(builder: Builder) -> None:

@@ -64,6 +64,8 @@ class Setup(Strict):
     listen: list[Listen] = []
     capture: list[CaptureSpec] = []
     iptables: dict[str, list[str]] = {}
+    ip6tables: dict[str, list[str]] = {}
+    """Per node, ip6tables rules added for the check; the node's own ip6tables rules are restored after."""
     ebtables: dict[str, list[str]] = {}
     nftables: dict[str, NftRuleset] = {}
     """Per node, nft commands run on top of the node's ruleset for the check; the ruleset is restored after."""
@@ -289,7 +291,7 @@ def _check_references(lab: LabFile) -> list[Problem]:
                     problems.append(Problem((*base, "setup", "listen", j, "address"), problem))
         for j, cap in enumerate(check.setup.capture):
             iface_ok((*base, "setup", "capture", j), cap.node, cap.interface)
-        for table in ("iptables", "ebtables", "nftables", "sysctls"):
+        for table in ("iptables", "ip6tables", "ebtables", "nftables", "sysctls"):
             for node in getattr(check.setup, table):
                 node_ok((*base, "setup", table, node), node)
         for j, step in enumerate(check.traffic):

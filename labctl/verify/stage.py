@@ -80,7 +80,7 @@ def _match_of_packet(expr: str) -> str:
         if pkt.haslayer(name):
             dport = pkt[name].fields.get("dport")
             return f"-p {proto} --dport {dport}" if isinstance(dport, int) else f"-p {proto}"
-    if pkt.haslayer("ICMP"):
+    if pkt.haslayer("ICMP") or pkt.haslayer("ICMPv6EchoRequest"):  # ip6tables: echo requests (not ND)
         return "-p icmp"
     return ""
 
@@ -90,9 +90,12 @@ def window_spec(check: Check, needs: Needs) -> WindowSpec:
     return WindowSpec(
         events=tuple(sorted(needs.events)),
         captures=[CaptureRequest(c.node, c.interface, c.filter) for c in check.setup.capture],
-        walks={node: WalkRequest(w.bridge_tables, w.nat, match, w.nft, w.ip) for node, w in needs.walks.items()},
+        walks={
+            node: WalkRequest(w.bridge_tables, w.nat, match, w.nft, w.ip, ip6=w.ip6) for node, w in needs.walks.items()
+        },
         rules=set(getattr(check.expect, "rules") or {}),  # noqa: B009 - the model is built from the registry
         ebtables=set(getattr(check.expect, "ebtables") or {}),  # noqa: B009
+        ip6tables=set(getattr(check.expect, "ip6tables") or {}),  # noqa: B009
         nft=set(getattr(check.expect, "nft") or {}),  # noqa: B009
         fdb=needs.fdb,
         conntrack=needs.conntrack,
@@ -123,6 +126,7 @@ def flush_conntrack(namespace: str) -> None:
 def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
     """Apply the check's rules on an empty conntrack table; afterwards restore the topology's rules."""
     touched_ip = list(check.setup.iptables)
+    touched_ip6 = list(check.setup.ip6tables)
     touched_eb = list(check.setup.ebtables)
     touched_nft: list[str] = []
     try:
@@ -130,6 +134,8 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
             flush_conntrack(_ns(topo, node))
         for node, rules in check.setup.iptables.items():
             iptables.apply_rules(_ns(topo, node), rules)
+        for node, rules in check.setup.ip6tables.items():
+            iptables.apply_rules(_ns(topo, node), rules, "ip6")
         for node, rules in check.setup.ebtables.items():
             ebtables.apply_rules(_ns(topo, node), rules)
         for node, commands in check.setup.nftables.items():
@@ -137,14 +143,15 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
             nft.apply_commands(_ns(topo, node), commands)
         yield
     finally:
-        for node in touched_ip:
-            iptables.flush(_ns(topo, node))
-            if topo.nodes[node].iptables:
-                iptables.apply_rules(_ns(topo, node), topo.nodes[node].iptables)
+        for node in touched_ip:  # the node's own rules again, each table swapped whole (never open between)
+            iptables.replace_rules(_ns(topo, node), topo.nodes[node].iptables)
+        for node in touched_ip6:
+            iptables.replace_rules(_ns(topo, node), topo.nodes[node].ip6tables, "ip6")
         for node in touched_eb:
-            ebtables.flush(_ns(topo, node))
             if topo.nodes[node].ebtables:
-                ebtables.apply_rules(_ns(topo, node), topo.nodes[node].ebtables)
+                ebtables.replace_rules(_ns(topo, node), topo.nodes[node].ebtables)
+            else:
+                ebtables.flush(_ns(topo, node))  # tables only the check made go
         for node in touched_nft:  # the node's own ruleset again, in one transaction (ebtables' tables kept)
             nft.replace(_ns(topo, node), topo.nodes[node].nftables or "", keep_ebtables=True)
 

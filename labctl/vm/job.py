@@ -22,7 +22,8 @@ printf '#!/bin/sh\nPYTHONPATH=/job/src exec /opt/labctl/venv/bin/python -m labct
 chmod +x /usr/local/bin/labctl
 for module in veth tun bridge br_netfilter macvlan vxlan nf_tables nf_conntrack nfnetlink_log ebtables \
         ebtable_filter ebtable_nat ip_tables iptable_filter iptable_nat iptable_mangle iptable_raw \
-        iptable_security sch_htb sch_tbf sch_ingress cls_u32 cls_bpf act_mirred; do
+        iptable_security ip6_tables ip6table_filter ip6table_nat ip6table_mangle ip6table_raw ip6table_security \
+        sch_htb sch_tbf sch_ingress cls_u32 cls_bpf act_mirred; do
     modprobe -q "$module" || echo "labctl-guest: no module $module"
 done
 echo 1 >/proc/sys/kernel/sysrq

@@ -30,6 +30,7 @@ CASES = {
     "ip6-router": ["ip6-hop-limit-exceeded", "ip6-closed-port"],
     "ip6-pmtu": ["pmtu-frag-needed", "pmtu-conntrack-entry-of-the-flow"],
     "ip6-udp-gso": ["gso-one-send-ten-datagrams"],
+    "ip6t-filter": ["ip6t-input-drop", "ip6t-forwarded", "ip6t-forward-drop", "ip6t-echo-dropped", "ip6t-masquerade"],
 }
 
 

@@ -46,6 +46,8 @@ SAMPLE = [
     "iptables-target-typo",
     "iptables-match-absent",
     "check-iptables-target-typo",
+    "ip6tables-match-ipv4-only",
+    "check-ip6tables-target-typo",
     "node-name-markup",
     "iface-name-markup",
 ]

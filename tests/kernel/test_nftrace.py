@@ -17,7 +17,7 @@ import struct
 
 import pytest
 
-from labctl.kernel import ebtables, iptables, netns, nftrace, sysctl
+from labctl.kernel import ebtables, iptables, netns, nflog, nftrace, sysctl
 from labctl.kernel.nftrace import HookTracer
 from tests.kernel.conftest import Topo
 
@@ -35,16 +35,16 @@ def _nlmsg(kind: int, body: bytes, flags: int = 0) -> bytes:
 
 def test_parse_packet_message() -> None:
     attrs = (
-        nftrace._attr(nftrace.NFULA_PACKET_HDR, struct.pack("!HBx", 0x0800, 2))
-        + nftrace._attr(nftrace.NFULA_PREFIX, b"lt1|ip|filter|FORWARD\0")
-        + nftrace._attr(nftrace.NFULA_SEQ, struct.pack("!I", 41))
-        + nftrace._attr(nftrace.NFULA_MARK, struct.pack("!I", 7))
-        + nftrace._attr(nftrace.NFULA_IFINDEX_INDEV, struct.pack("!I", 3))
-        + nftrace._attr(nftrace.NFULA_PAYLOAD, bytes.fromhex("450000200001") + bytes(14))
+        nflog._attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBx", 0x0800, 2))
+        + nflog._attr(nflog.NFULA_PREFIX, b"lt1|ip|filter|FORWARD\0")
+        + nflog._attr(nflog.NFULA_SEQ, struct.pack("!I", 41))
+        + nflog._attr(nflog.NFULA_MARK, struct.pack("!I", 7))
+        + nflog._attr(nflog.NFULA_IFINDEX_INDEV, struct.pack("!I", 3))
+        + nflog._attr(nflog.NFULA_PAYLOAD, bytes.fromhex("450000200001") + bytes(14))
     )
     body = struct.pack("=BBH", socket.AF_INET, 0, socket.htons(9)) + attrs
-    ack = _nlmsg(nftrace.NLMSG_ERROR, struct.pack("=i", 0) + bytes(16))
-    messages, errors = nftrace.parse_datagram(_nlmsg(nftrace.NFNL_SUBSYS_ULOG << 8, body) + ack)
+    ack = _nlmsg(nflog.NLMSG_ERROR, struct.pack("=i", 0) + bytes(16))
+    messages, errors = nflog.parse_datagram(_nlmsg(nflog.NFNL_SUBSYS_ULOG << 8, body) + ack)
     assert errors == [0]
     (msg,) = messages
     assert (msg.family, msg.hook, msg.prefix, msg.seq, msg.mark, msg.indev) == (

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -147,6 +148,27 @@ def test_attribution_excludes_concurrent_noise(pair: Pair, noise: Pair) -> None:
     lab_chains = tracefs.chains(events, lab_devices, since=since)
     assert sum(c.fate == "dropped" for c in lab_chains) == 3
     assert all(c.devices and set(c.devices) <= lab_devices for c in lab_chains)
+
+
+def test_events_are_resolved_from_the_named_subsystems() -> None:
+    enabled, skipped = tracefs.resolve_events(["skb:kfree_skb", "qdisc:*", "nosuch:x", "skb:nosuch", "..:x", "bad"])
+    assert enabled[0] == "skb:kfree_skb" and "qdisc:qdisc_enqueue" in enabled
+    assert all(e.startswith(("skb:", "qdisc:")) for e in enabled)
+    assert set(skipped) == {"nosuch:x", "skb:nosuch", "..:x", "bad"}
+    assert set(enabled) <= {f"{s}:{n}" for s, names in tracefs.available_events().items() for n in names}
+
+
+def test_hashing_probe_is_recorded_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's answer is kept for this boot only; an unreadable record is probed again, never trusted."""
+    from labctl.kernel import registry
+
+    monkeypatch.setattr(registry, "STATE_DIR", str(tmp_path / "state"))
+    assert tracefs._recorded_probe("boot-a") is None
+    tracefs._record_probe("boot-a", True)
+    assert tracefs._recorded_probe("boot-a") is True
+    assert tracefs._recorded_probe("boot-b") is None  # another boot: maybe another kernel
+    (tmp_path / "state" / tracefs.PROBES_FILE).write_text("{not json")
+    assert tracefs._recorded_probe("boot-a") is None
 
 
 def test_instance_exists_only_during_the_session() -> None:

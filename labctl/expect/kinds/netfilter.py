@@ -27,8 +27,8 @@ NFT_FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
 
 
 def full_name(step: str) -> str:
-    """'filter:INPUT' is an iptables step ('ip:filter:INPUT'); 'bridge:nat:PREROUTING' an ebtables one;
-    'nft:inet:filter:input' a base chain of the node's nft ruleset."""
+    """'filter:INPUT' is an iptables step ('ip:filter:INPUT'); 'ip6:filter:INPUT' an ip6tables one;
+    'bridge:nat:PREROUTING' an ebtables one; 'nft:inet:filter:input' a base chain of the node's nft ruleset."""
     return step if step.count(":") == 2 or step.startswith("nft:") else f"ip:{step}"
 
 
@@ -39,10 +39,13 @@ def step_issue(step: str, facts: MachineFacts) -> str | None:
             return f"{step!r} is not 'nft:FAMILY:TABLE:CHAIN' (family one of {', '.join(NFT_FAMILIES)})"
         return None
     parts = full_name(step).split(":")
-    if len(parts) != 3 or parts[0] not in ("ip", "bridge"):
-        return f"{step!r} is not 'table:CHAIN' (iptables) or 'bridge:table:CHAIN' (ebtables)"
+    if len(parts) != 3 or parts[0] not in ("ip", "ip6", "bridge"):
+        return (
+            f"{step!r} is not 'table:CHAIN' (iptables), 'ip6:table:CHAIN' (ip6tables) or 'bridge:table:CHAIN' "
+            "(ebtables)"
+        )
     family, table, chain = parts
-    tables = facts.ip_tables if family == "ip" else facts.bridge_tables
+    tables = facts.bridge_tables if family == "bridge" else facts.ip_tables  # ip6tables has iptables' tables
     if table not in tables:
         return f"{family} has no traceable table {table!r} (tables: {', '.join(tables)})"
     if chain not in tables[table]:
@@ -56,8 +59,8 @@ class Hooks(Kind):
     schema = Annotated[dict[str, WalkForm], Field(min_length=1)]
     doc = (
         "Per node, the netfilter walk of each packet of the check: exactly this list of 'table:CHAIN' / "
-        "'bridge:table:CHAIN' / 'nft:FAMILY:TABLE:CHAIN' ({contains: [...]} or {packets: [[...], ...]} for the "
-        "other forms)."
+        "'ip6:table:CHAIN' / 'bridge:table:CHAIN' / 'nft:FAMILY:TABLE:CHAIN' ({contains: [...]} or "
+        "{packets: [[...], ...]} for the other forms)."
     )
     order = 90
 
@@ -80,7 +83,8 @@ class Hooks(Kind):
             spec.bridge_tables |= {s.split(":")[1] for s in steps if s.startswith("bridge:")}
             spec.nat |= any(s.split(":")[1] == "nat" for s in steps if not s.startswith("nft:"))
             spec.nft |= any(s.startswith("nft:") for s in steps)
-            spec.ip = any(not s.startswith("nft:") for s in steps) or not spec.nft
+            spec.ip6 |= any(s.startswith("ip6:") for s in steps)
+            spec.ip = any(not s.startswith(("nft:", "ip6:")) for s in steps) or not (spec.nft or spec.ip6)
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         rows = []
@@ -89,10 +93,26 @@ class Hooks(Kind):
             wanted = _normalised(form)
             ok, detail = judge_walks(wanted, walks)
             expected = wanted if isinstance(wanted, list) else wanted.model_dump(exclude_none=True)
+            hint = "" if ok else _family_hint([full_name(s) for s in form_steps(form)], ctx)
             rows.append(
-                Row(f"{node} netfilter walk of each packet", expected, walk_counts(walks), ok, detail=detail)
+                Row(f"{node} netfilter walk of each packet", expected, walk_counts(walks), ok, hint, detail=detail)
             )
         return rows
+
+
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+
+
+def _family_hint(steps: list[str], ctx: JudgeContext) -> str:
+    """An IPv6 check walked with iptables steps (or the reverse): say which tables see its packets."""
+    protocols = ctx.traffic_protocols
+    ip_steps = any(s.startswith("ip:") for s in steps)
+    ip6_steps = any(s.startswith("ip6:") for s in steps)
+    if ETH_P_IPV6 in protocols and ETH_P_IP not in protocols and ip_steps and not ip6_steps:
+        return "the check's traffic is IPv6: ip6tables steps are written ip6:TABLE:CHAIN; iptables never sees it"
+    if ETH_P_IP in protocols and ETH_P_IPV6 not in protocols and ip6_steps and not ip_steps:
+        return "the check's traffic is IPv4: iptables steps are written TABLE:CHAIN; ip6tables never sees it"
+    return ""
 
 
 def _normalised(form: Any) -> Any:

@@ -1,4 +1,4 @@
-"""rules and ebtables: packet-counter deltas of the lab's netfilter rules and chain policies."""
+"""rules, ip6tables and ebtables: packet-counter deltas of the lab's netfilter rules and chain policies."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class _RuleKind(Kind):
     label = ""
 
     def tables(self, facts: MachineFacts) -> dict[str, tuple[str, ...]]:
-        return dict(facts.ip_tables if self.family == "ip" else facts.bridge_tables)
+        return dict(facts.bridge_tables if self.family == "bridge" else facts.ip_tables)  # ip6 has ip's tables
 
     def machine(self, value: Any, facts: MachineFacts) -> list[Issue]:
         view = LabView(nodes={n: frozenset() for n in value}, bridges={}, captures=frozenset(), listeners=0)
@@ -49,7 +49,7 @@ class _RuleKind(Kind):
         return [((node,), f"unknown node {node!r}") for node in value if node not in lab.nodes]
 
     def source(self, ev: Evidence) -> Any:
-        return ev.rules if self.family == "ip" else ev.ebtables
+        return {"ip": ev.rules, "ip6": ev.ip6tables, "bridge": ev.ebtables}[self.family]
 
     def judge(self, value: Any, ev: Evidence, ctx: JudgeContext) -> list[Row]:
         rows = []
@@ -57,15 +57,22 @@ class _RuleKind(Kind):
             for key, bound in wanted.items():
                 delta = self.source(ev).get(node, {}).get(key)
                 observed: Any = delta if delta is not None else "no such rule"
-                rows.append(
-                    Row(
-                        f"{node} {self.label} {key} packets (delta)",
-                        bound,
-                        observed,
-                        delta is not None and matches(bound, delta),
-                    )
-                )
+                ok = delta is not None and matches(bound, delta)
+                hint = "" if ok else self.family_hint(ctx)
+                rows.append(Row(f"{node} {self.label} {key} packets (delta)", bound, observed, ok, hint))
         return rows
+
+    def family_hint(self, ctx: JudgeContext) -> str:
+        """IPv6 traffic judged on iptables counters (or IPv4 on ip6tables'): name the other key."""
+        protocols = ctx.traffic_protocols
+        if self.family == "ip" and _ETH_P_IPV6 in protocols and _ETH_P_IP not in protocols:
+            return "the check's traffic is IPv6: ip6tables rules count it (expect ip6tables:, not rules:)"
+        if self.family == "ip6" and _ETH_P_IP in protocols and _ETH_P_IPV6 not in protocols:
+            return "the check's traffic is IPv4: iptables rules count it (expect rules:, not ip6tables:)"
+        return ""
+
+
+_ETH_P_IP, _ETH_P_IPV6 = 0x0800, 0x86DD
 
 
 @register
@@ -76,6 +83,16 @@ class Rules(_RuleKind):
     order = 60
     family = "ip"
     label = "iptables"
+
+
+@register
+class Ip6tables(_RuleKind):
+    key = "ip6tables"
+    schema = RuleCounts
+    doc = "Per node, packet-counter deltas of ip6tables rules, keyed as for 'rules' ('filter:INPUT:1')."
+    order = 60
+    family = "ip6"
+    label = "ip6tables"
 
 
 @register
