@@ -35,7 +35,7 @@ from labctl.evidence.model import (
 from labctl.kernel import conntrack, counters, netns, tracefs
 from labctl.kernel.conntrack import as_record as conntrack_record
 from labctl.kernel.links import NodeLinks
-from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries
+from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries, flush_learned
 from labctl.kernel.nftrace import IP_CHAINS, HookTracer
 from labctl.kernel.packet import Capture
 from labctl.kernel.routes import route_get
@@ -124,6 +124,8 @@ class WindowSpec:
     conntrack: bool = False
     routes: set[tuple[str, str]] = field(default_factory=set)
     """(node, destination) looked up after the traffic, so a PMTU the traffic taught shows."""
+    fdb_flush: tuple[tuple[str, str], ...] = ()
+    """(node, bridge) whose learnt entries are forgotten once recording is on, just before the window starts."""
 
 
 IP_TRACE_TABLES = tuple(IP_CHAINS)
@@ -198,8 +200,6 @@ class Window:
             )
             for node, w in spec.walks.items()
         }
-        self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
-        self._pump = self._stack.enter_context(WatchPump(list(self._watches.values())))
         self._rules_before = self._rule_counts()
         self._nft_before = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
         self._ip6_before = nf_evidence.read_ip6_counts({n: self.nodes[n] for n in self.spec.ip6tables})
@@ -207,8 +207,16 @@ class Window:
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
         buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
         self._trace = self._stack.enter_context(tracefs.TraceSession(events, buffer_kb=buffer_kb))
+        # the watches after the trace: a notification heard is then never of an event fired before tracing
+        # began, so the lab's notification always finds its own event (attribution.vouched_events)
+        self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
+        self._pump = self._stack.enter_context(WatchPump(list(self._watches.values())))
         self._relays = set(relay.find(self.topo.name))
         self._tasks |= own_tasks() | self._relays
+        # a bridge is emptied with the trace and the watches on: whatever it learns from here on (even from a
+        # neighbour's timer-driven ARP probe) is recorded, while what it learnt before is forgotten before `since`
+        for node, bridge in spec.fdb_flush:
+            flush_learned(self.nodes[node], bridge)
         self.since = time.monotonic()
 
     def _rule_counts(self) -> tuple[nf_evidence.RuleCounts, nf_evidence.RuleCounts]:
@@ -361,6 +369,7 @@ class Window:
             notes=notes,
             relays=self._relays,
             unreachable={node: c.get("Icmp.OutDestUnreachs", 0) for node, c in by_node.items()},
+            lost=lost,
         )
         packets, events = attribute(fold(self._raw, scope) if fold is not None else self._raw, scope)
         rules, bridge_rules = nf_evidence.rule_deltas(self._rules_before, rules_after)

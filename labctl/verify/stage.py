@@ -30,7 +30,6 @@ from labctl.evidence.model import Evidence, ExecEvidence, SendEvidence, SocketEv
 from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSpec
 from labctl.expect.base import JudgeContext, Needs
 from labctl.kernel import ebtables, iptables, netns, nft, sysctl
-from labctl.kernel.neighwatch import flush_learned
 from labctl.kernel.packet import inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import UdpListener, send_udp
@@ -100,6 +99,9 @@ def window_spec(check: Check, needs: Needs) -> WindowSpec:
         fdb=needs.fdb,
         conntrack=needs.conntrack,
         routes=set(needs.routes),
+        # flushed by the window once it records: a bridge re-taught between a flush and the window's start
+        # (a neighbour's ARP probe) would learn nothing the window could see
+        fdb_flush=tuple((node, bridge) for node, _, bridge in (r.partition(":") for r in check.setup.fdb_flush)),
     )
 
 
@@ -325,7 +327,8 @@ def _send(
                     f"ping {spec_p.to} from {spec_p.node}: {len(refused)} echo requests refused by the node's own"
                     f" stack ({refused[0].removeprefix('ping: ').strip()})"
                 )
-    window.settle(traffic.settle)  # a stated settle is a fixed wait; else until the lab is quiet
+    with window.draining():  # a settle (an ARP timing out) is long enough for a busy host to fill the ring
+        window.settle(traffic.settle)  # a stated settle is a fixed wait; else until the lab is quiet
 
 
 def warm_neighbours(topo: Topology, check: Check) -> None:
@@ -371,9 +374,6 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
         stack.enter_context(temporary_rules(topo, check))
         stack.enter_context(threaded_napi(topo, check))
         stack.enter_context(interface_features(topo, check, stage_errors))
-        for ref in check.setup.fdb_flush:
-            node, _, bridge = ref.partition(":")
-            flush_learned(_ns(topo, node), bridge)
         stack.enter_context(setup_execs(topo, check, execs, stage_errors))
         listeners: list[tuple[Listen, UdpListener | TcpListener]] = []
         for spec in check.setup.listen:
