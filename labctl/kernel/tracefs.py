@@ -144,18 +144,18 @@ def list_instances() -> list[str]:
     return sorted(n for n in os.listdir(_instances_dir()) if n.startswith(INSTANCE_PREFIX))
 
 
-def remove_stale_instances(*, include_live: bool = False) -> list[str]:
-    """Remove labctl instances whose process is gone (all of them with ``include_live``).
+def remove_stale_instances() -> list[str]:
+    """Remove labctl instances whose process is gone.
 
     A ``kill -9`` leaves the instance and its buffers allocated; this is what
-    ``labctl clean`` calls.  Names that do not carry a pid are only removed
-    with ``include_live``.  Instances that are still busy are left alone.
+    ``labctl clean`` calls.  Names that do not carry a pid, and instances of
+    live processes (other labs tracing beside this one), are left alone.
     """
     removed = []
     for name in list_instances():
         pid = _instance_pid(name)
         stale = pid is not None and not procs.alive(pid)
-        if not (stale or include_live):
+        if not stale:
             continue
         try:
             _rmdir_instance(os.path.join(_instances_dir(), name))
