@@ -13,12 +13,14 @@ run, interleaved with labctl, so machine load weighs on both sides):
 * ``converge``: a second ``labctl up`` of the unchanged largest star (nothing
   to do), and ``labctl status LAB`` / ``--json`` on it.
 * ``--help``: ``labctl --help`` and ``labctl validate`` of a two-node file,
-  beside a bare ``python -c pass``.
+  beside a bare ``python -c pass`` and, as validate's floor, a new interpreter
+  that only imports Typer, PyYAML and pydantic's BaseModel.
 * ``trace``: ``labctl trace LAB client PACKET`` (one packet, a new process)
-  on a two-node lab.
-* ``run``: ``labctl run labs/`` serially and with ``-j 2`` (labs in parallel).
-  The labs have fixed names: another user's run of the same labs at the same
-  time makes a run refuse ("up already"), which the row reports.
+  on a two-node lab; its floor adds Rich and Scapy's Ethernet/IPv4 layers.
+* ``run``: ``labctl run labs/`` serially and with ``-j 2``, ``-j 4``, ``-j 6``
+  (labs in parallel; ``--jobs``), and which ``-j`` was fastest.  The labs have
+  fixed names: another user's run of the same labs at the same time makes a
+  run refuse ("up already"), which the row reports.
 
 labctl's modules are byte-compiled first (``compileall``), as an installed
 package is: with ``PYTHONDONTWRITEBYTECODE`` set an editable checkout would
@@ -42,6 +44,7 @@ again, even when a step fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -251,17 +254,42 @@ topology:
 TRACED = "IP(dst='10.98.0.2')/UDP(dport=9)"
 
 
+FLOORS = {
+    "validate": "import typer, yaml\nfrom pydantic import BaseModel",
+    "trace": (
+        "import typer, yaml, rich.console\nfrom pydantic import BaseModel\nfrom scapy.config import conf\n"
+        "conf.route_autoload = conf.route6_autoload = False\nimport scapy.layers.l2, scapy.layers.inet"
+    ),
+}
+"""What a command cannot do without, imported and nothing else: the libraries labctl is built on (Typer,
+PyYAML, pydantic; Rich and Scapy's Ethernet/IPv4 layers for a trace).  Printed beside the row as its floor."""
+
+
+def floor(what: str, runs: int) -> tuple[float, float]:
+    """(wall, CPU) medians of a new interpreter importing FLOORS[what]."""
+    walls, cpus = [], []
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        walls.append(timed(lambda: subprocess.run([sys.executable, "-c", FLOORS[what]], check=True)))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def help_row(runs: int, small: Path) -> None:
     bare = statistics.median(
         timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(runs)
     )
     help_s = statistics.median(labctl("--help") for _ in range(runs))
     valid_s = statistics.median(labctl("validate", str(small)) for _ in range(runs))
+    floor_s, floor_cpu = floor("validate", runs)
     print(
         f"{'labctl --help':<24} {bare:>9.3f}s {help_s:>9.3f}s   goal <= 0.15 s (left: python -c pass) {cpu('--help')}",
         flush=True,
     )
     print(f"{'labctl validate small':<24} {'':>10} {valid_s:>9.3f}s   goal <= 0.15 s {cpu('validate')}", flush=True)
+    print(f"{'  floor: typer+pydantic':<24} {'':>10} {floor_s:>9.3f}s   (cpu {floor_cpu:.3f}s) importing Typer, PyYAML"
+          " and pydantic's BaseModel, nothing else", flush=True)
 
 
 def trace_row(runs: int, small: Path) -> None:
@@ -272,26 +300,62 @@ def trace_row(runs: int, small: Path) -> None:
     finally:
         labctl_down("bnsmall")
     used = f"(cpu {statistics.median(CPU[f'trace bnsmall client {TRACED}'][1:]):.3f}s)"
+    floor_s, floor_cpu = floor("trace", runs)
     print(f"{'trace, one packet':<24} {'':>10} {one:>9.3f}s   goal <= 0.4 s {used}", flush=True)
+    print(f"{'  floor: +scapy, rich':<24} {'':>10} {floor_s:>9.3f}s   (cpu {floor_cpu:.3f}s) the same, and Rich and"
+          " Scapy's Ethernet/IPv4 layers", flush=True)
 
 
-def run_row(runs: int, folder: str) -> None:
-    """labctl run labs/ serially and with -j 2, interleaved; a run that did not pass is shown with its exit code."""
-    times: dict[int, list[float]] = {1: [], 2: []}
-    codes: dict[int, list[int]] = {1: [], 2: []}
+def _failed_checks(report: str) -> list[str]:
+    """LAB:CHECK of each check of a ``run --json`` report that failed or erred (LAB: error for a lab)."""
+    try:
+        labs = json.loads(report)["labs"]
+    except (ValueError, KeyError, TypeError):
+        return ["(no JSON report)"]
+    found = [f"{lab['lab']}: {lab['error'][:80]}" for lab in labs if lab.get("error")]
+    found += [f"{lab['lab']}:{c['name']}" for lab in labs for c in lab["checks"] if c["status"] in ("fail", "error")]
+    return found
+
+
+def run_row(runs: int, folder: str, jobs_list: list[int]) -> None:
+    """labctl run labs/ with each -j of ``jobs_list`` (1: serial), interleaved; the best -j is named.
+
+    A run that did not pass is shown with its exit code (another user's run of the same fixed lab names
+    makes a run refuse "up already").  CPU is the run's and its workers' (user + sys).
+    """
+    times: dict[int, list[float]] = {j: [] for j in jobs_list}
+    codes: dict[int, list[int]] = {j: [] for j in jobs_list}
+    cpu: dict[int, list[float]] = {j: [] for j in jobs_list}
+    failed: dict[int, list[str]] = {j: [] for j in jobs_list}
     for _ in range(runs):
-        for jobs in (1, 2):
+        for jobs in jobs_list:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            done = subprocess.run([LABCTL, "run", "-j", str(jobs), folder], stdout=subprocess.DEVNULL, check=False)
+            done = subprocess.run(
+                [LABCTL, "run", "-j", str(jobs), "--json", folder], stdout=subprocess.PIPE, text=True, check=False
+            )
             times[jobs].append(time.perf_counter() - t0)
+            failed[jobs] += _failed_checks(done.stdout)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[jobs].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             codes[jobs].append(done.returncode)
-    serial, parallel = statistics.median(times[1]), statistics.median(times[2])
-    print(f"{'run labs/ (serial)':<24} {'':>10} {serial:>9.3f}s   exit codes {codes[1]}", flush=True)
-    print(
-        f"{'run -j 2 labs/':<24} {'':>10} {parallel:>9.3f}s   {serial / parallel:.2f}x faster; goal <= 12 s;"
-        f" exit codes {codes[2]}",
-        flush=True,
-    )
+    medians = {j: statistics.median(times[j]) for j in jobs_list}
+    serial = medians.get(1)
+    for jobs in jobs_list:
+        label = "run labs/ (serial)" if jobs == 1 else f"run -j {jobs} labs/"
+        faster = f"{serial / medians[jobs]:.2f}x faster; " if serial and jobs != 1 else ""
+        print(
+            f"{label:<24} {'':>10} {medians[jobs]:>9.3f}s   {faster}cpu {statistics.median(cpu[jobs]):.1f}s;"
+            f" exit codes {codes[jobs]}",
+            flush=True,
+        )
+    for jobs in jobs_list:
+        if failed[jobs]:
+            print(f"  -j {jobs}: not passed: {', '.join(failed[jobs])}", flush=True)
+    passing = [j for j in jobs_list if not any(codes[j])] or jobs_list
+    best = min(passing, key=lambda j: medians[j])
+    verdict = "met" if medians[best] <= 12.0 else "not met"
+    print(f"goal run labs/ <= 12 s with -j: {verdict} (best -j {best}: {medians[best]:.3f}s)", flush=True)
 
 
 def main() -> int:
@@ -301,6 +365,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs per row; the median is reported")
     parser.add_argument("--rows", default="star,chain,converge,help,trace,run", help="which rows to run")
     parser.add_argument("--labs", default=str(Path(__file__).resolve().parent.parent / "labs"), help="for the run row")
+    parser.add_argument("--jobs", default="1,2,4,6", help="the run row's -j values (1: serial)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_cli needs root (it builds namespaces)", file=sys.stderr)
@@ -342,7 +407,7 @@ def main() -> int:
         if "trace" in rows:
             trace_row(args.runs, small)
     if "run" in rows:
-        run_row(args.runs, args.labs)
+        run_row(args.runs, args.labs, [int(j) for j in args.jobs.split(",")])
     for what, ratio in ratios.items():
         print(f"goal up+down <= 1.0x ip -batch, {what}: {'met' if ratio <= 1.0 else 'NOT met'} ({ratio:.2f}x)")
     return 0

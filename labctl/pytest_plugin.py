@@ -16,10 +16,10 @@ it covers, and a Python test can say ``@pytest.mark.claim("R7")``;
 ``-m "claim(id='R7')"`` works too.
 
 With pytest-xdist (``pytest -n 2 labs/``) the checks of one lab file stay in
-one worker (an ``xdist_group`` per file; ``--dist load`` becomes
-``loadgroup``), and labs that need the host to themselves run while no other
-lab of the session runs (labctl/verify/parallel.py's lock, named after the
-session).
+one worker (``--dist load``, what ``-n`` implies, becomes ``loadfile``), and
+a lab or check that needs the host to itself runs while no other lab of the
+session acts (labctl/verify/parallel.py's lock, named after
+the session).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import pytest
 
 from labctl.errors import LabctlError
 from labctl.topology.checks import Check, LabFile
+from labctl.verify.turns import Alone, Turns
 
 
 def _is_lab_file(path: Path) -> bool:
@@ -64,6 +65,8 @@ class LabCollector(pytest.File):
     _held: contextlib.ExitStack | None = None
     lacking: list[str] | None = None
     """Kernel options the lab's topology needs and this kernel lacks: nothing is built, every check skips."""
+    turns: Turns = Alone()
+    """When the lab may act beside the other workers' labs (pytest -n: labctl/verify/parallel.py)."""
 
     def collect(self) -> Iterator[pytest.Item]:
         from labctl.errors import KernelLacksError
@@ -90,18 +93,21 @@ class LabCollector(pytest.File):
             return
         run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set in xdist workers only
         if run:
-            from labctl.verify.parallel import RunLock, alone_reason
+            from labctl.verify.parallel import RunLock
 
-            self._held = contextlib.ExitStack()
-            self._held.enter_context(RunLock(f"pytest-{run}").held(alone=alone_reason(self.lab) is not None))
-        build.up(self.lab, str(self.path))
+            self.turns = RunLock(f"pytest-{run}").turns(self.lab)
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(self.turns.lab())
+        with self.turns.phase():
+            build.up(self.lab, str(self.path))
 
     def teardown(self) -> None:
         from labctl.lab import build
 
         try:
             if self.lab is not None and not self.lacking:
-                build.down(self.lab.name)
+                with self.turns.phase():
+                    build.down(self.lab.name)
         finally:
             if self._held is not None:
                 self._held.close()
@@ -122,7 +128,8 @@ class CheckItem(pytest.Item):
         assert isinstance(parent, LabCollector) and parent.lab is not None
         if parent.lacking:
             pytest.skip(f"not provable here: this kernel lacks {', '.join(parent.lacking)}")
-        result = run_check(parent.lab, self.check)
+        with parent.turns.phase(self.check):
+            result = run_check(parent.lab, self.check)
         if result.status == "skip":
             pytest.skip(f"not provable here: this kernel lacks {', '.join(result.not_provable)}")
         if not result.passed:
@@ -152,7 +159,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "claim(id): the PATHS.md claim a lab check or test proves")
     config.addinivalue_line("markers", "lab(file, name=None): the lab file the module's `lab` fixture brings up")
     if getattr(config.option, "dist", "no") == "load":  # pytest -n N: keep each lab's checks in one worker
-        config.option.dist = "loadgroup"
+        # loadfile, not loadgroup: with pytest 9.2 and xdist 3.8 workers never add the xdist_group suffix
+        # (a plain test file with @pytest.mark.xdist_group spreads over the workers too), so loadgroup ran
+        # one lab's checks in several workers at once -- one tore the lab down under the others
+        config.option.dist = "loadfile"
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -60,3 +60,31 @@ def test_the_bridge_trace_match_for_ipv6_frames() -> None:
     assert ebtables_match("-p icmp", "ip6") == "-p IPv6 --ip6-proto ipv6-icmp --ip6-icmp-type echo-request"
     assert ebtables_match("-p tcp -d 10.0.0.1", "ip6") == "-p IPv6 --ip6-proto tcp"
     assert ebtables_match("-p udp --dport 53") == "-p IPv4 --ip-proto udp --ip-dport 53"
+
+
+_BOTH_FAMILIES = """
+import sys
+from labctl.kernel.iptables import build_rule, parse_rule
+order = sys.argv[1].split(",")
+rules = {"ip": "-t nat -A POSTROUTING -o eth1 -j MASQUERADE", "ip6": "-t nat -A POSTROUTING -o eth1 -j MASQUERADE"}
+for family in order:
+    built = build_rule(parse_rule(rules[family], family=family))
+    assert built.target.name == "MASQUERADE", (family, built.target.name)
+    built = build_rule(parse_rule("-A INPUT -m conntrack --ctstate NEW -j REDIRECT", family=family))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("order", ["ip,ip6,ip", "ip6,ip,ip6"])
+def test_one_process_builds_both_families_of_a_shared_extension(order: str) -> None:
+    """libxt_NAT.so serves both families; the family that loaded it first used to keep it (python-iptables #316).
+
+    Seen in ``labctl run labs/``: ip6t-filter's IPv6 MASQUERADE, then nat's IPv4
+    MASQUERADE was "can't find target" for the rest of the run.  A fresh process,
+    since the library state is per process.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BOTH_FAMILIES, order], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr

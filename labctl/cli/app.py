@@ -85,21 +85,32 @@ def down(lab: LabArg) -> None:
 @app.command()
 @reports_errors
 def status(
-    lab: Annotated[str | None, typer.Argument(help="lab name (all labs when omitted)")] = None, json: JsonOpt = False
+    lab: Annotated[str | None, typer.Argument(help="lab name (all labs when omitted)")] = None,
+    json: JsonOpt = False,
+    every: Annotated[
+        bool,
+        typer.Option("--all", help=f"the full table past {render.SUMMARY_ABOVE} nodes too (larger labs: a summary)"),
+    ] = False,
+    node: Annotated[
+        list[str] | None,
+        typer.Option("--node", "-n", metavar="NODE", help="only this node, in full (repeat for more); needs LAB"),
+    ] = None,
 ) -> None:
     """Nodes, interfaces, addresses, bridge ports and routes as the kernel has them."""
     from labctl.lab.status import lab_status, running_labs
 
     require_root()
+    if node and not lab:
+        raise typer.BadParameter("--node needs a LAB", param_hint="--node")
     labs = [lab_name(lab)] if lab else running_labs()
-    data = [lab_status(name) for name in labs]
+    data = [lab_status(name, node or None) for name in labs]
     if json:
         print_json(data)  # one shape whatever the arguments: a list of labs
         return
     if not data:
         console.print("no labs are up")
     for item in data:
-        render.status(item)
+        render.status(item, full=every or bool(node))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -193,9 +204,10 @@ def run(
     pcap_dir: Annotated[
         Path | None, typer.Option("--pcap", help="write each check's captures to DIR/LAB.CHECK.pcapng, with verdicts")
     ] = None,
-    jobs: Annotated[
-        int, typer.Option("-j", "--jobs", min=1, help="labs at a time, each in its own process (some run alone)")
-    ] = 1,
+    jobs_given: Annotated[
+        str,
+        typer.Option("-j", "--jobs", help="labs at a time, each in its own process (some run alone); auto: 3 per core"),
+    ] = "1",
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
@@ -204,6 +216,12 @@ def run(
     files = lab_files(paths)
     if not files:
         raise typer.BadParameter(f"no lab files in {' '.join(paths)}")
+    from labctl.verify.parallel import parse_jobs
+
+    try:
+        jobs = parse_jobs(jobs_given, len(files))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="-j") from exc
     if kernel:
         from labctl.cli.vm import run_on_kernels
 

@@ -201,6 +201,14 @@ def _wrap(head: str, parts: list[str], width: int) -> list[str]:
     return lines
 
 
+def _alike(paths: list[PacketPath]) -> list[list[PacketPath]]:
+    """Paths that read the same (kind, stages, ending), in order of first appearance."""
+    groups: dict[tuple[object, ...], list[PacketPath]] = {}
+    for path in paths:
+        groups.setdefault((path.kind, path.signature()), []).append(path)
+    return list(groups.values())
+
+
 def _counter_block(counters: dict[str, dict[str, int]]) -> list[str]:
     lines = []
     for node, values in sorted(counters.items()):
@@ -249,7 +257,9 @@ def print_result(result: TraceResult) -> None:
     groups = result.groups()
     for group in groups[:MAX_GROUPS]:
         first = group[0]
-        title = f"packet {first.index + 1}" if len(group) == 1 else f"{len(group)} packets like #{first.index + 1}"
+        title = f"packet {first.index + 1}"
+        if len(group) > 1:
+            title += f" ×{len(group)} identical"
         _say(f"\n[bold cyan]{title}[/] [dim]skb {hex(first.skb)}[/]")
         for line in path_lines(first, width):
             _say(line)
@@ -258,13 +268,17 @@ def print_result(result: TraceResult) -> None:
         _say(f"\n[dim]… {len(groups) - MAX_GROUPS} more kinds of path ({rest} packets); --json has them all[/]")
     if result.related:
         _say("\n[bold]related skbs[/] [dim](born while our thread handled the packet)[/]")
-        for path in result.related[:MAX_RELATED]:
+        kinds = _alike(result.related)
+        for group in kinds[:MAX_RELATED]:
+            path = group[0]
             lines = path_lines(path, width)
-            _say(f"  [dim]{escape(path.kind)}[/] " + lines[0])
+            many = f" [bold cyan]×{len(group)} identical[/]" if len(group) > 1 else ""
+            _say(f"  [dim]{escape(path.kind)}[/]{many} " + lines[0])
             for line in lines[1:]:
                 _say("  " + line)
-        if len(result.related) > MAX_RELATED:
-            _say(f"  [dim]… {len(result.related) - MAX_RELATED} more[/]")
+        if len(kinds) > MAX_RELATED:
+            rest = sum(len(g) for g in kinds[MAX_RELATED:])
+            _say(f"  [dim]… {len(kinds) - MAX_RELATED} more kinds ({rest} skbs)[/]")
     _print_counters(result.counters, result.softnet, result.rules)
 
 

@@ -15,16 +15,35 @@ holds, and never because of a device name alone:
    chain may run anywhere (another CPU's backlog, a NAPI thread).  A chain is
    cut where a *foreign* user task touches the address in process context:
    that is a new skb reusing the address after an untraced free; so is a
-   transmit in process context (a fresh send reusing a GRO-merged segment's address).
+   transmit in process context (a fresh send reusing a GRO-merged segment's
+   address), and a transmit right after a driver receive (GRO freed the merged
+   segment; another namespace's answer sent in softirq reused it).  But the
+   task a softirq runs in only lent its context: a chain started there is
+   not the lab's when the CPU's order shows it made for another -- a
+   neighbour timer's probe whose timer event no lab notification vouches for,
+   an answer to a receive that was not the lab's (:func:`made_elsewhere`).
 2. **It has no skb and ran in a lab task** (a fib lookup, a napi poll of a
    NAPI thread that handled the lab's skbs).
-3. **It has no skb and the lab's own namespace vouches for it.**  Bridge fdb
+3. **A bridge learnt from the lab's skb.**  ``br_fdb_update`` names the
+   bridge, port and MAC but no namespace or skb, so two copies of a lab make
+   identical events.  The bridge learns inside the receive of the frame, in
+   one call on one CPU: ``__netif_receive_skb_core`` fires
+   ``net:netif_receive_skb`` and then runs the port's rx handler
+   (``br_handle_frame_finish`` → ``br_fdb_update``).  A CPU's events are in
+   strict order, so an fdb update belongs to the latest receive before it on
+   its CPU (same task, same context, on its port): when that skb is one of
+   the lab's packets (rule 1), so is the update -- whatever the look-alikes
+   next to it in time.
+4. **It has no skb and the lab's own namespace vouches for it.**  Bridge fdb
    updates and neighbour events name a device but no namespace; rtnetlink
    notifications heard inside the lab's namespaces do.  Each notification
    vouches for one matching tracepoint event (same bridge port and MAC, same
-   device and address).  A deviceless drop in timer context (NEIGH_FAILED,
-   when a neighbour's ARP went unanswered) is vouched for through the
-   ``neigh:neigh_timer_handler`` event that follows it on the same CPU.
+   device and address): its own if rule 3 found it, otherwise the closest
+   one that no other rule gives away -- never an fdb update learnt from an
+   skb a foreign task sent in its own call.  A deviceless drop in timer
+   context (NEIGH_FAILED, when a neighbour's ARP went unanswered) is vouched
+   for through the ``neigh:neigh_timer_handler`` event that follows it on the
+   same CPU.
 
 Everything else is someone else's, whatever its device is called.
 """
@@ -37,7 +56,7 @@ from dataclasses import dataclass, field
 
 from labctl.evidence.model import Packet
 from labctl.kernel.neighwatch import NeighNote
-from labctl.kernel.tracefs import TraceEvent, all_chains
+from labctl.kernel.tracefs import TERMINAL_EVENTS, SkbChain, TraceEvent, all_chains
 
 KERNEL_THREADS = ("ksoftirqd/", "kworker/", "swapper/", "<idle>", "irq/", "migration/", "rcu", "napi/")
 """Kernel threads: they run whatever softirq work is pending, for any namespace."""
@@ -46,10 +65,22 @@ VOUCHED = ("bridge:br_fdb_update", "neigh:")
 """Deviceless-by-namespace events that only a lab-side notification can attribute."""
 
 TIMER_HANDLER = "neigh:neigh_timer_handler"
+FDB_UPDATE = "bridge:br_fdb_update"
+RECEIVE = "net:netif_receive_skb"
+LEARN_GAP = 0.01
+"""Seconds at most between a receive and the fdb update its rx handler made (one call: microseconds)."""
 VOUCH_WINDOW = 0.25
 """Seconds a notification may be read after its tracepoint fired (the reader thread's wake-up under load)."""
 TIMER_GAP = 0.005
 """Seconds between a neighbour's purged-queue drops and its timer tracepoint on the same CPU."""
+
+
+Owners = dict[int, str]
+"""Per event (``id``): ``lab`` (one of the lab's packets), ``foreign`` (an skb a foreign task sent in its own
+call), or ``unknown`` (started in softirq or a kernel thread: a timer's ARP probe, a reply made on receive)."""
+
+
+Pieces = Sequence[tuple[SkbChain, list[TraceEvent]]]
 
 
 @dataclass
@@ -66,6 +97,8 @@ class Scope:
     """The lab's VM relays (among ``tasks``): what they write on a tap is a VM's frame, not the check's send."""
     unreachable: dict[str, int] = field(default_factory=dict)
     """Per node, its Icmp.OutDestUnreachs delta: how many queued skbs its failed neighbours gave back."""
+    lost: int = 0
+    """Events the trace lost: a CPU's order then has holes, and no event is tied to another by it (rule 3)."""
 
 
 def is_kernel_thread(event: TraceEvent) -> bool:
@@ -93,37 +126,160 @@ def _received_anew(event: TraceEvent, previous: TraceEvent) -> bool:
     return event.key in DRIVER_RECEIVES and not (previous.key.startswith(("net:net_dev_", "qdisc:")))
 
 
+def _sent_unreceived(event: TraceEvent, previous: TraceEvent) -> bool:
+    """A transmit right after a driver receive is another skb: a received frame is sent on only after the
+    stack took it (``netif_receive_skb``: forwarding, bridging); GRO frees the segments it merged untraced,
+    and the next skb allocated on that CPU -- another namespace's reply sent in softirq -- reuses the address.
+    (``net_dev_xmit`` after ``netif_rx`` is the same skb: veth's transmit *is* the peer's receive.)"""
+    return previous.key in DRIVER_RECEIVES and event.key == "net:net_dev_queue"
+
+
 def _split(events: Sequence[TraceEvent], tasks: set[int]) -> list[list[TraceEvent]]:
     """Cut one address's events where a new skb starts using it (a foreign task's, or a fresh send)."""
     pieces: list[list[TraceEvent]] = [[]]
     for event in events:
         last = pieces[-1][-1] if pieces[-1] else None
         foreign = last is not None and _foreign_process(event, tasks) and not _foreign_process(last, tasks)
-        if last is not None and (foreign or _starts_an_skb(event) or _received_anew(event, last)):
+        if last is not None and (
+            foreign or _starts_an_skb(event) or _received_anew(event, last) or _sent_unreceived(event, last)
+        ):
             pieces.append([])
         pieces[-1].append(event)
     return [p for p in pieces if p]
 
 
-def lab_packets(events: Sequence[TraceEvent], scope: Scope) -> list[Packet]:
-    """Rule 1: the skbs whose story starts in a lab task and stays on lab devices."""
-    found: list[Packet] = []
-    for chain in all_chains(events, scope.devices, since=scope.since, until=scope.until):
+def _pieces(events: Sequence[TraceEvent], scope: Scope) -> list[tuple[SkbChain, list[TraceEvent]]]:
+    """Every skb's story in the window: each address's chain cut where a new skb starts using it."""
+    return [
+        (chain, piece)
+        for chain in all_chains(events, scope.devices, since=scope.since, until=scope.until)
+        for piece in _split(chain.events, scope.tasks)
+    ]
+
+
+class CpuOrder:
+    """Each CPU's events in the order its ring buffer kept them: what ran just before or after an event.
+
+    Hard-irq events are skipped: a hard irq interrupts whatever ran, it is not part of its call.
+    """
+
+    def __init__(self, events: Sequence[TraceEvent]) -> None:
+        self._by_cpu: dict[int, list[TraceEvent]] = {}
+        self._at: dict[int, int] = {}
+        for event in events:
+            if len(event.flags) >= 3 and event.flags[2] in "hH":
+                continue
+            line = self._by_cpu.setdefault(event.cpu, [])
+            self._at[id(event)] = len(line)
+            line.append(event)
+
+    def before(self, event: TraceEvent) -> TraceEvent | None:
+        at = self._at.get(id(event), 0)
+        return self._by_cpu[event.cpu][at - 1] if at > 0 else None
+
+    def after_its_skb(self, event: TraceEvent) -> TraceEvent | None:
+        """The first event after ``event`` on its CPU that is not of the same skb (its own transmit path)."""
+        at = self._at.get(id(event))
+        line = self._by_cpu.get(event.cpu, [])
+        for later in line[at + 1 :] if at is not None else ():
+            if later.skbaddr != event.skbaddr:
+                return later
+        return None
+
+
+def made_elsewhere(first: TraceEvent, order: CpuOrder, lab: set[int], timers: set[int], since: float) -> bool:
+    """Whether an skb first seen in softirq was made for someone else than the task whose context lent it.
+
+    Two calls make skbs in softirq without the current task's say, and the
+    CPU's order shows them.  A neighbour timer's ARP probe: its transmit is
+    followed, in the same call, by ``neigh:neigh_timer_handler`` on the same
+    device -- the skb is the lab's only if the lab's namespace vouched for
+    that timer event (rule 4).  A reply made on receive (ARP reply, ICMP
+    error): its transmit comes right after the receive it answers, in the
+    same task and context -- the skb is the lab's only if that receive was.
+    """
+    timer = order.after_its_skb(first)
+    if (
+        timer is not None
+        and timer.key == TIMER_HANDLER
+        and timer.device == first.device
+        and timer.timestamp - first.timestamp <= TIMER_GAP
+    ):
+        return id(timer) not in timers
+    cause = order.before(first)
+    return (
+        cause is not None
+        and cause.key == RECEIVE
+        and cause.pid == first.pid
+        and cause.in_interrupt == first.in_interrupt
+        and since <= cause.timestamp
+        and 0 <= first.timestamp - cause.timestamp <= LEARN_GAP
+        and id(cause) not in lab
+    )
+
+
+def lab_packets(events: Sequence[TraceEvent], scope: Scope, timers: set[int] | None = None) -> list[Packet]:
+    """Rule 1: the skbs whose story starts in a lab task and stays on lab devices.
+
+    ``events`` in trace order; ``timers`` are the ids of neighbour timer events the lab's namespace vouched for.
+    """
+    return _lab_packets(_pieces(events, scope), scope, CpuOrder(events), timers or set())
+
+
+def _lab_packets(pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int]) -> list[Packet]:
+    found: dict[int, Packet] = {}
+    lab: set[int] = set()
+    for index, (chain, piece) in sorted(enumerate(pieces), key=lambda ip: ip[1][1][0].timestamp):  # cause first
         if chain.on_lab is False:
             continue
-        for piece in _split(chain.events, scope.tasks):
-            first = piece[0]
-            if first.pid not in scope.tasks or (first.devices and not set(first.devices) & scope.devices):
-                continue
-            # softirq work runs in whichever task is current: an skb first seen there is the lab's only
-            # if it then reaches a lab device (a deviceless one may be another namespace's timer or backlog)
-            if first.in_interrupt and not any(set(e.devices) & scope.devices for e in piece):
-                continue
-            if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
-                continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab
-            origin = "task" if first.in_interrupt else ("relayed" if first.pid in scope.relays else "sent")
-            found.append(Packet(chain.skbaddr, tuple(piece), origin=origin))
-    return found
+        first = piece[0]
+        if first.pid not in scope.tasks or (first.devices and not set(first.devices) & scope.devices):
+            continue
+        # softirq work runs in whichever task is current: an skb first seen there is the lab's only
+        # if it then reaches a lab device (a deviceless one may be another namespace's timer or backlog),
+        # and if the CPU's order does not show it made for another (a timer's probe, a reply to a receive)
+        if first.in_interrupt and not any(set(e.devices) & scope.devices for e in piece):
+            continue
+        if first.in_interrupt and first.skbaddr is not None and made_elsewhere(first, order, lab, timers, scope.since):
+            continue
+        if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
+            continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab
+        origin = "task" if first.in_interrupt else ("relayed" if first.pid in scope.relays else "sent")
+        found[index] = Packet(chain.skbaddr, tuple(piece), origin=origin)
+        lab.update(id(e) for e in piece)
+    return [found[index] for index in sorted(found)]
+
+
+def learnt_from(events: Sequence[TraceEvent]) -> dict[int, TraceEvent]:
+    """Rule 3's tie: for each fdb update (by ``id``), the receive whose rx handler made it.
+
+    ``events`` is in trace order (each CPU's events in the order its ring
+    buffer kept them).  The receive is the latest ``net:netif_receive_skb``
+    on the update's CPU, in the same task and context (a softirq never
+    switches task), on the update's port, not freed in between, and at most
+    :data:`LEARN_GAP` earlier.  An update with no such receive (a user's
+    ``bridge fdb ... use``) is tied to nothing.
+    """
+    latest: dict[int, TraceEvent] = {}
+    tied: dict[int, TraceEvent] = {}
+    for event in events:
+        if event.key == RECEIVE:
+            latest[event.cpu] = event
+        elif event.key in TERMINAL_EVENTS:
+            receive = latest.get(event.cpu)
+            if receive is not None and receive.skbaddr == event.skbaddr:
+                del latest[event.cpu]  # its skb is gone: nothing after this was learnt from it
+        elif event.key == FDB_UPDATE:
+            receive = latest.get(event.cpu)
+            if (
+                receive is not None
+                and receive.pid == event.pid
+                and receive.in_interrupt == event.in_interrupt
+                and receive.device == event.fields.get("dev")
+                and 0 <= event.timestamp - receive.timestamp <= LEARN_GAP
+            ):
+                tied[id(event)] = receive
+    return tied
 
 
 def _fdb_key(event: TraceEvent) -> tuple[str, str, str]:
@@ -190,52 +346,79 @@ def _state_agrees(event: TraceEvent, note: NeighNote) -> bool:
     return not isinstance(state, str) or state.upper() in note.state.split("|")
 
 
-def vouched_events(events: Sequence[TraceEvent], scope: Scope) -> list[TraceEvent]:
-    """Rule 3: each lab notification vouches for one matching tracepoint event just before it.
+def skb_owners(pieces: Pieces, packets: Sequence[Packet], tasks: set[int]) -> Owners:
+    """Who each skb event's story belongs to, as far as rule 1 can tell."""
+    owners: Owners = {}
+    for _, piece in pieces:
+        owner = "foreign" if _foreign_process(piece[0], tasks) else "unknown"
+        owners.update((id(e), owner) for e in piece)
+    owners.update((id(e), "lab") for p in packets for e in p.events)
+    return owners
+
+
+def vouched_events(events: Sequence[TraceEvent], scope: Scope, owners: Owners | None = None) -> list[TraceEvent]:
+    """Rules 3 and 4: the fdb updates learnt from the lab's skbs, and those each lab notification vouches for.
 
     The kernel fires the tracepoint and then sends the notification in the
     same call; the window reads notifications as they arrive and stamps them
     with the trace clock, so *this* namespace's event is a matching one shortly
-    before the stamp.  Among several look-alikes (another namespace with the
+    before the stamp.  Notifications are taken in the order they were read.
+    A notification first takes an fdb update rule 3 tied to a lab skb (its
+    own).  Otherwise, among several look-alikes (another namespace with the
     same device name and address), the one whose consequences agree with what
     the namespace itself counted is chosen: for a neighbour that failed, the
     queue it purged has as many skbs as the node sent ICMP host-unreachable
-    errors for (``Icmp.OutDestUnreachs``); otherwise the closest.  Each event
-    kind is vouched separately.
+    errors for (``Icmp.OutDestUnreachs``), and none is when none agrees (its
+    own would: the others are look-alikes); otherwise the closest -- but never
+    an fdb update rule 3 tied to a foreign or a lab skb, both someone's own.
+    Each event kind is vouched separately.
     """
+    owners = owners if owners is not None else {}
+    tied = learnt_from(events) if not scope.lost else {}
+    owner_of = {id(e): owners.get(id(r), "unknown") for e in events if (r := tied.get(id(e))) is not None}
+    kept = [e for e in events if owner_of.get(id(e)) == "lab" and scope.since <= e.timestamp <= scope.until]
     candidates: dict[tuple[str, tuple[str, str, str]], list[TraceEvent]] = {}
     for event in events:
         if scope.since <= event.timestamp <= scope.until and event.key.startswith(VOUCHED):
             candidates.setdefault((event.key, _event_key(event)), []).append(event)
-    kept: list[TraceEvent] = []
     taken: set[int] = set()
-    for node, notes in scope.notes.items():
-        for note in notes:
-            key = (note.kind, note.device, note.address)
-            for (kind, event_key), group in candidates.items():
-                if event_key != key or not _state_agrees(group[0], note):
-                    continue
-                before = [
-                    e
-                    for e in group
-                    if id(e) not in taken
-                    and 0 <= note.received - e.timestamp <= VOUCH_WINDOW
-                    and _state_agrees(e, note)
-                ]
-                if not before:
-                    continue
-                chosen = max(before, key=lambda e: e.timestamp)
-                errors = scope.unreachable.get(node)
-                if kind == TIMER_HANDLER and "FAILED" in note.state and errors is not None:
-                    agreeing = [e for e in before if len(_purged_before(e, events, scope)) == errors]
-                    chosen = max(agreeing, key=lambda e: e.timestamp) if agreeing else chosen
-                taken.add(id(chosen))
-                kept.append(chosen)
+    heard = sorted(((note, node) for node, notes in scope.notes.items() for note in notes), key=lambda n: n[0].received)
+    for note, node in heard:
+        key = (note.kind, note.device, note.address)
+        for (kind, event_key), group in candidates.items():
+            if event_key != key:  # each event's state is checked below: a group mixes a neighbour's states
+                continue
+            # its own update, however late the notification was read (a loaded host): each update sends one
+            own = [
+                e for e in group if id(e) not in taken and owner_of.get(id(e)) == "lab" and e.timestamp <= note.received
+            ]
+            if own:
+                taken.add(id(own[0]))  # already kept: the notification is its own
+                continue
+            before = [
+                e
+                for e in group
+                if id(e) not in taken
+                and 0 <= note.received - e.timestamp <= VOUCH_WINDOW
+                and _state_agrees(e, note)
+                and owner_of.get(id(e)) not in ("foreign", "lab")
+            ]
+            if not before:
+                continue
+            chosen = max(before, key=lambda e: e.timestamp)
+            errors = scope.unreachable.get(node)
+            if kind == TIMER_HANDLER and "FAILED" in note.state and errors is not None:
+                agreeing = [e for e in before if len(_purged_before(e, events, scope)) == errors]
+                if not agreeing:
+                    continue  # its own would agree: every candidate contradicts the namespace's own count
+                chosen = max(agreeing, key=lambda e: e.timestamp)
+            taken.add(id(chosen))
+            kept.append(chosen)
     return sorted(kept, key=lambda e: e.timestamp)
 
 
 def timer_drops(events: Sequence[TraceEvent], scope: Scope, vouched: Sequence[TraceEvent]) -> list[Packet]:
-    """Rule 3 for drops: the queue a vouched neighbour timer event purged (NEIGH_FAILED, deviceless)."""
+    """Rule 4 for drops: the queue a vouched neighbour timer event purged (NEIGH_FAILED, deviceless)."""
     found: dict[int, Packet] = {}
     for timer in vouched:
         if timer.key == TIMER_HANDLER:
@@ -245,9 +428,11 @@ def timer_drops(events: Sequence[TraceEvent], scope: Scope, vouched: Sequence[Tr
 
 
 def attribute(events: Sequence[TraceEvent], scope: Scope) -> tuple[tuple[Packet, ...], tuple[TraceEvent, ...]]:
-    """The lab's packets and every lab event (packets' events plus rules 2 and 3), in time order."""
-    ordered = sorted(events, key=lambda e: e.timestamp)
-    packets = lab_packets(ordered, scope)
+    """The lab's packets and every lab event (packets' events plus rules 2 to 4), in time order."""
+    ordered = sorted(events, key=lambda e: e.timestamp)  # stable: each CPU's events keep the kernel's order
+    pieces = _pieces(ordered, scope)
+    timers = {id(e) for e in vouched_events(ordered, scope) if e.key == TIMER_HANDLER}
+    packets = _lab_packets(pieces, scope, CpuOrder(ordered), timers)
     in_packets = {id(e) for p in packets for e in p.events}
     napi_threads = {e.pid for p in packets for e in p.events if e.comm.startswith("napi/")}
     tasks = scope.tasks | napi_threads
@@ -260,7 +445,7 @@ def attribute(events: Sequence[TraceEvent], scope: Scope) -> tuple[tuple[Packet,
         and e.pid in tasks
         and not (e.devices and not set(e.devices) & scope.devices)
     ]
-    vouched = vouched_events(ordered, scope)
+    vouched = vouched_events(ordered, scope, skb_owners(pieces, packets, scope.tasks))
     drops = [p for p in timer_drops(ordered, scope, vouched) if id(p.events[0]) not in in_packets]
     packets += drops
     chosen = [e for p in packets for e in p.events] + loose + vouched

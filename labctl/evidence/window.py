@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 
@@ -34,7 +34,8 @@ from labctl.evidence.model import (
 )
 from labctl.kernel import conntrack, counters, netns, tracefs
 from labctl.kernel.conntrack import as_record as conntrack_record
-from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries
+from labctl.kernel.links import NodeLinks
+from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries, flush_learned
 from labctl.kernel.nftrace import IP_CHAINS, HookTracer
 from labctl.kernel.packet import Capture
 from labctl.kernel.routes import route_get
@@ -61,6 +62,23 @@ DRAIN_SECONDS = 0.05
 
 LATE_EVENTS_SECONDS = 0.5
 """Events are kept until this long after the caller's last action (frees of queued skbs)."""
+
+QUIET_SECONDS = 0.03
+""":meth:`Window.settle` ends once the lab has been quiet this long: no packet counted by any of its devices
+or qdiscs, nothing held in a qdisc or a CPU's backlog, nothing unread by a listener.  Once a send returns,
+the kernel has done its work in the sender's own context (softirq runs as the send re-enables bottom
+halves); what it defers is visible in those queues.  Steps whose wait is a *timer* (an ARP probe, a netem
+delay) say how long with ``settle: SECONDS``, which is a fixed sleep."""
+
+QUIET_RELAYED_SECONDS = 0.1
+"""The quiet period of a lab with relays: a frame a relay process has not read yet is in a tap's socket
+queue, which no counter shows (a relay waits for a core on a loaded machine)."""
+
+QUIET_POLL_SECONDS = 0.01
+"""How often :meth:`Window.settle` reads the lab's counters (0.5 ms of CPU for three namespaces)."""
+
+QUIET_MAX_SECONDS = 2.0
+"""A lab that never goes quiet (a flood, another user's load on the CPU backlog) is waited for this long."""
 
 
 @dataclass
@@ -106,9 +124,14 @@ class WindowSpec:
     conntrack: bool = False
     routes: set[tuple[str, str]] = field(default_factory=set)
     """(node, destination) looked up after the traffic, so a PMTU the traffic taught shows."""
+    fdb_flush: tuple[tuple[str, str], ...] = ()
+    """(node, bridge) whose learnt entries are forgotten once recording is on, just before the window starts."""
 
 
 IP_TRACE_TABLES = tuple(IP_CHAINS)
+
+Fold = Callable[[Sequence[tracefs.TraceEvent], Scope], list[tracefs.TraceEvent]]
+"""What :meth:`Window.close` may apply to the raw events before attributing them."""
 
 
 def lab_devices(topo: Topology) -> set[str]:
@@ -140,6 +163,9 @@ class Window:
         self._evidence: Evidence | None = None
         self._raw: list[tracefs.TraceEvent] = []
         self._relays: set[int] = set()
+        self._busy: list[Callable[[], bool]] = []
+        self.settled: list[float] = []
+        """Seconds each :meth:`settle` waited (a fixed settle too), in order."""
         self.since = 0.0
         self.until = 0.0
         self.skipped: dict[str, str] = {}
@@ -174,8 +200,6 @@ class Window:
             )
             for node, w in spec.walks.items()
         }
-        self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
-        self._pump = self._stack.enter_context(WatchPump(list(self._watches.values())))
         self._rules_before = self._rule_counts()
         self._nft_before = nf_evidence.read_nft_counts({n: self.nodes[n] for n in self.spec.nft})
         self._ip6_before = nf_evidence.read_ip6_counts({n: self.nodes[n] for n in self.spec.ip6tables})
@@ -183,8 +207,16 @@ class Window:
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
         buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
         self._trace = self._stack.enter_context(tracefs.TraceSession(events, buffer_kb=buffer_kb))
+        # the watches after the trace: a notification heard is then never of an event fired before tracing
+        # began, so the lab's notification always finds its own event (attribution.vouched_events)
+        self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
+        self._pump = self._stack.enter_context(WatchPump(list(self._watches.values())))
         self._relays = set(relay.find(self.topo.name))
         self._tasks |= own_tasks() | self._relays
+        # a bridge is emptied with the trace and the watches on: whatever it learns from here on (even from a
+        # neighbour's timer-driven ARP probe) is recorded, while what it learnt before is forgotten before `since`
+        for node, bridge in spec.fdb_flush:
+            flush_learned(self.nodes[node], bridge)
         self.since = time.monotonic()
 
     def _rule_counts(self) -> tuple[nf_evidence.RuleCounts, nf_evidence.RuleCounts]:
@@ -209,6 +241,51 @@ class Window:
 
     def record_exec(self, run: ExecEvidence) -> None:
         self._execs.append(run)
+
+    def busy_while(self, pending: Callable[[], bool]) -> None:
+        """Tell :meth:`settle` of work the counters do not show (a listener thread with datagrams unread)."""
+        self._busy.append(pending)
+
+    def settle(self, fixed: float | None = None) -> float:
+        """Wait until the kernel is done with what the caller sent; the seconds waited.
+
+        ``fixed`` (a step's ``settle:``): exactly that long -- the wait is a timer nothing shows running
+        (ARP probes, a netem delay).  Otherwise until the lab has been quiet for :data:`QUIET_SECONDS`
+        (:data:`QUIET_RELAYED_SECONDS` with relays): no packet counted by its interfaces or qdiscs --
+        read per namespace, so another lab's traffic neither ends nor stretches the wait -- nothing held
+        in its qdiscs or any CPU's backlog, and nothing :meth:`busy_while` reports; at most
+        :data:`QUIET_MAX_SECONDS`.  A quiet period is no shorter for a check that expects nothing
+        (count 0): nothing can arrive unseen -- whatever the kernel still holds is in the queues read here.
+        """
+        start = time.monotonic()
+        if fixed is not None:
+            time.sleep(fixed)
+            self.settled.append(fixed)
+            return fixed
+        quiet = QUIET_RELAYED_SECONDS if self._relays else QUIET_SECONDS
+        handles: list[NodeLinks] = []
+        try:
+            handles = [NodeLinks(ns) for ns in self.nodes.values()]
+            last: tuple[int, ...] | None = None
+            quiet_since = start
+            while True:
+                now = time.monotonic()
+                seen = [counters.activity(handle) for handle in handles]
+                moved = tuple(m for m, _ in seen)
+                held = any(h for _, h in seen) or counters.backlog() > 0 or any(busy() for busy in self._busy)
+                if moved != last or held:
+                    last, quiet_since = moved, now
+                elif now - quiet_since >= quiet:
+                    break
+                if now - start >= QUIET_MAX_SECONDS:
+                    break
+                time.sleep(QUIET_POLL_SECONDS)
+        finally:
+            for handle in handles:
+                handle.close()
+        waited = time.monotonic() - start
+        self.settled.append(waited)
+        return waited
 
     def error(self, text: str) -> None:
         """A step that could not do what it said: the verdict must be ERROR, never PASS."""
@@ -242,8 +319,12 @@ class Window:
 
     # ------------------------------------------------------------ closing
 
-    def close(self) -> Evidence:
-        """Stop recording, read everything again, attribute, and release every resource."""
+    def close(self, fold: Fold | None = None) -> Evidence:
+        """Stop recording, read everything again, attribute, and release every resource.
+
+        ``fold`` may leave events out before attribution (``labctl trace`` of a burst: one chain per
+        group of identical skbs, see :mod:`labctl.lab.trace.burst`); it sees the window's scope.
+        """
         if self._evidence is not None:
             return self._evidence
         try:
@@ -288,8 +369,9 @@ class Window:
             notes=notes,
             relays=self._relays,
             unreachable={node: c.get("Icmp.OutDestUnreachs", 0) for node, c in by_node.items()},
+            lost=lost,
         )
-        packets, events = attribute(self._raw, scope)
+        packets, events = attribute(fold(self._raw, scope) if fold is not None else self._raw, scope)
         rules, bridge_rules = nf_evidence.rule_deltas(self._rules_before, rules_after)
         self._evidence = Evidence(
             packets=packets,

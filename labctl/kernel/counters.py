@@ -180,12 +180,16 @@ def _qdiscs(handle: NodeLinks) -> dict[str, dict[str, dict[str, int]]]:
     return result
 
 
+DEFAULT_QDISCS = frozenset({"noqueue", "pfifo_fast", "mq", "noop"})
+"""What an interface has before anyone sets tc: status shows none of them (labctl.lab.tc.status_here)."""
+
+
 def qdisc_kinds(handle: NodeLinks) -> list[tuple[int, str]]:
     """(ifindex, kind) of every qdisc in the handle's namespace: one dump on labctl's own socket."""
     found = []
-    for _, data, offset in handle.nl.dump(RTM_GETQDISC, _TCMSG.pack(0, 0, 0, 0, 0)):
-        _, index, _, _, _ = _TCMSG.unpack_from(data, offset)
-        attrs = attributes(data, offset + _TCMSG.size, frozenset({TCA_KIND}))
+    for data in handle.nl.dump_all(RTM_GETQDISC, _TCMSG.pack(0, 0, 0, 0, 0)):  # each message: payload at 16
+        _, index, _, _, _ = _TCMSG.unpack_from(data, 16)
+        attrs = attributes(data, 16 + _TCMSG.size, frozenset({TCA_KIND}))
         found.append((index, attrs[TCA_KIND].split(b"\0", 1)[0].decode() if TCA_KIND in attrs else ""))
     return found
 
@@ -317,3 +321,24 @@ def by_node(delta_: dict[str, Any], namespaces: Mapping[str, str]) -> dict[str, 
                     flat[f"{ifname}.qdisc.{key}"] = flat.get(f"{ifname}.qdisc.{key}", 0) + value
         result[node] = flat
     return result
+
+
+def activity(handle: NodeLinks) -> tuple[int, int]:
+    """(every packet and drop the namespace's interfaces and qdiscs have counted, packets its qdiscs hold now).
+
+    The first number moves whenever a packet crosses, enters or is dropped at one of the namespace's
+    devices; the second is what a qdisc still holds (a shaper releases it later, on a timer).  An
+    observation window waits until neither moves (labctl/evidence/window.py, ``Window.settle``).
+    """
+    moved = sum(sum(stats.values()) for stats in _links(handle).values())
+    held = 0
+    for qdiscs in _qdiscs(handle).values():
+        for counts in qdiscs.values():
+            moved += counts.get("packets", 0) + counts.get("drops", 0)
+            held += counts.get("qlen", 0)
+    return moved, held
+
+
+def backlog() -> int:
+    """Packets waiting in every CPU's backlog now (softnet_stat's backlog_len; 0 where the kernel lacks it)."""
+    return sum(row.get("backlog_len", 0) for row in softnet())

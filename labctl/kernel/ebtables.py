@@ -29,14 +29,14 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from labctl.kernel import netns
+from labctl.kernel import netns, rulesync
+from labctl.kernel.broute import LEGACY, broute_available
 from labctl.kernel.iptrules import RuleCounter, RuleError, Token, tokenize
 from labctl.names import has_control, scratch_namespace_name
 
 EBTABLES = "ebtables-nft"
 RESTORE = "ebtables-nft-restore"
 SAVE = "ebtables-nft-save"
-LEGACY = "ebtables-legacy"
 LEGACY_RESTORE = "ebtables-legacy-restore"
 
 TABLES = ("filter", "nat")
@@ -56,14 +56,6 @@ BROUTE_UNSUPPORTED = (
     "says requires: [CONFIG_BRIDGE_EBT_BROUTE]"
 )
 
-
-def broute_available() -> bool:
-    """The kernel has the legacy broute table and ebtables-legacy is installed."""
-    import shutil
-
-    from labctl.kernel import kconfig
-
-    return not kconfig.missing(["CONFIG_BRIDGE_EBT_BROUTE"]) and shutil.which(LEGACY) is not None
 
 _COMMANDS = {
     "-A": "append",
@@ -213,6 +205,38 @@ def apply_rules(namespace: str, rules: Sequence[str]) -> None:
         _restore_legacy(namespace, build_script(legacy))
 
 
+def replace_rules(namespace: str, rules: Sequence[str]) -> None:
+    """Swap ``namespace``'s ebtables rules for ``rules`` in one nf_tables transaction.
+
+    ``ebtables-nft-restore`` without ``--noflush`` empties each table its input names (rules, user chains,
+    policies) and fills it again in the same transaction, so no frame ever meets an empty table; tables the
+    node has and ``rules`` do not name are listed empty, to be emptied in it too.  Meant for rules already
+    accepted in a scratch namespace (:mod:`labctl.kernel.rulesync`).  Legacy broute is emptied and refilled.
+    """
+    parsed = []
+    for text in rules:
+        try:
+            parsed.append(parse_rule(text))
+        except RuleError as exc:
+            raise exc.in_namespace(namespace) from exc
+    nft = [r for r in parsed if r.table not in LEGACY_TABLES]
+    script = build_script(nft)
+    named = {r.table for r in nft}
+    for table in existing_tables(namespace):
+        if table in TABLES and table not in named:
+            script.add(f"*{table}", None)
+    if script.lines:
+        result = _run_restore(namespace, script.text(), noflush=False)
+        if result.returncode != 0:
+            texts = "; ".join(r.text for r in nft)
+            raise RuleError(texts, f"ebtables-restore refused the rules: {_message(result.stderr)}", namespace)
+    legacy = [r for r in parsed if r.table in LEGACY_TABLES]
+    if broute_available():
+        netns.run(namespace, [LEGACY, "-t", "broute", "--init-table"], capture_output=True)
+    if legacy:
+        _restore_legacy(namespace, build_script(legacy))
+
+
 def _restore_legacy(namespace: str, script: _Script) -> None:
     """Legacy tables (broute) are replaced whole by ebtables-legacy-restore: all of the table's rules or none."""
     result = netns.run(namespace, [LEGACY_RESTORE, "--noflush"], input=script.text(), capture_output=True,
@@ -235,8 +259,9 @@ def _restore(namespace: str, script: _Script) -> None:
     raise RuleError(rule.text, f"ebtables-nft refused the rule: {detail}", namespace)
 
 
-def _run_restore(namespace: str, text: str) -> subprocess.CompletedProcess[str]:
-    return netns.run(namespace, [RESTORE, "--noflush"], input=text, capture_output=True, text=True)
+def _run_restore(namespace: str, text: str, noflush: bool = True) -> subprocess.CompletedProcess[str]:
+    flags = ["--noflush"] if noflush else []
+    return netns.run(namespace, [RESTORE, *flags], input=text, capture_output=True, text=True)
 
 
 def _message(stderr: str) -> str:
@@ -351,11 +376,29 @@ def parse_save(text: str) -> list[RuleCounter]:
 
 
 def flush(namespace: str) -> None:
-    """Delete every bridge table of ``namespace`` (for ``down`` and tests)."""
+    """Delete every bridge table of ``namespace`` (for a converge that replaces them, and tests)."""
     for table in existing_tables(namespace):
         delete_table(namespace, table)
     if broute_available():  # a legacy table cannot be removed: emptied, its policy back to ACCEPT
         netns.run(namespace, [LEGACY, "-t", "broute", "--init-table"], capture_output=True)
+
+
+def has_tables(namespace: str) -> bool:
+    """Whether ``namespace`` holds any bridge table (ebtables-nft's; a legacy broute table counts when listed)."""
+    return bool(existing_tables(namespace)) or broute_available()
+
+
+TOOL = rulesync.RuleTool("ebtables", has_tables, list_rules, apply_rules, replace_rules, flush)
+"""ebtables as :func:`labctl.kernel.rulesync.converge` drives it."""
+
+
+def converge(namespace: str, rules: Sequence[str]) -> str | None:
+    """Make ``namespace``'s ebtables rules be ``rules``: ``loaded``, ``replaced``, ``removed`` or None.
+
+    None: they already were, and nothing was touched (counters keep counting).  A rule ebtables-nft
+    refuses leaves the node's rules as they were (RuleError names the rule).
+    """
+    return rulesync.converge(TOOL, namespace, rules)
 
 
 def run(namespace: str, args: Sequence[str]) -> subprocess.CompletedProcess[str]:

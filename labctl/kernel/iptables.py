@@ -46,7 +46,7 @@ a commit error (``/proc/net/ip_tables_matches``, ``ip6_tables_matches`` and thei
 
 from __future__ import annotations
 
-from labctl.kernel.iptapply import apply_rules
+from labctl.kernel.iptapply import apply_rules, replace_rules
 from labctl.kernel.iptbuild import build_rule
 from labctl.kernel.iptlist import delete_where, existing_tables, existing_tables_here, flush, list_rules, rule_text
 from labctl.kernel.iptparse import parse_rule
@@ -87,6 +87,7 @@ __all__ = [
     "flush",
     "list_rules",
     "parse_rule",
+    "replace_rules",
     "rule_text",
     "tokenize",
 ]

@@ -20,6 +20,7 @@ import iptc
 from labctl.kernel import netns
 from labctl.kernel.iptbuild import LOCK, XtTable, build_rule, open_handle
 from labctl.kernel.iptbuild import close_handle as _close
+from labctl.kernel.iptlist import empty_table, existing_tables_here
 from labctl.kernel.iptparse import parse_rule
 from labctl.kernel.iptrules import Family, ParsedRule, RuleError
 from labctl.kernel.iptrules import clean as _clean
@@ -58,14 +59,7 @@ def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip") -> 
     does not say which rule is bad; the batch is then replayed rule by rule
     in a throw-away namespace to name it.
     """
-    parsed = [_parse_in(namespace, text, family) for text in rules]
-    for rule in parsed:
-        if rule.command in ("append", "insert"):
-            try:
-                build_rule(rule)
-            except RuleError as exc:
-                raise exc.in_namespace(namespace) from exc
-    batches = _group_by_table(parsed)
+    batches = _group_by_table(_checked(namespace, rules, family))
     with LOCK, netns.entered(namespace):
         try:
             for batch in batches:
@@ -75,6 +69,41 @@ def apply_rules(namespace: str, rules: Sequence[str], family: Family = "ip") -> 
             for batch in batches:
                 if batch.handle is not None:
                     _close(batch.handle)
+
+
+def replace_rules(namespace: str, rules: Sequence[str], family: Family = "ip") -> None:
+    """Swap ``namespace``'s ``family`` rules for ``rules``, one table at a time, each in one step.
+
+    Each table the namespace has or the rules name is emptied and refilled in one private handle and
+    committed once: ``IPT_SO_SET_REPLACE`` swaps the table whole, so no packet ever meets it empty (a
+    flush followed by :func:`apply_rules` would open the firewall in between).  Meant for rules already
+    accepted by this kernel in a scratch namespace (:mod:`labctl.kernel.rulesync`): should a table still be
+    refused, the tables committed before it keep their new rules and the error names the rule.
+    """
+    batches = _group_by_table(_checked(namespace, rules, family))
+    with LOCK, netns.entered(namespace):
+        named = {batch.name for batch in batches}
+        batches += [_TableBatch(name, [], family) for name in existing_tables_here(family) if name not in named]
+        try:
+            for batch in batches:
+                _stage(batch, namespace, emptied=True)
+            _commit_all(batches, namespace, undo=False)
+        finally:
+            for batch in batches:
+                if batch.handle is not None:
+                    _close(batch.handle)
+
+
+def _checked(namespace: str, rules: Sequence[str], family: Family) -> list[ParsedRule]:
+    """Every rule parsed and built once (nothing touches the kernel yet); RuleError names the first bad one."""
+    parsed = [_parse_in(namespace, text, family) for text in rules]
+    for rule in parsed:
+        if rule.command in ("append", "insert"):
+            try:
+                build_rule(rule)
+            except RuleError as exc:
+                raise exc.in_namespace(namespace) from exc
+    return parsed
 
 
 def _parse_in(namespace: str, text: str, family: Family) -> ParsedRule:
@@ -91,9 +120,11 @@ def _group_by_table(parsed: list[ParsedRule]) -> list[_TableBatch]:
     return list(batches.values())
 
 
-def _stage(batch: _TableBatch, namespace: str) -> None:
-    """Apply a table's operations to a fresh handle (userspace only)."""
+def _stage(batch: _TableBatch, namespace: str, emptied: bool = False) -> None:
+    """Apply a table's operations to a fresh handle (userspace only), ``emptied`` of its rules first."""
     batch.handle = open_handle(batch.name, batch.family)
+    if emptied:
+        empty_table(batch.handle)
     for rule in batch.rules:
         try:
             batch.undo.append(_stage_one(batch.handle, rule))
@@ -137,14 +168,15 @@ def _chain_length(table: XtTable, chain: str) -> int:
     return count
 
 
-def _commit_all(batches: list[_TableBatch], namespace: str) -> None:
+def _commit_all(batches: list[_TableBatch], namespace: str, undo: bool = True) -> None:
+    """Commit each table; a refusal takes the tables committed before it back out (``undo``) and names the rule."""
     committed: list[_TableBatch] = []
     for batch in batches:
         assert batch.handle is not None
         try:
             batch.handle.commit()
         except iptc.IPTCError as exc:
-            for done in reversed(committed):
+            for done in reversed(committed if undo else []):
                 _undo(done)
             raise _blame(batch, namespace, _clean(exc)) from exc
         committed.append(batch)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -59,7 +60,89 @@ def _is_extension(name: str, family: Family = "ip") -> bool:
     """Whether libxtables can load a target extension called ``name`` for ``family`` (userspace only)."""
     from iptc.xtables import NFPROTO_IPV4, NFPROTO_IPV6, xtables
 
+    prepare_family(family)
     return bool(xtables(NFPROTO_IPV6 if family == "ip6" else NFPROTO_IPV4).find_target(name))
+
+
+def register_for_family(name: str, family: Family, target: bool) -> None:
+    """Make libxtables know extension ``name`` for ``family``, even if its library was loaded for the other one.
+
+    One ``libxt_*.so`` serves both families (``libxt_MASQUERADE.so`` is a link
+    to ``libxt_NAT.so``).  Its constructor registers only the variants of the
+    family current when it is first dlopen'ed; a second dlopen of the same file
+    runs no constructor, and calling the constructor again exits the process
+    ("already registered").  So once a lab's ip6tables rules used MASQUERADE,
+    every later IPv4 MASQUERADE in the process was "can't find target" (and the
+    other way round; python-iptables issues #112, #316, #325).  The way out is
+    a private copy of the library -- an anonymous memfd, a separate instance
+    with its own structs -- dlopen'ed with ``family`` current.
+
+    Targets must be loaded so *before* the first lookup of their name for the
+    family: libxtables remembers a failed target lookup ("notargets") and
+    never looks again, so every target library (``libxt_[A-Z]*``) is loaded for
+    a family on its first use here (:func:`prepare_family`).  A match lookup is
+    not remembered, so a match is loaded for the family when it is missing.
+    """
+    if name in ("", "ACCEPT", "DROP", "QUEUE", "RETURN"):  # the built-in verdicts
+        return
+    prepare_family(family)
+    if target:
+        return
+    from iptc import xtables as xt
+
+    proto = xt.NFPROTO_IPV6 if family == "ip6" else xt.NFPROTO_IPV4
+    if xt.xtables(proto).find_match(name) or not xt._xtables_libdir:
+        return
+    prefix = "libip6t_" if family == "ip6" else "libipt_"
+    for candidate in (f"libxt_{name}.so", f"{prefix}{name}.so"):
+        if _load_copy(os.path.join(xt._xtables_libdir, candidate), proto):
+            return
+
+
+def prepare_family(family: Family) -> None:
+    """Load every target library for ``family`` as a private copy, once per process (see register_for_family)."""
+    if family in _PREPARED:
+        return
+    _PREPARED.add(family)
+    from iptc import xtables as xt
+
+    if not xt._xtables_libdir or not os.path.isdir(xt._xtables_libdir):
+        return
+    proto = xt.NFPROTO_IPV6 if family == "ip6" else xt.NFPROTO_IPV4
+    for entry in sorted(os.listdir(xt._xtables_libdir)):
+        if entry.startswith("libxt_") and entry[6:7].isupper() and entry.endswith(".so"):
+            _load_copy(os.path.join(xt._xtables_libdir, entry), proto)
+
+
+def _load_copy(path: str, proto: int) -> bool:
+    """dlopen a private copy of ``path`` with ``proto`` current, so its constructor registers that family."""
+    from iptc import xtables as xt
+
+    real = os.path.realpath(path)
+    if not os.path.isfile(real) or (proto, real) in _COPIES:
+        return False
+    _COPIES.add((proto, real))
+    with open(real, "rb") as original:
+        image = original.read()
+    fd = os.memfd_create(f"labctl-{proto}-{os.path.basename(real)}")  # close-on-exec
+    try:
+        os.write(fd, image)
+        xt.xtables._xtables_set_nfproto(proto)
+        # the fd stays open: the loader knows a library by its path, and a
+        # reused /proc/self/fd/N would be taken for the copy loaded before
+        _LIBRARY_COPIES.append(ctypes.CDLL(f"/proc/self/fd/{fd}"))  # the constructor runs here
+    except OSError:
+        os.close(fd)
+        return False
+    return True
+
+
+_PREPARED: set[str] = set()
+"""The families whose target libraries are loaded (as private copies) in this process."""
+_COPIES: set[tuple[int, str]] = set()
+"""(protocol, library) pairs loaded as a private copy."""
+_LIBRARY_COPIES: list[ctypes.CDLL] = []
+"""The copies stay loaded for the life of the process: libxtables keeps pointers into them."""
 
 
 class _UdataKeeper:
@@ -181,6 +264,7 @@ _PROTOCOL_ALIASES = {"ip6": {"ipv6-icmp": "icmpv6", "icmp6": "icmpv6"}}
 
 def open_handle(name: str, family: Family = "ip") -> XtTable:
     """A private handle of table ``name`` of ``family`` in the namespace the thread is in now."""
+    prepare_family(family)  # listing its rules looks their targets up
     try:
         return _Table6(name) if family == "ip6" else _Table(name)
     except iptc.IPTCError as exc:
@@ -203,6 +287,11 @@ def build_rule(parsed: ParsedRule, table: Any = None) -> iptc.Rule:
     if parsed.command not in ("append", "insert"):
         raise parsed.error(f"{parsed.command} is not a rule")
     with LOCK:
+        _reclaim_exit_handler()
+        for match in parsed.matches:
+            register_for_family(match.name, parsed.family, target=False)
+        if parsed.target is not None:
+            register_for_family(parsed.target.name, parsed.family, target=True)
         tables = [table if table is not None else _ChainOracle(parsed.family)]
         rule: iptc.Rule = _Rule6(tables=tables) if parsed.family == "ip6" else _Rule(tables=tables)
         _set_generic(rule, parsed)
@@ -210,6 +299,18 @@ def build_rule(parsed: ParsedRule, table: Any = None) -> iptc.Rule:
             _add_match(rule, parsed, match)
         _set_target(rule, parsed)
         return rule
+
+
+def _reclaim_exit_handler() -> None:
+    """Point libxtables' one global ``xt_params`` back at python-iptables' before options are parsed.
+
+    A bad option value (``--dport x``) makes libxtables call ``xt_params->exit_err``: python-iptables'
+    raises, but libnftables (the nft code, in the same process) sets its own on init, which prints
+    ``nft v1.0.6: Port "x" does not resolve`` and calls exit(2) -- the whole process gone, no rollback.
+    """
+    from iptc import xtables as xt
+
+    xt._lib_xtables.xtables_set_params(ctypes.byref(xt._xt_globals))
 
 
 def _set_generic(rule: iptc.Rule, parsed: ParsedRule) -> None:

@@ -153,16 +153,21 @@ def flush(namespace: str, family: Family = "ip") -> None:
         for name in existing_tables_here(family):
             table = open_handle(name, family)
             try:
-                for chain in table.chains:
-                    table.flush_entries(chain.name)
-                for chain in table.chains:
-                    if table.builtin_chain(chain.name):
-                        table.set_policy(chain.name, "ACCEPT")
-                    else:
-                        table.delete_chain(chain.name)
+                empty_table(table)
                 table.commit()
             finally:
                 _close(table)
+
+
+def empty_table(table: XtTable) -> None:
+    """Take every rule and user chain out of an open handle and reset built-in policies (nothing committed)."""
+    for chain in table.chains:
+        table.flush_entries(chain.name)
+    for chain in table.chains:
+        if table.builtin_chain(chain.name):
+            table.set_policy(chain.name, "ACCEPT")
+        else:
+            table.delete_chain(chain.name)
 
 
 def delete_where(namespace: str, predicate: Callable[[str], bool], family: Family = "ip") -> int:

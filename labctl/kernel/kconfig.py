@@ -10,9 +10,12 @@ import functools
 import gzip
 import os
 import platform
+import re
 
 CONFIG_GZ = "/proc/config.gz"
 BOOT_CONFIG = "/boot/config-{release}"
+_OPTION = re.compile(r"^\s*(CONFIG_\w+)=(.*?)\s*$", re.MULTILINE)
+"""``CONFIG_X=value`` lines (``# CONFIG_Y is not set`` lines set nothing)."""
 
 
 def source() -> str | None:
@@ -29,13 +32,12 @@ def options() -> dict[str, str] | None:
     path = source()
     if path is None:
         return None
-    found: dict[str, str] = {}
-    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
-        for line in f:
-            name, sep, value = line.strip().partition("=")
-            if sep and name.startswith("CONFIG_"):
-                found[name] = value
-    return found
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
+    # one regular expression over the whole text: a Python loop over its ~8000 lines was 8 ms of `labctl validate`
+    return dict(_OPTION.findall(data.decode(errors="replace")))
 
 
 def missing(required: list[str]) -> list[str]:
@@ -44,6 +46,8 @@ def missing(required: list[str]) -> list[str]:
     Built-in (``y``) and module (``m``) both count: a module is loaded on demand.
     A kernel that shows its options nowhere meets nothing it cannot show.
     """
+    if not required:
+        return []  # nothing asked: the config is not read (a lab without requirements never needs it)
     have = options()
     lacking = []
     for requirement in required:

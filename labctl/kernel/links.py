@@ -24,6 +24,7 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ _NAME_AND_STATE = frozenset({IFLA_IFNAME, IFLA_OPERSTATE})
 _NAME_AND_AF = frozenset({IFLA_IFNAME, IFLA_AF_SPEC})
 _SHOWN = frozenset(
     {IFLA_IFNAME, IFLA_LINKINFO, IFLA_MASTER, IFLA_LINK, IFLA_STATS64, IFLA_CARRIER, IFLA_ADDRESS, IFLA_MTU}
-    | {IFLA_TXQLEN, IFLA_IFALIAS}
+    | {IFLA_TXQLEN, IFLA_IFALIAS, IFLA_LINK_NETNSID}  # the netnsid: a vlan's parent in another namespace
 )
 """What ``links()`` reads: copying only these (of some fifty per link) halves the parsing of a status."""
 VETH_INFO_PEER = 1
@@ -214,9 +215,7 @@ def _attrs(data: bytes, offset: int = 0, wanted: frozenset[int] | None = None) -
 def _decode_details(table: dict[int, tuple[str, str]], payload: bytes) -> dict[str, Any]:
     """Decode the attributes of ``table`` found in a nested IFLA_INFO_DATA / SLAVE_DATA payload."""
     found: dict[str, Any] = {}
-    for kind, data in _attrs(payload).items():
-        if kind not in table:
-            continue
+    for kind, data in _attrs(payload, 0, frozenset(table)).items():  # stops once all are found (a port has ~40)
         name, encoding = table[kind]
         if encoding in ("u8", "u16", "u32") and len(data) >= {"u8": 1, "u16": 2, "u32": 4}[encoding]:
             found[name] = int.from_bytes(data[: {"u8": 1, "u16": 2, "u32": 4}[encoding]], "little")
@@ -259,7 +258,7 @@ def _cstr(payload: bytes) -> str:
 
 
 def _mac(payload: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in payload)
+    return payload.hex(":")  # C speed: the generator cost 5 µs a MAC, 15 ms of a 1000-node status
 
 
 def _ip_text(family: int, payload: bytes) -> str:
@@ -271,6 +270,26 @@ def _ip_bytes(address: str) -> tuple[int, bytes]:
     return (socket.AF_INET if ip.version == 4 else socket.AF_INET6), ip.packed
 
 
+_RECEIVE_BYTES = 1 << 20
+"""Room for the largest netlink datagram labctl reads (a dump's part is at most 32 KiB)."""
+_receiving = threading.local()
+
+
+def _receive(sock: socket.socket) -> bytes:
+    """One datagram, read into this thread's buffer and copied out at its own size.
+
+    ``sock.recv(1 << 20)`` allocates a fresh megabyte per call, which glibc
+    maps and unmaps each time: three system calls and page faults around
+    every netlink read, 30 µs -- more than the kernel's answer to a small
+    dump, and at a thousand namespaces most of a status.
+    """
+    buffer = getattr(_receiving, "buffer", None)
+    if buffer is None:
+        buffer = _receiving.buffer = bytearray(_RECEIVE_BYTES)
+    size = sock.recv_into(buffer)
+    return bytes(memoryview(buffer)[:size])
+
+
 class Netlink:
     """A raw netlink socket: requests are queued, written together, and every ack is read.
 
@@ -279,13 +298,16 @@ class Netlink:
     of a round trip per object.
     """
 
-    def __init__(self, protocol: int = NETLINK_ROUTE) -> None:
+    def __init__(self, protocol: int = NETLINK_ROUTE, dumps_only: bool = False) -> None:
+        """``dumps_only``: a socket that only reads dumps (status) needs neither the big receive buffer
+        nor an explicit bind (the kernel binds it on the first send): two system calls fewer a socket."""
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
-        try:  # a batch's acks wait in the receive buffer until it is read: room for thousands
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
-        except PermissionError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-        self.sock.bind((0, 0))
+        if not dumps_only:
+            try:  # a batch's acks wait in the receive buffer until it is read: room for thousands
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+            except PermissionError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+            self.sock.bind((0, 0))
         self.seq = 0
         self.pending: list[tuple[int, str, bytes, int | None]] = []  # seq, what it is about, message, fd
 
@@ -348,6 +370,37 @@ class Netlink:
                     return
                 yield msg_kind, data, offset
 
+    def dump_all(self, kind: int, body: bytes) -> list[bytes]:
+        """Every message of a dump, read at once (each its own bytes; the payload starts at byte 16).
+
+        The lean form of :meth:`dump` for readers of many namespaces: no
+        generator and no tuple per message, which at a thousand namespaces
+        cost more than the kernel's own answer (bench/bench_cli.py, status).
+        """
+        self.seq += 1
+        seq = self.seq
+        sock = self.sock
+        sock.send(_HDR.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        found: list[bytes] = []
+        unpack = _HDR.unpack_from
+        while True:
+            data = _receive(sock)
+            offset, size = 0, len(data)
+            while offset + 16 <= size:
+                length, msg_kind, _, msg_seq, _ = unpack(data, offset)
+                if length < 16:
+                    break
+                if msg_seq == seq:
+                    if msg_kind == NLMSG_DONE:
+                        return found
+                    if msg_kind == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, offset + 16)[0]
+                        if code:
+                            raise OSError(code, os.strerror(code))
+                        return found
+                    found.append(data[offset : offset + length])
+                offset += (length + 3) & ~3
+
     def get(self, kind: int, body: bytes) -> tuple[int, bytes, int]:
         """The one answer to a request that is not a dump (``ip route get``); OSError when refused."""
         for answer in self._request(kind, NLM_F_REQUEST, body):
@@ -355,7 +408,7 @@ class Netlink:
         raise OSError(errno.ENODATA, "no answer")
 
     def _messages(self) -> list[tuple[int, int, bytes, int]]:
-        data = self.sock.recv(1 << 20)
+        data = _receive(self.sock)
         found = []
         offset = 0
         while offset + 16 <= len(data):
@@ -384,6 +437,120 @@ def bridge_tables_here() -> bool:
 
 def _kernel_error(what: str, namespace: str, code: int) -> OSError:
     return OSError(code, f"{what} in {namespace}: {os.strerror(code)}")
+
+
+def decode_links(raw: list[tuple[int, dict[int, bytes], int]]) -> dict[str, LinkInfo]:
+    """Interfaces by name from a link dump's (index, attributes read with ``_SHOWN``, flags).
+
+    Shared by :meth:`NodeLinks.links` and the readers of many namespaces
+    (:mod:`labctl.kernel.snapshot`); addresses are filled in by the caller.
+    """
+    by_index = {index: _cstr(attrs[IFLA_IFNAME]) for index, attrs, _ in raw}
+    foreign_parent = {index for index, attrs, _ in raw if IFLA_LINK_NETNSID in attrs}
+    result: dict[str, LinkInfo] = {}
+    for index, attrs, flags in raw:
+        name = by_index[index]
+        info = _attrs(attrs[IFLA_LINKINFO]) if IFLA_LINKINFO in attrs else {}
+        kind = _cstr(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else ("loopback" if name == "lo" else "device")
+        details = (
+            _decode_details(KIND_DETAILS[kind], info[IFLA_INFO_DATA])
+            if kind in KIND_DETAILS and IFLA_INFO_DATA in info
+            else {}
+        )
+        bridge_port = (
+            _decode_details(BRPORT_DETAILS, info[IFLA_INFO_SLAVE_DATA])
+            if IFLA_INFO_SLAVE_DATA in info and _cstr(info.get(IFLA_INFO_SLAVE_KIND, b"")) == "bridge"
+            else {}
+        )
+        master = struct.unpack("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
+        link = struct.unpack("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
+        stats = attrs.get(IFLA_STATS64)
+        result[name] = LinkInfo(
+            index=index,
+            name=name,
+            kind=kind,
+            up=bool(flags & IFF_UP),
+            carrier=bool(attrs.get(IFLA_CARRIER, b"\0")[0]),
+            promisc=bool(flags & IFF_PROMISC),
+            mac=_mac(attrs[IFLA_ADDRESS]) if IFLA_ADDRESS in attrs else "",
+            mtu=struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
+            txqueuelen=struct.unpack("=I", attrs[IFLA_TXQLEN])[0] if IFLA_TXQLEN in attrs else 0,
+            master=by_index.get(master) if master else None,
+            stats=dict(zip(STATS64, struct.unpack_from(f"={len(STATS64)}Q", stats), strict=True)) if stats else {},
+            alias=_cstr(attrs[IFLA_IFALIAS]) if IFLA_IFALIAS in attrs else None,
+            link_index=link if link and link != index else None,
+            details=details,
+            port=bridge_port,
+        )
+    for found in result.values():  # indexes named: a vxlan's underlay, a vlan's parent
+        if found.kind == "vxlan" and ipaddress.ip_address(found.details.get("remote", "0.0.0.0")).is_multicast:
+            found.details["group"] = found.details.pop("remote")  # IFLA_VXLAN_GROUP holds either
+        dev_index = found.details.pop("dev_index", None)
+        if dev_index:
+            found.details["dev"] = by_index.get(dev_index, str(dev_index))
+        if found.kind in ("vlan", "macvlan", "ipvlan") and found.link_index:
+            local = found.index not in foreign_parent
+            found.details["parent"] = (
+                by_index.get(found.link_index, str(found.link_index))
+                if local
+                else f"ifindex {found.link_index} of another namespace"
+            )
+    return result
+
+
+LINK_DUMP = _IFINFO.pack(0, 0, 0, 0, 0)
+"""An RTM_GETLINK dump request of every interface."""
+ADDRESS_DUMP = _IFADDR.pack(0, 0, 0, 0, 0)
+"""An RTM_GETADDR dump request of every family."""
+
+
+def decode_addresses(messages: list[bytes], names: dict[int, str]) -> dict[str, list[str]]:
+    """Interface name -> ``address/prefixlen`` of an address dump's messages (payload at byte 16)."""
+    found: dict[str, list[str]] = {}
+    for data in messages:
+        family, prefixlen, _, _, index = _IFADDR.unpack_from(data, 16)
+        attrs = _attrs(data, 16 + _IFADDR.size)
+        address = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
+        if address is None:
+            continue
+        name = names.get(index, str(index))
+        found.setdefault(name, []).append(f"{_ip_text(family, address)}/{prefixlen}")
+    return found
+
+
+ROUTE_DUMP = _RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)
+"""An RTM_GETROUTE dump request of every family and table."""
+RT_TABLE_COMPAT = 252  # rtm_table of a route whose table id does not fit in 8 bits (RTA_TABLE has it)
+
+
+def decode_routes(messages: list[bytes], names: dict[int, str], own_only: bool = False) -> list[dict[str, Any]]:
+    """The main table's IPv4 and IPv6 routes of a route dump's messages, with interface names.
+
+    The header's table decides before any attribute is read: most of a
+    namespace's routes are the local table's (an address's local and
+    broadcast entries), which status never shows.
+    """
+    result = []
+    for data in messages:
+        family, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(data, 16)
+        if family not in (socket.AF_INET, socket.AF_INET6) or table not in (ROUTE_TABLE_MAIN, RT_TABLE_COMPAT):
+            continue
+        attrs = _attrs(data, 16 + _RTMSG.size)
+        if RTA_TABLE in attrs:
+            table = struct.unpack("=I", attrs[RTA_TABLE])[0]
+        if table != ROUTE_TABLE_MAIN or (own_only and proto != RTPROT_LABCTL):
+            continue
+        oif = struct.unpack("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
+        result.append(
+            {
+                "dst": f"{_ip_text(family, attrs[RTA_DST])}/{dst_len}" if RTA_DST in attrs else "default",
+                "via": _ip_text(family, attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None,
+                "dev": names.get(oif) if oif is not None else None,
+                "proto": proto,
+                "family": family,
+            }
+        )
+    return result
 
 
 class NodeLinks:
@@ -437,9 +604,9 @@ class NodeLinks:
     # -- reading ---------------------------------------------------------
     def _dump_links(self, wanted: frozenset[int] | None = None) -> Iterator[tuple[int, dict[int, bytes], int]]:
         self.commit()
-        for _, data, offset in self.nl.dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
-            _, _, index, flags, _ = _IFINFO.unpack_from(data, offset)
-            yield index, _attrs(data, offset + _IFINFO.size, wanted), flags
+        for data in self.nl.dump_all(RTM_GETLINK, LINK_DUMP):
+            _, _, index, flags, _ = _IFINFO.unpack_from(data, 16)
+            yield index, _attrs(data, 16 + _IFINFO.size, wanted), flags
 
     def refresh(self, names: set[str] | None = None) -> dict[str, int]:
         """Learn interface indexes; one dump serves any ``names`` (cheaper than a request per name)."""
@@ -463,58 +630,8 @@ class NodeLinks:
 
     def links(self) -> dict[str, LinkInfo]:
         """One dump of every interface (and one of addresses); also refreshes the name -> index cache."""
-        raw = list(self._dump_links(_SHOWN))
-        by_index = {index: _cstr(attrs[IFLA_IFNAME]) for index, attrs, _ in raw}
-        foreign_parent = {index for index, attrs, _ in raw if IFLA_LINK_NETNSID in attrs}
-        result: dict[str, LinkInfo] = {}
-        for index, attrs, flags in raw:
-            name = by_index[index]
-            info = _attrs(attrs[IFLA_LINKINFO]) if IFLA_LINKINFO in attrs else {}
-            kind = _cstr(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else ("loopback" if name == "lo" else "device")
-            details = (
-                _decode_details(KIND_DETAILS[kind], info[IFLA_INFO_DATA])
-                if kind in KIND_DETAILS and IFLA_INFO_DATA in info
-                else {}
-            )
-            bridge_port = (
-                _decode_details(BRPORT_DETAILS, info[IFLA_INFO_SLAVE_DATA])
-                if IFLA_INFO_SLAVE_DATA in info and _cstr(info.get(IFLA_INFO_SLAVE_KIND, b"")) == "bridge"
-                else {}
-            )
-            master = struct.unpack("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
-            link = struct.unpack("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
-            stats = attrs.get(IFLA_STATS64)
-            result[name] = LinkInfo(
-                index=index,
-                name=name,
-                kind=kind,
-                up=bool(flags & IFF_UP),
-                carrier=bool(attrs.get(IFLA_CARRIER, b"\0")[0]),
-                promisc=bool(flags & IFF_PROMISC),
-                mac=_mac(attrs[IFLA_ADDRESS]) if IFLA_ADDRESS in attrs else "",
-                mtu=struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
-                txqueuelen=struct.unpack("=I", attrs[IFLA_TXQLEN])[0] if IFLA_TXQLEN in attrs else 0,
-                master=by_index.get(master) if master else None,
-                stats=dict(zip(STATS64, struct.unpack_from(f"={len(STATS64)}Q", stats), strict=True)) if stats else {},
-                alias=_cstr(attrs[IFLA_IFALIAS]) if IFLA_IFALIAS in attrs else None,
-                link_index=link if link and link != index else None,
-                details=details,
-                port=bridge_port,
-            )
+        result = decode_links(list(self._dump_links(_SHOWN)))
         self.index = {name: info.index for name, info in result.items()}
-        for found in result.values():  # indexes named: a vxlan's underlay, a vlan's parent
-            if found.kind == "vxlan" and ipaddress.ip_address(found.details.get("remote", "0.0.0.0")).is_multicast:
-                found.details["group"] = found.details.pop("remote")  # IFLA_VXLAN_GROUP holds either
-            dev_index = found.details.pop("dev_index", None)
-            if dev_index:
-                found.details["dev"] = by_index.get(dev_index, str(dev_index))
-            if found.kind in ("vlan", "macvlan", "ipvlan") and found.link_index:
-                local = found.index not in foreign_parent
-                found.details["parent"] = (
-                    by_index.get(found.link_index, str(found.link_index))
-                    if local
-                    else f"ifindex {found.link_index} of another namespace"
-                )
         for name, addrs in self.addresses().items():
             if name in result:
                 result[name].addresses = addrs
@@ -523,16 +640,7 @@ class NodeLinks:
     def addresses(self) -> dict[str, list[str]]:
         self.commit()
         names = {index: name for name, index in self.index.items()}
-        found: dict[str, list[str]] = {}
-        for _, data, offset in self.nl.dump(RTM_GETADDR, _IFADDR.pack(0, 0, 0, 0, 0)):
-            family, prefixlen, _, _, index = _IFADDR.unpack_from(data, offset)
-            attrs = _attrs(data, offset + _IFADDR.size)
-            address = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
-            if address is None:
-                continue
-            name = names.get(index, str(index))
-            found.setdefault(name, []).append(f"{_ip_text(family, address)}/{prefixlen}")
-        return found
+        return decode_addresses(self.nl.dump_all(RTM_GETADDR, ADDRESS_DUMP), names)
 
     def route_to(self, address: str) -> tuple[str | None, str | None, str | None]:
         """(out interface, gateway, preferred source) this namespace's kernel picks for ``address``."""
@@ -599,28 +707,8 @@ class NodeLinks:
         """Routes of the main table (IPv4 then IPv6), with interface names."""
         self.commit()
         names = {index: name for name, index in self.index.items()}
-        result = []
         # one dump of every family (the kernel walks them in order: IPv4, then IPv6)
-        for _, data, offset in self.nl.dump(RTM_GETROUTE, _RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)):
-            family, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(data, offset)
-            if family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            attrs = _attrs(data, offset + _RTMSG.size)
-            if RTA_TABLE in attrs:
-                table = struct.unpack("=I", attrs[RTA_TABLE])[0]
-            if table != ROUTE_TABLE_MAIN or (own_only and proto != RTPROT_LABCTL):
-                continue
-            oif = struct.unpack("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
-            result.append(
-                {
-                    "dst": f"{_ip_text(family, attrs[RTA_DST])}/{dst_len}" if RTA_DST in attrs else "default",
-                    "via": _ip_text(family, attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None,
-                    "dev": names.get(oif) if oif is not None else None,
-                    "proto": proto,
-                    "family": family,
-                }
-            )
-        return result
+        return decode_routes(self.nl.dump_all(RTM_GETROUTE, ROUTE_DUMP), names, own_only)
 
     def wait_operational(self, names: set[str], timeout: float = 2.0) -> list[str]:
         """Wait until ``names`` are operationally up; returns those that never were.

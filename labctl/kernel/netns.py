@@ -17,7 +17,7 @@ import ctypes
 import errno
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -163,6 +163,39 @@ def entered(name: str) -> Iterator[None]:
             yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def walking(names: Iterable[str]) -> Iterator[Iterator[str]]:
+    """An iterator that enters each namespace in turn (the loop body runs inside it); back at the end.
+
+        with netns.walking(names) as entering:
+            for name in entering:
+                ...  # the calling thread is inside ``name``
+
+    One switch per namespace instead of :func:`entered`'s two, and one open
+    of the caller's own namespace for the whole walk: what a reader of a
+    thousand namespaces (status) pays per node.  A context manager, not a
+    bare generator, so an exception in the loop body still returns the
+    thread to its namespace at once.  A namespace removed meanwhile, or a
+    stale file that is no namespace, is skipped.
+    """
+    with _saved_namespace():
+        yield _enter_each(names)
+
+
+def _enter_each(names: Iterable[str]) -> Iterator[str]:
+    for name in names:
+        try:
+            fd = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            entered_now = LIBC.setns(fd, CLONE_NEWNET) == 0
+        finally:
+            os.close(fd)
+        if entered_now:
+            yield name
 
 
 def netlink(name: str) -> IPRoute:

@@ -231,13 +231,13 @@ def tables_here() -> list[tuple[str, str]]:
     from labctl.kernel.links import NETLINK_NETFILTER, Netlink
 
     nf_msg_gettable, nfnl_subsys_nftables, nfta_table_name = 1, 10, 1
-    sock = Netlink(NETLINK_NETFILTER)
+    sock = Netlink(NETLINK_NETFILTER, dumps_only=True)
     found = []
     try:
         body = struct.pack("=BBH", 0, 0, 0)
-        for _kind, data, offset in sock.dump((nfnl_subsys_nftables << 8) | nf_msg_gettable, body):
-            family = data[offset]
-            attrs = offset + 4
+        for data in sock.dump_all((nfnl_subsys_nftables << 8) | nf_msg_gettable, body):  # payload at byte 16
+            family = data[16]
+            attrs = 16 + 4
             name = ""
             while attrs + 4 <= len(data):
                 length, kind = struct.unpack_from("=HH", data, attrs)

@@ -96,6 +96,7 @@ def up(
             nodes=dict(builder.ns),
             relays=previous.relays if previous else {},
             digest=state.digest(topo),
+            interfaces={node: sorted(names) for node, names in builder.wanted_interfaces.items()},
         )
         state.save(current)  # written first: a kill -9 from here on is still cleanable
         run = _Run()

@@ -72,8 +72,8 @@ def _tracepoints() -> frozenset[str]:
 
 @functools.cache
 def machine_facts() -> MachineFacts:
+    from labctl.kernel.broute import broute_available  # not ebtables: that imports python-iptables
     from labctl.kernel.counters import QDISC_QUEUE_KEYS
-    from labctl.kernel.ebtables import broute_available
     from labctl.kernel.nftrace import BRIDGE_CHAINS, IP_CHAINS
     from labctl.kernel.tracefs import drop_reason_names
 

@@ -273,6 +273,35 @@ def _ip6_lacking_message(table: str) -> str:
     )
 
 
+def ip6_expect_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
+    """A check's ``ip6tables:`` counters and ``ip6:`` walk steps need ip6tables and the table, as its
+    ``setup.ip6tables`` rules do: on a kernel without them a check that does not say so in ``requires:`` is
+    refused here, by file line, instead of failing when it runs."""
+    from labctl.kernel import xtables
+
+    if kconfig.options() is None or not kconfig.missing(xtables.ip6_requirements(xtables.IP6_TABLE_OPTIONS)):
+        return []  # cannot tell, or every ip6tables table is here (this machine): nothing to refuse
+    from labctl.expect.kinds.netfilter import full_name
+    from labctl.expect.walks import form_steps
+
+    problems: list[Problem] = []
+    for i, check in enumerate(lab.checks):
+        if kconfig.missing(check.requires) or version.outside(check.kernel):
+            continue  # never run on this kernel: reported not provable here
+        counts, walks = (getattr(check.expect, key) or {} for key in ("ip6tables", "hooks"))  # generated model
+        places: list[tuple[KeyPath, str]] = [
+            (("checks", i, "expect", "ip6tables", node, key), key.split(":")[0])
+            for node, wanted in counts.items()
+            for key in wanted
+        ]
+        for node, form in walks.items():
+            tables = [full_name(s).split(":")[1] for s in form_steps(form) if full_name(s).startswith("ip6:")]
+            places += [(("checks", i, "expect", "hooks", node), table) for table in dict.fromkeys(tables)]
+        problems += [source.problem(path, _ip6_lacking_message(table)) for path, table in places
+                     if _ip6_lacking(table)]
+    return problems
+
+
 def _ip6_requirements(rules: list[str]) -> list[str]:
     """ip6tables itself and the option of each table the rules name (``-t nat`` -> CONFIG_IP6_NF_NAT)."""
     from labctl.kernel import xtables
@@ -287,11 +316,12 @@ def _ip6_requirements(rules: list[str]) -> list[str]:
 
 def traffic_kernel_problems(topo: Topology, source: SourceMap) -> tuple[list[Problem], list[str]]:
     """What the topology's tc and nftables need that this kernel is built without, named by option."""
-    if kconfig.options() is None:
+    needed = traffic_requirements(topo)
+    if not needed or kconfig.options() is None:  # the kernel's config is read only when something is needed
         return [], []
     problems: list[Problem] = []
     lacking: list[str] = []
-    for path, what, option in traffic_requirements(topo):
+    for path, what, option in needed:
         if kconfig.missing([option]):
             problems.append(source.problem(path, f"{what}: this kernel lacks {option}"))
             if option not in lacking:
@@ -442,6 +472,7 @@ def load_lab(file: str) -> tuple[LabFile, SourceMap]:
         + tc_reference_problems(lab, source)
         + nft_problems(lab, source)
         + expectation_problems(lab, source)
+        + ip6_expect_problems(lab, source)
         + feature_problems(lab, source)
     )
     if problems:

@@ -16,7 +16,6 @@ taken for a relay.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -71,6 +70,8 @@ def relay(pairs: list[tuple[int, int]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse  # only the relay process parses arguments: status and down import this module for find()
+
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     parser.add_argument("--lab", required=True)
     parser.add_argument("--vm", required=True)

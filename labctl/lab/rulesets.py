@@ -14,35 +14,36 @@ if TYPE_CHECKING:
 
 
 def netfilter(builder: Builder) -> None:
-    """The topology's own rules; a converge starts iptables/ebtables from scratch (counters reset),
-    while ip6tables rules are compared with the file's and left alone when equal (iptsync).
+    """The topology's own rules, each tool converged to the file (:mod:`labctl.kernel.rulesync`).
 
-    A namespace without tables has nothing to flush: checked by reading
-    /proc and one netlink dump, not by python-iptables and ``nft``.
+    The file's rules are compared with the node's, not flushed and re-added: an unchanged file leaves
+    the rules, their counters and the firewall alone (a second ``up`` changes nothing); a changed one is
+    replaced and reported (``r1: iptables replaced``).  A namespace without tables has nothing to compare:
+    that is known from /proc and one netlink dump (namespaces.py), not by python-iptables and ``nft``.
     """
     for node, spec in builder.topo.nodes.items():
         ns = builder.ns[node]
+        has_iptables, has_ebtables = builder.tables.get(node, (False, False))
+        if spec.iptables or has_iptables:
+            from labctl.kernel import iptables
+
+            _report(builder, node, "iptables", iptables.converge(ns, spec.iptables))
         if spec.ip6tables or builder.ip6_tables.get(node, False):
             from labctl.kernel import iptables
 
-            # compared, not flushed: an unchanged file leaves the rules and their counters alone
-            done = iptables.converge(ns, spec.ip6tables, "ip6")
-            if done is not None:
-                builder.traffic_changes.append(f"{node}: ip6tables {done}")
-        has_iptables, has_ebtables = builder.tables.get(node, (False, False))
-        if not (spec.iptables or spec.ebtables or has_iptables or has_ebtables):
-            continue
-        from labctl.kernel import ebtables, iptables
+            _report(builder, node, "ip6tables", iptables.converge(ns, spec.ip6tables, "ip6"))
+        # a node whose nftables: has no ebtables: owns its bridge tables (nft converges them below)
+        if spec.ebtables or (has_ebtables and spec.nftables is None):
+            from labctl.kernel import ebtables
 
-        if has_iptables:
-            iptables.flush(ns)
-        if has_ebtables:
-            ebtables.flush(ns)
-        if spec.iptables:
-            iptables.apply_rules(ns, spec.iptables)
-        if spec.ebtables:
-            ebtables.apply_rules(ns, spec.ebtables)
+            _report(builder, node, "ebtables", ebtables.converge(ns, spec.ebtables))
     nftables(builder)
+
+
+def _report(builder: Builder, node: str, tool: str, done: str | None) -> None:
+    """``r1: iptables replaced`` for ``up`` to print; a node this run created was not converged but built."""
+    if done is not None and node not in builder.fresh:
+        builder.traffic_changes.append(f"{node}: {tool} {done}")
 
 
 def nftables(builder: Builder) -> None:

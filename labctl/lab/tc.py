@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from labctl.kernel import netns
 from labctl.kernel import tc as ktc
+from labctl.kernel.counters import DEFAULT_QDISCS
 
 if TYPE_CHECKING:
     from labctl.kernel.links import NodeLinks
@@ -162,8 +163,9 @@ def converge(
     return ("replaced" if before is not None else "built"), wanted
 
 
-_DEFAULT_QDISCS = frozenset({"noqueue", "pfifo_fast", "mq", "noop"})
-"""What an interface has before anyone sets tc: not shown by status."""
+_DEFAULT_QDISCS = DEFAULT_QDISCS
+"""What an interface has before anyone sets tc: not shown by status (kept in counters.py beside
+qdisc_kinds, so status decides without importing this module)."""
 
 
 def _handle(value: int) -> str:

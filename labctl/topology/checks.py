@@ -192,8 +192,9 @@ class Traffic(Strict):
     ping: Ping | None = None
     tcp: SendTcp | None = None
     exec: Exec | None = None
-    settle: Annotated[float, Field(ge=0, le=10)] = 0.1
-    """Seconds to wait after sending for the kernel to finish with the packets."""
+    settle: Annotated[float, Field(ge=0, le=10)] | None = None
+    """Seconds to wait after the step, fixed: for a timer nothing shows running (ARP probes, a netem delay).
+    Left out, the wait ends once the lab is quiet (labctl/evidence/window.py ``Window.settle``)."""
 
     @model_validator(mode="after")
     def _one(self) -> Traffic:

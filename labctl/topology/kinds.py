@@ -92,7 +92,7 @@ _VLAN_NAME = re.compile(r"^(?P<parent>.+)\.(?P<id>\d+)$")
 class VirtualFields(BaseModel):
     """The kind-specific keys of a node's interface entry; which apply depends on ``kind``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     kind: VirtualKind | None = None
     """None: the interface comes from a link (veth or tap), a bridge, or is ``lo``."""
@@ -176,7 +176,7 @@ class VirtualFields(BaseModel):
 class PortSettings(BaseModel):
     """One bridge port's flags and VLANs (``bridge link set`` / ``bridge vlan add``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     learning: bool = True
     flood: bool = True
@@ -215,7 +215,7 @@ PORT_FLAGS = ("learning", "flood", "mcast_flood", "bcast_flood", "isolated", "ha
 class FdbEntry(BaseModel):
     """A static fdb entry (``bridge fdb add MAC dev PORT master static [sticky]``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     mac: str
     port: str
@@ -236,7 +236,7 @@ class FdbEntry(BaseModel):
 class BridgeExtras(BaseModel):
     """Bridge-wide settings beyond STP and timers (``ip link set BR type bridge ...``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     vlan_filtering: bool = False
     mcast_snooping: bool = True

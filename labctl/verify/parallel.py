@@ -2,22 +2,33 @@
 
 Why it is safe.  Each lab runs in a process of its own, and evidence is
 attributed to the tasks of the process that runs a check
-(labctl/evidence/attribution.py): two labs traced at the same moment do not
-adopt each other's packets, even with the same device names and addresses.
-What attribution cannot separate is host-wide state, so a lab that
+(labctl/evidence/attribution.py) and read per namespace (counters, the
+settle's quiet test): two labs traced at the same moment do not adopt each
+other's packets, even with the same device names and addresses.  What
+attribution cannot separate is host-wide state, so
 
-* sets a host-wide sysctl (``net.core.netdev_max_backlog`` changes every
-  namespace's backlog, the other lab's included),
-* judges host-wide evidence (an expectation kind with ``host_wide``:
-  softnet_stat is per CPU, shared by every namespace), or
-* has a check marked ``alone: true`` (its verdict is timing another lab's
-  load would change, like a rate-limited qdisc's drop count)
+* a lab that sets a host-wide sysctl (``net.core.netdev_max_backlog`` changes
+  every namespace's backlog, the other lab's included) runs from its ``up`` to
+  its ``down`` while no other lab does anything;
+* a check that judges host-wide evidence (an expectation kind with
+  ``host_wide``: softnet_stat is per CPU, shared by every namespace) or is
+  marked ``alone: true`` (its verdict is timing another lab's load would
+  change, like a rate-limited qdisc's drop count) runs while no other lab
+  builds, runs a check or tears down -- the other labs stay up, idle.
 
-runs while no other lab of the run does.  :class:`RunLock` enforces that
-across processes: a lab holds it shared, a lab that must run alone holds it
-exclusively, and a waiting exclusive holder keeps new shared holders out, so
-it is not starved.  The mutation suite (labctl/verify/mutate.py) schedules
-its own ``alone`` labs the same way.
+:class:`RunLock` enforces that across processes: every phase of a lab (its
+``up``, each check, its ``down``) holds it shared, a phase that must run alone
+holds it exclusively, and a waiting exclusive holder keeps new shared holders
+out, so it is not starved.  A check that must run alone therefore waits at
+most for the checks running at that moment, not for whole labs.  The
+mutation suite (labctl/verify/mutate.py) schedules its own ``alone`` labs the
+same way.
+
+Why more labs than cores.  A run is mostly waiting -- for the kernel's timers
+(a SYN retransmission), tracefs instances, ping's reply timeout -- so ``-j``
+can exceed the core count: ``-j auto`` is :func:`auto_jobs`.  The longest labs
+start first (each lab's last duration is kept in /run/labctl/runs), so the
+run does not end with one long lab on its own.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copyreg
 import fcntl
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +47,7 @@ from typing import Any
 
 from labctl.errors import KernelLacksError, LabctlError
 from labctl.kernel import registry
-from labctl.topology.checks import LabFile
+from labctl.topology.checks import Check, LabFile
 from labctl.verify.runner import LabResult, load_lab_file, run_lab, selected
 
 RUNS_DIR = os.path.join(registry.STATE_DIR, "runs")
@@ -50,20 +62,31 @@ def _mapping_proxy(items: dict[Any, Any]) -> MappingProxyType[Any, Any]:
 copyreg.pickle(MappingProxyType, lambda view: (_mapping_proxy, (dict(view),)))
 
 
-def alone_reason(lab: LabFile, select: str | None = None) -> str | None:
-    """Why ``lab`` (its selected checks) must run while no other lab runs, or None."""
-    from labctl.expect.base import kinds
-
+def lab_alone_reason(lab: LabFile) -> str | None:
+    """Why ``lab`` must be the only lab doing anything from its up to its down, or None."""
     if lab.sysctls:
         return f"it sets host-wide {', '.join(sorted(lab.sysctls))}"
-    host_wide = [key for key, kind in kinds().items() if kind.host_wide]
-    for check in selected(lab, select):
-        if check.alone:
-            return f"check {check.name} says alone: true"
-        stated = [key for key in host_wide if getattr(check.expect, key) is not None]
-        if stated:
-            return f"check {check.name} judges host-wide {', '.join(stated)}"
     return None
+
+
+def check_alone_reason(check: Check) -> str | None:
+    """Why ``check`` must run while no other lab of the run acts, or None."""
+    from labctl.expect.base import kinds
+
+    if check.alone:
+        return f"check {check.name} says alone: true"
+    stated = [key for key, kind in kinds().items() if kind.host_wide and getattr(check.expect, key) is not None]
+    if stated:
+        return f"check {check.name} judges host-wide {', '.join(stated)}"
+    return None
+
+
+def alone_reason(lab: LabFile, select: str | None = None) -> str | None:
+    """Why ``lab`` (its selected checks) needs the machine to itself at some point, or None."""
+    reason = lab_alone_reason(lab)
+    for check in selected(lab, select):
+        reason = reason or check_alone_reason(check)
+    return reason
 
 
 class RunLock:
@@ -100,6 +123,9 @@ class RunLock:
             os.close(lock)  # releases the flock
             os.close(gate)
 
+    def turns(self, lab: LabFile) -> Turns:
+        return Turns(self, lab_alone_reason(lab) is not None)
+
     def remove(self) -> None:
         """Delete the run's lock files (the run is over: nobody holds them)."""
         with contextlib.suppress(OSError):
@@ -112,8 +138,82 @@ class RunLock:
                 os.close(dir_fd)
 
 
+class Turns:
+    """When one lab of a run may act (see the module's docstring); :func:`labctl.verify.runner.run_lab` asks.
+
+    ``whole``: the lab holds the lock exclusively from before its up to after its down (:meth:`lab`), and
+    its phases take nothing more.  Otherwise each phase takes the lock for itself (:meth:`phase`):
+    exclusively for a check that must run alone, shared for the rest.
+    """
+
+    def __init__(self, lock: RunLock, whole: bool) -> None:
+        self.lock = lock
+        self.whole = whole
+
+    @contextlib.contextmanager
+    def lab(self) -> Iterator[None]:
+        if self.whole:
+            with self.lock.held(alone=True):
+                yield
+        else:
+            yield
+
+    @contextlib.contextmanager
+    def phase(self, check: Check | None = None) -> Iterator[None]:
+        if self.whole:
+            yield
+        else:
+            with self.lock.held(alone=check is not None and check_alone_reason(check) is not None):
+                yield
+
+
 def new_run_name() -> str:
     return f"run-{os.getpid()}-{time.time_ns()}"
+
+
+def auto_jobs(labs: int, cores: int | None = None) -> int:
+    """``-j auto``: labs at a time -- :data:`JOBS_PER_CORE` per core (a run is mostly waiting), at most the
+    number of labs."""
+    return max(1, min(labs, JOBS_PER_CORE * (cores or os.cpu_count() or 1)))
+
+
+JOBS_PER_CORE = 3
+"""A serial run of labs/ is ~8.6 s of CPU in ~58 s on an idle 2-core machine, so 6 labs at a time still
+leave CPU idle; measured at load average 6-10 (README, Benchmarks), -j auto took 40-56 s where the serial
+run took 67-89 s.  When other users already hold the cores, -j beyond them buys nothing."""
+
+
+def parse_jobs(text: str, labs: int) -> int:
+    """``-j`` as given: a positive number or ``auto``; ValueError otherwise."""
+    if text == "auto":
+        return auto_jobs(labs)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"-j takes a positive number or auto, not {text!r}")
+    return int(text)
+
+
+DURATIONS = os.path.join(RUNS_DIR, "durations.json")
+"""Each lab file's last duration (seconds, by absolute path): the longest labs start first."""
+
+
+def _last_durations() -> dict[str, float]:
+    dir_fd = registry.open_dir(RUNS_DIR)
+    try:
+        text = registry.read_text(dir_fd, os.path.basename(DURATIONS))
+    finally:
+        os.close(dir_fd)
+    try:
+        data = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, int | float)} if isinstance(data, dict) else {}
+
+
+def _remember_durations(results: list[LabResult]) -> None:
+    with registry.locked_json(DURATIONS) as data:
+        for result in results:
+            if result.checks and not result.error:
+                data[os.path.abspath(result.file)] = round(result.seconds, 3)
 
 
 @dataclass(frozen=True)
@@ -135,9 +235,11 @@ def run_one(job: LabJob) -> tuple[LabResult, int | None]:
             lab = load_lab_file(job.file)
         except KernelLacksError:  # nothing is built: run_lab reports every check as not provable here
             return run_lab(job.file, select=job.select, keep=job.keep, reuse=job.reuse), None
-        with RunLock(job.run).held(alone=alone_reason(lab, job.select) is not None):
-            result = run_lab(job.file, select=job.select, keep=job.keep, reuse=job.reuse, pcap_dir=job.pcap_dir)
-            return result, None
+        turns = RunLock(job.run).turns(lab)
+        result = run_lab(
+            job.file, select=job.select, keep=job.keep, reuse=job.reuse, pcap_dir=job.pcap_dir, turns=turns
+        )
+        return result, None
     except LabctlError as exc:  # one broken lab must not cost the report of the others
         return LabResult(lab=Path(job.file).stem, file=job.file, error=str(exc)), exc.exit_code
 
@@ -154,14 +256,19 @@ def run_labs(
     """Run ``files``, ``jobs`` labs at a time, each in a worker process; results in ``files`` order.
 
     Returns the results and whether some file was bad input (exit 2).  Labs
-    that must run alone are started first, so the run ends with the labs
-    that share the machine instead of one long lab on its own.
+    that must run alone from up to down start first; then the longest labs
+    (their last duration; a lab never run counts as one second per check),
+    so the run ends with short labs, not one long lab on its own.
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     run = new_run_name()
-    order = sorted(files, key=lambda f: _sort_key(f, select))
+    try:
+        durations = _last_durations()
+    except OSError:
+        durations = {}
+    order = sorted(files, key=lambda f: _sort_key(f, select, durations))
     done: dict[str, tuple[LabResult, int | None]] = {}
     try:
         # spawn, not fork: the parent has threads (the progress spinner) and open netlink sockets
@@ -176,12 +283,15 @@ def run_labs(
     finally:
         RunLock(run).remove()
     results = [done[f][0] for f in files]
+    with contextlib.suppress(OSError):
+        _remember_durations(results)
     return results, any(done[f][1] == 2 for f in files)
 
 
-def _sort_key(file: str, select: str | None) -> tuple[int, str]:
+def _sort_key(file: str, select: str | None, durations: dict[str, float]) -> tuple[int, float, str]:
     try:
-        alone = alone_reason(load_lab_file(file), select) is not None
+        lab = load_lab_file(file)
     except LabctlError:
-        alone = False
-    return (0 if alone else 1, file)
+        return (1, 0.0, file)
+    seconds = durations.get(os.path.abspath(file), float(len(selected(lab, select))))
+    return (0 if lab_alone_reason(lab) is not None else 1, -seconds, file)

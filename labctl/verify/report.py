@@ -83,9 +83,9 @@ def print_check(console: Console, check: CheckResult) -> None:
 def print_results(console: Console, results: list[LabResult]) -> None:
     for lab in results:
         mark = "[green]PASS[/]" if lab.passed else "[red]FAIL[/]"
-        console.print(f"{mark} [bold]{escape(lab.lab)}[/] ({escape(lab.file)}, {lab.seconds:.1f}s)")
+        console.print(f"{mark} [bold]{escape(lab.lab)}[/] ({escape(lab.file)}, {lab.seconds:.1f}s)", soft_wrap=True)
         if lab.error:
-            console.print(f"    [red]{escape(lab.error)}[/]")
+            console.print(f"    [red]{escape(lab.error)}[/]", highlight=False, soft_wrap=True)
         for check in lab.checks:
             print_check(console, check)
     checks = [c for lab in results for c in lab.checks]

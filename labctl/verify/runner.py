@@ -26,6 +26,7 @@ from labctl.verify.explain import explain
 from labctl.verify.judge import judge
 from labctl.verify.pcaps import write_check_pcap
 from labctl.verify.stage import observe
+from labctl.verify.turns import Alone, Turns
 
 
 @dataclass
@@ -205,13 +206,16 @@ def run_lab(
     on_check: Callable[[str, str], None] | None = None,
     reuse: bool = False,
     pcap_dir: str | None = None,
+    turns: Turns | None = None,
 ) -> LabResult:
     """Bring the lab up, run its (selected) checks, bring it down unless ``keep``.
 
     A lab already up (``labctl up``) is never converged or torn down by a run:
     without ``reuse`` the run refuses; with it the checks run against the lab
-    as it is and it stays up.
+    as it is and it stays up.  ``turns`` says when the lab may act beside
+    other labs (``run -j``); by default it never waits.
     """
+    turns = turns or Alone()
     start = time.monotonic()
     try:
         lab = load_lab_file(file)
@@ -238,16 +242,20 @@ def run_lab(
             f"lab {lab.name} is up already (labctl up); a run would converge and remove it: "
             f"use --reuse to run the checks against it and leave it up, or labctl down {lab.name} first"
         )
-    if not already_up:
-        build.up(lab, file)
-    try:
-        for check in chosen:
-            if on_check:
-                on_check(lab.name, check.name)
-            result.checks.append(run_check(lab, check, pcap_dir))
-    finally:
-        if not keep and not already_up:
-            build.down(lab.name)
+    with turns.lab():
+        if not already_up:
+            with turns.phase():
+                build.up(lab, file)
+        try:
+            for check in chosen:
+                if on_check:
+                    on_check(lab.name, check.name)
+                with turns.phase(check):
+                    result.checks.append(run_check(lab, check, pcap_dir))
+        finally:
+            if not keep and not already_up:
+                with turns.phase():
+                    build.down(lab.name)
     result.seconds = time.monotonic() - start
     return result
 

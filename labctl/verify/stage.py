@@ -23,15 +23,13 @@ import errno as errno_codes
 import os
 import re
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from labctl.evidence.model import Evidence, ExecEvidence, SendEvidence, SocketEvidence
 from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSpec
 from labctl.expect.base import JudgeContext, Needs
 from labctl.kernel import ebtables, iptables, netns, nft, sysctl
-from labctl.kernel.neighwatch import flush_learned
 from labctl.kernel.packet import inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import UdpListener, send_udp
@@ -101,6 +99,9 @@ def window_spec(check: Check, needs: Needs) -> WindowSpec:
         fdb=needs.fdb,
         conntrack=needs.conntrack,
         routes=set(needs.routes),
+        # flushed by the window once it records: a bridge re-taught between a flush and the window's start
+        # (a neighbour's ARP probe) would learn nothing the window could see
+        fdb_flush=tuple((node, bridge) for node, _, bridge in (r.partition(":") for r in check.setup.fdb_flush)),
     )
 
 
@@ -141,16 +142,15 @@ def temporary_rules(topo: Topology, check: Check) -> Iterator[None]:
             nft.apply_commands(_ns(topo, node), commands)
         yield
     finally:
-        for node in touched_ip:
-            iptables.flush(_ns(topo, node))
-            if topo.nodes[node].iptables:
-                iptables.apply_rules(_ns(topo, node), topo.nodes[node].iptables)
-        for node in touched_ip6:  # the node's own ip6tables rules again
-            iptables.converge(_ns(topo, node), topo.nodes[node].ip6tables, "ip6")
+        for node in touched_ip:  # the node's own rules again, each table swapped whole (never open between)
+            iptables.replace_rules(_ns(topo, node), topo.nodes[node].iptables)
+        for node in touched_ip6:
+            iptables.replace_rules(_ns(topo, node), topo.nodes[node].ip6tables, "ip6")
         for node in touched_eb:
-            ebtables.flush(_ns(topo, node))
             if topo.nodes[node].ebtables:
-                ebtables.apply_rules(_ns(topo, node), topo.nodes[node].ebtables)
+                ebtables.replace_rules(_ns(topo, node), topo.nodes[node].ebtables)
+            else:
+                ebtables.flush(_ns(topo, node))  # tables only the check made go
         for node in touched_nft:  # the node's own ruleset again, in one transaction (ebtables' tables kept)
             nft.replace(_ns(topo, node), topo.nodes[node].nftables or "", keep_ebtables=True)
 
@@ -327,7 +327,8 @@ def _send(
                     f"ping {spec_p.to} from {spec_p.node}: {len(refused)} echo requests refused by the node's own"
                     f" stack ({refused[0].removeprefix('ping: ').strip()})"
                 )
-    time.sleep(traffic.settle)
+    with window.draining():  # a settle (an ARP timing out) is long enough for a busy host to fill the ring
+        window.settle(traffic.settle)  # a stated settle is a fixed wait; else until the lab is quiet
 
 
 def warm_neighbours(topo: Topology, check: Check) -> None:
@@ -373,9 +374,6 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
         stack.enter_context(temporary_rules(topo, check))
         stack.enter_context(threaded_napi(topo, check))
         stack.enter_context(interface_features(topo, check, stage_errors))
-        for ref in check.setup.fdb_flush:
-            node, _, bridge = ref.partition(":")
-            flush_learned(_ns(topo, node), bridge)
         stack.enter_context(setup_execs(topo, check, execs, stage_errors))
         listeners: list[tuple[Listen, UdpListener | TcpListener]] = []
         for spec in check.setup.listen:
@@ -383,6 +381,9 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
             stack.callback(listener.close)
             listeners.append((spec, listener))
         window = stack.enter_context(Window(topo, window_spec(check, needs)))
+        for _, listener in listeners:  # a datagram its reader thread has not taken yet is still on its way
+            if isinstance(listener, UdpListener) and listener.read:
+                window.busy_while(_unread(listener))
         for error in stage_errors:
             window.error(error)
         errors_expected = getattr(check.expect, "send_error") is not None  # noqa: B009 - registry-built model
@@ -402,6 +403,10 @@ def observe(topo: Topology, check: Check) -> tuple[Evidence, JudgeContext]:
             errors=evidence.errors + tuple(e for e in stage_errors if e not in evidence.errors),
         )
     return evidence, JudgeContext(traffic_protocols=frozenset(protocols))
+
+
+def _unread(listener: UdpListener) -> Callable[[], bool]:
+    return lambda: listener.stats().queued_bytes > 0
 
 
 def _socket_evidence(spec: Listen, listener: UdpListener | TcpListener) -> SocketEvidence:

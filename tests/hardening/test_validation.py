@@ -270,3 +270,60 @@ def test_ip6tables_on_a_kernel_without_it_is_not_provable_or_must_be_required(
     assert "ip6tables table filter: this kernel lacks CONFIG_IP6_NF_IPTABLES, CONFIG_IP6_NF_FILTER" in str(bad.value)
     file.write_text(check.replace("REQUIRES", "    requires: [CONFIG_IP6_NF_IPTABLES, CONFIG_IP6_NF_FILTER]\n"))
     load_lab(str(file))  # required: the check is reported not provable here when run
+
+
+IP6_EXPECT = """\
+name: v
+topology:
+  nodes:
+    a: {ipv6: true}
+checks:
+  - name: counted
+REQUIRES_0    traffic: [{ping: {node: a, to: "::1"}}]
+    expect:
+      ip6tables: {a: {"filter:OUTPUT:policy": 1}}
+  - name: walked
+REQUIRES_1    traffic: [{ping: {node: a, to: "::1"}}]
+    expect:
+      hooks: {a: [ip6:raw:OUTPUT, ip6:mangle:OUTPUT, ip6:filter:OUTPUT]}
+"""
+
+
+def test_ip6tables_expectations_on_a_kernel_without_it_must_be_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ip6tables: counter or an ip6: walk step needs ip6tables like a check's setup rules do: refused at load
+    time (file:line, key path, exit 2) unless the check says so in requires:, never an ERROR when it runs."""
+    from typer.testing import CliRunner
+
+    from labctl.cli import app
+    from labctl.kernel import kconfig
+
+    have = {k: v for k, v in (kconfig.options() or {}).items() if k not in ("CONFIG_IP6_NF_IPTABLES",
+                                                                             "CONFIG_IP6_NF_RAW")}
+    monkeypatch.setattr(kconfig, "options", lambda: have)
+    file = tmp_path / "ip6.yaml"
+    file.write_text(IP6_EXPECT.replace("REQUIRES_0", "").replace("REQUIRES_1", ""))
+    with pytest.raises(LabFileError) as bad:
+        load_lab(str(file))
+    assert [str(p) for p in bad.value.problems] == [
+        f"{file}:9: checks[0].expect.ip6tables.a.filter:OUTPUT:policy: ip6tables table filter: this kernel lacks"
+        " CONFIG_IP6_NF_IPTABLES; a check that needs it says so (requires: [CONFIG_IP6_NF_IPTABLES]) and is then"
+        " not provable here",
+        f"{file}:13: checks[1].expect.hooks.a: ip6tables table raw: this kernel lacks CONFIG_IP6_NF_IPTABLES,"
+        " CONFIG_IP6_NF_RAW; a check that needs it says so (requires: [CONFIG_IP6_NF_IPTABLES, CONFIG_IP6_NF_RAW])"
+        " and is then not provable here",
+        f"{file}:13: checks[1].expect.hooks.a: ip6tables table mangle: this kernel lacks CONFIG_IP6_NF_IPTABLES;"
+        " a check that needs it says so (requires: [CONFIG_IP6_NF_IPTABLES]) and is then not provable here",
+        f"{file}:13: checks[1].expect.hooks.a: ip6tables table filter: this kernel lacks CONFIG_IP6_NF_IPTABLES;"
+        " a check that needs it says so (requires: [CONFIG_IP6_NF_IPTABLES]) and is then not provable here",
+    ]
+    result = CliRunner().invoke(app, ["validate", str(file)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{file}:9: checks[0].expect.ip6tables" in result.output
+    file.write_text(
+        IP6_EXPECT.replace("REQUIRES_0", "    requires: [CONFIG_IP6_NF_IPTABLES]\n").replace(
+            "REQUIRES_1", "    requires: [CONFIG_IP6_NF_IPTABLES, CONFIG_IP6_NF_RAW]\n"
+        )
+    )
+    load_lab(str(file))  # required: each check is reported not provable here when run

@@ -112,6 +112,24 @@ def test_bad_rule_leaves_nothing_behind(net: Bridged) -> None:
     assert ebtables.existing_tables(net.br) == ["filter"]  # no nat table either
 
 
+def test_converge_keeps_counters_of_unchanged_rules(net: Bridged, listener: socket.socket) -> None:
+    rules = ["-N LAB", "-A LAB -j ACCEPT", f"-A FORWARD -s {H1_MAC} -j LAB"]
+    assert ebtables.converge(net.br, rules) == "loaded"
+    net.send(b"counted")
+    assert receive(listener) is not None
+    counted = eb_counter(net.br, "filter", "FORWARD", H1_MAC)
+    assert counted >= 1  # the datagram (and h1's ARP request)
+    assert ebtables.converge(net.br, rules) is None  # compared, not flushed: the counter stays
+    assert eb_counter(net.br, "filter", "FORWARD", H1_MAC) == counted
+    assert ebtables.converge(net.br, [*rules, "-P FORWARD DROP"]) == "replaced"  # a policy is a difference
+    with pytest.raises(RuleError) as info:  # refused in the scratch namespace: the node's rules stay whole
+        ebtables.converge(net.br, ["-A FORWARD -j NOSUCHCHAIN"])
+    assert info.value.rule == "-A FORWARD -j NOSUCHCHAIN" and info.value.namespace == net.br
+    assert {(r.chain, r.policy) for r in ebtables.list_rules(net.br) if r.position == 0} >= {("FORWARD", "DROP")}
+    assert ebtables.converge(net.br, []) == "removed"
+    assert ebtables.existing_tables(net.br) == [] and ebtables.converge(net.br, []) is None
+
+
 def test_broute_is_not_available_here(net: Bridged) -> None:
     with pytest.raises(RuleError, match="broute is not available"):
         ebtables.apply_rules(net.br, ["-t broute -A BROUTING -p ipv4 -j DROP"])

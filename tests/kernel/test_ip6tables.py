@@ -88,7 +88,7 @@ def test_a_batch_is_all_or_nothing(ns: str) -> None:
 
 def test_converge_keeps_counters_of_unchanged_rules(ns: str) -> None:
     rules = ["-A INPUT -p udp --dport 5603", "-N seen", "-A OUTPUT -p udp -j seen"]
-    assert iptables.converge(ns, rules, "ip6") is None  # no table yet: just applied
+    assert iptables.converge(ns, rules, "ip6") == "loaded"  # no table yet: just applied
     send_udp6(ns, 5603)
     assert iptables.converge(ns, rules, "ip6") is None
     assert [r.packets for r in iptables.list_rules(ns, ["filter"], "ip6") if r.chain == "INPUT" and r.position] == [1]

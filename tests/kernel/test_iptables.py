@@ -201,3 +201,26 @@ def test_flush_empties_tables(topo: Topo) -> None:
     rows = iptables.list_rules(ns)
     assert [r for r in rows if r.position] == []
     assert {r.policy for r in rows} == {"ACCEPT"}
+
+
+_AFTER_NFT = """
+from labctl.kernel import iptables, nft
+from labctl.kernel.iptrules import RuleError
+iptables.build_rule(iptables.parse_rule("-A INPUT -p udp --dport 53"))  # python-iptables' xtables first
+nft.canonical("table inet t {\\n chain c {\\n counter\\n }\\n}\\n")  # then libnftables, which takes xt_params
+try:
+    iptables.build_rule(iptables.parse_rule("-A INPUT -p udp --dport x"))
+except RuleError as exc:
+    print("RuleError:", exc)
+"""
+
+
+def test_a_bad_option_after_libnftables_is_a_rule_error_not_an_exit() -> None:
+    """libnftables points libxtables' exit handler at nft's, which exit(2)s: a bad ``--dport`` after any nft
+    work (up's nftables converge, then a check's setup.iptables) killed labctl with no rollback."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _AFTER_NFT], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "RuleError: match udp refused --dport" in result.stdout

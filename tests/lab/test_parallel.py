@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from labctl.errors import KernelLacksError
 from labctl.kernel import netns
-from labctl.verify.parallel import RunLock, alone_reason, new_run_name
+from labctl.verify import parallel
+from labctl.verify.parallel import RunLock, Turns, alone_reason, lab_alone_reason, new_run_name, parse_jobs
 from labctl.verify.runner import lab_files, load_lab_file
 from tests.lab.test_verify import TWO_NODES
 
@@ -43,9 +47,59 @@ def _reason(file: str) -> str | None:
 def test_labs_that_need_the_host_alone() -> None:
     reasons = {Path(f).name: _reason(f) for f in lab_files([str(REPO / "labs")])}
     assert "netdev_max_backlog" in (reasons["rx-backlog.yaml"] or "")  # a host-wide sysctl
-    assert "full-qdisc-drops" in (reasons["tx-path.yaml"] or "")  # a check marked alone: true
+    assert "full-qdisc-drops" in (reasons["tx-path.yaml"] or "")  # a check marked alone: true (that check only)
     assert reasons["rx-path.yaml"] is None
     assert all(r is None for name, r in reasons.items() if name not in ("rx-backlog.yaml", "tx-path.yaml"))
+
+
+def test_only_host_wide_sysctls_take_the_whole_lab_alone() -> None:
+    """rx-backlog holds the run from up to down; tx-path only for its check marked alone: true."""
+    backlog = load_lab_file(str(REPO / "labs/rx-backlog.yaml"))
+    tx = load_lab_file(str(REPO / "labs/tx-path.yaml"))
+    assert lab_alone_reason(backlog) and lab_alone_reason(tx) is None
+    alone = [c.name for c in tx.checks if parallel.check_alone_reason(c)]
+    assert alone == ["full-qdisc-drops"]
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.taken: list[str] = []
+
+    @contextlib.contextmanager
+    def held(self, alone: bool) -> Iterator[None]:
+        self.taken.append("X" if alone else "S")
+        yield
+
+
+def test_turns_lock_each_phase_or_the_whole_lab() -> None:
+    tx = load_lab_file(str(REPO / "labs/tx-path.yaml"))
+    by_name = {c.name: c for c in tx.checks}
+    lock = _Recorder()
+    turns = Turns(lock, whole=False)  # type: ignore[arg-type]
+    with turns.lab():
+        for phase in (None, by_name["no-route"], by_name["full-qdisc-drops"], None):
+            with turns.phase(phase):
+                pass
+    assert lock.taken == ["S", "S", "X", "S"]  # up, a check, the alone check, down
+    whole = _Recorder()
+    turns = Turns(whole, whole=True)  # type: ignore[arg-type]
+    with turns.lab(), turns.phase(by_name["full-qdisc-drops"]):
+        pass
+    assert whole.taken == ["X"]  # once, from before up to after down
+
+
+def test_jobs_auto_and_longest_labs_first() -> None:
+    assert parse_jobs("3", 34) == 3
+    assert parse_jobs("auto", 34) == parallel.auto_jobs(34) == min(34, parallel.JOBS_PER_CORE * (os.cpu_count() or 1))
+    assert parse_jobs("auto", 2) == 2
+    for bad in ("0", "-1", "x"):
+        with contextlib.suppress(ValueError):
+            parse_jobs(bad, 5)
+            raise AssertionError(f"-j {bad} accepted")
+    files = [str(REPO / "labs" / name) for name in ("nat.yaml", "tcp-connect.yaml", "rx-backlog.yaml", "router.yaml")]
+    durations = {files[0]: 3.0, files[1]: 8.0, files[3]: 0.3}
+    order = sorted(files, key=lambda f: parallel._sort_key(f, None, durations))
+    assert [Path(f).name for f in order] == ["rx-backlog.yaml", "tcp-connect.yaml", "nat.yaml", "router.yaml"]
 
 
 def test_a_check_judging_softnet_or_marked_alone_makes_its_lab_alone(tmp_path: Path) -> None:

@@ -446,7 +446,10 @@ def test_follow_shows_what_another_labctl_process_injects(busy: tuple[Topology, 
         deadline = time.monotonic() + 10
         for path in follower.paths(stop=lambda: time.monotonic() > deadline or proc.poll() is not None, poll=0.05):
             seen.append(path)
-        seen.extend(follower.paths(stop=lambda: True))
+        # a path comes out once idle: read on for a few idle periods after the process ended (stop=True at
+        # once lost it when the trace process ended soon after its packet, on a loaded machine)
+        drain = time.monotonic() + 4 * follower.idle
+        seen.extend(follower.paths(stop=lambda: time.monotonic() > drain, poll=0.05))
     assert proc.wait() == 0
     story = [(p.kind, p.nodes, p.ending.fate, p.ending.function) for p in seen]
     drops = [p for p in seen if p.ending.reason == "NO_SOCKET" and p.ending.function == "__udp4_lib_rcv"]
@@ -548,7 +551,8 @@ def test_cli_json_has_the_documented_fields(make_lab: LabFactory, lab_name: str)
     for key in ("lost_events", "events", "fates", "packets", "related", "counters", "softnet", "rules"):
         assert key in data
     packet = data["packets"][0]
-    assert set(packet) == {"index", "skb", "role", "kind", "length", "segments", "ending"}
+    assert set(packet) == {"index", "skb", "role", "kind", "length", "segments", "ending", "count", "skbs"}
+    assert packet["count"] == 1 and packet["skbs"][0][:2] == [0, packet["skb"]]
     assert set(packet["segments"][1]) == {"node", "device", "from", "stages"}
     assert set(packet["segments"][1]["stages"][0]) == {
         "stage",

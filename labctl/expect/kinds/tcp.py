@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 from labctl.expect.base import Issue, JudgeContext, Kind, LabView, Row, register
 from labctl.expect.bounds import Count, matches
-from labctl.kernel.tcp import TCP_STATES
 from labctl.topology.model import Strict
 
 if TYPE_CHECKING:
@@ -46,6 +45,8 @@ class Tcp(Kind):
     order = 72
 
     def references(self, value: Any, lab: LabView) -> list[Issue]:
+        from labctl.kernel.tcp import TCP_STATES  # the socket code behind it: only for a check that asks
+
         issues: list[Issue] = []
         if "tcp" not in lab.step_kinds:
             issues.append(((), "'tcp' needs a tcp traffic step"))

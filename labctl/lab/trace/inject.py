@@ -12,6 +12,7 @@ from labctl.kernel import tracefs
 from labctl.kernel.packet import Injector
 from labctl.kernel.sched import pinned
 from labctl.kernel.tracefs import TraceEvent
+from labctl.lab.trace.burst import Folding
 from labctl.lab.trace.explain import explain, is_injection
 from labctl.lab.trace.frame import FrameInfo
 from labctl.lab.trace.knowledge import Knowledge
@@ -163,7 +164,8 @@ def trace_frame(
         else:
             time.sleep(min(settle, 0.2))
             result.settled = True
-        evidence = window.close()
+        folding = Folding(tid, prepared.ifname, len(prepared.frame))
+        evidence = window.close(folding.fold if Folding.applies(bool(knowledge.tap_ends)) else None)
     result.events_enabled = sorted(evidence.traced)
     result.events_skipped = dict(window.skipped)
     result.lost_events = evidence.lost_events
@@ -177,6 +179,8 @@ def trace_frame(
     result.counters = knowledge.deltas
     result.softnet = {cpu_id: dict(cols) for cpu_id, cols in knowledge.softnet.items()}
     result.rules = moved_rules(knowledge.rules)
-    result.packets, result.related = explain(list(evidence.events), knowledge, prepared, info, tid, since, result.sent)
+    result.packets, result.related = explain(
+        evidence.events, knowledge, prepared, info, tid, since, result.sent, folding if folding.groups else None
+    )
     result.elapsed_seconds = time.monotonic() - started
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from labctl.kernel import counters, netns
 from labctl.kernel.links import NodeLinks
@@ -15,6 +15,21 @@ from labctl.lab.trace.frame import ETH_P_ALL, FrameInfo
 from labctl.lab.trace.model import RuleDelta
 from labctl.lab.trace.rules import hook_of
 from labctl.topology.model import Topology
+
+
+class FibQuestion(NamedTuple):
+    """One question the path builder asked about a fib lookup, and the answer."""
+
+    received: TraceEvent
+    later: TraceEvent | None
+    ifindex: int | None
+    info: FrameInfo | None
+    answer: TraceEvent | None
+
+
+def fib_words(fib: TraceEvent | None) -> tuple[object, object] | None:
+    """What a path says of a fib lookup (its table and device): two answers alike read alike."""
+    return None if fib is None else (fib.fields.get("tb_id"), fib.fields.get("name"))
 
 
 class Knowledge:
@@ -69,6 +84,8 @@ class Knowledge:
         self._fib_times: list[float] = []
         self._moved: dict[tuple[str | None, tuple[str, ...]], dict[str, int]] = {}
         self._moved_of: dict[str, dict[str, int]] | None = None
+        self.fib_log: list[FibQuestion] | None = None
+        """When a list: every fib_after question and its answer (see :meth:`fib_after`)."""
 
     @property
     def lab_devices(self) -> set[str]:
@@ -163,6 +180,21 @@ class Knowledge:
                 if (index is not None and iif == index) or (any_iif and isinstance(iif, int) and iif > 0):
                     return event
         return None
+
+    def fib_after(
+        self, received: TraceEvent, later: TraceEvent | None, index: int | None, info: FrameInfo | None
+    ) -> TraceEvent | None:
+        """The fib lookup of the packet ``received`` on its CPU, before its ``later`` event (or within 1 ms).
+
+        Each answer is appended to :attr:`fib_log` when it is a list: a burst's grouped skbs
+        (:mod:`.burst`) are asked the same questions with their own events' times.
+        """
+        start = received.timestamp
+        end = later.timestamp if later is not None else start + 0.001
+        found = self.fib_between(start, end, received.cpu, index, info)
+        if self.fib_log is not None:
+            self.fib_log.append(FibQuestion(received, later, index, info, found))
+        return found
 
     def hook_rules(self, node: str, hook: str) -> list[RuleDelta]:
         return [r for r in self.rules.get(node, {}).values() if hook_of(r, self.rules.get(node, {})) == hook]

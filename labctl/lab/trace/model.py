@@ -112,7 +112,12 @@ class Segment:
 
 @dataclass
 class PacketPath:
-    """One skb from its first event to its free (or to the end of the trace)."""
+    """One skb from its first event to its free (or to the end of the trace).
+
+    Skbs of a burst that took the same path (:mod:`.burst`) share one explanation: their
+    ``segments`` and ``ending`` are the same objects (stage times are the first skb's); ``index``,
+    ``skb`` and ``events`` are each one's own.
+    """
 
     index: int
     skb: int
@@ -135,6 +140,10 @@ class PacketPath:
     @property
     def start(self) -> float:
         return self.events[0].timestamp if self.events else 0.0
+
+    @property
+    def end(self) -> float:
+        return self.events[-1].timestamp if self.events else 0.0
 
     def signature(self) -> tuple[Any, ...]:
         """What makes two paths the same for people: stages, places and the ending (not times)."""
@@ -186,9 +195,13 @@ class TraceResult:
       ``settled`` (every injected skb was seen and went quiet before the deadline),
       ``lost_events`` (non-zero: the evidence is incomplete), ``events`` (tracepoints
       recorded), ``events_skipped`` ({event: why}), ``fates`` ({"dropped:NO_SOCKET": n, ...}).
-    - ``packets``: one object per injected skb, in order; ``related``: skbs born while our
-      thread handled them (ARP, ICMP errors).  Each has ``index``, ``skb`` (hex address),
-      ``role`` (injected/related/observed), ``kind``, ``length``, ``segments`` and ``ending``.
+    - ``packets``: one object per distinct path the injected skbs took, in order of first
+      appearance (a burst of 100,000 identical frames is one object): the first skb that took
+      it, in full, plus ``count`` (how many took it) and ``skbs`` ([index, hex address, first
+      and last event's timestamp] of every one of them; the stages' times are the first
+      one's).  ``related``: skbs born while our thread handled them (ARP, ICMP errors), one
+      object each.  Each has ``index``, ``skb`` (hex address), ``role``
+      (injected/related/observed), ``kind``, ``length``, ``segments`` and ``ending``.
     - a segment: ``node`` (null when it could not be placed), ``device`` (arrived on),
       ``from`` ("node:device" of the transmit, or null), ``stages``.
     - a stage: ``stage`` (name), ``node``, ``device``, ``evidence`` (traced | counted |
@@ -233,11 +246,31 @@ class TraceResult:
         return tally
 
     def groups(self) -> list[list[PacketPath]]:
-        """Injected packets with the same path, in order of first appearance."""
-        by_signature: dict[tuple[Any, ...], list[PacketPath]] = {}
+        """Injected packets with the same path, in order of first appearance.
+
+        Packets of a burst explained once (:mod:`.burst`) share their segments: the signature is
+        computed once per explanation, not once per packet.
+        """
+        by_explanation: dict[int, list[PacketPath]] = {}
         for path in self.packets:
-            by_signature.setdefault(path.signature(), []).append(path)
-        return list(by_signature.values())
+            by_explanation.setdefault(id(path.segments), []).append(path)
+        by_signature: dict[tuple[Any, ...], list[PacketPath]] = {}
+        for bucket in by_explanation.values():
+            by_signature.setdefault(bucket[0].signature(), []).extend(bucket)
+        groups = list(by_signature.values())
+        for group in groups:
+            group.sort(key=lambda p: p.index)
+        groups.sort(key=lambda g: g[0].index)
+        return groups
+
+    @staticmethod
+    def group_as_dict(group: list[PacketPath]) -> dict[str, Any]:
+        """A distinct path: its first packet in full, how many took it, and each one's skb and times."""
+        return {
+            **group[0].as_dict(),
+            "count": len(group),
+            "skbs": [[p.index, hex(p.skb), p.start, p.end] for p in group],
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -257,7 +290,7 @@ class TraceResult:
             "events": self.events_enabled,
             "events_skipped": self.events_skipped,
             "fates": self.fates,
-            "packets": [p.as_dict() for p in self.packets],
+            "packets": [self.group_as_dict(group) for group in self.groups()],
             "related": [p.as_dict() for p in self.related],
             "counters": self.counters,
             "softnet": self.softnet,

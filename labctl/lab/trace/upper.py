@@ -142,11 +142,9 @@ class UpperLayers:
             self.add("routing", "counted" if moved else "inferred", detail, moved)
 
     def _fib(self) -> Any:
-        start = self.received.event.timestamp
-        later = [x for x in (self.next_tx, self.terminal) if x is not None]
-        end = later[0].event.timestamp if later else start + 0.001
+        later = next((x.event for x in (self.next_tx, self.terminal) if x is not None), None)
         index = self.k.ifindex.get(self.node, {}).get(self.device)
-        return self.k.fib_between(start, end, self.received.event.cpu, index, self.info)
+        return self.k.fib_after(self.received.event, later, index, self.info)
 
     def _transport(self) -> str | None:
         protocol = self.info.protocol if self.info is not None else _protocol_from(self.function or self.consumed_by)

@@ -1,0 +1,114 @@
+"""Skbs made in softirq while a lab task was current: the CPU's order says whose they are.
+
+Softirq work runs in whichever task is current, so a lab sender's context
+also runs other namespaces' timers and replies.  Every lab has an ``eth0``;
+the device name proves nothing.  These traces are built by hand on one CPU,
+in the order the kernel's calls produce them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from labctl.evidence.attribution import Scope, attribute
+from labctl.kernel.neighwatch import NeighNote
+from labctl.kernel.tracefs import TraceEvent
+
+LAB = 100
+"""The lab's sender thread: current on CPU 0 while the softirqs below run."""
+SOFTIRQ, PROCESS = "..s1.", "....."
+
+
+def _ev(ts: float, key: str, context: str = SOFTIRQ, pid: int = LAB, **fields: str | int) -> TraceEvent:
+    system, _, name = key.partition(":")
+    return TraceEvent(ts, 0, pid, "python", system, name, dict(fields), context)
+
+
+def _scope(notes: list[NeighNote] | None = None) -> Scope:
+    return Scope({"eth0"}, {LAB}, 0.5, 2.0, notes={"client": notes or []})
+
+
+def _counts(events: list[TraceEvent], scope: Scope) -> Counter[str]:
+    return Counter(name for e in attribute(events, scope)[1] for name in e.names())
+
+
+def _probe(ts: float) -> list[TraceEvent]:
+    """A neighbour timer's unicast ARP probe: sent, handed to the veth peer, then the timer's tracepoint."""
+    return [
+        _ev(ts, "net:net_dev_queue", name="eth0", skbaddr=0x51),
+        _ev(ts + 2e-6, "net:netif_rx", name="eth0", skbaddr=0x51),
+        _ev(ts + 3e-6, "neigh:neigh_timer_handler", dev="eth0", primary_key4="10.0.4.2", nud_state="probe"),
+    ]
+
+
+def test_a_timer_probe_in_the_lab_tasks_context_is_the_labs_only_when_its_namespace_vouches() -> None:
+    events = _probe(1.0)
+    assert _counts(events, _scope())["net:netif_rx@eth0"] == 0  # another namespace's neighbour timer
+    note = NeighNote("neigh", "eth0", "10.0.4.2", "PROBE", received=1.0002)
+    assert _counts(events, _scope([note]))["net:netif_rx@eth0"] == 1  # the lab's own
+
+
+def _reply_to(receive_pid: int, context: str) -> list[TraceEvent]:
+    """A frame sent by ``receive_pid`` is received in the lab task's softirq, and answered right there."""
+    return [
+        _ev(1.0, "net:net_dev_queue", context, pid=receive_pid, name="eth0", skbaddr=0x61),
+        _ev(1.000002, "net:netif_receive_skb", name="eth0", skbaddr=0x61),
+        _ev(1.000004, "net:net_dev_queue", name="eth0", skbaddr=0x62),  # the answer, made in that receive
+        _ev(1.000006, "net:netif_rx", name="eth0", skbaddr=0x62),
+        _ev(1.000008, "skb:consume_skb", skbaddr=0x61),
+    ]
+
+
+def test_an_answer_to_another_tasks_frame_is_not_the_labs() -> None:
+    assert _counts(_reply_to(300, PROCESS), _scope())["net:netif_rx@eth0"] == 0
+    assert _counts(_reply_to(LAB, PROCESS), _scope())["net:netif_rx@eth0"] == 1  # an answer to the lab's own
+
+
+def test_an_address_freed_by_a_gro_merge_and_reused_by_another_skb_starts_a_new_story() -> None:
+    """GRO frees a merged segment untraced; the next skb on the CPU -- another namespace's answer -- reuses it."""
+    events = [
+        _ev(1.0, "net:net_dev_queue", PROCESS, name="eth0", skbaddr=0x71),  # the lab's datagram
+        _ev(1.000002, "net:napi_gro_receive_entry", name="eth0", skbaddr=0x71),  # merged: freed untraced
+        _ev(1.000010, "net:net_dev_queue", PROCESS, pid=300, name="eth0", skbaddr=0x72),  # another lab's frame
+        _ev(1.000012, "net:netif_receive_skb", name="eth0", skbaddr=0x72),
+        _ev(1.000014, "net:net_dev_queue", name="eth0", skbaddr=0x71),  # its answer, at the freed address
+        _ev(1.000016, "net:netif_rx", name="eth0", skbaddr=0x71),
+    ]
+    packets, kept = attribute(events, _scope())
+    assert [len(p.events) for p in packets] == [2]  # the datagram ends at its merge
+    assert Counter(n for e in kept for n in e.names())["net:netif_rx@eth0"] == 0
+
+
+def _failed(ts: float, cpu: int, pid: int, queued: int) -> list[TraceEvent]:
+    """A neighbour timer giving up: it purges its queue (NEIGH_FAILED, deviceless), then its tracepoint."""
+    purge = [
+        TraceEvent(ts + i * 1e-6, cpu, pid, "ksoftirqd", "skb", "kfree_skb",
+                   {"skbaddr": 0x80 + 16 * cpu + i, "reason": "NEIGH_FAILED", "location": "neigh_invalidate+0x8"},
+                   SOFTIRQ)
+        for i in range(queued)
+    ]
+    timer = TraceEvent(ts + 0.00001, cpu, pid, "ksoftirqd", "neigh", "neigh_timer_handler",
+                       {"dev": "eth0", "primary_key4": "10.0.8.99", "nud_state": "failed"}, SOFTIRQ)
+    return [*purge, timer]
+
+
+def test_a_failed_neighbour_is_never_vouched_through_a_look_alike_that_contradicts_the_namespaces_count() -> None:
+    """The lab's own timer event left the vouch window (a late reader); the only candidate purged 3 skbs
+    while the lab's node sent 1 host-unreachable: it is someone else's, and nothing is counted."""
+    events = _failed(1.0, 0, 24, 1) + _failed(1.3, 1, 25, 3)
+    scope = _scope([NeighNote("neigh", "eth0", "10.0.8.99", "FAILED", received=1.4)])
+    scope.unreachable = {"client": 1}
+    drops = [e for e in attribute(events, scope)[1] if e.key == "skb:kfree_skb"]
+    assert drops == []
+    scope.notes = {"client": [NeighNote("neigh", "eth0", "10.0.8.99", "FAILED", received=1.1)]}
+    assert len([e for e in attribute(events, scope)[1] if e.key == "skb:kfree_skb"]) == 1  # in time: its own
+
+
+def test_a_look_alike_in_another_state_before_it_does_not_hide_the_labs_failed_neighbour() -> None:
+    """Another namespace's neighbour still probing (INCOMPLETE) came first: the FAILED one is still the lab's."""
+    probing = TraceEvent(1.0, 1, 25, "ksoftirqd", "neigh", "neigh_timer_handler",
+                         {"dev": "eth0", "primary_key4": "10.0.8.99", "nud_state": "incomplete"}, SOFTIRQ)
+    scope = _scope([NeighNote("neigh", "eth0", "10.0.8.99", "FAILED", received=1.2)])
+    scope.unreachable = {"client": 1}
+    drops = [e for e in attribute([probing, *_failed(1.1, 0, 24, 1)], scope)[1] if e.key == "skb:kfree_skb"]
+    assert len(drops) == 1
