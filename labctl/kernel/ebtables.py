@@ -189,14 +189,20 @@ def build_script(rules: Sequence[EbRule]) -> _Script:
     return script
 
 
-def apply_rules(namespace: str, rules: Sequence[str]) -> None:
-    """Install ebtables ``rules`` in ``namespace`` as one nf_tables transaction."""
+def _parsed_in(namespace: str, rules: Sequence[str]) -> list[EbRule]:
+    """``rules`` parsed; an error names ``namespace``."""
     parsed = []
     for text in rules:
         try:
             parsed.append(parse_rule(text))
         except RuleError as exc:
             raise exc.in_namespace(namespace) from exc
+    return parsed
+
+
+def apply_rules(namespace: str, rules: Sequence[str]) -> None:
+    """Install ebtables ``rules`` in ``namespace`` as one nf_tables transaction."""
+    parsed = _parsed_in(namespace, rules)
     legacy = [r for r in parsed if r.table in LEGACY_TABLES]
     nft = [r for r in parsed if r.table not in LEGACY_TABLES]
     if nft:
@@ -213,12 +219,7 @@ def replace_rules(namespace: str, rules: Sequence[str]) -> None:
     node has and ``rules`` do not name are listed empty, to be emptied in it too.  Meant for rules already
     accepted in a scratch namespace (:mod:`labctl.kernel.rulesync`).  Legacy broute is emptied and refilled.
     """
-    parsed = []
-    for text in rules:
-        try:
-            parsed.append(parse_rule(text))
-        except RuleError as exc:
-            raise exc.in_namespace(namespace) from exc
+    parsed = _parsed_in(namespace, rules)
     nft = [r for r in parsed if r.table not in LEGACY_TABLES]
     script = build_script(nft)
     named = {r.table for r in nft}
