@@ -1,4 +1,8 @@
-"""Lab topologies several test files use (the notes' VM topology, in its smallest form)."""
+"""Lab topologies several test files use (the notes' VM topology, in its smallest form), and bringing one up."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 VMS = """\
 topology:
@@ -20,3 +24,15 @@ topology:
     - endpoints: ["vm1:eth0", "host:tap1"]
     - endpoints: ["vm2:eth0", "host:tap2"]
 """
+
+
+def up_file(file: Path, lab: str, body: str) -> list[str]:
+    """Write ``body`` as lab ``lab`` to ``file`` and bring it up in process; the converge changes ``up`` reported."""
+    from labctl.lab import build
+    from labctl.lab.labfile import load_lab
+
+    file.write_text(f"name: {lab}\n{body}")
+    topo, _ = load_lab(str(file))
+    changes: list[str] = []
+    build.up(topo, str(file), changes=changes)
+    return changes

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from labctl.cli.netfilter import register
 from labctl.kernel import iptables, netns, tracerules
 from labctl.lab import build
-from labctl.lab.labfile import load_lab
 from labctl.topology.checks import LabFile
 from labctl.verify.stage import temporary_rules
 from tests.conftest import LabFactory
+from tests.topologies import up_file
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="builds namespaces: needs root")
 
@@ -63,29 +63,21 @@ def _rows(namespace: str) -> list[tuple[str, str, int, str]]:
     return [(r.table, r.chain, r.position, r.rule) for r in iptables.list_rules(namespace, family="ip6") if r.position]
 
 
-def _up(file: Path, lab: str, body: str) -> list[str]:
-    file.write_text(f"name: {lab}\n{body}")
-    topo, _ = load_lab(str(file))
-    changes: list[str] = []
-    build.up(topo, str(file), changes=changes)
-    return changes
-
-
 def test_second_up_changes_nothing_and_keeps_counters(tmp_path: Path, lab_name: str) -> None:
     file = tmp_path / "lab.yaml"
     body = 'topology:\n  nodes:\n    a:\n      ipv6: true\n      ip6tables: ["-A OUTPUT -p icmpv6", "-N mine"]\n'
     try:
-        _up(file, lab_name, body)
+        up_file(file, lab_name, body)
         namespace = netns.namespace_name(lab_name, "a")
         subprocess.run(["ip", "netns", "exec", namespace, "ping", "-6", "-c1", "-W1", "::1"], capture_output=True)
         counted = [r.packets for r in iptables.list_rules(namespace, family="ip6") if r.position]
         assert counted and counted[0] >= 1
-        assert _up(file, lab_name, body) == []  # a second up changes nothing ...
+        assert up_file(file, lab_name, body) == []  # a second up changes nothing ...
         assert [r.packets for r in iptables.list_rules(namespace, family="ip6") if r.position] == counted  # at all
         changed = body.replace("-p icmpv6", "-p udp")
-        assert _up(file, lab_name, changed) == ["a: ip6tables replaced"]
+        assert up_file(file, lab_name, changed) == ["a: ip6tables replaced"]
         assert _rows(namespace) == [("filter", "OUTPUT", 1, "-A OUTPUT -p udp")]
-        assert _up(file, lab_name, "topology:\n  nodes:\n    a: {ipv6: true}\n") == ["a: ip6tables removed"]
+        assert up_file(file, lab_name, "topology:\n  nodes:\n    a: {ipv6: true}\n") == ["a: ip6tables removed"]
         assert _rows(namespace) == []
     finally:
         build.down(lab_name)

@@ -15,7 +15,7 @@ import pytest
 from labctl.errors import KernelError
 from labctl.kernel import ebtables, iptables, netns
 from labctl.lab import build
-from labctl.lab.labfile import load_lab
+from tests.topologies import up_file
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="builds namespaces: needs root")
 
@@ -44,14 +44,6 @@ topology:
 """
 
 
-def _up(file: Path, lab: str, body: str) -> list[str]:
-    file.write_text(f"name: {lab}\n{body}")
-    topo, _ = load_lab(str(file))
-    changes: list[str] = []
-    build.up(topo, str(file), changes=changes)
-    return changes
-
-
 def _ipt(namespace: str) -> list[tuple[str, str, int]]:
     """(table, rule, packets) of the node's rules (policies left out)."""
     return [(r.table, r.rule, r.packets) for r in iptables.list_rules(namespace) if r.position]
@@ -65,28 +57,28 @@ def test_second_up_keeps_counters_then_a_changed_rule_is_replaced(tmp_path: Path
     file = tmp_path / "lab.yaml"
     a, sw = netns.namespace_name(lab_name, "a"), netns.namespace_name(lab_name, "sw")
     try:
-        assert _up(file, lab_name, _body(IPT, EBT)) == []  # a first build reports no converge
+        assert up_file(file, lab_name, _body(IPT, EBT)) == []  # a first build reports no converge
         ping = ["ip", "netns", "exec", a, "ping", "-c2", "-i0.2", "-W1", "10.79.0.2"]
         assert subprocess.run(ping, capture_output=True).returncode == 0
         counted_ip, counted_eb = _ipt(a), _ebt(sw)
         assert ("filter", "-A OUTPUT -p icmp", 2) in counted_ip  # both echo requests
         assert counted_eb[0][2] >= 4  # requests and replies crossed the bridge
-        assert _up(file, lab_name, _body(IPT, EBT)) == []  # a second up changes nothing ...
+        assert up_file(file, lab_name, _body(IPT, EBT)) == []  # a second up changes nothing ...
         assert (_ipt(a), _ebt(sw)) == (counted_ip, counted_eb)  # ... not even a counter
 
         changed_ip = ['"-A OUTPUT -p udp"', IPT[1]]
-        assert _up(file, lab_name, _body(changed_ip, EBT)) == ["a: iptables replaced"]
+        assert up_file(file, lab_name, _body(changed_ip, EBT)) == ["a: iptables replaced"]
         assert [(t, r) for t, r, _ in _ipt(a)] == [
             ("nat", "-A POSTROUTING -o eth0 -j MASQUERADE"),
             ("filter", "-A OUTPUT -p udp"),
         ]
         assert _ebt(sw) == counted_eb  # the other tool's rules were not touched
         changed_eb = ['"-A FORWARD -p ARP"']
-        assert _up(file, lab_name, _body(changed_ip, changed_eb)) == ["sw: ebtables replaced"]
+        assert up_file(file, lab_name, _body(changed_ip, changed_eb)) == ["sw: ebtables replaced"]
         assert [(c, r) for c, r, _ in _ebt(sw)] == [("FORWARD", "-A FORWARD -p ARP -j CONTINUE")]
-        assert _up(file, lab_name, _body([], [])) == ["a: iptables removed", "sw: ebtables removed"]
+        assert up_file(file, lab_name, _body([], [])) == ["a: iptables removed", "sw: ebtables removed"]
         assert (_ipt(a), _ebt(sw)) == ([], [])
-        assert _up(file, lab_name, _body(IPT[:1], EBT[:1])) == ["a: iptables loaded", "sw: ebtables loaded"]
+        assert up_file(file, lab_name, _body(IPT[:1], EBT[:1])) == ["a: iptables loaded", "sw: ebtables loaded"]
     finally:
         build.down(lab_name)
 
@@ -106,12 +98,12 @@ def test_a_refused_rule_leaves_the_old_rules_and_is_named(
     file = tmp_path / "lab.yaml"
     a, sw = netns.namespace_name(lab_name, "a"), netns.namespace_name(lab_name, "sw")
     try:
-        _up(file, lab_name, _body(IPT, EBT))
+        up_file(file, lab_name, _body(IPT, EBT))
         ping = ["ip", "netns", "exec", a, "ping", "-c1", "-W1", "10.79.0.2"]
         assert subprocess.run(ping, capture_output=True).returncode == 0
         before = (_ipt(a), _ebt(sw))
         with pytest.raises(KernelError) as refused:
-            _up(file, lab_name, _body(ipt, ebt))
+            up_file(file, lab_name, _body(ipt, ebt))
         assert named in str(refused.value), str(refused.value)
         assert (_ipt(a), _ebt(sw)) == before  # whole, counters and all
     finally:
