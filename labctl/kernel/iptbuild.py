@@ -64,8 +64,8 @@ def _is_extension(name: str, family: Family = "ip") -> bool:
     return bool(xtables(NFPROTO_IPV6 if family == "ip6" else NFPROTO_IPV4).find_target(name))
 
 
-def register_for_family(name: str, family: Family, target: bool) -> None:
-    """Make libxtables know extension ``name`` for ``family``, even if its library was loaded for the other one.
+def load_match_for_family(name: str, family: Family) -> None:
+    """Make libxtables know match ``name`` for ``family``, even if its library was loaded for the other one.
 
     One ``libxt_*.so`` serves both families (``libxt_MASQUERADE.so`` is a link
     to ``libxt_NAT.so``).  Its constructor registers only the variants of the
@@ -83,11 +83,7 @@ def register_for_family(name: str, family: Family, target: bool) -> None:
     a family on its first use here (:func:`prepare_family`).  A match lookup is
     not remembered, so a match is loaded for the family when it is missing.
     """
-    if name in ("", "ACCEPT", "DROP", "QUEUE", "RETURN"):  # the built-in verdicts
-        return
     prepare_family(family)
-    if target:
-        return
     from iptc import xtables as xt
 
     proto = xt.NFPROTO_IPV6 if family == "ip6" else xt.NFPROTO_IPV4
@@ -100,7 +96,7 @@ def register_for_family(name: str, family: Family, target: bool) -> None:
 
 
 def prepare_family(family: Family) -> None:
-    """Load every target library for ``family`` as a private copy, once per process (see register_for_family)."""
+    """Load every target library for ``family`` as a private copy, once per process (see load_match_for_family)."""
     if family in _PREPARED:
         return
     _PREPARED.add(family)
@@ -288,10 +284,9 @@ def build_rule(parsed: ParsedRule, table: Any = None) -> iptc.Rule:
         raise parsed.error(f"{parsed.command} is not a rule")
     with LOCK:
         _reclaim_exit_handler()
+        prepare_family(parsed.family)
         for match in parsed.matches:
-            register_for_family(match.name, parsed.family, target=False)
-        if parsed.target is not None:
-            register_for_family(parsed.target.name, parsed.family, target=True)
+            load_match_for_family(match.name, parsed.family)
         tables = [table if table is not None else _ChainOracle(parsed.family)]
         rule: iptc.Rule = _Rule6(tables=tables) if parsed.family == "ip6" else _Rule(tables=tables)
         _set_generic(rule, parsed)
