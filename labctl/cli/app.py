@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from labctl.cli import coercion, render
-from labctl.cli.common import console, lab_name, print_json, reports_errors, require_root
+from labctl.cli.common import console, lab_name, plain, print_json, reports_errors, require_root, say
 from labctl.errors import LabFileError, Problem
 
 coercion.install()  # plain str/int/bool/Path arguments without importing pydantic
@@ -60,8 +60,8 @@ def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
     with building(topo.name) as step:
         result = build.up(topo, str(file), progress=step, changes=changes)
     for line in changes:
-        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
+        plain(f"  {line}")
+    say(f"lab [bold]{result.name}[/] is up: {len(result.nodes)} nodes, {len(topo.links)} links")
 
 
 @app.command()
@@ -69,17 +69,17 @@ def up(file: Annotated[Path, typer.Argument(help="lab file (YAML)")]) -> None:
 def down(lab: LabArg) -> None:
     """Remove everything the lab made (works after a crash too)."""
     from labctl.errors import LabNotUpError
-    from labctl.lab import build
+    from labctl.lab import teardown  # not build: down needs none of the build's steps
     from labctl.lab.clean import anything_left_of
     from labctl.lab.status import running_labs
 
     require_root()
     name = lab_name(lab)
     known = anything_left_of(name)
-    removed = build.down(name)  # also when unknown: it takes and removes a lock file a killed up left
+    removed = teardown.down(name)  # also when unknown: it takes and removes a lock file a killed up left
     if not known:
         raise LabNotUpError(f"lab {name} is not up (labs up: {', '.join(running_labs()) or 'none'})")
-    console.print(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
+    say(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
 
 
 @app.command()

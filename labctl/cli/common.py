@@ -55,6 +55,15 @@ def say(markup: str) -> None:
     sys.stdout.write(_SIMPLE_MARKUP.sub("", markup) + "\n")
 
 
+def plain(text: str) -> None:
+    """One line of literal text (a name or a kernel's words, never markup): through Rich on a terminal,
+    unhighlighted and unwrapped, as it is into a pipe (without importing Rich)."""
+    if sys.stdout.isatty():
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    sys.stdout.write(text + "\n")
+
+
 def escape(text: str) -> str:
     """Rich's markup escape, imported on first use (Rich is not imported by commands that print plainly)."""
     from rich.markup import escape as rich_escape

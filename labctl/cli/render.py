@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from labctl.cli.common import console, say
+from labctl.cli.common import console, plain, say
 
 SUMMARY_ABOVE = 50
 """Labs with more nodes than this are summarised: a table of thousands of rows helps no one."""
@@ -55,7 +55,7 @@ def _text(value: str) -> str:
 
 def _plain(line: str) -> None:
     """A line without markup: Rich on a terminal (no highlighting), as it is into a pipe."""
-    say(_text(line))
+    plain(line)
 
 
 PORT_DEFAULTS = {"learning": 1, "flood": 1, "mcast_flood": 1, "bcast_flood": 1, "isolated": 0, "hairpin": 0}
