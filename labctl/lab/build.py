@@ -21,7 +21,6 @@ features, tc), :mod:`labctl.lab.rulesets` and :mod:`labctl.lab.settle`, all on o
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -29,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from labctl.errors import KernelError, LabFileError, Problem
-from labctl.kernel import modules, netns, nft, sysctl
+from labctl.kernel import nft, sysctl
 from labctl.kernel.sysctl import GlobalOverrides
-from labctl.lab import addressing, netdevs, relay, rulesets, settle, state, tuning
-from labctl.lab.builder import Builder, owner
+from labctl.lab import addressing, netdevs, relay, rulesets, settle, state, teardown, tuning
+from labctl.lab.builder import Builder
 from labctl.lab.namespaces import namespaces
 from labctl.lab.state import LabState
+from labctl.lab.teardown import down, owner
 
 if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
     from labctl.topology.model import Topology
@@ -133,7 +133,7 @@ def up(
             tick("waiting for links to come up")
             settle.settle(builder)
         except BaseException as exc:
-            _rollback(run, topo.name, first_up=previous is None)
+            teardown.rollback(run.relays, run.namespaces, topo.name, first_up=previous is None)
             if previous is None:
                 state.forget(topo.name)
             if isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -186,26 +186,3 @@ def _is_rule_error(exc: BaseException) -> bool:
     """A rule the kernel refused (iptables, ip6tables or ebtables: their one RuleError, loaded with any rule)."""
     rules = sys.modules.get("labctl.kernel.iptrules")
     return rules is not None and isinstance(exc, rules.RuleError)
-
-
-def _rollback(run: _Run, lab: str, first_up: bool) -> None:
-    relay.stop(run.relays)
-    for name in reversed(run.namespaces):
-        with contextlib.suppress(OSError):
-            netns.remove(name)
-    if first_up:
-        GlobalOverrides.release(owner(lab))
-        modules.release(owner(lab))
-
-
-def down(lab: str) -> list[str]:
-    """Remove everything of ``lab`` -- by name, so it works without (or with stale) state."""
-    with state.locked(lab):
-        relay.stop(list(relay.find(lab)))
-        removed = netns.list_labctl(lab)
-        for name in removed:
-            netns.remove(name)
-        GlobalOverrides.release(owner(lab))
-        modules.release(owner(lab))
-        state.forget(lab)
-        return removed

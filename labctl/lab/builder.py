@@ -20,11 +20,6 @@ if TYPE_CHECKING:  # the model costs 0.1 s to import; down never needs it
     from labctl.topology.model import Topology
 
 
-def owner(lab: str) -> str:
-    """The name under which a lab holds host-wide sysctl overrides."""
-    return f"lab:{lab}"
-
-
 class Builder(Plan):
     """Turns one topology into kernel objects through per-node netlink sockets."""
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from labctl.kernel import modules, sysctl
 from labctl.lab import tc
-from labctl.lab.builder import owner
+from labctl.lab.teardown import owner
 
 if TYPE_CHECKING:
     from labctl.lab.builder import Builder
