@@ -196,12 +196,20 @@ def timed(step: Callable[[], object]) -> float:
 
 
 # -- rows ---------------------------------------------------------------------
+def baseline_name(lab: str) -> str:
+    """The iproute2 baseline's lab name beside labctl's ``lab`` (bnstar200 -> bnipstar200)."""
+    for kind in ("star", "chain"):
+        if kind in lab:
+            return lab.replace(kind, "ip" + kind, 1)
+    return lab + "ip"
+
+
 def up_down_row(label: str, file: Path, lab: str, baseline: Callable[[], list[str]], runs: int) -> float:
     """Median (labctl up+down) / median (ip up+down), printed; returns the ratio."""
     ip_times: list[float] = []
     lc_times: list[float] = []
     lc_up: list[float] = []
-    base_lab = lab.replace("bn", "bnip", 1)
+    base_lab = baseline_name(lab)
     for _ in range(runs):
         try:
             t0 = time.perf_counter()
@@ -366,6 +374,9 @@ def main() -> int:
     parser.add_argument("--rows", default="star,chain,converge,help,trace,run", help="which rows to run")
     parser.add_argument("--labs", default=str(Path(__file__).resolve().parent.parent / "labs"), help="for the run row")
     parser.add_argument("--jobs", default="1,2,4,6", help="the run row's -j values (1: serial)")
+    parser.add_argument(
+        "--tag", default="bn", help="prefix of the star and chain labs' names (two benches at once: give each its own)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_cli needs root (it builds namespaces)", file=sys.stderr)
@@ -382,21 +393,21 @@ def main() -> int:
     ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
         for n in sizes if "star" in rows or "converge" in rows else []:
-            lab = f"bnstar{n}"
+            lab = f"{args.tag}star{n}"
             file = Path(tmp, f"{lab}.yaml")
             file.write_text(star_yaml(lab, n))
             if "star" in rows:
-                base = lab.replace("bn", "bnip", 1)
+                base = baseline_name(lab)
                 ratios[f"star {n}"] = up_down_row(
                     f"up+down, star {n}", file, lab, lambda n=n, base=base: ip_star_up(base, n), args.runs
                 )
             if "converge" in rows and n == max(sizes):
                 converge_rows(file, lab, n, args.runs)
         if "chain" in rows and args.chain > 1:
-            lab = f"bnchain{args.chain}"
+            lab = f"{args.tag}chain{args.chain}"
             file = Path(tmp, f"{lab}.yaml")
             file.write_text(chain_yaml(lab, args.chain))
-            base = lab.replace("bn", "bnip", 1)
+            base = baseline_name(lab)
             ratios[f"chain {args.chain}"] = up_down_row(
                 f"up+down, chain {args.chain}", file, lab, lambda: ip_chain_up(base, args.chain), args.runs
             )
