@@ -71,13 +71,14 @@ def down(lab: LabArg) -> None:
     from labctl.errors import LabNotUpError
     from labctl.lab import teardown  # not build: down needs none of the build's steps
     from labctl.lab.clean import anything_left_of
-    from labctl.lab.status import running_labs
 
     require_root()
     name = lab_name(lab)
     known = anything_left_of(name)
     removed = teardown.down(name)  # also when unknown: it takes and removes a lock file a killed up left
     if not known:
+        from labctl.lab.status import running_labs  # status reads links: only this error needs the list
+
         raise LabNotUpError(f"lab {name} is not up (labs up: {', '.join(running_labs()) or 'none'})")
     say(f"lab [bold]{name}[/] is down ({len(removed)} namespaces removed)")
 
