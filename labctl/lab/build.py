@@ -32,7 +32,7 @@ from labctl.kernel import nft, sysctl
 from labctl.kernel.sysctl import GlobalOverrides
 from labctl.lab import addressing, netdevs, relay, rulesets, settle, state, teardown, tuning
 from labctl.lab.builder import Builder
-from labctl.lab.namespaces import namespaces
+from labctl.lab.namespaces import ipv6_after_converge, namespaces
 from labctl.lab.state import LabState
 from labctl.lab.teardown import down, owner
 
@@ -130,6 +130,7 @@ def up(
             rulesets.netfilter(builder)
             tick("relays")
             current.relays = _relays(builder, run, current.relays)
+            ipv6_after_converge(builder)
             tick("waiting for links to come up")
             settle.settle(builder)
         except BaseException as exc:

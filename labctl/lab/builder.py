@@ -30,6 +30,8 @@ class Builder(Plan):
         self.tables: dict[str, tuple[bool, bool]] = {}  # existing node -> (has iptables, has ebtables tables)
         self.nft_tables: dict[str, list[tuple[str, str]]] = {}  # existing node -> its nf_tables tables
         self.ip6_tables: dict[str, bool] = {}  # existing node -> has ip6tables (legacy) tables
+        self.ipv6_unwritten: dict[str, dict[str, int]] = {}
+        """Existing IPv6-off nodes whose all/default switches a converge did not write: their interfaces then."""
         self.traffic_changes: list[str] = []  # "a:eth0: tc replaced", "b: nftables loaded" (for up to print)
         self.ifindex = IfindexPlan(self.wanted_interfaces, self.fresh)
         self.changes: list[str] = []

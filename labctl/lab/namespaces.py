@@ -36,18 +36,11 @@ def namespaces(builder: Builder, created: list[str]) -> None:
         if builder.topo.nodes[node].ipv6:
             wanted = {**wanted, **(DAD_ON if builder.topo.nodes[node].dad else DAD_OFF)}
         with netns.entered(name):  # one switch for all of it: this runs once per node
-            sysctl.write_here(wanted)  # before any link exists, so links inherit it
             builder.handles[node] = handle = NodeLinks(name, Netlink(), batch=True)
-            if node not in builder.fresh:
-                # all/default may not reach existing interfaces: a converge sets those that differ
-                off = wanted["net.ipv6.conf.all.disable_ipv6"] == "1"
-                differ = [name for name, disabled in handle.ipv6_disabled().items() if disabled != off]
-                sysctl.write_here({f"net.ipv6.conf.{name}.disable_ipv6": "1" if off else "0" for name in differ})
-                if builder.topo.nodes[node].ipv6:  # dad: applies to the interfaces that exist already too
-                    dad = DAD_ON["net.ipv6.conf.default.accept_dad"] if builder.topo.nodes[node].dad else "0"
-                    sysctl.write_here(
-                        {f"net.ipv6.conf.{name}.accept_dad": dad for name in handle.ipv6_disabled() if name != "lo"}
-                    )
+            if node in builder.fresh:
+                sysctl.write_here(wanted)  # before any link exists, so links inherit it
+            else:
+                _converge_ipv6(builder, node, handle, wanted)
                 ip, ip6 = _xtables_here()
                 tables = nft.tables_here()  # one dump: ebtables-nft's tables are its bridge-family ones
                 builder.tables[node] = (ip, any(family == "bridge" for family, _ in tables))
@@ -55,6 +48,50 @@ def namespaces(builder: Builder, created: list[str]) -> None:
                 builder.ip6_tables[node] = ip6
         if node in builder.fresh:
             handle.index = {"lo": 1}
+
+
+def _converge_ipv6(builder: Builder, node: str, handle: NodeLinks, wanted: dict[str, str]) -> None:
+    """An existing namespace's IPv6 switches: each interface's ``disable_ipv6`` (what the kernel acts on) to the file.
+
+    all/default may not reach existing interfaces (writing a value a switch already has changes nothing),
+    so the interfaces that differ are set one by one.  The namespace-wide all/default themselves only
+    decide what a *new* interface inherits; writing them costs a lookup of /proc/sys/net/ipv6, which with
+    a thousand namespaces on the host is ~0.2-0.3 ms (see :func:`labctl.kernel.sysctl.write_here`) -- most
+    of a converging node's cost.  So an IPv6-off node that already holds every interface it should, each
+    with IPv6 off, is left unwritten and recorded; :func:`ipv6_after_converge` writes all/default (and
+    fixes the interfaces) of any such node where this run created an interface after all.
+    """
+    spec = builder.topo.nodes[node]
+    off = wanted["net.ipv6.conf.all.disable_ipv6"] == "1"
+    disabled = handle.ipv6_disabled()  # one dump; it also refreshes the handle's indexes
+    differ = [ifname for ifname, value in disabled.items() if value != off]
+    if spec.ipv6 or differ or not builder.wanted_interfaces[node] <= handle.index.keys():
+        sysctl.write_here(wanted)
+    else:
+        builder.ipv6_unwritten[node] = dict(handle.index)
+    sysctl.write_here({f"net.ipv6.conf.{ifname}.disable_ipv6": "1" if off else "0" for ifname in differ})
+    if spec.ipv6:  # dad: applies to the interfaces that exist already too
+        dad = DAD_ON["net.ipv6.conf.default.accept_dad"] if spec.dad else "0"
+        sysctl.write_here({f"net.ipv6.conf.{ifname}.accept_dad": dad for ifname in disabled if ifname != "lo"})
+
+
+def ipv6_after_converge(builder: Builder) -> None:
+    """The nodes :func:`_converge_ipv6` left unwritten where this run created an interface after all.
+
+    Any interface made since (a veth end recreated because its far end was gone, a virtual interface
+    replaced) shows as a name whose ifindex is new -- the kernel never reuses one while the namespace
+    lives.  Those nodes get all/default written and each interface's switch converged, before the
+    settle: the lab's interfaces end every ``up`` with IPv6 as the file says, whatever was changed by hand.
+    """
+    for node, before in builder.ipv6_unwritten.items():
+        handle = builder.handles[node]
+        handle.commit()
+        if handle.refresh() == before:
+            continue
+        with netns.entered(builder.ns[node]):
+            sysctl.write_here(IPV6_OFF)
+            differ = [ifname for ifname, value in handle.ipv6_disabled().items() if not value]
+            sysctl.write_here({f"net.ipv6.conf.{ifname}.disable_ipv6": "1" for ifname in differ})
 
 
 def _xtables_here() -> tuple[bool, bool]:

@@ -1,10 +1,12 @@
 """A second ``up`` still notices what the lab did not make, on nodes whose file has no rules and no sysctls.
 
-A converge reads every node's xtables tables (IPv4 and IPv6), nf_tables tables and IPv6 switches each
-time, whatever the lab's state says the node had: a rule or table added by hand in a node that never had
-one (``ip6tables`` run through ``labctl exec``) is converged away and reported, and the namespace-wide IPv6
-switch written back.  Guards the cheaper reads (one directory open per node for the xtables files and for
-the sysctls, one nf_tables dump for both ebtables' and nft's tables).  Real kernel.
+A converge reads every node's xtables tables (IPv4 and IPv6), nf_tables tables and each interface's IPv6
+switch each time, whatever the lab's state says the node had: a rule or table added by hand in a node that
+never had one (``ip6tables`` run through ``labctl exec``) is converged away and reported, an interface's
+IPv6 switched off again, and an interface the converge recreates is off even when the namespace's default
+was changed by hand.  Guards the cheaper reads (one directory open per node for the xtables files and for
+the sysctls, one nf_tables dump for both ebtables' and nft's tables, all/default left alone on nodes that
+need nothing).  Real kernel.
 """
 
 from __future__ import annotations
@@ -58,19 +60,45 @@ def test_hand_made_ip6tables_and_iptables_tables_are_converged_away(tmp_path: Pa
 
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft")
-def test_a_hand_made_nft_table_and_the_ipv6_switch_are_converged(tmp_path: Path, lab_name: str) -> None:
+def test_a_hand_made_nft_table_and_an_interfaces_ipv6_switch_are_converged(tmp_path: Path, lab_name: str) -> None:
     file = tmp_path / "lab.yaml"
     a = netns.namespace_name(lab_name, "a")
     try:
         up_file(file, lab_name, BODY)
         _run(a, "nft", "add table bridge handmade")
-        sysctl.write_many({"net.ipv6.conf.all.disable_ipv6": "0", "net.ipv6.conf.default.disable_ipv6": "0"}, a)
+        sysctl.write_many({"net.ipv6.conf.eth0.disable_ipv6": "0"}, a)  # what the kernel acts on
         changes = up_file(file, lab_name, BODY)
         assert any(line.startswith("a: ") and "removed" in line for line in changes), changes
         listing = netns.run(a, ["nft", "list", "tables"], check=True, capture_output=True, text=True).stdout
         assert "handmade" not in listing
-        for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
-            assert sysctl.read(key, a) == "1"
+        assert sysctl.read("net.ipv6.conf.eth0.disable_ipv6", a) == "1"
+    finally:
+        build.down(lab_name)
+
+
+VIRTUAL = BODY.replace(
+    "        eth0: {addresses: [10.81.0.1/24]}",
+    "        eth0: {addresses: [10.81.0.1/24]}\n        mv0: {kind: macvlan, parent: eth0, mode: bridge}",
+    1,
+)
+
+
+def test_an_interface_a_converge_recreates_gets_ipv6_off_whatever_the_default_was_set_to(
+    tmp_path: Path, lab_name: str
+) -> None:
+    """A node a converge leaves unwritten (every interface there, IPv6 off) whose default was changed by hand:
+    the interface the converge then replaces inherits that default, and is set off before ``up`` returns."""
+    file = tmp_path / "lab.yaml"
+    a = netns.namespace_name(lab_name, "a")
+    try:
+        up_file(file, lab_name, VIRTUAL)
+        _run(a, "ip", "link", "del", "mv0")
+        _run(a, "ip", "link", "add", "mv0", "link", "eth0", "type", "macvlan", "mode", "private")  # replaced
+        sysctl.write_many({"net.ipv6.conf.default.disable_ipv6": "0"}, a)
+        changes = up_file(file, lab_name, VIRTUAL)
+        assert any("replaced" in line and "mv0" in line for line in changes), changes
+        for key in ("net.ipv6.conf.mv0.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
+            assert sysctl.read(key, a) == "1", key
     finally:
         build.down(lab_name)
 
