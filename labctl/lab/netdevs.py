@@ -43,9 +43,8 @@ def bridges(builder: Builder) -> None:
 
 
 def links(builder: Builder) -> None:
-    for link in builder.topo.links:
-        a, b = link.ends
-        if builder.topo.is_tap_link(link):
+    for link, a, b in builder.link_ends:
+        if builder.is_tap(a, b):
             for end in (a, b):
                 if end.interface not in builder.handles[end.node].index:
                     builder.handles[end.node].add_tap(end.interface)

@@ -26,9 +26,12 @@ class Plan:
         self.ns = {node: netns.namespace_name(self.lab, node) for node in topo.nodes}
         # lookups the steps make per interface, computed once (labs have thousands of links)
         self.link_at: dict[tuple[str, str], Link] = {}
-        for link in topo.links:
-            for end in link.ends:
-                self.link_at[(end.node, end.interface)] = link
+        self.link_ends: list[tuple[Link, Endpoint, Endpoint]] = [(link, *link.ends) for link in topo.links]
+        """Each link with its two ends, parsed once: ``Link.ends`` makes two pydantic models per call."""
+        self.far_end: dict[tuple[str, str], Endpoint] = {}
+        for link, a, b in self.link_ends:
+            self.link_at[(a.node, a.interface)] = self.link_at[(b.node, b.interface)] = link
+            self.far_end[(a.node, a.interface)], self.far_end[(b.node, b.interface)] = b, a
         self.port_of: dict[tuple[str, str], str] = {
             (node, port): bridge
             for node, spec in topo.nodes.items()
@@ -50,6 +53,10 @@ class Plan:
         for node, ifname in self.link_at:
             self.wanted_interfaces[node].add(ifname)
 
+    def is_tap(self, a: Endpoint, b: Endpoint) -> bool:
+        """:meth:`Topology.is_tap_link` of the link between ``a`` and ``b``, on ends already parsed."""
+        return self.topo.nodes[a.node].kind == "vm" or self.topo.nodes[b.node].kind == "vm"
+
     def bridge_of(self, end: Endpoint) -> str | None:
         return self.port_of.get((end.node, end.interface))
 
@@ -57,10 +64,7 @@ class Plan:
         cfg = self.topo.nodes[node].interfaces.get(ifname)
         master = self.port_of.get((node, ifname)) if link is not None else None
         mtu = (cfg.mtu if cfg else None) or (link.mtu if link else None)
-        alias = None
-        if link is not None:
-            far = next(end for end in link.ends if (end.node, end.interface) != (node, ifname))
-            alias = f"{PEER_ALIAS}{far}"
+        alias = f"{PEER_ALIAS}{self.far_end[(node, ifname)]}" if link is not None else None
         if cfg is None:
             return LinkAttrs(mtu=mtu, master=master, alias=alias)
         return LinkAttrs(
@@ -76,6 +80,8 @@ class Plan:
         parent is down (ENETDOWN), so a vlan, macvlan or vxlan is configured after its parent or underlay."""
         spec = self.topo.nodes[node]
         wanted = self.wanted_interfaces[node]
+        if all(cfg.kind is None for cfg in spec.interfaces.values()):
+            return sorted(wanted)  # nothing sits on anything (most nodes): every depth is 0
 
         def lower(ifname: str) -> str | None:
             cfg = spec.interfaces.get(ifname)
