@@ -418,23 +418,6 @@ class Netlink:
         return found
 
 
-def bridge_tables_here() -> bool:
-    """Whether the calling thread's namespace holds any nf_tables table of the bridge family (ebtables-nft's).
-
-    One netlink dump, instead of running ``nft list tables`` per node; call
-    it inside :func:`netns.entered` (a converge already is, once per node).
-    """
-    NFT_MSG_GETTABLE, NFNL_SUBSYS_NFTABLES, NFPROTO_BRIDGE = 1, 10, 7
-    nf = Netlink(NETLINK_NETFILTER)
-    try:
-        body = struct.pack("=BBH", NFPROTO_BRIDGE, 0, 0)
-        return any(True for _ in nf.dump((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, body))
-    except OSError:  # no nf_tables in this kernel: then there is no table either
-        return False
-    finally:
-        nf.close()
-
-
 def _kernel_error(what: str, namespace: str, code: int) -> OSError:
     return OSError(code, f"{what} in {namespace}: {os.strerror(code)}")
 
