@@ -176,7 +176,7 @@ def _send_bpf(index: int, flt: FilterPlan) -> None:
     """RTM_NEWTFILTER for a classic-BPF cls_bpf filter (the calling thread is in the node's namespace)."""
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from labctl.kernel.links import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+    from labctl.kernel.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
 
     body = _bpf_request(index, flt)
     seq = 0x7C000000 | (index & 0xFFFF)

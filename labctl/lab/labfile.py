@@ -413,7 +413,7 @@ def feature_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
     if not wanted:
         return []
     from labctl.expect.base import suggest
-    from labctl.kernel.links import feature_names
+    from labctl.kernel.offloads import feature_names
     from labctl.topology.steps import feature_name
 
     known = feature_names()
