@@ -114,4 +114,3 @@ class NodeAddresses(NodeNetlink):
 
     def del_address(self, name: str, cidr: str) -> None:
         self._send(f"address {cidr} on {name}", RTM_DELADDR, 0, self._address(name, cidr))
-

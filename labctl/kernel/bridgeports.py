@@ -105,4 +105,3 @@ class NodeBridgePorts(NodeNetlink):
             if mac and mac not in found:
                 found.append(mac)
         return found
-

@@ -97,7 +97,6 @@ STATS64 = (  # struct rtnl_link_stats64, in order (pyroute2's names)
 )
 
 
-
 @dataclass
 class LinkInfo:
     """What the kernel says about an interface (the status view and converge use it)."""
@@ -143,7 +142,6 @@ def _decode_details(table: dict[int, tuple[str, str]], payload: bytes) -> dict[s
         elif encoding == "bond" and len(data) >= 1:
             found[name] = BOND_MODES[data[0]] if data[0] < len(BOND_MODES) else str(data[0])
     return found
-
 
 
 def decode_links(raw: list[tuple[int, dict[int, bytes], int]]) -> dict[str, LinkInfo]:

@@ -274,4 +274,3 @@ class NodeLinks(NodeAddresses, NodeRoutes, NodeBridgePorts, NodeOffloads):
         for what, code in self.nl.commit():
             if code != errno.ENODEV:
                 raise _kernel_error(what, self.namespace, code)
-

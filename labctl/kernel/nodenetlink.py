@@ -79,4 +79,3 @@ class NodeNetlink:
         """Learn the indexes of ``names`` that are not known yet (addresses and qdiscs need them)."""
         if not names <= self.index.keys():
             self.refresh()
-

@@ -117,4 +117,3 @@ class NodeRoutes(NodeNetlink):
 
     def delete_route(self, dst: str, family: int) -> None:
         self._send(f"route {dst}", RTM_DELROUTE, 0, self._route(dst, family))
-

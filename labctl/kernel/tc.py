@@ -92,7 +92,7 @@ def u32_keys(protocol: str | None, src: str | None, dst: str | None, sport: int 
 
 def bpf_program(expr: str, verdict: int | None) -> list[tuple[int, int, int, int]]:
     """libpcap's program for ``expr`` with its returns turned into tc verdicts (or kept, for a classid)."""
-    from labctl.kernel.packet import compile_filter
+    from labctl.kernel.bpf import compile_filter
 
     program = compile_filter(expr)
     if verdict is None:

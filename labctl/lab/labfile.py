@@ -344,7 +344,7 @@ def tc_reference_problems(topo: Topology, source: SourceMap) -> list[Problem]:
                         )
                     )
                 if flt.kind == "bpf" and isinstance(flt.match, str):
-                    from labctl.kernel.packet import CaptureError, compile_filter
+                    from labctl.kernel.bpf import CaptureError, compile_filter
 
                     try:
                         compile_filter(flt.match)
