@@ -228,7 +228,7 @@ def tables_here() -> list[tuple[str, str]]:
     Cheaper than a libnftables context (which reads the whole ruleset into its
     cache); a converge asks it of every node, most of which have no table.
     """
-    from labctl.kernel.links import NETLINK_NETFILTER, Netlink
+    from labctl.kernel.netlink import NETLINK_NETFILTER, Netlink
 
     nf_msg_gettable, nfnl_subsys_nftables, nfta_table_name = 1, 10, 1
     sock = Netlink(NETLINK_NETFILTER, dumps_only=True)
@@ -252,6 +252,25 @@ def tables_here() -> list[tuple[str, str]]:
     finally:
         sock.close()
     return found
+
+
+def bridge_tables_here() -> bool:
+    """Whether the calling thread's namespace holds any nf_tables table of the bridge family (ebtables-nft's).
+
+    One netlink dump, instead of running ``nft list tables`` per node; call
+    it inside :func:`netns.entered` (a converge already is, once per node).
+    """
+    from labctl.kernel.netlink import NETLINK_NETFILTER, Netlink
+
+    NFT_MSG_GETTABLE, NFNL_SUBSYS_NFTABLES, NFPROTO_BRIDGE = 1, 10, 7
+    nf = Netlink(NETLINK_NETFILTER)
+    try:
+        body = struct.pack("=BBH", NFPROTO_BRIDGE, 0, 0)
+        return any(True for _ in nf.dump((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, body))
+    except OSError:  # no nf_tables in this kernel: then there is no table either
+        return False
+    finally:
+        nf.close()
 
 
 def _own(keep_ebtables: bool) -> Callable[[str, str], bool]:

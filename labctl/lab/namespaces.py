@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from labctl.kernel import netns, nft, sysctl
-from labctl.kernel.links import Netlink, NodeLinks, bridge_tables_here
+from labctl.kernel.links import NodeLinks
+from labctl.kernel.netlink import Netlink
 
 if TYPE_CHECKING:
     from labctl.lab.builder import Builder
@@ -47,7 +48,7 @@ def namespaces(builder: Builder, created: list[str]) -> None:
                     sysctl.write_here(
                         {f"net.ipv6.conf.{name}.accept_dad": dad for name in handle.ipv6_disabled() if name != "lo"}
                     )
-                builder.tables[node] = (_has_iptables_here(), bridge_tables_here())
+                builder.tables[node] = (_has_iptables_here(), nft.bridge_tables_here())
                 builder.nft_tables[node] = nft.tables_here()
                 builder.ip6_tables[node] = _has_iptables_here("ip6")
         if node in builder.fresh:
