@@ -36,7 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from labctl.kernel import netns
-from labctl.kernel.packet import Capture, Injector
+from labctl.kernel.capture import Capture
+from labctl.kernel.inject import Injector
 from labctl.traffic.expr import fill_defaults, parse_packet
 
 LAB = "bench-inject"

@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from labctl.kernel import tracefs
-from labctl.kernel.packet import Injector
+from labctl.kernel.inject import Injector
 from labctl.lab import build
 from labctl.lab.labfile import load_lab
 from labctl.lab.trace import LEAN_EVENTS, RICH_EVENTS, trace_frame

@@ -292,7 +292,7 @@ def test_port_vlans_decode_repeated_vlan_infos() -> None:
     """struct bridge_vlan_info (flags, vid) repeated in IFLA_AF_SPEC, as an AF_BRIDGE dump with BRVLAN gives it."""
     import struct
 
-    from labctl.kernel.links import decode_vlan_infos
+    from labctl.kernel.bridgeports import decode_vlan_infos
 
     def info(flags: int, vid: int) -> bytes:
         return struct.pack("=HHHH", 8, 2, flags, vid)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from labctl.cli.common import console, escape, reports_errors, require_root
+from labctl.cli.common import console, err_console, escape, reports_errors, require_root
 
 if TYPE_CHECKING:  # the runner and the VM code import pyroute2 and friends: only when a command runs
     from rich.console import Console  # Rich too: importing it costs a sixth of `labctl validate` (0.02 s)
@@ -29,7 +29,9 @@ KINDS = {"differs": "[red]differs[/]", "explained": "[yellow]explained by the la
 
 
 def _say(text: str) -> None:
-    console.print(escape(text), highlight=False)
+    """What the VM part does on the way (installing QEMU, building the image, falling back to TCG): on stderr,
+    so ``--json`` on stdout stays one JSON document even on the first run."""
+    err_console.print(escape(text), highlight=False)
 
 
 def run_on_kernels(
@@ -40,6 +42,7 @@ def run_on_kernels(
     from labctl.verify import report
     from labctl.vm import diff
     from labctl.vm import kernels as vm_kernels
+    from labctl.vm.errors import VmError
 
     wanted = [vm_kernels.resolve(name) for name in kernel_names]
     require_root()  # the host's labs, and the image build (debootstrap) and its cache
@@ -57,8 +60,14 @@ def run_on_kernels(
                 runs.append(vm_kernels.run_host(files, select, keep, reuse, progress))
             else:
                 status.update(f"{kernel.label}: image, then boot")
-                runs.append(vm_kernels.run_vm(kernel, files, select, _say, progress,
-                                              timeout or vm_kernels.DEFAULT_TIMEOUT))
+                try:
+                    runs.append(vm_kernels.run_vm(kernel, files, select, _say, progress,
+                                                  timeout or vm_kernels.DEFAULT_TIMEOUT))
+                except VmError as exc:
+                    if len(wanted) == 1:
+                        raise
+                    # one guest failing (no image, a panic before any lab) must not cost the other kernels' runs
+                    runs.append(vm_kernels.failed_run(kernel, files, str(exc)))
     everything = [lab for run in runs for lab in run.results]
     several = len(runs) > 1
     rows = diff.table([(run.kernel.label, run.results) for run in runs]) if several else []
@@ -85,6 +94,9 @@ def print_run(out: Console, run: KernelRun) -> None:
         f"wall {run.wall_seconds:.1f} s")
     out.print(f"[bold]== kernel {escape(run.kernel.label)}: {escape(run.release)}[/] ({where})", highlight=False,
               soft_wrap=True)
+    if run.stopped:
+        out.print(f"[red]the guest stopped before its run finished:[/] {escape(run.stopped)}", highlight=False,
+                  soft_wrap=True)
     report.print_results(out, run.results)
 
 

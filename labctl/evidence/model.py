@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from labctl.kernel.frames import Frame
 from labctl.kernel.nftrace import HookStep
-from labctl.kernel.packet import Frame
 from labctl.kernel.tracefs import TraceEvent
 
 FROZEN_EMPTY: Mapping[str, Any] = MappingProxyType({})

@@ -33,11 +33,11 @@ from labctl.evidence.model import (
     frozen_nested,
 )
 from labctl.kernel import conntrack, counters, netns, tracefs
+from labctl.kernel.capture import Capture
 from labctl.kernel.conntrack import as_record as conntrack_record
 from labctl.kernel.links import NodeLinks
 from labctl.kernel.neighwatch import NeighWatch, WatchPump, fdb_entries, flush_learned
 from labctl.kernel.nftrace import IP_CHAINS, HookTracer
-from labctl.kernel.packet import Capture
 from labctl.kernel.routes import route_get
 from labctl.lab import relay
 from labctl.topology.model import Topology

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from labctl.kernel import netns
-from labctl.kernel.links import RTM_GETQDISC, Netlink, NodeLinks, attributes
+from labctl.kernel.links import NodeLinks
+from labctl.kernel.netlink import RTM_GETQDISC, Netlink, attributes
 
 SNMP_FILES = ("/proc/thread-self/net/snmp", "/proc/thread-self/net/netstat")
 SNMP6_FILE = "/proc/thread-self/net/snmp6"

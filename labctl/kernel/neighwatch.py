@@ -38,7 +38,7 @@ def _neighbour_messages(data: bytes) -> list[tuple[int, int, int, dict[int, byte
 
     Decoded here, not with pyroute2's marshal: importing it costs 0.1 s of a one-packet ``labctl trace``.
     """
-    from labctl.kernel.links import attributes
+    from labctl.kernel.netlink import attributes
 
     found = []
     offset = 0

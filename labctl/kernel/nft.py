@@ -228,7 +228,7 @@ def tables_here() -> list[tuple[str, str]]:
     Cheaper than a libnftables context (which reads the whole ruleset into its
     cache); a converge asks it of every node, most of which have no table.
     """
-    from labctl.kernel.links import NETLINK_NETFILTER, Netlink
+    from labctl.kernel.netlink import NETLINK_NETFILTER, Netlink
 
     nf_msg_gettable, nfnl_subsys_nftables, nfta_table_name = 1, 10, 1
     sock = Netlink(NETLINK_NETFILTER, dumps_only=True)

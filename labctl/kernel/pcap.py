@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
-    from labctl.kernel.packet import Frame
+    from labctl.kernel.frames import Frame
 
 DLT_EN10MB = 1
 DEFAULT_SNAPLEN = 262144

@@ -92,7 +92,7 @@ def u32_keys(protocol: str | None, src: str | None, dst: str | None, sport: int 
 
 def bpf_program(expr: str, verdict: int | None) -> list[tuple[int, int, int, int]]:
     """libpcap's program for ``expr`` with its returns turned into tc verdicts (or kept, for a classid)."""
-    from labctl.kernel.packet import compile_filter
+    from labctl.kernel.bpf import compile_filter
 
     program = compile_filter(expr)
     if verdict is None:
@@ -176,7 +176,7 @@ def _send_bpf(index: int, flt: FilterPlan) -> None:
     """RTM_NEWTFILTER for a classic-BPF cls_bpf filter (the calling thread is in the node's namespace)."""
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from labctl.kernel.links import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+    from labctl.kernel.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
 
     body = _bpf_request(index, flt)
     seq = 0x7C000000 | (index & 0xFFFF)

@@ -27,7 +27,7 @@ from labctl.lab.live import LiveLab, prepare, send_frames
 from labctl.topology.checks import LabFile
 
 if TYPE_CHECKING:
-    from labctl.kernel.packet import Capture
+    from labctl.kernel.capture import Capture
     from labctl.kernel.sockets import SendResult
     from labctl.lab.live import InjectResult
     from labctl.lab.trace.model import TraceResult
@@ -124,7 +124,7 @@ class Lab:
     @contextlib.contextmanager
     def capture(self, target: str, bpf_filter: str | None = None) -> Iterator[Capture]:
         """A running capture on ``NODE[:IFACE]``; after the block, ``.frames`` holds what it saw."""
-        from labctl.kernel.packet import Capture
+        from labctl.kernel.capture import Capture
         from labctl.lab.live import check_capture_filter
 
         check_capture_filter(bpf_filter)

@@ -344,7 +344,7 @@ def tc_reference_problems(topo: Topology, source: SourceMap) -> list[Problem]:
                         )
                     )
                 if flt.kind == "bpf" and isinstance(flt.match, str):
-                    from labctl.kernel.packet import CaptureError, compile_filter
+                    from labctl.kernel.bpf import CaptureError, compile_filter
 
                     try:
                         compile_filter(flt.match)
@@ -413,7 +413,7 @@ def feature_problems(lab: LabFile, source: SourceMap) -> list[Problem]:
     if not wanted:
         return []
     from labctl.expect.base import suggest
-    from labctl.kernel.links import feature_names
+    from labctl.kernel.offloads import feature_names
     from labctl.topology.steps import feature_name
 
     known = feature_names()

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 from labctl.errors import LabctlError, LabNotUpError
 from labctl.kernel import netns
+from labctl.kernel.bpf import CaptureError, compile_filter
+from labctl.kernel.inject import InjectError, Injector
 from labctl.kernel.links import NodeLinks
-from labctl.kernel.packet import CaptureError, InjectError, Injector, compile_filter
 from labctl.lab import state
 from labctl.lab.traffic import PreparedFrame, TrafficError, prepare_injection
 from labctl.topology.model import Topology

@@ -11,7 +11,8 @@ import os
 from typing import TYPE_CHECKING
 
 from labctl.kernel import netns, nft, sysctl
-from labctl.kernel.links import Netlink, NodeLinks
+from labctl.kernel.links import NodeLinks
+from labctl.kernel.netlink import Netlink
 
 if TYPE_CHECKING:
     from labctl.lab.builder import Builder

@@ -29,9 +29,9 @@ from labctl.evidence.model import SendEvidence
 from labctl.evidence.netfilter import TRACE_RULE, user_rows
 from labctl.evidence.window import WalkRequest, Window, WindowSpec
 from labctl.kernel import ebtables, iptables, netns, nft, nftrace, tracefs
+from labctl.kernel.inject import inject
 from labctl.kernel.iptrules import RuleCounter
 from labctl.kernel.nftrace import HookStep
-from labctl.kernel.packet import inject
 from labctl.lab import state
 from labctl.lab.hookframe import protocol_match, summary, tag_frame
 from labctl.lab.live import TargetError

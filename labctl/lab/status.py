@@ -15,7 +15,8 @@ import signal
 from typing import Any
 
 from labctl.kernel import netns
-from labctl.kernel.links import PEER_ALIAS, Netlink, NodeLinks
+from labctl.kernel.links import PEER_ALIAS, NodeLinks
+from labctl.kernel.netlink import Netlink
 from labctl.lab import relay, state
 from labctl.names import lab_name_problem
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from labctl.errors import LabctlError
-from labctl.kernel.packet import write_pcap
+from labctl.kernel.frames import write_pcap
 from labctl.lab.trace.model import PacketPath
 from labctl.topology.model import Topology
 from labctl.verify.report import claims

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from labctl.expect.base import Row
 from labctl.kernel import netns, pcap
-from labctl.kernel.packet import Frame
+from labctl.kernel.frames import Frame
 
 
 def _row_words(row: Row) -> str:

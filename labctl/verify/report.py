@@ -93,9 +93,11 @@ def print_results(console: Console, results: list[LabResult]) -> None:
     bad = counted["fail"] + counted["error"] + sum(1 for lab in results if lab.error)
     colour = "green" if not bad else "red"
     verdicts = claims(results)
+    broken = sum(1 for lab in results if lab.error)
     summary = (
-        f"[{colour}]{counted['pass']} passed, {counted['fail'] + counted['error']} failed[/]"
-        f" ({counted['skip']} skipped, {len(results)} labs)"
+        f"[{colour}]{counted['pass']} passed, {counted['fail'] + counted['error']} failed"
+        + (f", {broken} {'lab' if broken == 1 else 'labs'} in error[/]" if broken else "[/]")
+        + f" ({counted['skip']} skipped, {len(results)} labs)"
     )
     console.print(summary)
     console.print(f"claims proven on this kernel: {', '.join(verdicts.proven) or 'none'}")

@@ -30,7 +30,7 @@ from labctl.evidence.model import Evidence, ExecEvidence, SendEvidence, SocketEv
 from labctl.evidence.window import CaptureRequest, WalkRequest, Window, WindowSpec
 from labctl.expect.base import JudgeContext, Needs
 from labctl.kernel import ebtables, iptables, netns, nft, sysctl
-from labctl.kernel.packet import inject
+from labctl.kernel.inject import inject
 from labctl.kernel.sched import pinned
 from labctl.kernel.sockets import UdpListener, send_udp
 from labctl.kernel.sysfs import write_in_namespace

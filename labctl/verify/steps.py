@@ -14,7 +14,7 @@ from labctl.evidence.model import ConnectionEvidence, ExecEvidence, SendEvidence
 from labctl.evidence.window import Window
 from labctl.kernel import netns
 from labctl.kernel.command import CommandResult, run_in_node
-from labctl.kernel.links import swap_features
+from labctl.kernel.offloads import swap_features
 from labctl.kernel.sched import pinned
 from labctl.kernel.tcp import TcpListener, connect_tcp
 from labctl.topology.checks import Check, Listen

@@ -75,6 +75,9 @@ class KernelRun:
     run_seconds: float = 0.0
     wall_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    stopped: str | None = None
+    """Why the guest stopped before its run finished (a kernel panic, the timeout, QEMU failing); None if it did
+    not.  The labs it did not finish are results with that error, so they are never reported as passed."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -84,6 +87,7 @@ class KernelRun:
             "boot_seconds": round(self.boot_seconds, 2),
             "run_seconds": round(self.run_seconds, 2),
             "wall_seconds": round(self.wall_seconds, 2),
+            "stopped": self.stopped,
         }
 
 
@@ -124,12 +128,14 @@ def boot(kernel: Kernel, files: list[str], select: str | None, mode: str, say: P
         protocol.create_disk(str(result_disk))
         machine = machine_for(kernel, built, [(job_disk, True), (result_disk, False)])
         accel = "kvm" if qemu.kvm_usable(binary, image.CACHE) else "tcg"
+        start = time.monotonic()
+        stopped: VmError | None = None
         while True:
             stop = threading.Event()
             watcher = threading.Thread(target=_follow, args=(console, stop, progress), daemon=True)
             watcher.start()
             try:
-                booted = qemu.run(machine, binary, accel, timeout, console)
+                qemu.run(machine, binary, accel, timeout, console)
                 if accel == "kvm":
                     qemu.remember_kvm(binary, image.CACHE, True)
                 break
@@ -138,14 +144,42 @@ def boot(kernel: Kernel, files: list[str], select: str | None, mode: str, say: P
                 qemu.remember_kvm(binary, image.CACHE, False)
                 accel = "tcg"
                 protocol.create_disk(str(result_disk))
+                start = time.monotonic()
+            except VmError as exc:  # killed at its timeout, or QEMU failed: what the guest wrote before counts
+                stopped = exc
+                break
             finally:
                 stop.set()
                 watcher.join(timeout=2)
         try:
             payload = protocol.read(str(result_disk))
         except protocol.ProtocolError as exc:
+            if stopped is not None:
+                raise stopped from None
             raise VmError(f"{exc}; the guest's console:\n{qemu._tail(console)}") from None
-        return payload, accel, booted.seconds
+        if stopped is not None:
+            payload["stopped"] = str(stopped)
+        elif not payload.get("finished", True):
+            payload["stopped"] = _crash_line(console) or (
+                f"the guest powered off before its run finished; its console:\n{qemu._tail(console)}")
+        return payload, accel, time.monotonic() - start
+
+
+_CRASH = (re.compile(r"Kernel panic"), re.compile(r"BUG: |Oops|general protection fault|watchdog: "))
+"""Console lines that say why a kernel stopped, the panic line first (what an oops before it led to)."""
+
+
+def _crash_line(console: Path) -> str | None:
+    """The guest kernel's crash line on the console ("Kernel panic - not syncing: …"), if there is one."""
+    try:
+        lines = console.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for pattern in _CRASH:
+        for line in lines:
+            if pattern.search(line):
+                return f"the guest's kernel crashed: {line.strip()}"
+    return None
 
 
 _PROGRESS = re.compile(r"labctl-progress: (.*)")
@@ -175,5 +209,44 @@ def run_vm(kernel: Kernel, files: list[str], select: str | None, say: Progress, 
     if payload.get("error"):
         raise VmError(f"the labs could not run in the guest ({kernel.label}): {payload['error']}")
     release = str(payload.get("kernel", {}).get("release", "?"))
-    return KernelRun(kernel, release, protocol.lab_results(payload), bool(payload.get("bad_input")), accel,
-                     float(payload.get("boot_seconds", 0.0)), float(payload.get("run_seconds", 0.0)), wall)
+    results = protocol.lab_results(payload)
+    stopped = payload.get("stopped")
+    if stopped:
+        results += unfinished(files, {lab.file for lab in results}, payload.get("running"), stopped, release)
+    return KernelRun(kernel, release, results, bool(payload.get("bad_input")), accel,
+                     float(payload.get("boot_seconds", 0.0)), float(payload.get("run_seconds", 0.0)), wall,
+                     stopped=stopped)
+
+
+def failed_run(kernel: Kernel, files: list[str], why: str) -> KernelRun:
+    """A kernel whose guest gave no result at all (it did not boot, or died before its first lab): every lab is
+    an error with that reason, so a run over several kernels still reports the others."""
+    return KernelRun(kernel, "?", unfinished(files, set(), None, why, "?"), accel="?", stopped=why)
+
+
+def unfinished(files: list[str], done: set[str], running: str | None, why: str, release: str) -> list[LabResult]:
+    """Error results for the labs a stopped guest did not finish: the one it was running names why it stopped."""
+    first_line = why.splitlines()[0] if why else "the guest stopped"
+    results = []
+    for file in files:
+        if file in done:
+            continue
+        if file == running:
+            error = f"the guest stopped during this lab: {first_line}"
+        elif running is not None:
+            error = f"not run: the guest stopped during {Path(running).name}"
+        else:
+            error = f"not run: {first_line}"
+        results.append(LabResult(lab=_lab_name(file), file=file, error=error, kernel=release))
+    return results
+
+
+def _lab_name(file: str) -> str:
+    """The lab's ``name:`` (the key the verdict table joins kernels on); the file's stem if it does not load."""
+    from labctl.errors import LabctlError
+    from labctl.verify.runner import load_lab_file
+
+    try:
+        return load_lab_file(file).name
+    except LabctlError:
+        return Path(file).stem

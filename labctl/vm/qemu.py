@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ def apt_install(packages: list[str]) -> None:
 def ensure_qemu() -> str:
     path = shutil.which(QEMU)
     if path is None:
-        print("vm: installing QEMU (Debian package qemu-system-x86), once")
+        print("vm: installing QEMU (Debian package qemu-system-x86), once", file=sys.stderr)
         apt_install(["qemu-system-x86"])
         path = shutil.which(QEMU)
     if path is None:

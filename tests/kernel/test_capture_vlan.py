@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from labctl.kernel import packet
-from labctl.kernel.packet import Capture, Injector
+from labctl.kernel import capture as kernel_capture
+from labctl.kernel.capture import Capture
+from labctl.kernel.inject import Injector
 from tests.kernel.test_packet import Pair, pair  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
@@ -73,7 +74,7 @@ def test_the_tag_arrives_in_metadata_so_the_plain_program_misses_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without the metadata path, libpcap's own program for ``vlan 100`` never matches a received frame."""
-    monkeypatch.setattr(packet, "needs_vlan_tags", lambda expr: False)
+    monkeypatch.setattr(kernel_capture, "needs_vlan_tags", lambda expr: False)
     assert _received(pair, "vlan 100", 0) == []
     monkeypatch.undo()
     assert _received(pair, "vlan 100", 1) == ["8100"]

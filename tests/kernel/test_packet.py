@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from labctl.kernel import netns
-from labctl.kernel.packet import Capture, CaptureError, InjectError, Injector, write_tap
+from labctl.kernel.bpf import CaptureError
+from labctl.kernel.capture import Capture
+from labctl.kernel.inject import InjectError, Injector, write_tap
 from labctl.traffic.expr import fill_defaults, parse_packet
 from tests.kernel.conftest import Topo
 

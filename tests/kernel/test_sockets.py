@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from labctl.kernel import netns
-from labctl.kernel.packet import CaptureError
+from labctl.kernel.bpf import CaptureError
 from labctl.kernel.sockets import SocketFilterError, UdpListener, send_udp
 from tests.kernel.conftest import Topo
 

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from labctl.kernel import pcap
-from labctl.kernel.packet import Frame
+from labctl.kernel.frames import Frame
 from tests.conftest import LabFactory
 from tests.lab.test_traffic_cli import PAIR, Labctl, run
 

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from labctl.kernel import netns
-from labctl.kernel.links import swap_features
+from labctl.kernel.offloads import swap_features
 from labctl.verify.runner import run_lab
 
 TWO_NODES = """\

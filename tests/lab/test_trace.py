@@ -24,7 +24,7 @@ import typer
 from typer.testing import CliRunner
 
 from labctl.kernel import counters, netns, sysctl, tracefs
-from labctl.kernel.packet import Capture
+from labctl.kernel.capture import Capture
 from labctl.kernel.sockets import UdpListener
 from labctl.kernel.tracefs import SkbChain, TraceEvent
 from labctl.lab import trace as lab_trace
@@ -330,7 +330,7 @@ def test_a_frame_for_the_bridge_goes_up_the_stack(make_lab: LabFactory) -> None:
 
 NOISE = r"""
 import sys, time
-from labctl.kernel.packet import Injector
+from labctl.kernel.inject import Injector
 ns, frame, burst, pause = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 deadline = time.monotonic() + 30
 with Injector(ns, "eth0") as injector:

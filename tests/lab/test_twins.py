@@ -22,8 +22,8 @@ from scapy.layers.inet import IP, UDP
 
 from labctl.evidence.window import Window, WindowSpec
 from labctl.kernel import netns
+from labctl.kernel.inject import inject
 from labctl.kernel.neighwatch import fdb_entries
-from labctl.kernel.packet import inject
 from tests.conftest import LabFactory
 
 HERE = Path(__file__).resolve().parent

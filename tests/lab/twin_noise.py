@@ -14,8 +14,8 @@ import sys
 import time
 
 from labctl.kernel import netns
+from labctl.kernel.inject import Injector
 from labctl.kernel.neighwatch import flush_learned
-from labctl.kernel.packet import Injector
 from labctl.kernel.sockets import send_udp
 from labctl.lab import build
 from labctl.lab.labfile import load_lab

@@ -25,7 +25,7 @@ def test_round_trip_through_a_disk(tmp_path: Path) -> None:
     disk = tmp_path / "result.img"
     protocol.create_disk(str(disk))
     payload = {"kernel": {"release": "6.1.0-50-cloud-amd64", "version": "#1"}, "labs": [_lab().as_dict()]}
-    protocol.write(str(disk), payload)
+    protocol.ResultWriter(str(disk)).write(payload)
     back = protocol.lab_results(protocol.read(str(disk)))
     assert [lab.as_dict() for lab in back] == [_lab().as_dict()]
     assert back[0].checks[0].evidence[0].detail == ["line 1"] and back[0].kernel == "6.1.0-50-cloud-amd64"
@@ -36,6 +36,32 @@ def test_an_empty_disk_says_the_guest_wrote_nothing(tmp_path: Path) -> None:
     protocol.create_disk(str(disk))
     with pytest.raises(protocol.ProtocolError, match="wrote no result"):
         protocol.read(str(disk))
+
+
+def test_the_newest_complete_write_is_read(tmp_path: Path) -> None:
+    """Writes alternate between the two slots; the one with the highest sequence is the result."""
+    disk = tmp_path / "result.img"
+    protocol.create_disk(str(disk))
+    writer = protocol.ResultWriter(str(disk))
+    for done in range(1, 4):
+        writer.write({"labs": [{"lab": f"lab{i}"} for i in range(done)], "finished": done == 3})
+        read = protocol.read(str(disk))
+        assert len(read["labs"]) == done and read["finished"] == (done == 3)
+
+
+def test_a_write_torn_by_a_crash_leaves_the_one_before(tmp_path: Path) -> None:
+    """A guest that dies while writing (a panic, the timeout's kill) leaves a torn slot: the other one, the
+    results up to the lab before, is read -- never the torn one, never nothing."""
+    disk = tmp_path / "result.img"
+    protocol.create_disk(str(disk))
+    writer = protocol.ResultWriter(str(disk))
+    writer.write({"labs": [], "running": "labs/a.yaml", "finished": False})
+    writer.write({"labs": [{"lab": "a"}], "running": "labs/b.yaml", "finished": False})
+    torn = protocol.encode({"labs": [{"lab": "a"}, {"lab": "b"}], "finished": True}, 3)
+    with open(disk, "r+b") as f:  # sequence 3 goes to slot 1: only half of it reached the disk
+        f.seek(protocol.SLOT_BYTES)
+        f.write(torn[: len(torn) // 2])
+    assert protocol.read(str(disk)) == {"labs": [{"lab": "a"}], "running": "labs/b.yaml", "finished": False}
 
 
 def test_a_cut_result_is_refused() -> None:

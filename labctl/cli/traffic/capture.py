@@ -12,7 +12,7 @@ from labctl.cli.common import escape
 from labctl.cli.traffic.shared import POLL, JsonOpt, LabArg, json_line, line, open_lab, say, stopping
 
 if TYPE_CHECKING:
-    from labctl.kernel.packet import Frame
+    from labctl.kernel.frames import Frame
 
 RING_SHARE = 4
 """A capture ring may take at most 1/RING_SHARE of the memory available now (it is pinned kernel memory)."""
@@ -75,7 +75,8 @@ def capture(
     make the capture incomplete: that is a red warning, "lost": true in
     JSON, and exit code 1.
     """
-    from labctl.kernel.packet import Capture, CaptureError
+    from labctl.kernel.bpf import CaptureError
+    from labctl.kernel.capture import Capture
     from labctl.lab.live import TargetError, check_capture_filter
 
     ring = ring_bytes(buffer_kib)

@@ -57,7 +57,7 @@ The package, in the order the analysis runs:
 - :mod:`.tasks` and :mod:`.follow`: the live view (:class:`Follower`).
 """
 
-from labctl.kernel.packet import Injector  # what trace_frame sends with (tests patch Injector.send)
+from labctl.kernel.inject import Injector  # what trace_frame sends with (tests patch Injector.send)
 from labctl.lab.trace.explain import explain
 from labctl.lab.trace.follow import Follower
 from labctl.lab.trace.frame import FrameInfo

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from labctl.evidence.model import SendEvidence
 from labctl.evidence.window import Window, WindowSpec
 from labctl.kernel import tracefs
-from labctl.kernel.packet import Injector
+from labctl.kernel.inject import Injector
 from labctl.kernel.sched import pinned
 from labctl.kernel.tracefs import TraceEvent
 from labctl.lab.trace.burst import Folding

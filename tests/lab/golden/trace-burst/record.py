@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from labctl.evidence.window import BASE_EVENTS  # noqa: E402
 from labctl.kernel import tracefs  # noqa: E402
-from labctl.kernel.packet import Injector  # noqa: E402
+from labctl.kernel.inject import Injector  # noqa: E402
 from labctl.lab import build  # noqa: E402
 from labctl.lab.labfile import load_lab  # noqa: E402
 from labctl.lab.trace import LEAN_EVENTS, RICH_EVENTS  # noqa: E402
