@@ -138,15 +138,19 @@ class NodeLinks(NodeAddresses, NodeRoutes, NodeBridgePorts, NodeOffloads):
         A veth's queue drops everything until linkwatch has activated it, and
         operstate turns UP in the same step: polling it is what makes the very
         first frame of a check arrive (an ARP request otherwise vanishes).
+        The last dump also refreshes the name -> index cache (a converge compares
+        it with what it found before, see :func:`labctl.lab.namespaces.ipv6_after_converge`).
         """
         deadline = time.monotonic() + timeout
         while True:
-            pending = [
-                _cstr(attrs[IFLA_IFNAME])
-                for _, attrs, _ in self._dump_links(_NAME_AND_STATE)
-                if _cstr(attrs[IFLA_IFNAME]) in names
-                and OPERSTATES.get(attrs.get(IFLA_OPERSTATE, b"\0")[0]) not in ("UP", "UNKNOWN")
-            ]
+            index: dict[str, int] = {}
+            pending = []
+            for number, attrs, _ in self._dump_links(_NAME_AND_STATE):
+                name = _cstr(attrs[IFLA_IFNAME])
+                index[name] = number
+                if name in names and OPERSTATES.get(attrs.get(IFLA_OPERSTATE, b"\0")[0]) not in ("UP", "UNKNOWN"):
+                    pending.append(name)
+            self.index = index
             if not pending or time.monotonic() > deadline:
                 return pending
             time.sleep(0.005)

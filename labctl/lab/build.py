@@ -130,9 +130,8 @@ def up(
             rulesets.netfilter(builder)
             tick("relays")
             current.relays = _relays(builder, run, current.relays)
-            ipv6_after_converge(builder)
             tick("waiting for links to come up")
-            settle.settle(builder)
+            ipv6_after_converge(builder, settle.settle(builder))
         except BaseException as exc:
             teardown.rollback(run.relays, run.namespaces, topo.name, first_up=previous is None)
             if previous is None:

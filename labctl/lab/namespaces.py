@@ -76,18 +76,18 @@ def _converge_ipv6(builder: Builder, node: str, handle: NodeLinks, wanted: dict[
         sysctl.write_here({f"net.ipv6.conf.{ifname}.accept_dad": dad for ifname in disabled if ifname != "lo"})
 
 
-def ipv6_after_converge(builder: Builder) -> None:
+def ipv6_after_converge(builder: Builder, read: set[str]) -> None:
     """The nodes :func:`_converge_ipv6` left unwritten where this run created an interface after all.
 
     Any interface made since (a veth end recreated because its far end was gone, a virtual interface
     replaced) shows as a name whose ifindex is new -- the kernel never reuses one while the namespace
-    lives.  Those nodes get all/default written and each interface's switch converged, before the
-    settle: the lab's interfaces end every ``up`` with IPv6 as the file says, whatever was changed by hand.
+    lives.  Those nodes get all/default written and each interface's switch converged before ``up``
+    returns: the lab's interfaces end every ``up`` with IPv6 as the file says, whatever was changed by
+    hand.  ``read``: nodes whose name -> index cache the settle has just refreshed (its last link dump).
     """
     for node, before in builder.ipv6_unwritten.items():
         handle = builder.handles[node]
-        handle.commit()
-        if handle.refresh() == before:
+        if (handle.index if node in read else handle.refresh()) == before:
             continue
         with netns.entered(builder.ns[node]):
             sysctl.write_here(IPV6_OFF)

@@ -10,8 +10,10 @@ if TYPE_CHECKING:
     from labctl.lab.builder import Builder
 
 
-def settle(builder: Builder) -> None:
-    """Return only once every link that should be up carries traffic."""
+def settle(builder: Builder) -> set[str]:
+    """Return only once every link that should be up carries traffic; the nodes whose interfaces were read
+    (their handles' name -> index caches are the kernel's as of now)."""
+    read = set()
     for node, handle in builder.handles.items():
         spec = builder.topo.nodes[node]
         wanted = {
@@ -21,9 +23,11 @@ def settle(builder: Builder) -> None:
         }
         if wanted:
             handle.wait_operational(wanted)
+            read.add(node)
     for handle in list(builder.handles.values())[-1:]:
         handle.sync()
     settle_ipv6(builder)
+    return read
 
 
 def settle_ipv6(builder: Builder) -> None:
