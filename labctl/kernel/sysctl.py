@@ -207,21 +207,24 @@ def write_here(settings: dict[str, str]) -> None:
     for key in settings:
         if is_global(key):
             raise SysctlError(f"{key} is global, not per namespace; set it as a lab-wide sysctl")
-    paths = {key: proc_path(key) for key in settings}
-    if len(paths) < 2:
+    parts = {key: proc_path(key).split("/") for key in settings}
+    if len(parts) < 2:
         for key, value in settings.items():
             _write_here(key, value)
         return
-    parent = os.path.commonpath([os.path.dirname(path) for path in paths.values()])
+    common = min(len(split) for split in parts.values()) - 1  # a directory: never a key's own file
+    first = next(iter(parts.values()))
+    while any(split[:common] != first[:common] for split in parts.values()):
+        common -= 1
     try:
-        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open("/".join(first[:common]), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:  # a key below it names a directory that does not exist: each key says which
         for key, value in settings.items():
             _write_here(key, value)
         return
     try:
         for key, value in settings.items():
-            _write_at(dir_fd, os.path.relpath(paths[key], parent), key, value)
+            _write_at(dir_fd, "/".join(parts[key][common:]), key, value)
     finally:
         os.close(dir_fd)
 
