@@ -228,3 +228,20 @@ def test_clean_removes_only_free_lock_files_of_gone_labs(tmp_path: Path, monkeyp
         state.remove_lock_files(keep={"kept"})
         assert sorted(p.name for p in labs.iterdir()) == ["busy.json", "busy.lock", "kept.lock", "link.lock"]
     assert not target.exists()
+
+
+def test_a_registry_is_rewritten_only_when_its_body_changed_it(tmp_path: Path) -> None:
+    """locked_json: a release from an empty registry (every down) leaves the file alone; a change is written."""
+    from labctl.kernel.registry import locked_json
+
+    path = str(tmp_path / "reg" / "globals.json")
+    os.makedirs(os.path.dirname(path), mode=0o700)
+    with locked_json(path) as data:
+        data["net.core.netdev_max_backlog"] = {"original": "1000", "owners": {"lab:x": "8"}}
+    first = os.stat(path).st_ino
+    with locked_json(path) as data:
+        assert data["net.core.netdev_max_backlog"]["original"] == "1000"  # read, nothing changed
+    assert os.stat(path).st_ino == first  # not replaced
+    with locked_json(path) as data:
+        data.clear()
+    assert os.stat(path).st_ino != first and Path(path).read_text() == "{}"
