@@ -172,7 +172,7 @@ def floor(frame: PreparedFrame, count: int) -> Floor:
         split = time.process_time() - start
         start = time.process_time()
         for line in lines:
-            tracefs._LINE.match(line)
+            tracefs.lines._LINE.match(line)
         header = time.process_time() - start
         session._read_available = lambda: data  # type: ignore[method-assign]
         start = time.process_time()
