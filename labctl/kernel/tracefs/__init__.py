@@ -16,14 +16,13 @@ tracer).  One module per job; this package re-exports the public names, so calle
 
 from labctl.kernel.tracefs.catalog import available_events, resolve_events
 from labctl.kernel.tracefs.chains import (
-    MAX_CACHED_VERDICTS,
     MAX_CHAIN_EVENTS,
     ChainBuilder,
     SkbChain,
     all_chains,
     chains,
 )
-from labctl.kernel.tracefs.event import DEVICE_FIELDS, TERMINAL_EVENTS, TERMINAL_NAMES, TraceEvent, stage_of
+from labctl.kernel.tracefs.event import DEVICE_FIELDS, TERMINAL_EVENTS, TraceEvent, stage_of
 from labctl.kernel.tracefs.formats import EventFormat, FieldDef, drop_reason_names, parse_format, read_format
 from labctl.kernel.tracefs.instances import (
     INSTANCE_PREFIX,
@@ -43,12 +42,10 @@ __all__ = [
     "DEVICE_FIELDS",
     "INSTANCE_PREFIX",
     "MAX_CACHED_LINES",
-    "MAX_CACHED_VERDICTS",
     "MAX_CHAIN_EVENTS",
     "PROBES_FILE",
     "STACK_SKIP",
     "TERMINAL_EVENTS",
-    "TERMINAL_NAMES",
     "TRACEFS",
     "ChainBuilder",
     "EventFormat",

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TERMINAL_EVENTS = frozenset({"skb:kfree_skb", "skb:consume_skb"})
 """Events after which an skb no longer exists (its address may be reused)."""
-TERMINAL_NAMES = frozenset(key.partition(":")[2] for key in TERMINAL_EVENTS)
-"""Their names (all in the ``skb`` system): a comparison per event cheaper than building the key."""
 
 DEVICE_FIELDS = ("name", "dev", "dev_name", "br_dev")
 """Fields that hold a device name: ``name`` in net:*, ``dev`` in bridge/neigh/qdisc, ``dev_name`` in napi."""
 
 
-@dataclass(frozen=True, slots=True)
+Fields = dict[str, str | int]
+
+Tail = tuple[int, int, str, str, str, Fields, str, str, tuple[str, ...], str | None, int | None, bool]
+"""An event but its timestamp (:func:`_tail`): what a cache of parsed lines keeps."""
+
+
+@dataclass(slots=True)
 class TraceEvent:
-    """One tracepoint hit, with fields named as in the event's format file."""
+    """One tracepoint hit, with fields named as in the event's format file.
+
+    What every event is asked again and again -- its key, devices, skb address, context -- is worked
+    out when it is made (once per distinct line of a burst: :func:`_tail`) and kept in slots.  Not a
+    frozen dataclass: its ``__init__`` (``object.__setattr__`` per field) cost a burst's 1.2 million
+    events 3 s; the line parser sets the slots itself (:func:`labctl.kernel.tracefs.lines.parse_lines`).
+    Nobody changes an event once made, except a drop's ``location`` that its stack trace gives later
+    (the device and skb address fields never change).
+    """
 
     timestamp: float
     """CLOCK_MONOTONIC seconds (the session uses the ``mono`` trace clock): compare with time.monotonic()."""
@@ -24,37 +36,22 @@ class TraceEvent:
     comm: str
     system: str
     name: str
-    fields: dict[str, str | int]
+    fields: Fields
     flags: str = ""
     """The context column (``b.s1.``: BH off, serving a softirq, preempt depth 1), "" if absent."""
+    key: str = field(init=False, repr=False, compare=False)
+    """``system:name``."""
+    devices: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """Every device named by the event (a bridge fdb update names the bridge and the port)."""
+    device: str | None = field(init=False, repr=False, compare=False)
+    """The device the event happened on, whichever field the event calls it (the first of ``devices``)."""
+    skbaddr: int | None = field(init=False, repr=False, compare=False)
+    in_interrupt: bool = field(init=False, repr=False, compare=False)
+    """Ran in a softirq or hard irq (the task only lent its context), not in the task's own call."""
 
-    @property
-    def in_interrupt(self) -> bool:
-        """Ran in a softirq or hard irq (the task only lent its context), not in the task's own call."""
-        return len(self.flags) >= 3 and self.flags[2] != "."
-
-    @property
-    def key(self) -> str:
-        return f"{self.system}:{self.name}"
-
-    @property
-    def device(self) -> str | None:
-        """The device the event happened on, whichever field the event calls it."""
-        for name in DEVICE_FIELDS:
-            value = self.fields.get(name)
-            if isinstance(value, str):
-                return value
-        return None
-
-    @property
-    def devices(self) -> tuple[str, ...]:
-        """Every device named by the event (a bridge fdb update names the bridge and the port)."""
-        return tuple(v for n in DEVICE_FIELDS if isinstance(v := self.fields.get(n), str))
-
-    @property
-    def skbaddr(self) -> int | None:
-        value = self.fields.get("skbaddr")
-        return value if isinstance(value, int) and value else None
+    def __post_init__(self) -> None:
+        tail = _tail(self.cpu, self.pid, self.comm, self.system, self.name, self.fields, self.flags)
+        self.key, self.devices, self.device, self.skbaddr, self.in_interrupt = tail[7:]
 
     @property
     def location(self) -> str | None:
@@ -83,25 +80,55 @@ class TraceEvent:
         return (self.key, *(f"{self.key}@{dev}" for dev in self.devices))
 
 
-_SETTERS = tuple(getattr(TraceEvent, name).__set__ for name in TraceEvent.__slots__)
+def _tail(cpu: int, pid: int, comm: str, system: str, name: str, fields: Fields, flags: str) -> Tail:
+    """Everything of an event but its timestamp: the columns, and what is read from them on every use."""
+    devices = tuple(v for n in DEVICE_FIELDS if isinstance(v := fields.get(n), str))
+    addr = fields.get("skbaddr")
+    return (
+        cpu,
+        pid,
+        comm,
+        system,
+        name,
+        fields,
+        flags,
+        f"{system}:{name}",
+        devices,
+        devices[0] if devices else None,
+        addr if isinstance(addr, int) and addr else None,
+        len(flags) >= 3 and flags[2] != ".",
+    )
+
+
+_new = object.__new__
+
+
+def _event_at(timestamp: float, tail: Tail) -> TraceEvent:
+    """The event of a cached line at ``timestamp``, its slots set from ``tail`` (no ``__init__``)."""
+    event = _new(TraceEvent)
+    event.timestamp = timestamp
+    (
+        event.cpu,
+        event.pid,
+        event.comm,
+        event.system,
+        event.name,
+        event.fields,
+        event.flags,
+        event.key,
+        event.devices,
+        event.device,
+        event.skbaddr,
+        event.in_interrupt,
+    ) = tail
+    return event
 
 
 def _event(
-    timestamp: float, cpu: int, pid: int, comm: str, system: str, name: str, fields: dict[str, str | int], flags: str
+    timestamp: float, cpu: int, pid: int, comm: str, system: str, name: str, fields: Fields, flags: str
 ) -> TraceEvent:
-    """``TraceEvent(...)`` at a third less cost: the slots set directly, not through the frozen
-    dataclass's ``__init__`` (a burst builds 400,000 of them; the class stays frozen for everyone else)."""
-    event = object.__new__(TraceEvent)
-    set_timestamp, set_cpu, set_pid, set_comm, set_system, set_name, set_fields, set_flags = _SETTERS
-    set_timestamp(event, timestamp)
-    set_cpu(event, cpu)
-    set_pid(event, pid)
-    set_comm(event, comm)
-    set_system(event, system)
-    set_name(event, name)
-    set_fields(event, fields)
-    set_flags(event, flags)
-    return event
+    """``TraceEvent(...)``, positional (the line parser's slow path)."""
+    return _event_at(timestamp, _tail(cpu, pid, comm, system, name, fields, flags))
 
 
 _STAGES = {

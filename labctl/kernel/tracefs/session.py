@@ -22,7 +22,15 @@ from labctl.kernel.tracefs.instances import (
     _rmdir_instance,
     _write,
 )
-from labctl.kernel.tracefs.lines import _LINE, _LOST, _STACK_HEADER, STACK_SKIP, LineCache, _from_match
+from labctl.kernel.tracefs.lines import (
+    _LINE,
+    _LOST,
+    _STACK_HEADER,
+    STACK_SKIP,
+    LineCache,
+    _from_match,
+    parse_lines,
+)
 from labctl.kernel.tracefs.probe import hashing_off_breaks_strings
 
 DEFAULT_BUFFER_KB = 8192
@@ -254,12 +262,17 @@ class TraceSession:
             data = self._partial + self._read_available()
             end = data.rfind(b"\n") + 1
             self._partial = data[end:]
+        lines = data[:end].decode("utf-8", "backslashreplace").split("\n")
+        if not self._stack_trigger:
+            events, gaps = parse_lines(lines, self._by_name, self._lines)
+            self._lost_lines += gaps
+            return events
         parsed: list[TraceEvent] = []
         append = parsed.append
         cache, formats = self._lines, self._by_name
         share = not self._stack_trigger  # the stack trace of a drop writes its location into the fields
         match_line = _LINE.match
-        for line in data[:end].decode("utf-8", "backslashreplace").split("\n"):
+        for line in lines:
             if self._stack_trigger and self._stack_line(line):
                 continue
             match = match_line(line)

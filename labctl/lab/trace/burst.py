@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from labctl.evidence.attribution import Scope
-from labctl.kernel.tracefs import TERMINAL_NAMES, ChainBuilder, SkbChain, TraceEvent, same_but_time
+from labctl.kernel.tracefs import TERMINAL_EVENTS, ChainBuilder, SkbChain, TraceEvent, same_but_time
 from labctl.lab.trace.explain import is_injection
 
 
@@ -79,8 +79,7 @@ class Folding:
         add = builder.add
         kept: list[TraceEvent] = []  # events of no skb (fib lookups, neighbour timers): never folded
         for event in ordered:
-            addr = event.fields.get("skbaddr")
-            if addr and isinstance(addr, int):
+            if event.skbaddr is not None:
                 add(event)
             else:
                 kept.append(event)
@@ -90,8 +89,7 @@ class Folding:
         for chain in builder.created:
             events_of = chain.events
             clean = freed_before.get(chain.skbaddr, True)
-            last = events_of[-1]
-            freed = last.system == "skb" and last.name in TERMINAL_NAMES
+            freed = events_of[-1].key in TERMINAL_EVENTS
             freed_before[chain.skbaddr] = freed
             first = events_of[0]
             token = same_but_time(first)
