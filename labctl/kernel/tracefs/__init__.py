@@ -32,7 +32,7 @@ from labctl.kernel.tracefs.instances import (
     list_instances,
     remove_stale_instances,
 )
-from labctl.kernel.tracefs.lines import MAX_CACHED_LINES, STACK_SKIP, LineCache, parse_line, same_but_time
+from labctl.kernel.tracefs.lines import MAX_CACHED_LINES, STACK_SKIP, LineCache, parse_line, parse_lines, same_but_time
 from labctl.kernel.tracefs.probe import PROBES_FILE, hashing_off_breaks_strings
 from labctl.kernel.tracefs.session import DEFAULT_BUFFER_KB, DEFAULT_EVENTS, TraceSession
 
@@ -64,6 +64,7 @@ __all__ = [
     "list_instances",
     "parse_format",
     "parse_line",
+    "parse_lines",
     "read_format",
     "remove_stale_instances",
     "resolve_events",

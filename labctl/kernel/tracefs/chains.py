@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from labctl.kernel.tracefs.event import TERMINAL_EVENTS, TraceEvent, stage_of
 
@@ -54,9 +55,12 @@ class SkbChain:
         return seen
 
 
+_TIMESTAMP = attrgetter("timestamp")
+
+
 def _windowed(events: Iterable[TraceEvent], since: float | None, until: float | None) -> list[TraceEvent]:
     kept = [e for e in events if (since is None or e.timestamp >= since) and (until is None or e.timestamp <= until)]
-    kept.sort(key=lambda e: e.timestamp)  # stable: equal µs timestamps keep the kernel's order
+    kept.sort(key=_TIMESTAMP)  # stable: equal µs timestamps keep the kernel's order
     return kept
 
 
@@ -135,8 +139,10 @@ class ChainBuilder:
 def _all_chains(events: list[TraceEvent], devices: set[str]) -> list[SkbChain]:
     """Cut the (time-ordered) event stream into per-skb chains, in the order they started."""
     builder = ChainBuilder(devices, keep=True)
+    add = builder.add
     for event in events:
-        builder.add(event)
+        if event.skbaddr is not None:  # add() ignores the others: not a call each for fib lookups and polls
+            add(event)
     return builder.created
 
 

@@ -87,10 +87,10 @@ def parse_lines(
 
     A burst's 1.27 million lines cost 4 µs each through :data:`_LINE`, a tuple key and the event's
     constructor.  Here a line seen before but for its timestamp is found by its text around
-    :data:`TS_COLUMN` -- two slices, one dict look-up, one ``float`` and the event's slots set from the cached tail.  A new line
-    is read by :data:`_LINE`, and cached under that key only when the regex found its timestamp exactly
-    there (the kernel's layout): a line of another layout (a CPU number of four digits, a recorded pid
-    column) takes the regex every time, and says the same.
+    :data:`TS_COLUMN` -- two slices, one dict look-up, one ``float``, the event's slots set from the
+    cached tail.  A new line is read by :data:`_LINE`, and cached under that key only when the regex
+    found its timestamp there, after nothing but padding (the kernel's layout): a line of another layout
+    (a recorded tgid column) takes the regex every time, and says the same.
     """
     parsed: list[TraceEvent] = []
     append = parsed.append
