@@ -72,11 +72,21 @@ def _known(match: re.Match[str], formats: Mapping[str, Sequence[EventFormat]], c
     key = (comm, pid, cpu, flags, event, body)
     known = cache.get(key)
     if known is None:
-        if len(cache) >= MAX_CACHED_LINES:
-            cache.clear()
-        system, values = _parse_body(event, body, formats)
-        known = cache[key] = _tail(int(cpu), int(pid), comm, system, event, values, flags or "")
+        known = _remember(cache, key, _tail_of(match, formats))
     return known
+
+
+def _tail_of(match: re.Match[str], formats: Mapping[str, Sequence[EventFormat]]) -> Tail:
+    comm, pid, cpu, flags, _, event, body = match.groups()
+    system, values = _parse_body(event, body, formats)
+    return _tail(int(cpu), int(pid), comm, system, event, values, flags or "")
+
+
+def _remember(cache: LineCache, key: str | tuple[str, ...], tail: Tail) -> Tail:
+    if len(cache) >= MAX_CACHED_LINES:
+        cache.clear()
+    cache[key] = tail
+    return tail
 
 
 def parse_lines(
@@ -131,14 +141,14 @@ def parse_lines(
             if line.startswith("CPU:") and (gap := _LOST.match(line)) is not None:
                 lost += int(gap.group("count"))
             continue
-        tail = _known(match, formats, cache)
-        append(_event_at(float(match["ts"]), tail))
         start = match.start("ts")
         padding = line[at:start] if start >= at else "-"  # only spaces before a short timestamp
         if end > 0 and match.end("ts") == end and match.start("event") == end + 2 and not padding.strip():
-            if len(cache) >= MAX_CACHED_LINES:
-                cache.clear()
-            cache[line[:at] + line[end:]] = tail
+            # only under its text: a flood of other labs' distinct lines fills the cache half as fast
+            tail = _remember(cache, line[:at] + line[end:], _tail_of(match, formats))
+        else:
+            tail = _known(match, formats, cache)
+        append(_event_at(float(match["ts"]), tail))
     return parsed, lost
 
 
