@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What ``labctl trace`` costs: injection rate with tracing on vs off, and one packet's latency.
 
-Usage: python bench/bench_trace.py [--count N] [--repeat R] [--single K]
+Usage: python bench/bench_trace.py [--count N] [--repeat R] [--single K] [--lab NAME]
 
 Builds a two-node lab (client eth0 ── veth ── server eth0), then in one run,
 interleaved so that host load hits every variant alike:
@@ -55,6 +55,7 @@ from labctl.lab.traffic import PreparedFrame, prepare_injection
 from labctl.topology.model import Topology
 
 LAB = "bench-trace"
+"""The lab's name; ``--lab`` gives another (two engineers benchmarking at once on one host)."""
 BODY = """\
 name: bench-trace
 topology:
@@ -172,7 +173,7 @@ def floor(frame: PreparedFrame, count: int) -> Floor:
         split = time.process_time() - start
         start = time.process_time()
         for line in lines:
-            tracefs._LINE.match(line)
+            tracefs.lines._LINE.match(line)
         header = time.process_time() - start
         session._read_available = lambda: data  # type: ignore[method-assign]
         start = time.process_time()
@@ -195,13 +196,13 @@ def single_packet(topo: Topology, frame: PreparedFrame, times: int) -> list[floa
     return seconds
 
 
-def command_wall(times: int) -> list[float]:
+def command_wall(lab: str, times: int) -> list[float]:
     seconds = []
     repo = Path(__file__).resolve().parent.parent
     for _ in range(times):
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-c", CLI, "trace", LAB, "client", PACKET, "--json"],
+            [sys.executable, "-c", CLI, "trace", lab, "client", PACKET, "--json"],
             cwd=repo,
             check=True,
             stdout=subprocess.DEVNULL,
@@ -215,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100_000, help="frames per injection run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant (best is kept)")
     parser.add_argument("--single", type=int, default=10, help="single-packet traces to time")
+    parser.add_argument("--lab", default=LAB, help="the lab's name (unique on the host)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        file = os.path.join(tmp, f"{LAB}.yaml")
-        Path(file).write_text(BODY)
+        file = os.path.join(tmp, f"{args.lab}.yaml")
+        Path(file).write_text(BODY.replace(f"name: {LAB}", f"name: {args.lab}"))
         topo, _ = load_lab(file)
         build.up(topo, file)
         try:
@@ -231,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(traced(topo, frame, args.count, "rich"))
             bare = floor(frame, args.count)
             singles = single_packet(topo, frame, args.single)
-            walls = command_wall(3)
+            walls = command_wall(args.lab, 3)
         finally:
-            build.down(LAB)
+            build.down(args.lab)
     off = best(runs, "tracing off")
     print(f"frame: {len(frame.frame)} bytes UDP to a closed port on a veth, {os.cpu_count()} CPUs, N={args.count}")
     print(f"\n{'variant':<22}{'sent':>9}{'inject s':>10}{'frames/s':>12}{'vs off':>8}{'explain s':>11}{'lost':>8}")

@@ -35,7 +35,8 @@ KEYS = ("net:", "skb:", "bridge:", "neigh:")
 
 
 def event_dict(event: TraceEvent) -> dict[str, Any]:
-    return dataclasses.asdict(event)
+    """What TraceEvent(**data) takes back (its key, devices ... are worked out again from these)."""
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event) if f.init}
 
 
 def scope_dict(scope: Scope) -> dict[str, Any]:

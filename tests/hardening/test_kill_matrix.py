@@ -77,7 +77,7 @@ def leftovers(lab: str, host_before: str, *, lab_up: bool = False) -> list[str]:
         found += [f"host override {key}" for key in held]
     found += [f"scratch namespace {n}" for n in netns.list_all() if (p := scratch_owner(n)) and not procs.alive(p)]
     for name in tracefs.list_instances():
-        pid = tracefs._instance_pid(name)
+        pid = tracefs.instances._instance_pid(name)
         if pid is not None and not procs.alive(pid):
             found.append(f"trace instance {name}")
     # other engineers' labs may hold the same host-wide key: its value is ours to check only when nobody does

@@ -15,7 +15,7 @@ import pytest
 from labctl.evidence.attribution import Scope, attribute
 from labctl.kernel import counters, tracefs
 from labctl.kernel.neighwatch import NeighNote
-from labctl.kernel.tracefs import TraceEvent, TraceSession
+from labctl.kernel.tracefs import TraceEvent, TraceSession, probe
 from tests.kernel.conftest import Topo
 from tests.kernel.conftest import VethPair as Pair
 
@@ -163,12 +163,12 @@ def test_hashing_probe_is_recorded_per_boot(tmp_path: Path, monkeypatch: pytest.
     from labctl.kernel import registry
 
     monkeypatch.setattr(registry, "STATE_DIR", str(tmp_path / "state"))
-    assert tracefs._recorded_probe("boot-a") is None
-    tracefs._record_probe("boot-a", True)
-    assert tracefs._recorded_probe("boot-a") is True
-    assert tracefs._recorded_probe("boot-b") is None  # another boot: maybe another kernel
+    assert probe._recorded_probe("boot-a") is None
+    probe._record_probe("boot-a", True)
+    assert probe._recorded_probe("boot-a") is True
+    assert probe._recorded_probe("boot-b") is None  # another boot: maybe another kernel
     (tmp_path / "state" / tracefs.PROBES_FILE).write_text("{not json")
-    assert tracefs._recorded_probe("boot-a") is None
+    assert probe._recorded_probe("boot-a") is None
 
 
 def test_instance_exists_only_during_the_session() -> None:

@@ -722,7 +722,7 @@ def test_chain_builder_reports_chains_as_they_complete() -> None:
 def test_an_interrupted_teardown_still_removes_the_instance(monkeypatch: pytest.MonkeyPatch) -> None:
     session = tracefs.TraceSession(["skb:kfree_skb"])
     session.start()
-    real = tracefs._rmdir_instance
+    real = tracefs.session._rmdir_instance
     calls = []
 
     def interrupted_once(path: str) -> None:
@@ -731,7 +731,7 @@ def test_an_interrupted_teardown_still_removes_the_instance(monkeypatch: pytest.
             raise KeyboardInterrupt  # Ctrl-C lands in the middle of the teardown
         real(path)
 
-    monkeypatch.setattr(tracefs, "_rmdir_instance", interrupted_once)
+    monkeypatch.setattr(tracefs.session, "_rmdir_instance", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         session.stop()
     assert len(calls) == 2 and session.name not in tracefs.list_instances()

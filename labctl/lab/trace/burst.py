@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from labctl.evidence.attribution import Scope
-from labctl.kernel.tracefs import TERMINAL_NAMES, ChainBuilder, SkbChain, TraceEvent, same_but_time
+from labctl.kernel.tracefs import TERMINAL_EVENTS, ChainBuilder, SkbChain, TraceEvent, same_but_time
 from labctl.lab.trace.explain import is_injection
 
 
@@ -73,25 +73,22 @@ class Folding:
     def fold(self, events: Sequence[TraceEvent], scope: Scope) -> list[TraceEvent]:
         """The window's events with every injected chain but its group's representative left out."""
         since, until = scope.since, scope.until
-        ordered = sorted((e for e in events if since <= e.timestamp <= until), key=attrgetter("timestamp"))
+        ordered = [e for e in events if since <= e.timestamp <= until]
+        ordered.sort(key=attrgetter("timestamp"))
         self.order = dict(zip(map(id, ordered), range(len(ordered)), strict=True))
         builder = ChainBuilder(scope.devices, keep=True)
         add = builder.add
-        kept: list[TraceEvent] = []  # events of no skb (fib lookups, neighbour timers): never folded
         for event in ordered:
-            addr = event.fields.get("skbaddr")
-            if addr and isinstance(addr, int):
+            if event.skbaddr is not None:  # events of no skb (fib lookups, neighbour timers): never folded
                 add(event)
-            else:
-                kept.append(event)
+        kept: set[int] = set()  # the skb events left in: those of chains not folded, and the representatives'
         freed_before: dict[int, bool] = {}
         by_signature: dict[tuple[int, ...], Group] = {}
         injection: dict[int, bool] = {}  # per first event's token: is_injection reads nothing else
-        for chain in builder.created:
+        for chain in builder.created:  # every skb event is in exactly one of them
             events_of = chain.events
             clean = freed_before.get(chain.skbaddr, True)
-            last = events_of[-1]
-            freed = last.system == "skb" and last.name in TERMINAL_NAMES
+            freed = events_of[-1].key in TERMINAL_EVENTS
             freed_before[chain.skbaddr] = freed
             first = events_of[0]
             token = same_but_time(first)
@@ -99,20 +96,19 @@ class Folding:
             if injected is None:
                 injected = injection[token] = is_injection(first, self.tid, self.ifname, self.length)
             if not (clean and freed and injected):
-                kept.extend(events_of)
+                kept.update(map(id, events_of))
                 continue
             signature = tuple(map(same_but_time, events_of))
             group = by_signature.get(signature)
             if group is None:
                 by_signature[signature] = group = Group(chain, [chain])
                 self.groups[id(first)] = group
-                kept.extend(events_of)
+                kept.update(map(id, events_of))
                 continue
             group.members.append(chain)
             self.folded_events += len(events_of)
-        order = self.order
-        kept.sort(key=lambda e: order[id(e)])
-        return kept
+        # what is left, in the window's order: one pass, not a sort of the kept events by their position
+        return [e for e in ordered if e.skbaddr is None or id(e) in kept]
 
     def members(self, chain: SkbChain) -> list[SkbChain]:
         """The chains ``chain`` stands for (itself alone when it was not folded)."""

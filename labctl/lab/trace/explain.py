@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from labctl.kernel import tracefs
@@ -53,7 +54,7 @@ def explain(
     the representative's segments and ending.
     """
     node = next(n for n, ns in knowledge.namespaces.items() if ns == prepared.namespace)
-    ordered = sorted(events, key=lambda e: e.timestamp)  # stable: the stream's own order within a µs
+    ordered = sorted(events, key=attrgetter("timestamp"))  # stable: the stream's own order within a µs
     chains = tracefs.all_chains(ordered, knowledge.lab_devices, since=since - 0.001)
     injected: list[SkbChain] = []
     related: list[SkbChain] = []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from labctl.evidence.model import SendEvidence
 from labctl.evidence.window import Window, WindowSpec
@@ -97,6 +99,24 @@ class _Settler:
         return all(now - last > IDLE for last in self.open.values())
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the body (back on after, if it was on).
+
+    Explaining a 100k-frame burst makes millions of objects that live until the end (events, chains,
+    paths) and form no cycles: the collector's passes over them, started every 700 allocations, took 40 %
+    of the CPU (4.8 s instead of 7.8 s with the rich events, on recorded bursts).  Reference counting
+    still frees everything else as before; cycles wait for the next collection after the trace.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def trace_packet(
     topo: Topology,
     node: str,
@@ -121,6 +141,7 @@ def trace_packet(
     return trace_frame(topo, node, prepared, expr, count=count, cpu=cpu, settle=settle, events=events)
 
 
+@_gc_paused()
 def trace_frame(
     topo: Topology,
     node: str,

@@ -1,0 +1,73 @@
+"""Tracepoint sessions on tracefs, and the attribution of global events to a lab.
+
+Kernel evidence for a packet's path comes from tracepoints (this machine has no kprobes and no function
+tracer).  One module per job; this package re-exports the public names, so callers keep writing
+``from labctl.kernel import tracefs`` / ``tracefs.TraceSession``:
+
+- :mod:`.instances` -- the tracefs mount and labctl's instances in it (names, listing, stale removal);
+- :mod:`.probe` -- whether this kernel empties ``%s`` once pointer hashing is off (probed once per boot);
+- :mod:`.catalog` -- which tracepoints this kernel has, and ``sys:*`` specs expanded into them;
+- :mod:`.formats` -- format files, and the parser of each event's text derived from its ``print fmt``;
+- :mod:`.event` -- :class:`TraceEvent`, one tracepoint hit, and :func:`stage_of`;
+- :mod:`.lines` -- lines of ``trace_pipe`` parsed into events;
+- :mod:`.session` -- :class:`TraceSession`, a private instance recording for a session's lifetime;
+- :mod:`.chains` -- per-skb chains, and the ones seen on a lab's devices (:func:`chains`).
+"""
+
+from labctl.kernel.tracefs.catalog import available_events, resolve_events
+from labctl.kernel.tracefs.chains import (
+    MAX_CHAIN_EVENTS,
+    ChainBuilder,
+    SkbChain,
+    all_chains,
+    chains,
+)
+from labctl.kernel.tracefs.event import DEVICE_FIELDS, TERMINAL_EVENTS, TraceEvent, stage_of
+from labctl.kernel.tracefs.formats import EventFormat, FieldDef, drop_reason_names, parse_format, read_format
+from labctl.kernel.tracefs.instances import (
+    INSTANCE_PREFIX,
+    TRACEFS,
+    TraceError,
+    ensure_mounted,
+    list_instances,
+    remove_stale_instances,
+)
+from labctl.kernel.tracefs.lines import MAX_CACHED_LINES, STACK_SKIP, LineCache, parse_line, parse_lines, same_but_time
+from labctl.kernel.tracefs.probe import PROBES_FILE, hashing_off_breaks_strings
+from labctl.kernel.tracefs.session import DEFAULT_BUFFER_KB, DEFAULT_EVENTS, TraceSession
+
+__all__ = [
+    "DEFAULT_BUFFER_KB",
+    "DEFAULT_EVENTS",
+    "DEVICE_FIELDS",
+    "INSTANCE_PREFIX",
+    "MAX_CACHED_LINES",
+    "MAX_CHAIN_EVENTS",
+    "PROBES_FILE",
+    "STACK_SKIP",
+    "TERMINAL_EVENTS",
+    "TRACEFS",
+    "ChainBuilder",
+    "EventFormat",
+    "FieldDef",
+    "LineCache",
+    "SkbChain",
+    "TraceError",
+    "TraceEvent",
+    "TraceSession",
+    "all_chains",
+    "available_events",
+    "chains",
+    "drop_reason_names",
+    "ensure_mounted",
+    "hashing_off_breaks_strings",
+    "list_instances",
+    "parse_format",
+    "parse_line",
+    "parse_lines",
+    "read_format",
+    "remove_stale_instances",
+    "resolve_events",
+    "same_but_time",
+    "stage_of",
+]
