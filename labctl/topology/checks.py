@@ -12,13 +12,13 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, create_model, field_validator, model_validator
+from pydantic import Field, TypeAdapter, create_model, field_validator, model_validator
 
 from labctl.errors import KeyPath, Problem
 from labctl.expect.base import LabView, kinds
 from labctl.expect.bounds import Count, matches, parse_bound
 from labctl.expect.values import Address, check_address
-from labctl.topology.model import NAME_PATTERN, Strict, Topology
+from labctl.topology.model import NAME_PATTERN, LabFile, Strict, Topology
 from labctl.topology.nft import NftRuleset
 from labctl.topology.steps import Exec, SendTcp, SetupExec, check_features, exec_expectations, exec_label
 
@@ -254,16 +254,23 @@ class Check(Strict):
         return exec_expectations(data)
 
 
-class LabFile(Topology):
-    """A topology plus the checks that verify it."""
-
-    checks: list[Check] = []
-
-    def check(self) -> list[Problem]:
-        return super().check() + _check_references(self)
+_ADAPTER: list[TypeAdapter[list[Check]]] = []
 
 
-def _check_references(lab: LabFile) -> list[Problem]:
+def checks_adapter() -> TypeAdapter[list[Check]]:
+    """The validator of a lab file's ``checks`` list (LabFile's field), built once per process.
+
+    ``Check`` is built first as a model of its own, so its instances serialize (``model_dump``, the lab's
+    digest) with the validator and serializer built here; the list around it reuses that core schema.
+    """
+    if not _ADAPTER:
+        Check.model_rebuild()
+        _ADAPTER.append(TypeAdapter(list[Check]))
+    return _ADAPTER[0]
+
+
+def check_references(lab: LabFile) -> list[Problem]:
+    """The checks' names, nodes, interfaces, addresses and expectations against the lab (LabFile.check)."""
     problems: list[Problem] = []
 
     def node_ok(path: KeyPath, node: str) -> bool:
