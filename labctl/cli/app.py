@@ -169,8 +169,8 @@ def graph(
     from labctl.errors import KernelLacksError
     from labctl.lab.labfile import load_lab
     from labctl.topology import graph as topo_graph
-    from labctl.topology.checks import LabFile
     from labctl.topology.loader import load_file
+    from labctl.topology.model import LabFile
 
     try:
         topo, _ = load_lab(str(file))

@@ -144,9 +144,9 @@ def _emit(make: Callable[[str], dict[str, Any]], shape: str, command: str, outpu
           force: bool) -> None:
     """Build, check with the same model a lab file is parsed into, then write: an invalid file is never written."""
     from labctl.errors import LabctlError, LabFileError
-    from labctl.topology.checks import LabFile
     from labctl.topology.generate import to_yaml
     from labctl.topology.loader import default_name, parse_model, read_yaml
+    from labctl.topology.model import LabFile
 
     if name is None:
         name = default_name(str(output)) if output is not None else shape

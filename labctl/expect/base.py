@@ -157,6 +157,25 @@ class Kind:
 _REGISTRY: dict[str, Kind] = {}
 _loaded = False
 
+KIND_MODULES: dict[str, str] = {
+    "delivered": "sockets", "queued_bytes": "sockets", "received_from": "sockets", "socket": "socket",
+    "dropped": "drops", "drops": "drops",
+    "counters": "counters", "softnet_dropped": "counters", "softnet": "counters",
+    "captured": "captures", "captured_direction": "captures", "captured_sources": "captures",
+    "tap_after_qdisc": "captures",
+    "events": "trace", "stages": "trace",
+    "ip6tables": "rules", "rules": "rules", "ebtables": "rules", "nft": "nft",
+    "send_error": "sender", "reachable": "sender", "tcp": "tcp", "exec": "exec",
+    "fdb": "fdb", "route": "route", "neighbours": "neighbours", "hooks": "netfilter", "conntrack": "conntrack",
+    "sums": "sums",
+}
+"""Each ``expect`` key and the module of ``kinds/`` that registers it, in report order (``kinds()``'s).
+
+The check model's ``expect`` keys come from this table, so a lab file imports and compiles only the
+kinds its checks use (``kind``): the 16 modules and their schemas cost a check-free command nothing and a
+lab with checks a few of them.  tests/test_kinds.py holds the table to the registry.
+"""
+
 
 def register(cls: type[Kind]) -> type[Kind]:
     """Class decorator: one instance of each kind, keyed by its ``expect`` key."""
@@ -176,6 +195,13 @@ def kinds() -> Mapping[str, Kind]:
         for info in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{package.__name__}.{info.name}")
     return dict(sorted(_REGISTRY.items(), key=lambda item: (item[1].order, item[0])))
+
+
+def kind(key: str) -> Kind:
+    """The kind of ``expect`` key ``key``, importing only its own module (KIND_MODULES)."""
+    if key not in _REGISTRY:
+        importlib.import_module(f"labctl.expect.kinds.{KIND_MODULES[key]}")
+    return _REGISTRY[key]
 
 
 def suggest(name: str, known: Sequence[str] | frozenset[str], limit: int = 3) -> str:

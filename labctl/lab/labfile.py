@@ -13,10 +13,9 @@ from typing import Any
 
 from labctl.errors import KernelLacksError, KeyPath, LabFileError, Problem
 from labctl.kernel import kconfig, sysctl, version
-from labctl.topology.checks import LabFile
 from labctl.topology.kinds import BRIDGE_VLAN_OPTION, KIND_OPTIONS, required_options
 from labctl.topology.loader import SourceMap, load_file
-from labctl.topology.model import Topology
+from labctl.topology.model import LabFile, Topology
 
 
 def machine_problems(topo: Topology, source: SourceMap) -> list[Problem]:

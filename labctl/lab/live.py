@@ -146,8 +146,8 @@ def _load_topology(file: str) -> Topology:
     kernel took it, and those questions (tracepoint and counter names, sysctls in a scratch namespace,
     rule and nft parsing) cost a lab with checks 0.05-0.4 s that no live command needs.
     """
-    from labctl.topology.checks import LabFile
     from labctl.topology.loader import load_file
+    from labctl.topology.model import LabFile
 
     return load_file(file, LabFile)[0]
 

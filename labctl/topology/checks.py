@@ -12,13 +12,13 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, create_model, field_validator, model_validator
+from pydantic import Field, PlainValidator, TypeAdapter, create_model, field_validator, model_validator
 
 from labctl.errors import KeyPath, Problem
-from labctl.expect.base import LabView, kinds
+from labctl.expect.base import KIND_MODULES, LabView, kind
 from labctl.expect.bounds import Count, matches, parse_bound
 from labctl.expect.values import Address, check_address
-from labctl.topology.model import NAME_PATTERN, Strict, Topology
+from labctl.topology.model import NAME_PATTERN, LabFile, Strict, Topology
 from labctl.topology.nft import NftRuleset
 from labctl.topology.steps import Exec, SendTcp, SetupExec, check_features, exec_expectations, exec_label
 
@@ -217,9 +217,29 @@ class Traffic(Strict):
 STEP_KINDS = ("inject", "udp", "ping", "tcp", "exec")
 
 
+_KIND_ADAPTERS: dict[str, TypeAdapter[Any]] = {}
+
+
+def _expect_value(key: str) -> Any:
+    """The type of ``expect``'s key ``key``: its kind's schema, compiled the first time a check uses the key.
+
+    A ValidationError of the kind's schema keeps its locations under the key (``expect.drops.x``), as when
+    the schema was the field's own type; None (the key given empty) is None, as for ``schema | None``.
+    """
+
+    def validate(value: Any) -> Any:
+        if value is None:
+            return None
+        if key not in _KIND_ADAPTERS:
+            _KIND_ADAPTERS[key] = TypeAdapter(kind(key).schema)
+        return _KIND_ADAPTERS[key].validate_python(value)
+
+    return Annotated[Any, PlainValidator(validate)]
+
+
 def _expect_model() -> type[Strict]:
-    """The ``expect`` mapping, one optional key per registered expectation kind (labctl.expect.kinds)."""
-    fields: dict[str, Any] = {key: (kind.schema | None, None) for key, kind in kinds().items()}
+    """The ``expect`` mapping, one optional key per expectation kind (labctl.expect.kinds), none imported yet."""
+    fields: dict[str, Any] = {key: (_expect_value(key), None) for key in KIND_MODULES}
     model = create_model("Expect", __base__=Strict, __doc__="What the kernel must show; every key present is judged.",
                          **fields)
     return model
@@ -254,16 +274,23 @@ class Check(Strict):
         return exec_expectations(data)
 
 
-class LabFile(Topology):
-    """A topology plus the checks that verify it."""
-
-    checks: list[Check] = []
-
-    def check(self) -> list[Problem]:
-        return super().check() + _check_references(self)
+_ADAPTER: list[TypeAdapter[list[Check]]] = []
 
 
-def _check_references(lab: LabFile) -> list[Problem]:
+def checks_adapter() -> TypeAdapter[list[Check]]:
+    """The validator of a lab file's ``checks`` list (LabFile's field), built once per process.
+
+    ``Check`` is built first as a model of its own, so its instances serialize (``model_dump``, the lab's
+    digest) with the validator and serializer built here; the list around it reuses that core schema.
+    """
+    if not _ADAPTER:
+        Check.model_rebuild()
+        _ADAPTER.append(TypeAdapter(list[Check]))
+    return _ADAPTER[0]
+
+
+def check_references(lab: LabFile) -> list[Problem]:
+    """The checks' names, nodes, interfaces, addresses and expectations against the lab (LabFile.check)."""
     problems: list[Problem] = []
 
     def node_ok(path: KeyPath, node: str) -> bool:
@@ -327,11 +354,11 @@ def _check_references(lab: LabFile) -> list[Problem]:
             step_kinds=frozenset(k for step in check.traffic for k in STEP_KINDS if getattr(step, k) is not None),
         )
         expect = check.expect
-        for key, kind in kinds().items():
+        for key in KIND_MODULES:
             value = getattr(expect, key)
             if value is None:
                 continue
-            for sub, message in kind.references(value, view):
+            for sub, message in kind(key).references(value, view):
                 problems.append(Problem((*base, "expect", key, *sub), message))
     return problems
 
@@ -372,4 +399,4 @@ def _listen_address_problem(lab: Topology, listen: Listen) -> str | None:
 
 
 def expectation_keys() -> list[str]:
-    return list(kinds())
+    return list(KIND_MODULES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
@@ -310,6 +310,40 @@ class Topology(Strict):
     def check(self) -> list[Problem]:
         """Cross-reference checks that a single model cannot do on its own."""
         return _Checker(self).run()
+
+
+def _validate_checks(value: Any) -> list[Any]:
+    """A lab file's ``checks``, validated by the check model (labctl.topology.checks), imported on first use.
+
+    The check model is most of a lab file's schema: ~50 classes and every expectation kind's module.  A
+    file without checks (and ``trace``/``status`` of such a lab) never imports or builds it.  The errors are
+    pydantic's own: a ValidationError raised here keeps its locations under ``checks`` (``checks.0.name``).
+    """
+    from labctl.topology.checks import checks_adapter
+
+    return checks_adapter().validate_python(value)
+
+
+if TYPE_CHECKING:
+    from labctl.topology.checks import Check
+
+    CheckList = list[Check]
+else:
+    CheckList = Annotated[list[Any], PlainValidator(_validate_checks)]
+
+
+class LabFile(Topology):
+    """A topology plus the checks that verify it (their model lives in labctl.topology.checks)."""
+
+    checks: CheckList = []
+
+    def check(self) -> list[Problem]:
+        problems = super().check()
+        if self.checks:
+            from labctl.topology.checks import check_references
+
+            problems += check_references(self)
+        return problems
 
 
 class _Checker:

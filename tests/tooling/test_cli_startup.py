@@ -62,3 +62,21 @@ def test_plain_values_are_converted() -> None:
     assert to_bool is not None and to_bool("yes") is True and to_bool("off") is False
     assert coercion._converter(list[str], Info()) is not None
     assert coercion._converter(dict[str, str], Info()) is None  # left to Typer
+
+
+def test_validating_a_file_without_checks_builds_no_check_model(tmp_path: pytest.TempPathFactory) -> None:
+    """The check model (every expectation kind's module) is imported only for a file that has checks."""
+    lab = tmp_path / "plain.yaml"  # type: ignore[operator]
+    lab.write_text(
+        "name: plain\ntopology:\n  nodes:\n    a: {interfaces: {eth0: {addresses: [10.0.0.1/24]}}}\n"
+        "    b: {}\n  links:\n    - endpoints: ['a:eth0', 'b:eth0']\n"
+    )
+    code = (
+        "import sys\n"
+        f"sys.argv = ['labctl', 'validate', {str(lab)!r}]\n"
+        "from labctl.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(' '.join(m for m in ('labctl.topology.checks', 'labctl.expect.kinds') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == ""
