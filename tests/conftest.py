@@ -42,3 +42,17 @@ def make_lab(tmp_path: Path, lab_name: str) -> Iterator[LabFactory]:
     yield factory
     for lab in names:
         build.down(lab)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cli_consoles() -> Iterator[None]:
+    """Each test's CLI output gets a Rich console made at its first print, as a new ``labctl`` process does.
+
+    The CLI's consoles are made once per process (labctl.cli.common); in a test worker the first test to print
+    would otherwise fix the width for every later one (``COLUMNS`` of a CliRunner env is read when the console
+    is made), and a table cut at 80 columns failed a test that asked for 250 -- depending on test order."""
+    from labctl.cli import common
+
+    for lazy in (common.console, common.err_console):
+        lazy._console = None  # type: ignore[attr-defined]
+    yield
