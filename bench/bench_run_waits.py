@@ -88,8 +88,8 @@ def _settle_label(window: Any, fixed: float | None = None) -> str:
 
 WRAPPED: list[tuple[str, str | Callable[..., str]]] = [
     ("labctl.lab.build:up", "lab up (build)"),
-    ("labctl.lab.build:Builder.settle", "lab up: waiting for links (operstate)"),
-    ("labctl.lab.build:Builder.settle_ipv6", "lab up: IPv6 DAD"),
+    ("labctl.lab.settle:settle", "lab up: waiting for links (operstate)"),
+    ("labctl.lab.settle:settle_ipv6", "lab up: IPv6 DAD"),
     ("labctl.lab.build:down", "lab down"),
     ("labctl.verify.stage:warm_neighbours", "stage: warm-up ping (neighbour resolution)"),
     ("labctl.verify.stage:flush_conntrack", "stage: conntrack flush"),
