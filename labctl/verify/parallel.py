@@ -296,16 +296,19 @@ def run_labs(
     so the run ends with short labs, not one long lab on its own.
     """
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import forkserver
 
     run = new_run_name()
-    try:
-        durations = _last_durations()
-    except OSError:
-        durations = {}
-    order = sorted(files, key=lambda f: _sort_key(f, select, durations))
+    context = worker_context()
     done: dict[str, tuple[LabResult, int | None]] = {}
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
+        forkserver.ensure_running()  # the server imports labctl while this process orders the labs
+        try:
+            durations = _last_durations()
+        except OSError:
+            durations = {}
+        order = sorted(files, key=lambda f: _sort_key(f, select, durations))
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             pending = {pool.submit(run_one, LabJob(f, run, select, keep, reuse, pcap_dir)): f for f in order}
             while pending:
                 if on_progress:
