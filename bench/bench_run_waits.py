@@ -4,7 +4,7 @@
 The run is the product's own (``labctl.verify.runner.run_labs``, in this
 process); the script only wraps the functions where a run waits -- fixed
 sleeps, the nflog quiet period, TCP handshakes, ping, IPv6 DAD, tracefs
-instance set-up and removal -- and times each call's *own* share (time spent
+instance set-up, pausing and removal -- and times each call's *own* share (time spent
 in a wrapped callee is counted to the callee).  Per row: wall seconds, the
 calling thread's CPU seconds, and the rest (waiting: for the kernel, a timer,
 a child process, or a core another process holds).
@@ -88,14 +88,16 @@ def _settle_label(window: Any, fixed: float | None = None) -> str:
 
 WRAPPED: list[tuple[str, str | Callable[..., str]]] = [
     ("labctl.lab.build:up", "lab up (build)"),
-    ("labctl.lab.build:Builder.settle", "lab up: waiting for links (operstate)"),
-    ("labctl.lab.build:Builder.settle_ipv6", "lab up: IPv6 DAD"),
+    ("labctl.lab.settle:settle", "lab up: waiting for links (operstate)"),
+    ("labctl.lab.settle:settle_ipv6", "lab up: IPv6 DAD"),
     ("labctl.lab.build:down", "lab down"),
     ("labctl.verify.stage:warm_neighbours", "stage: warm-up ping (neighbour resolution)"),
     ("labctl.verify.stage:flush_conntrack", "stage: conntrack flush"),
     ("labctl.verify.stage:_send", _send_label),
     ("labctl.kernel.tracefs:TraceSession.start", "window: tracefs instance create + enable"),
     ("labctl.kernel.tracefs:TraceSession.stop", "window: tracefs disable + drain + rmdir"),
+    ("labctl.evidence.kept_trace:KeptSession.resume", "window: kept tracefs instance resumed"),
+    ("labctl.evidence.kept_trace:KeptSession.pause", "window: kept tracefs instance paused + drained"),
     ("labctl.kernel.nftrace:HookTracer.__enter__", "window: nflog trace rules install"),
     ("labctl.kernel.nftrace:HookTracer._teardown", "window: nflog trace rules removal"),
     ("labctl.kernel.nftrace:NflogListener.drain", "window: nflog drain (quiet period)"),

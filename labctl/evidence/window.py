@@ -22,6 +22,7 @@ from types import MappingProxyType, TracebackType
 
 from labctl.evidence import netfilter as nf_evidence
 from labctl.evidence.attribution import Scope, attribute
+from labctl.evidence.kept_trace import stop_recording, trace_session
 from labctl.evidence.model import (
     CaptureEvidence,
     ConnectionEvidence,
@@ -206,7 +207,7 @@ class Window:
         self._before = counters.Snapshot.take(self.nodes.values())
         events = tuple(dict.fromkeys((*BASE_EVENTS, *spec.events)))
         buffer_kb = spec.buffer_kb or tracefs.DEFAULT_BUFFER_KB
-        self._trace = self._stack.enter_context(tracefs.TraceSession(events, buffer_kb=buffer_kb))
+        self._trace = self._stack.enter_context(trace_session(events, buffer_kb))
         # the watches after the trace: a notification heard is then never of an event fired before tracing
         # began, so the lab's notification always finds its own event (attribution.vouched_events)
         self._watches = {node: self._stack.enter_context(NeighWatch(ns)) for node, ns in self.nodes.items()}
@@ -330,7 +331,7 @@ class Window:
         try:
             self.until = time.monotonic()
             self._tasks |= own_tasks()
-            self._trace.stop()
+            stop_recording(self._trace)
             self._raw.extend(self._trace.events())
             lost = self._trace.lost_events()
             traced = frozenset(self._trace.enabled)

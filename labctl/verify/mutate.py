@@ -523,16 +523,18 @@ def run_catalogue(work: Sequence[tuple[str, LabMutations]], jobs: int = 1, contr
     """
     if jobs <= 1:
         return {file: run_lab(file, group, control) for file, group in work}
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
+    from labctl.verify.parallel import stop_fork_server, worker_context
 
     alone = [(f, g) for f, g in work if must_run_alone(f, g)]
     together = [(f, g) for f, g in work if f not in {a for a, _ in alone}]
     runs: dict[str, LabRun] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
         for file, group in alone:
             runs[file] = pool.submit(run_lab, file, group, control).result()
         futures = {file: pool.submit(run_lab, file, group, control) for file, group in together}
         for file, future in futures.items():
             runs[file] = future.result()
+    stop_fork_server()
     return {file: runs[file] for file, _ in work}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from labctl.errors import KernelLacksError, LabctlError, LabStateError
+from labctl.evidence.kept_trace import kept_traces
 from labctl.evidence.model import Evidence
 from labctl.expect.base import Row
 from labctl.kernel import kconfig, modules, version
@@ -247,11 +248,12 @@ def run_lab(
             with turns.phase():
                 build.up(lab, file)
         try:
-            for check in chosen:
-                if on_check:
-                    on_check(lab.name, check.name)
-                with turns.phase(check):
-                    result.checks.append(run_check(lab, check, pcap_dir))
+            with kept_traces():  # one tracefs instance for the lab's windows (labctl/evidence/kept_trace.py)
+                for check in chosen:
+                    if on_check:
+                        on_check(lab.name, check.name)
+                    with turns.phase(check):
+                        result.checks.append(run_check(lab, check, pcap_dir))
         finally:
             if not keep and not already_up:
                 with turns.phase():
