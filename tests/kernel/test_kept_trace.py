@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from labctl.evidence.kept_trace import KeptSession, TraceKeeper, kept_traces, stop_recording, trace_session
+from labctl.evidence.kept_trace import TraceKeeper, kept_traces, stop_recording, trace_session
 from labctl.kernel import tracefs
+from labctl.kernel.tracefs.kept import KeptSession
 from tests.kernel.conftest import Topo
 from tests.kernel.conftest import VethPair as Pair
 

@@ -11,6 +11,7 @@ tracer).  One module per job; this package re-exports the public names, so calle
 - :mod:`.event` -- :class:`TraceEvent`, one tracepoint hit, and :func:`stage_of`;
 - :mod:`.lines` -- lines of ``trace_pipe`` parsed into events;
 - :mod:`.session` -- :class:`TraceSession`, a private instance recording for a session's lifetime;
+- :mod:`.kept` -- :class:`~.kept.KeptSession`, one that pauses between windows and resumes with other events;
 - :mod:`.chains` -- per-skb chains, and the ones seen on a lab's devices (:func:`chains`).
 """
 
