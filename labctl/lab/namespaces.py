@@ -83,7 +83,10 @@ def ipv6_after_converge(builder: Builder, read: set[str]) -> None:
     replaced) shows as a name whose ifindex is new -- the kernel never reuses one while the namespace
     lives.  Those nodes get all/default written and each interface's switch converged before ``up``
     returns: the lab's interfaces end every ``up`` with IPv6 as the file says, whatever was changed by
-    hand.  ``read``: nodes whose name -> index cache the settle has just refreshed (its last link dump).
+    hand.  What is not repaired: a ``default`` changed by hand in a node where this run creates nothing --
+    it decides only what an interface made *later* inherits (by hand, or a program a check runs), and
+    reading it back in every node would cost the lookup the skip saves.  ``read``: nodes whose name ->
+    index cache the settle has just refreshed (its last link dump).
     """
     for node, before in builder.ipv6_unwritten.items():
         handle = builder.handles[node]
