@@ -21,6 +21,10 @@ class KeptSession(TraceSession):
 
     _lost_base = 0
     """The kernel's lost-event count when recording last resumed: the window's own losses are above it."""
+    _trigger_paused = False
+    """The drop-location stack trigger is off while paused: an unconditional trigger runs on every hit of its
+    event whether the instance records or not (``trace_trigger_soft_disabled``), so an armed one would unwind
+    the stack of every ``kfree_skb`` on the host -- other labs' bursts too -- between this lab's windows."""
 
     def pause(self) -> None:
         """Stop recording and keep the instance; what was buffered stays readable with ``events()``."""
@@ -28,6 +32,9 @@ class KeptSession(TraceSession):
             if self._fd is None:
                 return
             self._set("tracing_on", "0")
+            if self._stack_trigger and not self._trigger_paused:
+                self._set(self._event_file("skb:kfree_skb", "trigger"), "!stacktrace")
+                self._trigger_paused = True
             self._pending.extend(self._drain())
 
     def resume(self, events: Sequence[str]) -> None:
@@ -50,6 +57,9 @@ class KeptSession(TraceSession):
                 if event not in self.enabled:
                     self._set(self._event_file(event, "enable"), "1")
             self.enabled = wanted
+            if self._trigger_paused:  # suits() kept kfree_skb in the set: re-armed as a fresh instance has it
+                self._set(self._event_file("skb:kfree_skb", "trigger"), "stacktrace")
+                self._trigger_paused = False
             self._lost_base = self._stats_lost()
             self._set("tracing_on", "1")
 
@@ -57,7 +67,8 @@ class KeptSession(TraceSession):
         """Whether this instance can serve a window of ``events``: the same buffer, and the drop-location
         stack trigger (set up with ``skb:kfree_skb``) as a fresh instance would have it."""
         kfree = "skb:kfree_skb"
-        return self.running and self.buffer_kb == buffer_kb and (kfree in events) == (kfree in self.enabled)
+        wanted, _ = resolve_events(events)  # a spec may be a glob (skb:*): compare what it enables
+        return self.running and self.buffer_kb == buffer_kb and (kfree in wanted) == (kfree in self.enabled)
 
     def lost_events(self) -> int:
         stats = self._stats_lost() if self.running else (self._lost_at_stop or 0)
