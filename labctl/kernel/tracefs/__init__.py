@@ -23,8 +23,8 @@ from labctl.kernel.tracefs.chains import (
     all_chains,
     chains,
 )
-from labctl.kernel.tracefs.event import DEVICE_FIELDS, TERMINAL_EVENTS, TraceEvent, stage_of
-from labctl.kernel.tracefs.formats import EventFormat, FieldDef, drop_reason_names, parse_format, read_format
+from labctl.kernel.tracefs.event import TERMINAL_EVENTS, TraceEvent, stage_of
+from labctl.kernel.tracefs.formats import EventFormat, drop_reason_names, parse_format, read_format
 from labctl.kernel.tracefs.instances import (
     INSTANCE_PREFIX,
     TRACEFS,
@@ -33,24 +33,20 @@ from labctl.kernel.tracefs.instances import (
     list_instances,
     remove_stale_instances,
 )
-from labctl.kernel.tracefs.lines import MAX_CACHED_LINES, STACK_SKIP, LineCache, parse_line, parse_lines, same_but_time
-from labctl.kernel.tracefs.probe import PROBES_FILE, hashing_off_breaks_strings
+from labctl.kernel.tracefs.lines import LineCache, parse_line, parse_lines, same_but_time
+from labctl.kernel.tracefs.probe import PROBES_FILE
 from labctl.kernel.tracefs.session import DEFAULT_BUFFER_KB, DEFAULT_EVENTS, TraceSession
 
 __all__ = [
     "DEFAULT_BUFFER_KB",
     "DEFAULT_EVENTS",
-    "DEVICE_FIELDS",
     "INSTANCE_PREFIX",
-    "MAX_CACHED_LINES",
     "MAX_CHAIN_EVENTS",
     "PROBES_FILE",
-    "STACK_SKIP",
     "TERMINAL_EVENTS",
     "TRACEFS",
     "ChainBuilder",
     "EventFormat",
-    "FieldDef",
     "LineCache",
     "SkbChain",
     "TraceError",
@@ -61,7 +57,6 @@ __all__ = [
     "chains",
     "drop_reason_names",
     "ensure_mounted",
-    "hashing_off_breaks_strings",
     "list_instances",
     "parse_format",
     "parse_line",

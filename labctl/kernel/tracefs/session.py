@@ -270,19 +270,19 @@ class TraceSession:
         parsed: list[TraceEvent] = []
         append = parsed.append
         cache, formats = self._lines, self._by_name
-        share = not self._stack_trigger  # the stack trace of a drop writes its location into the fields
         match_line = _LINE.match
         for line in lines:
-            if self._stack_trigger and self._stack_line(line):
+            if self._stack_line(line):
                 continue
             match = match_line(line)
             if match is None:
                 if line.startswith("CPU:") and (lost := _LOST.match(line)) is not None:
                     self._lost_lines += int(lost.group("count"))
                 continue
-            event = _from_match(match, formats, cache, share)
+            # share=False: the stack trace of a drop writes its location into that event's own fields
+            event = _from_match(match, formats, cache, False)
             append(event)
-            if self._stack_trigger and event.system == "skb" and event.name == "kfree_skb":
+            if event.system == "skb" and event.name == "kfree_skb":
                 self._last_drop[event.cpu] = event
         return parsed
 
