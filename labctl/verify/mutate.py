@@ -530,11 +530,13 @@ def run_catalogue(work: Sequence[tuple[str, LabMutations]], jobs: int = 1, contr
     alone = [(f, g) for f, g in work if must_run_alone(f, g)]
     together = [(f, g) for f, g in work if f not in {a for a, _ in alone}]
     runs: dict[str, LabRun] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
-        for file, group in alone:
-            runs[file] = pool.submit(run_lab, file, group, control).result()
-        futures = {file: pool.submit(run_lab, file, group, control) for file, group in together}
-        for file, future in futures.items():
-            runs[file] = future.result()
-    stop_fork_server()
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
+            for file, group in alone:
+                runs[file] = pool.submit(run_lab, file, group, control).result()
+            futures = {file: pool.submit(run_lab, file, group, control) for file, group in together}
+            for file, future in futures.items():
+                runs[file] = future.result()
+    finally:  # as parallel.run_labs: the server goes with the pool, on failure too
+        stop_fork_server()
     return {file: runs[file] for file, _ in work}
