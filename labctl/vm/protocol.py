@@ -53,13 +53,14 @@ def decode(data: bytes) -> tuple[int, dict[str, Any]]:
         if not data[:HEADER_MAX].strip(b"\0"):
             raise ProtocolError("the guest wrote no result (the result disk is empty)")
         raise ProtocolError("the result disk does not start with a labctl result header")
+    fields = line.decode(errors="replace").split(" ")
+    if len(fields) > 1 and fields[1] != str(VERSION):  # before the layout: a v1 header has one field less
+        raise ProtocolError(f"result protocol {fields[1][:20]}, this labctl reads {VERSION}")
     try:
-        _, version, sequence, length, digest = line.decode().split(" ")
-        size = int(length)
+        _, _, number, length, digest = fields
+        sequence, size = int(number), int(length)
     except ValueError:
         raise ProtocolError(f"bad result header {line[:80]!r}") from None
-    if version != str(VERSION):
-        raise ProtocolError(f"result protocol {version}, this labctl reads {VERSION}")
     start = len(line) + 1
     body = data[start : start + size]
     if len(body) != size or hashlib.sha256(body).hexdigest() != digest:
@@ -67,7 +68,7 @@ def decode(data: bytes) -> tuple[int, dict[str, Any]]:
     payload = json.loads(body)
     if not isinstance(payload, dict):
         raise ProtocolError("the result is not a JSON object")
-    return int(sequence), payload
+    return sequence, payload
 
 
 class ResultWriter:

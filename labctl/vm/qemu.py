@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,17 +127,9 @@ class KvmBroken(Exception):
     """QEMU reported a KVM internal error: the guest was killed; boot again under TCG."""
 
 
-@dataclass
-class Booted:
-    accel: str
-    seconds: float
-    returncode: int
-
-
-def run(machine: Machine, qemu: str, accel: str, timeout: float, console: Path) -> Booted:
+def run(machine: Machine, qemu: str, accel: str, timeout: float, console: Path) -> None:
     """Boot without a terminal, console to ``console``; the guest powers off when done. Killed at ``timeout``."""
     argv = [*machine.argv(qemu, accel), "-serial", f"file:{console}", "-monitor", "none"]
-    start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     stderr: list[str] = []
@@ -173,7 +164,6 @@ def run(machine: Machine, qemu: str, accel: str, timeout: float, console: Path) 
     if returncode != 0:
         raise VmError(f"QEMU exited with {returncode}: {''.join(stderr).strip()[-800:]}\nconsole ({console}):\n"
                       f"{_tail(console)}")
-    return Booted(accel, time.monotonic() - start, returncode)
 
 
 def interactive(machine: Machine, qemu: str, accel: str) -> int:

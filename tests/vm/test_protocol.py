@@ -70,6 +70,10 @@ def test_a_cut_result_is_refused() -> None:
         protocol.decode(data[:-3])
     with pytest.raises(protocol.ProtocolError, match="header"):
         protocol.decode(b"Linux version 6.1 ...\n")
+    with pytest.raises(protocol.ProtocolError, match="result protocol 1, this labctl reads 2"):
+        protocol.decode(b"LABCTL-RESULT 1 2 " + b"0" * 64 + b"\n{}")  # an older guest's one-slot header
+    with pytest.raises(protocol.ProtocolError, match="bad result header"):
+        protocol.decode(b"LABCTL-RESULT 2 x 2 " + b"0" * 64 + b"\n{}")
 
 
 def test_records_without_kernel_take_the_payloads() -> None:
