@@ -230,7 +230,21 @@ class LabJob:
 
 
 def run_one(job: LabJob) -> tuple[LabResult, int | None]:
-    """Run one lab under the run's lock; a labctl error becomes the result's ``error`` and its exit code."""
+    """Run one lab under the run's lock; a labctl error becomes the result's ``error`` and its exit code.
+
+    Interrupted (Ctrl-C, or SIGTERM when labctl is gone: :func:`worker_starts`), the lab comes down on the way
+    out and the worker exits without a result: there is nobody to report to, and no traceback to print."""
+    global _running_a_lab
+    _running_a_lab = True
+    try:
+        return _run_one(job)
+    except KeyboardInterrupt:
+        os._exit(130)
+    finally:
+        _running_a_lab = False
+
+
+def _run_one(job: LabJob) -> tuple[LabResult, int | None]:
     try:
         try:
             lab = load_lab_file(job.file)
@@ -263,6 +277,41 @@ def worker_context() -> BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(WORKER_PRELOAD))
     return context
+
+
+def worker_starts() -> None:
+    """A lab worker's first act: end with the run.  ``kill -9`` of labctl does not end a worker by itself: its
+    parent is the fork server, which lives while any worker holds the server's liveness pipe -- and every
+    worker does -- so each would finish its lab and then wait forever for work, the server beside it.
+
+    A thread watches labctl (the worker's ``parent_process`` sentinel: the pipe labctl waits on for this
+    worker breaks when labctl is gone) and then sends the worker SIGTERM, which unwinds it like Ctrl-C (as
+    ``labctl`` itself does): the lab it was running comes down, its trace instance goes, and it exits.
+    """
+    import multiprocessing
+    import signal
+    import threading
+    from multiprocessing.connection import wait
+
+    def interrupt(signum: int, frame: object) -> None:
+        if not _running_a_lab:
+            os._exit(0)  # waiting for work that will never come: nothing to unwind
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    labctl = multiprocessing.parent_process()
+    if labctl is None:
+        return
+
+    def watch() -> None:
+        wait([labctl.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="labctl-watch", daemon=True).start()
+
+
+_running_a_lab = False
+"""Whether this worker is inside :func:`run_one` (a SIGTERM then unwinds the lab; otherwise it just exits)."""
 
 
 def stop_fork_server() -> None:
@@ -308,7 +357,7 @@ def run_labs(
         except OSError:
             durations = {}
         order = sorted(files, key=lambda f: _sort_key(f, select, durations))
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=worker_starts) as pool:
             pending = {pool.submit(run_one, LabJob(f, run, select, keep, reuse, pcap_dir)): f for f in order}
             while pending:
                 if on_progress:

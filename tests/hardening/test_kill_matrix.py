@@ -163,3 +163,36 @@ def test_after_the_matrix_down_leaves_nothing(up_lab: str) -> None:
     host_before = host_value()
     assert labctl("down", up_lab).returncode == 0
     assert leftovers(up_lab, host_before) == []
+
+
+def test_kill_9_of_run_j_ends_its_workers_and_down_leaves_nothing(tmp_path: Path) -> None:
+    """``run -j 2`` forks its lab workers from a fork server; ``kill -9`` of labctl takes the server with it,
+    and each worker, told by the kernel (PR_SET_PDEATHSIG), brings its lab down and exits -- none is left
+    waiting forever for work, and ``down`` then finds nothing of either lab."""
+    host_before = host_value()
+    names = [f"t{os.getpid()}kj{i}" for i in range(2)]
+    files = []
+    for name in names:
+        file = tmp_path / f"{name}.yaml"
+        # without the host-wide override: a lab that sets one runs alone, and both must be at work at once
+        file.write_text("\n".join(line for line in lab_text(name).splitlines() if not line.startswith("sysctls:")))
+        files.append(str(file))
+    errors = tmp_path / "stderr"
+    with errors.open("wb") as sink:  # a file, not a pipe: a worker left alive would hold a pipe open forever
+        proc = subprocess.Popen([LABCTL, "run", "-j", "2", *files], stdout=subprocess.DEVNULL, stderr=sink)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (netns.list_labctl(names[0]) and netns.list_labctl(names[1])):
+        time.sleep(0.05)  # until both labs are being built: both workers are at work
+    workers = procs.descendants(proc.pid)
+    assert workers, "labctl run -j 2 started no worker"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(procs.alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if procs.alive(pid)], "workers outlived the run"
+    assert "Traceback" not in errors.read_text(), errors.read_text()[-2000:]
+    for name in names:
+        after = labctl("down", name)
+        assert after.returncode in (0, 2) and "Traceback" not in after.stderr, after.stderr
+        assert leftovers(name, host_before) == []
