@@ -8,6 +8,7 @@ exact is the rule, bounds are for what is statistical (backlog overflow).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Annotated, Any, Literal
@@ -274,19 +275,15 @@ class Check(Strict):
         return exec_expectations(data)
 
 
-_ADAPTER: list[TypeAdapter[list[Check]]] = []
-
-
+@functools.cache
 def checks_adapter() -> TypeAdapter[list[Check]]:
     """The validator of a lab file's ``checks`` list (LabFile's field), built once per process.
 
     ``Check`` is built first as a model of its own, so its instances serialize (``model_dump``, the lab's
     digest) with the validator and serializer built here; the list around it reuses that core schema.
     """
-    if not _ADAPTER:
-        Check.model_rebuild()
-        _ADAPTER.append(TypeAdapter(list[Check]))
-    return _ADAPTER[0]
+    Check.model_rebuild()
+    return TypeAdapter(list[Check])
 
 
 def check_references(lab: LabFile) -> list[Problem]:
