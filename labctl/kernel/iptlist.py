@@ -21,9 +21,7 @@ from labctl.kernel.iptbuild import LOCK, XtTable, open_handle
 from labctl.kernel.iptbuild import close_handle as _close
 from labctl.kernel.iptrules import TABLES, Family, RuleCounter, RuleError
 from labctl.kernel.iptrules import clean as _clean
-
-PROC_NAMES: dict[str, str] = {"ip": "/proc/net/ip_tables_names", "ip6": "/proc/net/ip6_tables_names"}
-"""Per family, the tables instantiated in the reading thread's namespace."""
+from labctl.kernel.xtnames import table_names_here
 
 
 def existing_tables(namespace: str, family: Family = "ip") -> list[str]:
@@ -38,11 +36,7 @@ def existing_tables(namespace: str, family: Family = "ip") -> list[str]:
 
 def existing_tables_here(family: Family = "ip") -> list[str]:
     """:func:`existing_tables` for the namespace the thread is in now."""
-    try:
-        with open(PROC_NAMES[family]) as f:
-            names = set(f.read().split())
-    except FileNotFoundError:
-        return []
+    names = table_names_here(family)
     return [t for t in TABLES if t in names]
 
 

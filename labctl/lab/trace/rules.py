@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from labctl.kernel import netns
+from labctl.kernel import netns, xtnames
 from labctl.lab.trace.model import RuleDelta
 
 if TYPE_CHECKING:
@@ -43,11 +43,7 @@ def read_rules(knowledge: Knowledge) -> dict[str, dict[str, iptables.RuleCounter
 def _has_tables(namespace: str) -> bool:
     """Whether any xtables table exists in ``namespace`` (reading the names creates none)."""
     with netns.entered(namespace):
-        try:
-            with open("/proc/thread-self/net/ip_tables_names") as f:
-                return bool(f.read().split())
-        except FileNotFoundError:
-            return False
+        return bool(xtnames.table_names_here("ip"))
 
 
 def rule_deltas(
