@@ -5,6 +5,12 @@ one; explicit numbers start above all the devices the node will ever hold, so th
 plus room for the fallback devices a tunnel module puts in every namespace, old and new, when it loads
 (gre0, gretap0, erspan0, tunl0, sit0, ip6tnl0, ...: on a modular kernel a lab's GRE link loads ip_gre
 mid-build, and every later namespace starts with them).
+
+A veth's two ends never get the same number, though their namespaces would allow it: the kernel's linkwatch
+(net/core/link_watch.c, linkwatch_urgent_event) treats a device whose ifindex equals its iflink -- a veth's
+iflink is its peer's ifindex -- as not urgent, and sets it operational only at its next batch, up to a
+second later when another link changed within the second (two alike nodes' eth0s both got 37: a lab with a
+vxlan waited 0.8 s in its settle).
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ class IfindexPlan:
         self.last: dict[str, int] = {}
         """The ifindex last handed out per node (a veth's peer is recorded under it)."""
 
-    def next(self, node: str) -> int | None:
-        """An ifindex to ask for in a namespace this run created (None elsewhere: the kernel picks)."""
+    def next(self, node: str, unlike: int | None = None) -> int | None:
+        """An ifindex to ask for in a namespace this run created (None elsewhere: the kernel picks), never
+        ``unlike``."""
         if node not in self.fresh:
             return None
         start = 2 + len(self.wanted_interfaces[node]) + FALLBACK_DEVICE_ROOM
-        self.last[node] = self.last.get(node, start) + 1
+        number = self.last.get(node, start) + 1
+        self.last[node] = number + 1 if number == unlike else number
         return self.last[node]

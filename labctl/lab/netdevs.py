@@ -63,14 +63,15 @@ def links(builder: Builder) -> None:
         main_attrs = builder.attrs(main.node, main.interface, link)
         if (main.node, main.interface) in builder.bond_members:  # a bond takes only a member that is down
             main_attrs = dataclasses.replace(main_attrs, master=None)
+        index = builder.ifindex.next(main.node)
         h_main.add_veth(
             main.interface,
             main_attrs,
             other.interface,
             builder.ns[other.node],
             builder.attrs(other.node, other.interface, link),
-            index=builder.ifindex.next(main.node),
-            peer_index=builder.ifindex.next(other.node),
+            index=index,
+            peer_index=builder.ifindex.next(other.node, unlike=index),
         )
         if other.node in builder.fresh:
             h_other.index[other.interface] = builder.ifindex.last[other.node]

@@ -248,3 +248,34 @@ def test_up_of_another_file_with_the_same_lab_name_is_refused(
         [sys.executable, "-m", "labctl.cli", "up", str(other)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 2 and "already up from" in result.stderr
+
+
+
+PAIR = """\
+topology:
+  nodes:
+    a:
+      interfaces:
+        eth0: {addresses: [10.0.9.1/24]}
+    b:
+      interfaces:
+        eth0: {addresses: [10.0.9.2/24]}
+  links:
+    - endpoints: ["a:eth0", "b:eth0"]
+"""
+
+
+def test_veth_ends_never_share_an_ifindex(make_lab: LabFactory, lab_name: str) -> None:
+    """The kernel's linkwatch treats a device whose ifindex equals its iflink (a veth's: the peer's ifindex)
+    as not urgent and sets it operational up to a second late; each end of a lab's veth gets its own number
+    (two nodes alike, as here, would otherwise get the same)."""
+    import json
+
+    make_lab(PAIR)
+    ends = []
+    for node in ("a", "b"):
+        namespace = netns.namespace_name(lab_name, node)
+        shown = netns.run(namespace, ["ip", "-j", "link", "show", "eth0"], capture_output=True)
+        ends.append(json.loads(shown.stdout)[0])
+    assert ends[0]["ifindex"] == ends[1]["link_index"] and ends[1]["ifindex"] == ends[0]["link_index"]
+    assert ends[0]["ifindex"] != ends[1]["ifindex"]
