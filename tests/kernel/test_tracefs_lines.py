@@ -141,3 +141,11 @@ def test_an_event_made_by_hand_works_out_the_same_and_travels_by_pickle() -> Non
     for again in (pickle.loads(pickle.dumps(event)), copy.copy(event)):  # run -j sends evidence as a pickle
         assert again == event and _everything(again) == _everything(event)
     assert "key=" not in repr(event)  # what it is worked out from, not the slots that repeat it
+
+
+def test_a_format_compiles_its_parser_when_first_used() -> None:
+    """A session reads some 24 formats and a one-packet trace sees a few kinds: compiling happens on use."""
+    fmt = tracefs.parse_format(FORMAT, "net")
+    assert "pattern" not in vars(fmt)
+    assert fmt.parse_body("skbaddr=ffff888108767f00") == {"skbaddr": 0xFFFF888108767F00}
+    assert "pattern" in vars(fmt)
