@@ -47,6 +47,7 @@ from types import MappingProxyType
 from typing import Any
 
 from labctl.errors import KernelLacksError, LabctlError
+from labctl.expect.base import KIND_MODULES
 from labctl.kernel import registry
 from labctl.topology.checks import Check, LabFile
 from labctl.verify.runner import LabResult, load_lab_file, run_lab, selected
@@ -259,9 +260,29 @@ def _run_one(job: LabJob) -> tuple[LabResult, int | None]:
         return LabResult(lab=Path(job.file).stem, file=job.file, error=str(exc)), exc.exit_code
 
 
-WORKER_PRELOAD = ("labctl.verify.parallel", "labctl.verify.mutate")
+WORKER_PRELOAD = (
+    "labctl.verify.parallel",
+    "labctl.verify.mutate",
+    # what the labs import on first use, inside a check or a build step
+    *(f"labctl.expect.kinds.{module}" for module in sorted(set(KIND_MODULES.values()))),
+    "labctl.expect.validate",
+    "labctl.expect.walks",
+    "labctl.lab.facts",
+    "labctl.lab.virtual",
+    "labctl.kernel.tc_flower",
+    "labctl.kernel.xtables",
+    "scapy.layers.l2",
+    "scapy.layers.inet",
+    "scapy.layers.inet6",
+    "nftables",
+)
 """What a lab worker runs, imported once by the fork server rather than by every worker (0.7-0.9 s of CPU
-each: pyroute2, Scapy, python-iptables; six workers re-importing were a fifth of a -j 6 run's CPU)."""
+each: pyroute2, Scapy, python-iptables; six workers re-importing were a fifth of a -j 6 run's CPU).
+
+Not only the runner: a serial run of labs/ imports some 260 modules more on first use (pyroute2's IPRoute,
+Scapy's layers, the expectation kinds).  Each worker paid them again on its first lab -- tcp-connect, the lab
+that bounds ``run -j``, spent a second of a profiled run importing -- where the fork server, preloading them,
+takes a quarter of a second longer to start.  tests/lab/test_parallel.py holds this list to what a run uses."""
 
 
 def worker_context() -> BaseContext:

@@ -185,3 +185,27 @@ def test_run_j2_reports_a_broken_lab_and_runs_the_others(tmp_path: Path, lab_nam
     labs = json.loads(out.stdout)["labs"]
     assert labs[0]["error"] and "bogus" in labs[0]["error"]
     assert labs[1]["passed"]
+
+
+PRELOAD_PROBE = """\
+import importlib, sys
+from labctl.verify.parallel import WORKER_PRELOAD
+for module in WORKER_PRELOAD:
+    importlib.import_module(module)
+before = set(sys.modules)
+from labctl.verify.runner import run_lab
+result = run_lab(sys.argv[1])
+assert result.checks and not result.error, result.error
+print(" ".join(sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("labctl", "scapy", "pyroute2"))))
+"""
+
+
+def test_a_worker_imports_nothing_the_fork_server_did_not(tmp_path: Path) -> None:
+    """WORKER_PRELOAD holds what a lab imports on first use (here ebtables': pyroute2's IPRoute, Scapy's layers,
+    expectation kinds), so no worker of ``run -j`` pays for those imports again."""
+    lab = tmp_path / "preload-ebt.yaml"
+    lab.write_text((REPO / "labs" / "ebtables.yaml").read_text().replace("name: ebtables\n", "name: preload-ebt\n", 1))
+    shown = subprocess.run(
+        [sys.executable, "-c", PRELOAD_PROBE, str(lab)], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert shown.stdout.strip() == ""
