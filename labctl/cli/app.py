@@ -243,7 +243,9 @@ def run(
         if jobs > 1 and len(files) > 1:  # labctl/verify/parallel.py: which labs may share the machine
             from labctl.verify.parallel import run_labs as run_in_parallel
 
-            results, bad_input = run_in_parallel(files, jobs, select, keep, reuse, pcap_dir=pcaps_to)
+            results, bad_input = run_in_parallel(
+                files, jobs, select, keep, reuse, pcap_dir=pcaps_to, evidence=html is not None
+            )
         else:
             results, bad_input = run_labs(
                 files, select=select, keep=keep, on_check=show, reuse=reuse, pcap_dir=pcaps_to

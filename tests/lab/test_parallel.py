@@ -187,6 +187,17 @@ def test_run_j2_reports_a_broken_lab_and_runs_the_others(tmp_path: Path, lab_nam
     assert labs[1]["passed"]
 
 
+def test_run_j_sends_evidence_back_only_for_an_html_report(tmp_path: Path, lab_name: str) -> None:
+    """A worker's result crosses to labctl as a pickle: its Evidence (megabytes for a traced burst) only when
+    the report will draw it."""
+    files = [_lab(tmp_path, f"{lab_name}e", 1), _lab(tmp_path, f"{lab_name}f", 1)]
+    plain, _ = parallel.run_labs(files, 2)
+    drawn, _ = parallel.run_labs(files, 2, evidence=True)
+    assert all(r.passed for r in plain + drawn)
+    assert [c.recorded for r in plain for c in r.checks] == [None, None]
+    assert all(c.recorded is not None and c.recorded.events for r in drawn for c in r.checks)
+
+
 PRELOAD_PROBE = """\
 import importlib, sys
 from labctl.verify.parallel import WORKER_PRELOAD
