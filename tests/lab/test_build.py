@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from labctl.lab.clean import clean_all
 from labctl.lab.labfile import load_lab
 from tests.conftest import LabFactory
 from tests.hostcheck import host_snapshot
+from tests.lab.test_verify import TWO_NODES
 from tests.topologies import VMS
 
 CONTAINERS = """\
@@ -251,29 +253,13 @@ def test_up_of_another_file_with_the_same_lab_name_is_refused(
 
 
 
-PAIR = """\
-topology:
-  nodes:
-    a:
-      interfaces:
-        eth0: {addresses: [10.0.9.1/24]}
-    b:
-      interfaces:
-        eth0: {addresses: [10.0.9.2/24]}
-  links:
-    - endpoints: ["a:eth0", "b:eth0"]
-"""
-
-
 def test_veth_ends_never_share_an_ifindex(make_lab: LabFactory, lab_name: str) -> None:
     """The kernel's linkwatch treats a device whose ifindex equals its iflink (a veth's: the peer's ifindex)
     as not urgent and sets it operational up to a second late; each end of a lab's veth gets its own number
     (two nodes alike, as here, would otherwise get the same)."""
-    import json
-
-    make_lab(PAIR)
+    make_lab(TWO_NODES)
     ends = []
-    for node in ("a", "b"):
+    for node in ("client", "server"):
         namespace = netns.namespace_name(lab_name, node)
         shown = netns.run(namespace, ["ip", "-j", "link", "show", "eth0"], capture_output=True)
         ends.append(json.loads(shown.stdout)[0])
