@@ -252,7 +252,6 @@ def test_up_of_another_file_with_the_same_lab_name_is_refused(
     assert result.returncode == 2 and "already up from" in result.stderr
 
 
-
 def test_veth_ends_never_share_an_ifindex(make_lab: LabFactory, lab_name: str) -> None:
     """The kernel's linkwatch treats a device whose ifindex equals its iflink (a veth's: the peer's ifindex)
     as not urgent and sets it operational up to a second late; each end of a lab's veth gets its own number
