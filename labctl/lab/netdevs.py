@@ -64,6 +64,9 @@ def links(builder: Builder) -> None:
         if (main.node, main.interface) in builder.bond_members:  # a bond takes only a member that is down
             main_attrs = dataclasses.replace(main_attrs, master=None)
         index = builder.ifindex.next(main.node)
+        # the kernel honours a peer's ifindex only beside the near end's own (veth_newlink): when the near end
+        # is in a namespace this run did not create, the peer's number is the kernel's, looked up by name later
+        peer_index = builder.ifindex.next(other.node, unlike=index) if index is not None else None
         h_main.add_veth(
             main.interface,
             main_attrs,
@@ -71,10 +74,10 @@ def links(builder: Builder) -> None:
             builder.ns[other.node],
             builder.attrs(other.node, other.interface, link),
             index=index,
-            peer_index=builder.ifindex.next(other.node, unlike=index),
+            peer_index=peer_index,
         )
-        if other.node in builder.fresh:
-            h_other.index[other.interface] = builder.ifindex.last[other.node]
+        if peer_index is not None:
+            h_other.index[other.interface] = peer_index
 
 
 def configure(builder: Builder) -> None:

@@ -119,6 +119,25 @@ def test_converge_applies_changes(make_lab: LabFactory, lab_name: str, tmp_path:
     assert ping(lab_name, "c1", "192.168.9.1")
 
 
+def test_converge_adds_a_node_beside_an_existing_one(make_lab: LabFactory, lab_name: str, tmp_path: Path) -> None:
+    """The new link's near end is in a namespace the run did not create: the kernel then picks the far end's
+    ifindex too (veth_newlink honours a peer's only beside the near end's), and the build must not assume it."""
+    make_lab(TWO_NODES)
+    grown = (
+        TWO_NODES.replace(
+            "        eth0: {addresses: [10.0.7.1/24]}\n",
+            "        eth0: {addresses: [10.0.7.1/24]}\n        eth1: {addresses: [10.0.8.1/24]}\n",
+        )
+        .replace("  links:\n", "    extra:\n      interfaces:\n        eth0: {addresses: [10.0.8.2/24]}\n  links:\n")
+        .replace('"server:eth0"]\n', '"server:eth0"]\n    - endpoints: ["client:eth1", "extra:eth0"]\n')
+    )
+    file = tmp_path / f"{lab_name}.yaml"  # the lab's own file, edited
+    file.write_text(f"name: {lab_name}\n{grown}")
+    topo, _ = load_lab(str(file))
+    build.up(topo, str(file))
+    assert ping(lab_name, "extra", "10.0.8.1")
+
+
 def test_failure_rolls_back_everything(tmp_path: Path, lab_name: str) -> None:
     before = host_snapshot()
     # what only the kernel can refuse, late in the build (sysctls are already checked by load_lab)
