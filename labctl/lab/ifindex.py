@@ -6,7 +6,8 @@ plus room for the fallback devices a tunnel module puts in every namespace, old 
 (gre0, gretap0, erspan0, tunl0, sit0, ip6tnl0, ...: on a modular kernel a lab's GRE link loads ip_gre
 mid-build, and every later namespace starts with them).
 
-A veth's two ends never get the same number, though their namespaces would allow it: the kernel's linkwatch
+When the run creates both namespaces, a veth's two ends never get the same number, though the kernel
+would allow it: the kernel's linkwatch
 (net/core/link_watch.c, linkwatch_urgent_event) treats a device whose ifindex equals its iflink -- a veth's
 iflink is its peer's ifindex -- as not urgent, and sets it operational only at its next batch, up to a
 second later when another link changed within the second (two alike nodes' eth0s both got 37: a lab with a

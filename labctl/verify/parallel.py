@@ -278,6 +278,7 @@ WORKER_PRELOAD = (
     "labctl.lab.virtual",
     "labctl.kernel.tc_flower",
     "labctl.kernel.xtables",
+    "labctl.traffic.expr",  # first: it turns off Scapy's route autoload, so the server never reads the host's routes
     "scapy.layers.l2",
     "scapy.layers.inet",
     "scapy.layers.inet6",
@@ -286,10 +287,10 @@ WORKER_PRELOAD = (
 """What a lab worker runs, imported once by the fork server rather than by every worker (0.7-0.9 s of CPU
 each: pyroute2, Scapy, python-iptables; six workers re-importing were a fifth of a -j 6 run's CPU).
 
-Not only the runner: a serial run of labs/ imports some 260 modules more on first use (pyroute2's IPRoute,
-Scapy's layers, the expectation kinds).  Each worker paid them again on its first lab -- tcp-connect, the lab
+Not only the runner: a serial run of labs/ imports some 260 modules more on first use (pyroute2, Scapy's
+layers, the expectation kinds).  Each worker paid them again on its first lab -- tcp-connect, the lab
 that bounds ``run -j``, spent a second of a profiled run importing -- where the fork server, preloading them,
-takes a quarter of a second longer to start.  tests/lab/test_parallel.py holds this list to what a run uses."""
+takes a quarter of a second longer to start.  tests/lab/test_parallel.py checks it against one lab's imports."""
 
 
 def worker_context() -> BaseContext:

@@ -211,11 +211,11 @@ print(" ".join(sorted(m for m in set(sys.modules) - before if m.split(".")[0] in
 """
 
 
-def test_a_worker_imports_nothing_the_fork_server_did_not(tmp_path: Path) -> None:
+def test_a_worker_imports_nothing_the_fork_server_did_not(tmp_path: Path, lab_name: str) -> None:
     """WORKER_PRELOAD holds what a lab imports on first use (here ebtables': pyroute2's IPRoute, Scapy's layers,
     expectation kinds), so no worker of ``run -j`` pays for those imports again."""
-    lab = tmp_path / "preload-ebt.yaml"
-    lab.write_text((REPO / "labs" / "ebtables.yaml").read_text().replace("name: ebtables\n", "name: preload-ebt\n", 1))
+    lab = tmp_path / f"{lab_name}.yaml"
+    lab.write_text((REPO / "labs" / "ebtables.yaml").read_text().replace("name: ebtables\n", f"name: {lab_name}\n", 1))
     shown = subprocess.run(
         [sys.executable, "-c", PRELOAD_PROBE, str(lab)], capture_output=True, text=True, check=True, cwd=REPO
     )
