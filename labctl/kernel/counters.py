@@ -18,7 +18,7 @@ import contextlib
 import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from labctl.kernel import netns
@@ -268,9 +268,6 @@ class Snapshot:
             snapshot.namespaces[name] = NamespaceCounters.read(name)
         snapshot.softnet = softnet()
         return snapshot
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
