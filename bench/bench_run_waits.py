@@ -118,9 +118,9 @@ def main() -> int:
     args = parser.parse_args()
     for path, label in WRAPPED:
         _patch(path, label)
-    from labctl.verify import runner
+    from labctl.verify import runner, scope
 
-    files = runner.lab_files(args.paths)
+    files = scope.lab_files(args.paths)
     load0 = os.getloadavg()[0]
     w0, c0 = time.perf_counter(), time.process_time()
     results, _ = runner.run_labs(files)

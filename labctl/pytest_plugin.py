@@ -70,7 +70,7 @@ class LabCollector(pytest.File):
 
     def collect(self) -> Iterator[pytest.Item]:
         from labctl.errors import KernelLacksError
-        from labctl.verify.runner import load_lab_file
+        from labctl.verify.scope import load_lab_file
 
         try:
             self.lab = load_lab_file(str(self.path))

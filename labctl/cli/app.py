@@ -212,7 +212,7 @@ def run(
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
     from labctl.verify import report
-    from labctl.verify.runner import lab_files, run_labs
+    from labctl.verify.scope import lab_files
 
     files = lab_files(paths)
     if not files:
@@ -247,6 +247,8 @@ def run(
                 files, jobs, select, keep, reuse, pcap_dir=pcaps_to, evidence=html is not None
             )
         else:
+            from labctl.verify.runner import run_labs  # not for -j: the workers run the labs, this process reports
+
             results, bad_input = run_labs(
                 files, select=select, keep=keep, on_check=show, reuse=reuse, pcap_dir=pcaps_to
             )

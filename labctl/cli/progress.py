@@ -80,7 +80,7 @@ def checking(files: Sequence[str], select: str | None, enabled: bool = True) -> 
 def _count_checks(files: Sequence[str], select: str | None) -> int:
     """How many checks the run will make (a file that does not load counts none: the run reports it)."""
     from labctl.errors import LabctlError
-    from labctl.verify.runner import load_lab_file, selected
+    from labctl.verify.scope import load_lab_file, selected
 
     total = 0
     for file in files:

@@ -16,7 +16,7 @@ from labctl.cli.common import console, err_console, escape, reports_errors, requ
 if TYPE_CHECKING:  # the runner and the VM code import pyroute2 and friends: only when a command runs
     from rich.console import Console  # Rich too: importing it costs a sixth of `labctl validate` (0.02 s)
 
-    from labctl.verify.runner import LabResult
+    from labctl.verify.results import LabResult
     from labctl.vm import diff
     from labctl.vm.kernels import KernelRun
 
@@ -167,7 +167,7 @@ def shell(
     paths: Annotated[list[str] | None, typer.Argument(help="lab files or folders to put in the guest")] = None,
 ) -> None:
     """A shell in the guest (labctl on PATH, the lab files in the working folder); exit powers it off."""
-    from labctl.verify.runner import lab_files
+    from labctl.verify.scope import lab_files
     from labctl.vm import kernels as vm_kernels
 
     require_root()
@@ -189,7 +189,7 @@ def exec_(
     come back through the result disk (for scripts and CI; `vm shell` is the interactive form)."""
     import sys
 
-    from labctl.verify.runner import lab_files
+    from labctl.verify.scope import lab_files
     from labctl.vm import kernels as vm_kernels
 
     require_root()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from labctl.kernel.sockets import SendResult
     from labctl.lab.live import InjectResult
     from labctl.lab.trace.model import TraceResult
-    from labctl.verify.runner import CheckResult
+    from labctl.verify.results import CheckResult
 
 
 class Lab:

@@ -26,7 +26,7 @@ from labctl.kernel.frames import write_pcap
 from labctl.lab.trace.model import PacketPath
 from labctl.topology.model import Topology
 from labctl.verify.report import claims
-from labctl.verify.runner import CheckResult, LabResult
+from labctl.verify.results import CheckResult, LabResult
 
 MAX_PICTURES = 6
 """Kinds of path drawn per check, of the packets it sent and of those the kernel made; the rest are counted."""

@@ -41,7 +41,8 @@ from labctl.lab import build
 from labctl.lab.labfile import load_lab
 from labctl.topology.checks import LabFile
 from labctl.topology.loader import parse_model, read_yaml
-from labctl.verify.runner import CheckResult, run_check
+from labctl.verify.results import CheckResult
+from labctl.verify.runner import run_check
 
 Op = Literal["set", "add", "delete", "append", "remove-item", "replace", "reverse", "swap", "shorten"]
 PathPart = str | int

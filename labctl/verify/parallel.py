@@ -50,7 +50,8 @@ from labctl.errors import KernelLacksError, LabctlError
 from labctl.expect.base import KIND_MODULES
 from labctl.kernel import registry
 from labctl.topology.checks import Check, LabFile
-from labctl.verify.runner import LabResult, load_lab_file, run_lab, selected
+from labctl.verify.results import LabResult
+from labctl.verify.scope import load_lab_file, selected
 
 RUNS_DIR = os.path.join(registry.STATE_DIR, "runs")
 
@@ -250,6 +251,8 @@ def run_one(job: LabJob) -> tuple[LabResult, int | None]:
 
 
 def _run_one(job: LabJob) -> tuple[LabResult, int | None]:
+    from labctl.verify.runner import run_lab  # a worker's, imported by the fork server (WORKER_PRELOAD)
+
     try:
         try:
             lab = load_lab_file(job.file)
@@ -257,7 +260,13 @@ def _run_one(job: LabJob) -> tuple[LabResult, int | None]:
             return run_lab(job.file, select=job.select, keep=job.keep, reuse=job.reuse), None
         turns = RunLock(job.run).turns(lab)
         result = run_lab(
-            job.file, select=job.select, keep=job.keep, reuse=job.reuse, pcap_dir=job.pcap_dir, turns=turns
+            job.file,
+            select=job.select,
+            keep=job.keep,
+            reuse=job.reuse,
+            pcap_dir=job.pcap_dir,
+            turns=turns,
+            loaded=lab,
         )
         if not job.evidence:
             for check in result.checks:
@@ -269,6 +278,7 @@ def _run_one(job: LabJob) -> tuple[LabResult, int | None]:
 
 WORKER_PRELOAD = (
     "labctl.verify.parallel",
+    "labctl.verify.runner",
     "labctl.verify.mutate",
     # what the labs import on first use, inside a check or a build step
     *(f"labctl.expect.kinds.{module}" for module in sorted(set(KIND_MODULES.values()))),

@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from labctl.verify.runner import CheckResult, LabResult
+from labctl.verify.results import CheckResult, LabResult
 
 MARKS = {"pass": "[green]PASS[/]", "fail": "[red]FAIL[/]", "error": "[red]ERROR[/]", "skip": "[yellow]SKIP[/]"}
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,96 +20,14 @@ from labctl.evidence.model import Evidence
 from labctl.expect.base import Row
 from labctl.kernel import kconfig, modules, version
 from labctl.lab import build, state
-from labctl.lab.labfile import load_lab
 from labctl.topology.checks import Check, LabFile
 from labctl.verify.explain import explain
 from labctl.verify.judge import judge
 from labctl.verify.pcaps import write_check_pcap
+from labctl.verify.results import CheckResult, LabResult
+from labctl.verify.scope import load_lab_file, selected
 from labctl.verify.stage import observe
 from labctl.verify.turns import Alone, Turns
-
-
-@dataclass
-class CheckResult:
-    name: str
-    covers: list[str]
-    description: str
-    status: str
-    evidence: list[Row]
-    observation: dict[str, Any]
-    seconds: float
-    error: str | None = None
-    explanation: list[str] = field(default_factory=list)
-    not_provable: list[str] = field(default_factory=list)
-    """Kernel options this kernel lacks, or the kernel range the check holds for (status 'skip')."""
-    kernel: str = field(default_factory=version.release)
-    """The kernel release the check ran on (a VM run reports the guest's)."""
-    recorded: Evidence | None = field(default=None, repr=False)
-    """The Evidence itself (its captured frames and paths for an HTML report); not in the JSON form."""
-    pcap: str | None = None
-    """The pcapng file of the check's captures, with verdicts as comments (``run --pcap DIR``)."""
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "pass"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "covers": self.covers,
-            "description": self.description,
-            "status": self.status,
-            "passed": self.passed,
-            "seconds": round(self.seconds, 3),
-            "error": self.error,
-            "not_provable": self.not_provable,
-            "kernel": self.kernel,
-            "evidence": [e.as_dict() for e in self.evidence],
-            "explanation": self.explanation,
-            "observation": self.observation,
-            **({"pcap": self.pcap} if self.pcap else {}),
-        }
-
-
-@dataclass
-class LabResult:
-    lab: str
-    file: str
-    checks: list[CheckResult] = field(default_factory=list)
-    seconds: float = 0.0
-    error: str | None = None
-    kernel: str = field(default_factory=version.release)
-    """The kernel release the lab ran on (a VM run reports the guest's)."""
-
-    @property
-    def passed(self) -> bool:
-        return self.error is None and all(c.status in ("pass", "skip") for c in self.checks)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "lab": self.lab,
-            "file": self.file,
-            "kernel": self.kernel,
-            "passed": self.passed,
-            "seconds": round(self.seconds, 3),
-            "error": self.error,
-            "checks": [c.as_dict() for c in self.checks],
-        }
-
-
-def load_lab_file(file: str) -> LabFile:
-    return load_lab(file)[0]
-
-
-def lab_files(paths: Iterable[str]) -> list[str]:
-    files: list[str] = []
-    for path in paths:
-        p = Path(path)
-        if p.is_dir():
-            files += sorted(str(f) for f in p.glob("*.yaml"))
-        else:
-            files.append(str(p))
-    return files
 
 
 def _skipped(check: Check, lacking: list[str], start: float) -> CheckResult:
@@ -196,10 +113,6 @@ def with_topology_requires(check: Check, lacking: list[str]) -> Check:
     return check.model_copy(update={"requires": sorted(set(check.requires) | set(lacking))})
 
 
-def selected(lab: LabFile, select: str | None) -> list[Check]:
-    return [c for c in lab.checks if select is None or select in c.name or select in c.covers]
-
-
 def run_lab(
     file: str,
     select: str | None = None,
@@ -208,18 +121,22 @@ def run_lab(
     reuse: bool = False,
     pcap_dir: str | None = None,
     turns: Turns | None = None,
+    loaded: LabFile | None = None,
 ) -> LabResult:
     """Bring the lab up, run its (selected) checks, bring it down unless ``keep``.
 
     A lab already up (``labctl up``) is never converged or torn down by a run:
     without ``reuse`` the run refuses; with it the checks run against the lab
     as it is and it stays up.  ``turns`` says when the lab may act beside
-    other labs (``run -j``); by default it never waits.
+    other labs (``run -j``); by default it never waits.  ``loaded``: ``file`` as
+    :func:`load_lab_file` returned it already (a ``-j`` worker loads it first to
+    learn its turns; loading twice cost each lab ~10 ms of validation and a
+    sysctl probe).
     """
     turns = turns or Alone()
     start = time.monotonic()
     try:
-        lab = load_lab_file(file)
+        lab = loaded or load_lab_file(file)
     except KernelLacksError as exc:
         # the topology needs a kind this kernel lacks: nothing can be built, every check is not provable here
         from labctl.topology.loader import load_file

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from labctl.verify.runner import LabResult
+from labctl.verify.results import LabResult
 
 LAB_ROW = "(lab)"
 """The check column of a row that stands for a whole lab that could not run on some kernel."""

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labctl.verify.runner import LabResult, run_labs
+from labctl.verify.results import LabResult
+from labctl.verify.runner import run_labs
 from labctl.vm import image, job, protocol, qemu
 from labctl.vm.errors import VmError
 
@@ -244,7 +245,7 @@ def unfinished(files: list[str], done: set[str], running: str | None, why: str, 
 def _lab_name(file: str) -> str:
     """The lab's ``name:`` (the key the verdict table joins kernels on); the file's stem if it does not load."""
     from labctl.errors import LabctlError
-    from labctl.verify.runner import load_lab_file
+    from labctl.verify.scope import load_lab_file
 
     try:
         return load_lab_file(file).name

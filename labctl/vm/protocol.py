@@ -24,7 +24,7 @@ import os
 from typing import Any, BinaryIO
 
 from labctl.expect.base import Row
-from labctl.verify.runner import CheckResult, LabResult
+from labctl.verify.results import CheckResult, LabResult
 from labctl.vm.errors import VmError
 
 MAGIC = b"LABCTL-RESULT"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from labctl.kernel import kconfig, netns
 from labctl.verify.report import claims
-from labctl.verify.runner import lab_files, run_lab
+from labctl.verify.runner import run_lab
+from labctl.verify.scope import lab_files
 
 REPO = Path(__file__).resolve().parents[2]
 PATHS = REPO.parent / "shared" / "PATHS.md"

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from labctl.kernel import ebtables, netns
-from labctl.verify.runner import LabResult, run_lab
+from labctl.verify.results import LabResult
+from labctl.verify.runner import run_lab
 from tests.hostcheck import host_snapshot
 
 LABS = Path(__file__).resolve().parents[2] / "labs"

@@ -13,7 +13,8 @@ import pytest
 
 from labctl.errors import LabFileError
 from labctl.kernel import netns
-from labctl.verify.runner import load_lab_file, run_lab
+from labctl.verify.runner import run_lab
+from labctl.verify.scope import load_lab_file
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import pytest
 
 from labctl.expect.base import Row
 from labctl.kernel import version
-from labctl.verify.runner import CheckResult, LabResult
+from labctl.verify.results import CheckResult, LabResult
 from labctl.vm import diff
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from labctl.expect.base import Row
-from labctl.verify.runner import CheckResult, LabResult
+from labctl.verify.results import CheckResult, LabResult
 from labctl.vm import job, protocol
 
 

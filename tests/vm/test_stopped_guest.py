@@ -57,7 +57,7 @@ def test_a_kernel_that_gave_nothing_is_a_column_of_errors_in_the_table(tmp_path:
     failed = kernels.failed_run(kernels.resolve("6.12"), files, "QEMU exited with 1: bad kernel\nmore")
     assert failed.stopped and [r.error for r in failed.results] == ["not run: QEMU exited with 1: bad kernel"]
     host = kernels.KernelRun(kernels.resolve("host"), "6.18", [])  # what the host's run of the lab looked like
-    from labctl.verify.runner import CheckResult, LabResult
+    from labctl.verify.results import CheckResult, LabResult
 
     host.results = [LabResult("only", files[0], [CheckResult("reach", [], "", "pass", [], {}, 0.1)])]
     rows = diff.table([("host", host.results), ("6.12", failed.results)])
