@@ -387,9 +387,15 @@ class Evidence:
         return [e for e in self.events if e.key == DROP_EVENT]
 
     def event_counts(self) -> Counter[str]:
+        """Events by every name an expectation may use (:meth:`TraceEvent.names`).
+
+        Counted by (key, devices) first: a burst's 80,000 events have a handful of those, and naming each
+        event on its own was a third of a second of rx-backlog's check."""
         counts: Counter[str] = Counter()
-        for event in self.events:
-            counts.update(event.names())
+        for (key, devices), n in Counter((e.key, e.devices) for e in self.events).items():
+            counts[key] += n
+            for device in devices:
+                counts[f"{key}@{device}"] += n
         return counts
 
     def sent_total(self) -> int:

@@ -148,3 +148,22 @@ def test_delta_of_identical_snapshots_is_empty(pair: Pair) -> None:
     snap = counters.Snapshot.take([pair.ns_a])
     time.sleep(0.01)
     assert counters.delta(snap, snap) == {"seconds": 0.0}
+
+
+def test_parse_snmp_keeps_negative_values_and_skips_only_a_field_that_is_no_number() -> None:
+    text = "Tcp: RtoMin MaxConn\nTcp: 200 -1\nUdp: InDatagrams Odd NoPorts\nUdp: 5 x 7\nIp: A\nIcmp: 1\n"
+    assert counters.parse_snmp(text) == {"Tcp.RtoMin": 200, "Tcp.MaxConn": -1, "Udp.InDatagrams": 5, "Udp.NoPorts": 7}
+
+
+def test_diff_reports_what_moved_at_every_depth_and_new_keys_from_zero() -> None:
+    before = {"snmp": {"Udp.NoPorts": 3, "Ip.InReceives": 10}, "links": {"eth0": {"rx_packets": 1}}}
+    after = {
+        "snmp": {"Udp.NoPorts": 3, "Ip.InReceives": 12, "Tcp.OutRsts": 2},
+        "links": {"eth0": {"rx_packets": 1}, "eth1": {"rx_packets": 4, "tx_packets": 0}},
+        "qdisc": {},
+    }
+    assert counters._diff(before, after) == {
+        "snmp": {"Ip.InReceives": 2, "Tcp.OutRsts": 2},
+        "links": {"eth1": {"rx_packets": 4}},
+    }
+    assert counters._diff(after, after) == {}
