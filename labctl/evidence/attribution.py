@@ -21,7 +21,9 @@ holds, and never because of a device name alone:
    task a softirq runs in only lent its context: a chain started there is
    not the lab's when the CPU's order shows it made for another -- a
    neighbour timer's probe whose timer event no lab notification vouches for,
-   an answer to a receive that was not the lab's (:func:`made_elsewhere`).
+   an answer to a receive that was not the lab's (:func:`made_elsewhere`) --
+   or shows it the peer's end of a transmit on a foreign device into one only
+   named like the lab's (:func:`crossed_from_elsewhere`).
 2. **It has no skb and ran in a lab task** (a fib lookup, a napi poll of a
    NAPI thread that handled the lab's skbs).
 3. **A bridge learnt from the lab's skb.**  ``br_fdb_update`` names the
@@ -57,7 +59,7 @@ from operator import attrgetter
 
 from labctl.evidence.model import Packet
 from labctl.kernel.neighwatch import NeighNote
-from labctl.kernel.tracefs import TERMINAL_EVENTS, SkbChain, TraceEvent, all_chains
+from labctl.kernel.tracefs import TERMINAL_EVENTS, TRANSMIT_EVENTS, SkbChain, TraceEvent, all_chains
 
 _TIMESTAMP = attrgetter("timestamp")
 
@@ -225,6 +227,28 @@ def made_elsewhere(first: TraceEvent, order: CpuOrder, lab: set[int], timers: se
     )
 
 
+def crossed_from_elsewhere(first: TraceEvent, order: CpuOrder, devices: set[str]) -> bool:
+    """Whether a driver receive that starts a chain is the peer's end of a transmit on a device not the lab's.
+
+    A chain is cut where its address moves from a device not named like the lab's onto one that is, since
+    one skb never crosses from a foreign namespace into a lab's -- but names repeat: another namespace's
+    router forwarding out of its ``eth1`` hands the skb to a peer called ``eth0``, in softirq, perhaps
+    while a lab task is current.  A veth's transmit *is* its peer's receive, in one call: when the event
+    just before the receive on its CPU is a transmit of the same address on foreign devices only, the
+    receive continues that transmit's skb.
+    """
+    if first.key not in DRIVER_RECEIVES:
+        return False
+    sent = order.before(first)
+    return (
+        sent is not None
+        and sent.skbaddr == first.skbaddr
+        and sent.key in TRANSMIT_EVENTS
+        and bool(sent.devices)
+        and devices.isdisjoint(sent.devices)
+    )
+
+
 def lab_packets(events: Sequence[TraceEvent], scope: Scope, timers: set[int] | None = None) -> list[Packet]:
     """Rule 1: the skbs whose story starts in a lab task and stays on lab devices.
 
@@ -248,6 +272,8 @@ def _lab_packets(pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int]
         if first.in_interrupt and not any(set(e.devices) & scope.devices for e in piece):
             continue
         if first.in_interrupt and first.skbaddr is not None and made_elsewhere(first, order, lab, timers, scope.since):
+            continue
+        if first.in_interrupt and crossed_from_elsewhere(first, order, scope.devices):
             continue
         if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
             continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab

@@ -112,3 +112,32 @@ def test_a_look_alike_in_another_state_before_it_does_not_hide_the_labs_failed_n
     scope.unreachable = {"client": 1}
     drops = [e for e in attribute([probing, *_failed(1.1, 0, 24, 1)], scope)[1] if e.key == "skb:kfree_skb"]
     assert len(drops) == 1
+
+
+def _forwarded_into_an_eth0(receive_key: str) -> list[TraceEvent]:
+    """Another namespace's router forwards a frame out of its eth1 to a peer that is, like the lab's, an eth0:
+    the forward runs in softirq on CPU 0 while the lab's sender is current (net_rx_action serves every
+    namespace's backlog), and the veth hands the skb to the peer in the same call."""
+    return [
+        _ev(1.0, "net:netif_receive_skb", name="eth2", skbaddr=0x71),
+        _ev(1.000002, "net:net_dev_queue", name="eth1", skbaddr=0x71),
+        _ev(1.000004, receive_key, name="eth0", skbaddr=0x71),  # only the name is the lab's
+        _ev(1.000006, "net:netif_receive_skb", name="eth0", skbaddr=0x71),
+        _ev(1.000008, "skb:consume_skb", skbaddr=0x71),
+    ]
+
+
+def test_a_frame_forwarded_from_a_foreign_device_into_a_same_named_one_is_not_the_labs() -> None:
+    """The chain is cut where the address moves from a device not named like the lab's to one that is (the
+    names cannot tell two namespaces' eth0 apart); the receive right after the foreign transmit of the same
+    address, on the same CPU, is that transmit's skb -- seen on a lab run beside tcp-connect and nat, where
+    rx-gro's check counted one foreign datagram as its own netif_rx@eth0."""
+    for receive in ("net:netif_rx", "net:napi_gro_receive_entry"):
+        counts = _counts(_forwarded_into_an_eth0(receive), _scope())
+        assert counts[f"{receive}@eth0"] == 0, receive
+    own = [
+        _ev(1.0, "net:net_dev_queue", PROCESS, name="eth0", skbaddr=0x72),  # the lab's own send: still its own
+        _ev(1.000002, "net:netif_rx", name="eth0", skbaddr=0x72),
+        _ev(1.000004, "skb:consume_skb", skbaddr=0x72),
+    ]
+    assert _counts(own, _scope())["net:netif_rx@eth0"] == 1

@@ -23,7 +23,7 @@ from labctl.kernel.tracefs.chains import (
     all_chains,
     chains,
 )
-from labctl.kernel.tracefs.event import TERMINAL_EVENTS, TraceEvent, stage_of
+from labctl.kernel.tracefs.event import TERMINAL_EVENTS, TRANSMIT_EVENTS, TraceEvent, stage_of
 from labctl.kernel.tracefs.formats import EventFormat, drop_reason_names, parse_format, read_format
 from labctl.kernel.tracefs.instances import (
     INSTANCE_PREFIX,
@@ -45,6 +45,7 @@ __all__ = [
     "PROBES_FILE",
     "TERMINAL_EVENTS",
     "TRACEFS",
+    "TRANSMIT_EVENTS",
     "ChainBuilder",
     "EventFormat",
     "LineCache",

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 TERMINAL_EVENTS = frozenset({"skb:kfree_skb", "skb:consume_skb"})
 """Events after which an skb no longer exists (its address may be reused)."""
 
+TRANSMIT_EVENTS = frozenset({"net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit"})
+"""A device sending the skb (on veth, the same call hands it to the peer's receive)."""
+
 DEVICE_FIELDS = ("name", "dev", "dev_name", "br_dev")
 """Fields that hold a device name: ``name`` in net:*, ``dev`` in bridge/neigh/qdisc, ``dev_name`` in napi."""
 

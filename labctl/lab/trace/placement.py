@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from labctl.kernel.tracefs import TraceEvent
+from labctl.kernel.tracefs import TRANSMIT_EVENTS, TraceEvent
 from labctl.lab.trace.knowledge import Knowledge
 
 RX_EVENTS = frozenset(
@@ -21,7 +21,6 @@ RX_EVENTS = frozenset(
         "net:napi_gro_frags_entry",
     }
 )
-TX_EVENTS = frozenset({"net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit"})
 
 
 @dataclass
@@ -33,7 +32,7 @@ class Placed:
 
 
 def event_kind(event: TraceEvent) -> Literal["tx", "rx", "other"]:
-    if event.key in TX_EVENTS or event.system == "qdisc":
+    if event.key in TRANSMIT_EVENTS or event.system == "qdisc":
         return "tx"
     if event.key in RX_EVENTS:
         return "rx"
