@@ -6,6 +6,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -241,3 +242,31 @@ def test_run_j_orders_its_labs_without_the_code_that_runs_them() -> None:
         [sys.executable, "-c", ORDERING_PROBE], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert shown.stdout.strip() == ""
+
+
+BURN = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass')"
+
+
+def test_run_j_accounts_for_the_cpu_of_its_labs(tmp_path: Path, lab_name: str) -> None:
+    """What ``time labctl run -j`` (and the benchmark) reports includes every lab's work: the fork server is
+    killed at the end (not unwound), and only after it has reaped each worker."""
+    files = []
+    for suffix in ("a", "b"):
+        check = (
+            "  - name: burns\n    traffic:\n"
+            f'      - exec: {{node: client, cmd: ["{sys.executable}", "-c", "{BURN}"], exit: 0}}\n'
+        )
+        file = tmp_path / f"{lab_name}{suffix}.yaml"
+        file.write_text(f"name: {lab_name}{suffix}\n{TWO_NODES}checks:\n{check}")
+        files.append(str(file))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("labctl")), "run", "-j", "2", "--json", *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert out.returncode == 0, out.stderr + out.stdout
+    used = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    assert used >= 1.2, used  # the two programs' 0.6 s each, besides labctl's own
