@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from labctl.verify.mutate import Catalogue, LabMutations, LabRun, load_catalogue, run_catalogue
+from labctl.verify.mutate import LabRun, run_catalogue
+from labctl.verify.mutation import Catalogue, LabMutations, load_catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 LABS = REPO / "labs"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from labctl.verify.mutate import Mutation, MutationError, apply, format_path
+from labctl.verify.mutation import Mutation, MutationError, apply, format_path
 
 CHECK: dict[str, Any] = {
     "name": "c",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from labctl.verify.mutate import Mutation, MutationError, mutated_lab_data, read_lab_data, validate
+from labctl.verify.mutation import Mutation, MutationError, mutated_lab_data, read_lab_data, validate
 from tests.mutations.conftest import LABS, MutationRuns, catalogue, lab_files
 
 CATALOGUE = catalogue()
