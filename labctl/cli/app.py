@@ -239,18 +239,32 @@ def run(
     from labctl.cli.progress import checking
 
     pcaps_to = str(pcap_dir) if pcap_dir else None
+    observations = json or junit is not None  # the checks' evidence as data: only these reports print it
     with checking(files, select, enabled=not json and jobs <= 1) as show:
         if jobs > 1 and len(files) > 1:  # labctl/verify/parallel.py: which labs may share the machine
             from labctl.verify.parallel import run_labs as run_in_parallel
 
             results, bad_input = run_in_parallel(
-                files, jobs, select, keep, reuse, pcap_dir=pcaps_to, evidence=html is not None
+                files,
+                jobs,
+                select,
+                keep,
+                reuse,
+                pcap_dir=pcaps_to,
+                evidence=html is not None,
+                observations=observations,
             )
         else:
             from labctl.verify.runner import run_labs  # not for -j: the workers run the labs, this process reports
 
             results, bad_input = run_labs(
-                files, select=select, keep=keep, on_check=show, reuse=reuse, pcap_dir=pcaps_to
+                files,
+                select=select,
+                keep=keep,
+                on_check=show,
+                reuse=reuse,
+                pcap_dir=pcaps_to,
+                observations=observations,
             )
     if not any(r.checks or r.error for r in results):
 

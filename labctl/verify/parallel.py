@@ -229,6 +229,9 @@ class LabJob:
     keep: bool = False
     reuse: bool = False
     pcap_dir: str | None = None
+    observations: bool = True
+    """Keep each check's Evidence as plain data (``CheckResult.observation``: --json, --junit); see
+    :func:`labctl.verify.runner.run_check`."""
     evidence: bool = False
     """Send each check's Evidence back (``CheckResult.recorded``, for an HTML report).  Otherwise it stays in
     the worker: a result crosses to labctl as a pickle, and rx-backlog's 10000 traced packets alone made
@@ -267,6 +270,7 @@ def _run_one(job: LabJob) -> tuple[LabResult, int | None]:
             pcap_dir=job.pcap_dir,
             turns=turns,
             loaded=lab,
+            observations=job.observations,
         )
         if not job.evidence:
             for check in result.checks:
@@ -387,11 +391,13 @@ def run_labs(
     on_progress: Callable[[str], None] | None = None,
     pcap_dir: str | None = None,
     evidence: bool = False,
+    observations: bool = True,
 ) -> tuple[list[LabResult], bool]:
     """Run ``files``, ``jobs`` labs at a time, each in a worker process; results in ``files`` order.
 
     ``evidence``: the checks' results carry their Evidence (``recorded``, what an HTML report draws);
-    without it they carry verdicts, observations and pcap paths (:attr:`LabJob.evidence`).
+    without it they carry verdicts, observations and pcap paths (:attr:`LabJob.evidence`).  ``observations``:
+    the checks' Evidence as plain data, for --json and --junit (:attr:`LabJob.observations`).
 
     Returns the results and whether some file was bad input (exit 2).  Labs
     that must run alone from up to down start first; then the longest labs
@@ -412,7 +418,11 @@ def run_labs(
             durations = {}
         order = sorted(files, key=lambda f: _sort_key(f, select, durations))
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=worker_starts) as pool:
-            pending = {pool.submit(run_one, LabJob(f, run, select, keep, reuse, pcap_dir, evidence)): f for f in order}
+            submitted = [
+                LabJob(f, run, select, keep, reuse, pcap_dir, observations=observations, evidence=evidence)
+                for f in order
+            ]
+            pending = {pool.submit(run_one, job): job.file for job in submitted}
             while pending:
                 if on_progress:
                     on_progress(f"{len(done)} of {len(files)} labs done, {min(jobs, len(pending))} running")
