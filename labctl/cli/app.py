@@ -211,84 +211,89 @@ def run(
     ] = "1",
 ) -> None:
     """Bring each lab up, run its checks, bring it down; exit 0 only if every check passed."""
-    from labctl.verify import report
-    from labctl.verify.scope import lab_files
+    from labctl.verify.workers import fork_server_started
 
-    files = lab_files(paths)
-    if not files:
-        raise typer.BadParameter(f"no lab files in {' '.join(paths)}")
-    from labctl.verify.parallel import parse_jobs
+    # run -j over several labs: the fork server's second of imports runs beside this process's own start-up
+    several = len(paths) > 1 or any(Path(p).is_dir() for p in paths)
+    with fork_server_started(jobs_given != "1" and not kernel and several):
+        from labctl.verify import report
+        from labctl.verify.scope import lab_files
 
-    try:
-        jobs = parse_jobs(jobs_given, len(files))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="-j") from exc
-    if kernel:
-        from labctl.cli.vm import run_on_kernels
+        files = lab_files(paths)
+        if not files:
+            raise typer.BadParameter(f"no lab files in {' '.join(paths)}")
+        from labctl.verify.parallel import parse_jobs
 
-        if html is not None or pcap_dir is not None:
-            raise typer.BadParameter(
-                "the HTML report and pcaps come from this host's evidence: with --kernel use --json or --junit"
-            )
-        if jobs > 1:
-            raise typer.BadParameter("--kernel runs each kernel's labs one after another: leave out -j")
+        try:
+            jobs = parse_jobs(jobs_given, len(files))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="-j") from exc
+        if kernel:
+            from labctl.cli.vm import run_on_kernels
 
-        run_on_kernels(files, kernel, json, junit, select, keep, reuse)
-        return
-    require_root()
-    from labctl.cli.progress import checking
+            if html is not None or pcap_dir is not None:
+                raise typer.BadParameter(
+                    "the HTML report and pcaps come from this host's evidence: with --kernel use --json or --junit"
+                )
+            if jobs > 1:
+                raise typer.BadParameter("--kernel runs each kernel's labs one after another: leave out -j")
 
-    pcaps_to = str(pcap_dir) if pcap_dir else None
-    observations = json or junit is not None  # the checks' evidence as data: only these reports print it
-    with checking(files, select, enabled=not json and jobs <= 1) as show:
-        if jobs > 1 and len(files) > 1:  # labctl/verify/parallel.py: which labs may share the machine
-            from labctl.verify.parallel import run_labs as run_in_parallel
+            run_on_kernels(files, kernel, json, junit, select, keep, reuse)
+            return
+        require_root()
+        from labctl.cli.progress import checking
 
-            results, bad_input = run_in_parallel(
-                files,
-                jobs,
-                select,
-                keep,
-                reuse,
-                pcap_dir=pcaps_to,
-                evidence=html is not None,
-                observations=observations,
-            )
+        pcaps_to = str(pcap_dir) if pcap_dir else None
+        observations = json or junit is not None  # the checks' evidence as data: only these reports print it
+        with checking(files, select, enabled=not json and jobs <= 1) as show:
+            if jobs > 1 and len(files) > 1:  # labctl/verify/parallel.py: which labs may share the machine
+                from labctl.verify.parallel import run_labs as run_in_parallel
+
+                results, bad_input = run_in_parallel(
+                    files,
+                    jobs,
+                    select,
+                    keep,
+                    reuse,
+                    pcap_dir=pcaps_to,
+                    evidence=html is not None,
+                    observations=observations,
+                )
+            else:
+                from labctl.verify.runner import run_labs  # not for -j: the workers run the labs, this process reports
+
+                results, bad_input = run_labs(
+                    files,
+                    select=select,
+                    keep=keep,
+                    on_check=show,
+                    reuse=reuse,
+                    pcap_dir=pcaps_to,
+                    observations=observations,
+                )
+        if not any(r.checks or r.error for r in results):
+
+            what = f"no check matches -k {select!r}" if select else "these lab files have no checks"
+            raise LabFileError([Problem((), what, " ".join(files))])
+        if junit is not None:
+            junit.write_text(report.as_junit(results))
+        if json:
+            print(report.as_json(results))
         else:
-            from labctl.verify.runner import run_labs  # not for -j: the workers run the labs, this process reports
+            report.print_results(console, results)
+            pcaps = [c.pcap for r in results for c in r.checks if c.pcap]
+            if pcaps:
+                console.print(f"{len(pcaps)} pcapng files (verdicts as frame comments) in {pcap_dir}", highlight=False)
+        if html is not None:
+            from labctl.verify.html import write_report
 
-            results, bad_input = run_labs(
-                files,
-                select=select,
-                keep=keep,
-                on_check=show,
-                reuse=reuse,
-                pcap_dir=pcaps_to,
-                observations=observations,
-            )
-    if not any(r.checks or r.error for r in results):
-
-        what = f"no check matches -k {select!r}" if select else "these lab files have no checks"
-        raise LabFileError([Problem((), what, " ".join(files))])
-    if junit is not None:
-        junit.write_text(report.as_junit(results))
-    if json:
-        print(report.as_json(results))
-    else:
-        report.print_results(console, results)
-        pcaps = [c.pcap for r in results for c in r.checks if c.pcap]
-        if pcaps:
-            console.print(f"{len(pcaps)} pcapng files (verdicts as frame comments) in {pcap_dir}", highlight=False)
-    if html is not None:
-        from labctl.verify.html import write_report
-
-        written = write_report(html, results)
-        if not json:
-            console.print(f"wrote {written}", highlight=False)
-    if bad_input:
-        raise typer.Exit(2)
-    if not all(r.passed for r in results):
-        raise typer.Exit(1)
+            written = write_report(html, results)
+            if not json:
+                console.print(f"wrote {written}", highlight=False)
+        if bad_input:
+            raise typer.Exit(2)
+        if not all(r.passed for r in results):
+            raise typer.Exit(1)
 
 
 @app.command()

@@ -240,7 +240,7 @@ def run_catalogue(work: Sequence[tuple[str, LabMutations]], jobs: int = 1, contr
         return {file: run_lab(file, group, control) for file, group in work}
     from concurrent.futures import ProcessPoolExecutor
 
-    from labctl.verify.parallel import stop_fork_server, worker_context
+    from labctl.verify.workers import stop_fork_server, worker_context
 
     alone = [(f, g) for f, g in work if must_run_alone(f, g)]
     together = [(f, g) for f, g in work if f not in {a for a, _ in alone}]

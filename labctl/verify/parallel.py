@@ -41,17 +41,16 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from labctl.errors import KernelLacksError, LabctlError
-from labctl.expect.base import KIND_MODULES
 from labctl.kernel import registry
 from labctl.topology.checks import Check, LabFile
 from labctl.verify.results import LabResult
 from labctl.verify.scope import load_lab_file, selected
+from labctl.verify.workers import start_fork_server, stop_fork_server
 
 RUNS_DIR = os.path.join(registry.STATE_DIR, "runs")
 
@@ -280,48 +279,6 @@ def _run_one(job: LabJob) -> tuple[LabResult, int | None]:
         return LabResult(lab=Path(job.file).stem, file=job.file, error=str(exc)), exc.exit_code
 
 
-WORKER_PRELOAD = (
-    "labctl.verify.parallel",
-    "labctl.verify.runner",
-    "labctl.verify.mutate",
-    # what the labs import on first use, inside a check or a build step
-    *(f"labctl.expect.kinds.{module}" for module in sorted(set(KIND_MODULES.values()))),
-    "labctl.expect.validate",
-    "labctl.expect.walks",
-    "labctl.lab.facts",
-    "labctl.lab.virtual",
-    "labctl.kernel.tc_flower",
-    "labctl.kernel.xtables",
-    "labctl.traffic.expr",  # first: it turns off Scapy's route autoload, so the server never reads the host's routes
-    "scapy.layers.l2",
-    "scapy.layers.inet",
-    "scapy.layers.inet6",
-    "nftables",
-)
-"""What a lab worker runs, imported once by the fork server rather than by every worker (0.7-0.9 s of CPU
-each: pyroute2, Scapy, python-iptables; six workers re-importing were a fifth of a -j 6 run's CPU).
-
-Not only the runner: a serial run of labs/ imports some 260 modules more on first use (pyroute2, Scapy's
-layers, the expectation kinds).  Each worker paid them again on its first lab -- tcp-connect, the lab
-that bounds ``run -j``, spent a second of a profiled run importing -- where the fork server, preloading them,
-takes a quarter of a second longer to start.  tests/lab/test_parallel.py checks it against one lab's imports."""
-
-
-def worker_context() -> BaseContext:
-    """Where lab workers come from: forked from a fork server that has imported :data:`WORKER_PRELOAD`.
-
-    Not plain fork: the parent has threads (the progress spinner) and may hold netlink sockets, which a
-    forked worker would inherit mid-use.  The fork server is a fresh interpreter (as spawn would start)
-    that only imports: no thread, no socket, so each worker forked from it starts clean and has nothing
-    left to import.
-    """
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(WORKER_PRELOAD))
-    return context
-
-
 def worker_starts() -> None:
     """A lab worker's first act: end with the run.  ``kill -9`` of labctl does not end a worker by itself: its
     parent is the fork server, which lives while any worker holds the server's liveness pipe -- and every
@@ -357,31 +314,6 @@ _running_a_lab = False
 """Whether this worker is inside :func:`run_one` (a SIGTERM then unwinds the lab; otherwise it just exits)."""
 
 
-def stop_fork_server() -> None:
-    """Stop the fork server once the pool is done, and wait for it.
-
-    The workers are the fork server's children, not this process's: it reaps them, and only once it is
-    itself reaped here does their CPU time count in this process's ``RUSAGE_CHILDREN`` (what a benchmark
-    or ``time`` reports for ``labctl run -j``).  Left running, it would exit with this process and be
-    reaped by init, its workers' CPU unaccounted.
-
-    It is killed, not asked to exit: asked, it unwinds an interpreter that imported the whole worker
-    (:data:`WORKER_PRELOAD`), 0.15-0.2 s that every ``run -j`` waited for at its end.  It holds nothing to
-    clean up, and the workers it forked are already reaped: a pool that shut down has joined each of them,
-    and a forkserver worker's join returns only once the server has sent its exit status.
-    """
-    import signal
-    from multiprocessing import forkserver
-
-    server = forkserver._forkserver
-    pid = getattr(server, "_forkserver_pid", None)
-    if pid is not None:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(AttributeError, OSError):
-        server._stop()  # type: ignore[attr-defined]
-
-
 def run_labs(
     files: list[str],
     jobs: int,
@@ -405,13 +337,11 @@ def run_labs(
     so the run ends with short labs, not one long lab on its own.
     """
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from multiprocessing import forkserver
 
     run = new_run_name()
-    context = worker_context()
     done: dict[str, tuple[LabResult, int | None]] = {}
     try:
-        forkserver.ensure_running()  # the server imports labctl while this process orders the labs
+        context = start_fork_server()  # the server imports the lab code while this process orders the labs
         try:
             durations = _last_durations()
         except OSError:

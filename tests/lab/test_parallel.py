@@ -222,7 +222,7 @@ def test_observations_are_made_only_for_the_reports_that_print_them(tmp_path: Pa
 
 PRELOAD_PROBE = """\
 import importlib, sys
-from labctl.verify.parallel import WORKER_PRELOAD
+from labctl.verify.workers import WORKER_PRELOAD
 for module in WORKER_PRELOAD:
     importlib.import_module(module)
 before = set(sys.modules)
@@ -291,3 +291,30 @@ def test_run_j_accounts_for_the_cpu_of_its_labs(tmp_path: Path, lab_name: str) -
     assert out.returncode == 0, out.stderr + out.stdout
     used = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     assert used >= 1.2, used  # the two programs' 0.6 s each, besides labctl's own
+
+
+def _fork_servers() -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if b"multiprocessing.forkserver" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.add(int(entry))
+    return found
+
+
+def test_run_j_starts_its_fork_server_first_and_never_leaves_it_behind(tmp_path: Path, lab_name: str) -> None:
+    """``run -j`` starts the fork server before its own imports (so its second of imports runs beside them); a run
+    that then stops -- a broken argument, no lab files -- stops the server too."""
+    labctl = str(Path(sys.executable).with_name("labctl"))
+    before = _fork_servers()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (["-j", "0", str(empty), str(empty)], ["-j", "2", str(empty)]):
+        out = subprocess.run([labctl, "run", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+    files = [_lab(tmp_path, f"{lab_name}s", 1), _lab(tmp_path, f"{lab_name}t", 1)]
+    ran = subprocess.run([labctl, "run", "-j", "2", *files], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    assert _fork_servers() - before == set()
