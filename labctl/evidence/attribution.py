@@ -227,25 +227,24 @@ def made_elsewhere(first: TraceEvent, order: CpuOrder, lab: set[int], timers: se
     )
 
 
-def crossed_from_elsewhere(first: TraceEvent, order: CpuOrder, devices: set[str]) -> bool:
-    """Whether a driver receive that starts a chain is the peer's end of a transmit on a device not the lab's.
+def crossed_from_elsewhere(first: TraceEvent, before: TraceEvent | None, devices: set[str]) -> bool:
+    """Whether a chain first seen in softirq is a foreign skb arriving on a device only named like the lab's.
 
     A chain is cut where its address moves from a device not named like the lab's onto one that is, since
     one skb never crosses from a foreign namespace into a lab's -- but names repeat: another namespace's
     router forwarding out of its ``eth1`` hands the skb to a peer called ``eth0``, in softirq, perhaps
-    while a lab task is current.  A veth's transmit *is* its peer's receive, in one call: when the event
-    just before the receive on its CPU is a transmit of the same address on foreign devices only, the
-    receive continues that transmit's skb.
+    while a lab task is current; the peer's receive (``netif_rx`` in the transmit's own call, or
+    ``netif_receive_skb`` later, from the backlog, after the foreign ``net_dev_xmit``) starts a chain of
+    its own.  ``before`` is the address's last event before ``first`` (the end of its previous chain):
+    when that is a transmit on foreign devices only, the skb was handed on, not freed, and this chain is
+    its continuation.  (An address freed untraced -- a GRO-merged segment -- ends on a receive, never on
+    a transmit.)
     """
-    if first.key not in DRIVER_RECEIVES:
-        return False
-    sent = order.before(first)
     return (
-        sent is not None
-        and sent.skbaddr == first.skbaddr
-        and sent.key in TRANSMIT_EVENTS
-        and bool(sent.devices)
-        and devices.isdisjoint(sent.devices)
+        before is not None
+        and before.key in TRANSMIT_EVENTS
+        and bool(before.devices)
+        and devices.isdisjoint(before.devices)
     )
 
 
@@ -260,7 +259,10 @@ def lab_packets(events: Sequence[TraceEvent], scope: Scope, timers: set[int] | N
 def _lab_packets(pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int]) -> list[Packet]:
     found: dict[int, Packet] = {}
     lab: set[int] = set()
+    last_seen: dict[int, TraceEvent] = {}  # per address, the last event of its latest chain so far
     for index, (chain, piece) in sorted(enumerate(pieces), key=lambda ip: ip[1][1][0].timestamp):  # cause first
+        before = last_seen.get(chain.skbaddr)
+        last_seen[chain.skbaddr] = piece[-1]
         if chain.on_lab is False:
             continue
         first = piece[0]
@@ -273,7 +275,7 @@ def _lab_packets(pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int]
             continue
         if first.in_interrupt and first.skbaddr is not None and made_elsewhere(first, order, lab, timers, scope.since):
             continue
-        if first.in_interrupt and crossed_from_elsewhere(first, order, scope.devices):
+        if first.in_interrupt and crossed_from_elsewhere(first, before, scope.devices):
             continue
         if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
             continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab

@@ -69,7 +69,6 @@ class MutationResult:
         return text + (f": {self.detail}" if self.detail else "")
 
 
-
 def unique_name(original: str, pid: int | None = None) -> str:
     """A lab name of this process's own, so a copy of the same lab someone else has up is never touched.
 
@@ -245,6 +244,7 @@ def run_catalogue(work: Sequence[tuple[str, LabMutations]], jobs: int = 1, contr
     alone = [(f, g) for f, g in work if must_run_alone(f, g)]
     together = [(f, g) for f, g in work if f not in {a for a, _ in alone}]
     runs: dict[str, LabRun] = {}
+    drained = False
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
             for file, group in alone:
@@ -252,6 +252,7 @@ def run_catalogue(work: Sequence[tuple[str, LabMutations]], jobs: int = 1, contr
             futures = {file: pool.submit(run_lab, file, group, control) for file, group in together}
             for file, future in futures.items():
                 runs[file] = future.result()
+        drained = True
     finally:  # as parallel.run_labs: the server goes with the pool, on failure too
-        stop_fork_server()
+        stop_fork_server(drained)
     return {file: runs[file] for file, _ in work}

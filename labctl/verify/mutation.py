@@ -37,6 +37,7 @@ from labctl.topology.loader import parse_model, read_yaml
 Op = Literal["set", "add", "delete", "append", "remove-item", "replace", "reverse", "swap", "shorten"]
 PathPart = str | int
 
+
 class MutationError(LabctlError):
     """A mutation that cannot be applied: its path or its value no longer fits the check (stale)."""
 
@@ -212,7 +213,6 @@ def _indices(mutation: Mutation, items: list[Any]) -> tuple[int, int]:
     return i, j
 
 
-
 def read_lab_data(file: str) -> dict[str, Any]:
     """The lab file as plain data, as written (no defaults filled in)."""
     data, _ = read_yaml(Path(file).read_text(encoding="utf-8"), file)
@@ -261,6 +261,7 @@ def validate(data: dict[str, Any], file: str) -> LabFile:
     finally:
         os.unlink(tmp)
     return lab
+
 
 # -- the catalogue -----------------------------------------------------------
 

@@ -340,6 +340,7 @@ def run_labs(
 
     run = new_run_name()
     done: dict[str, tuple[LabResult, int | None]] = {}
+    drained = False
     try:
         context = start_fork_server()  # the server imports the lab code while this process orders the labs
         try:
@@ -359,8 +360,9 @@ def run_labs(
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     done[pending.pop(future)] = future.result()
+        drained = True
     finally:
-        stop_fork_server()
+        stop_fork_server(drained)
         RunLock(run).remove()
     results = [done[f][0] for f in files]
     with contextlib.suppress(OSError):

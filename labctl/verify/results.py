@@ -1,9 +1,9 @@
 """What a run reports: a check's verdict with its evidence rows, a lab's checks.
 
-Apart from the runner so that the processes which only collect and print
-results (``labctl run -j``'s own process, the VM driver, the reports) do not
-import what runs a check -- the traffic, tracing and netfilter code -- only
-what a result holds.
+Apart from the runner so that a process which only collects and prints
+results (``labctl run -j``'s own process, the reports) need not import what
+runs a check -- the traffic, tracing and netfilter code -- only what a result
+holds.
 """
 
 from __future__ import annotations

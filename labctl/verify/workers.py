@@ -76,29 +76,32 @@ def fork_server_started(wanted: bool) -> Iterator[None]:
     start_fork_server()
     try:
         yield
-    finally:
-        stop_fork_server()
+    finally:  # the runs in between stopped the server they used, after their workers: only a spare is left
+        stop_fork_server(drained=True)
 
 
-def stop_fork_server() -> None:
-    """Stop the fork server once the pool is done, and wait for it.
+def stop_fork_server(drained: bool) -> None:
+    """Stop the fork server, and wait for it.
 
     The workers are the fork server's children, not this process's: it reaps them, and only once it is
     itself reaped here does their CPU time count in this process's ``RUSAGE_CHILDREN`` (what a benchmark
     or ``time`` reports for ``labctl run -j``).  Left running, it would exit with this process and be
     reaped by init, its workers' CPU unaccounted.
 
-    It is killed, not asked to exit: asked, it unwinds an interpreter that imported the whole worker
-    (:data:`WORKER_PRELOAD`), 0.15-0.2 s that every ``run -j`` waited for at its end.  It holds nothing to
-    clean up, and the workers it forked are already reaped: a pool that shut down has joined each of them,
-    and a forkserver worker's join returns only once the server has sent its exit status.
+    ``drained``: the pool shut down normally, so the server is killed, not asked to exit: asked, it unwinds
+    an interpreter that imported the whole worker (:data:`WORKER_PRELOAD`), 0.15-0.2 s that every
+    ``run -j`` waited for at its end.  It holds nothing to clean up, and the workers it forked are already
+    reaped: the pool joined each of them, and a forkserver worker's join returns only once the server has
+    sent its exit status.  Otherwise (Ctrl-C, an error) workers may still be taking their labs down: the
+    server is asked to exit, which it does only once every worker has let go of its liveness pipe, so
+    labctl does not return -- nor remove the run's lock -- under labs still coming down.
     """
     import signal
     from multiprocessing import forkserver
 
     server = forkserver._forkserver
     pid = getattr(server, "_forkserver_pid", None)
-    if pid is not None:
+    if drained and pid is not None:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(AttributeError, OSError):

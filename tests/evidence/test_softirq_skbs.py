@@ -127,6 +127,21 @@ def _forwarded_into_an_eth0(receive_key: str) -> list[TraceEvent]:
     ]
 
 
+def _forwarded_through_the_backlog() -> list[TraceEvent]:
+    """The same forward traced with net_dev_start_xmit and net_dev_xmit (tx-path's events): netif_rx runs
+    inside the transmit, the foreign net_dev_xmit follows it, and the peer's netif_receive_skb comes later,
+    when the backlog is served -- here after another skb's work, still in the lab task's softirq."""
+    return [
+        _ev(1.0, "net:net_dev_queue", name="eth1", skbaddr=0x73),
+        _ev(1.000001, "net:net_dev_start_xmit", name="eth1", skbaddr=0x73),
+        _ev(1.000002, "net:netif_rx", name="eth0", skbaddr=0x73),
+        _ev(1.000003, "net:net_dev_xmit", name="eth1", skbaddr=0x73),
+        _ev(1.000004, "skb:consume_skb", skbaddr=0x74),  # something else in between
+        _ev(1.000006, "net:netif_receive_skb", name="eth0", skbaddr=0x73),
+        _ev(1.000008, "skb:kfree_skb", skbaddr=0x73, reason="NO_SOCKET"),
+    ]
+
+
 def test_a_frame_forwarded_from_a_foreign_device_into_a_same_named_one_is_not_the_labs() -> None:
     """The chain is cut where the address moves from a device not named like the lab's to one that is (the
     names cannot tell two namespaces' eth0 apart); the receive right after the foreign transmit of the same
@@ -135,6 +150,8 @@ def test_a_frame_forwarded_from_a_foreign_device_into_a_same_named_one_is_not_th
     for receive in ("net:netif_rx", "net:napi_gro_receive_entry"):
         counts = _counts(_forwarded_into_an_eth0(receive), _scope())
         assert counts[f"{receive}@eth0"] == 0, receive
+    counts = _counts(_forwarded_through_the_backlog(), _scope())
+    assert counts["net:netif_rx@eth0"] == counts["net:netif_receive_skb@eth0"] == counts["skb:kfree_skb"] == 0
     own = [
         _ev(1.0, "net:net_dev_queue", PROCESS, name="eth0", skbaddr=0x72),  # the lab's own send: still its own
         _ev(1.000002, "net:netif_rx", name="eth0", skbaddr=0x72),
