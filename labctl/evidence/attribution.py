@@ -23,7 +23,10 @@ holds, and never because of a device name alone:
    neighbour timer's probe whose timer event no lab notification vouches for,
    an answer to a receive that was not the lab's (:func:`made_elsewhere`) --
    or shows it the peer's end of a transmit on a foreign device into one only
-   named like the lab's (:func:`crossed_from_elsewhere`).
+   named like the lab's (:func:`crossed_from_elsewhere`); and a *transmit*
+   started there is the lab's only when the CPU's order shows what of the
+   lab's caused it (:func:`made_for_the_lab`): softirq runs other
+   namespaces' timers as well.
 2. **It has no skb and ran in a lab task** (a fib lookup, a napi poll of a
    NAPI thread that handled the lab's skbs).
 3. **A bridge learnt from the lab's skb.**  ``br_fdb_update`` names the
@@ -57,6 +60,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+from labctl.evidence.cpuorder import (
+    DRIVER_RECEIVES,
+    LEARN_GAP,
+    RECEIVE,
+    TIMER_GAP,
+    TIMER_HANDLER,
+    CpuOrder,
+    crossed_from_elsewhere,
+    made_elsewhere,
+    made_for_the_lab,
+)
 from labctl.evidence.model import Packet
 from labctl.kernel.neighwatch import NeighNote
 from labctl.kernel.tracefs import TERMINAL_EVENTS, TRANSMIT_EVENTS, SkbChain, TraceEvent, all_chains
@@ -69,15 +83,9 @@ KERNEL_THREADS = ("ksoftirqd/", "kworker/", "swapper/", "<idle>", "irq/", "migra
 VOUCHED = ("bridge:br_fdb_update", "neigh:")
 """Deviceless-by-namespace events that only a lab-side notification can attribute."""
 
-TIMER_HANDLER = "neigh:neigh_timer_handler"
 FDB_UPDATE = "bridge:br_fdb_update"
-RECEIVE = "net:netif_receive_skb"
-LEARN_GAP = 0.01
-"""Seconds at most between a receive and the fdb update its rx handler made (one call: microseconds)."""
 VOUCH_WINDOW = 0.25
 """Seconds a notification may be read after its tracepoint fired (the reader thread's wake-up under load)."""
-TIMER_GAP = 0.005
-"""Seconds between a neighbour's purged-queue drops and its timer tracepoint on the same CPU."""
 
 
 Owners = dict[int, str]
@@ -121,10 +129,6 @@ def _starts_an_skb(event: TraceEvent) -> bool:
     return event.key == "net:net_dev_queue" and not event.in_interrupt
 
 
-DRIVER_RECEIVES = frozenset({"net:netif_rx", "net:napi_gro_receive_entry"})
-"""Entry points a driver calls for a frame it received: on veth, from the peer's transmit."""
-
-
 def _received_anew(event: TraceEvent, previous: TraceEvent) -> bool:
     """A driver receive not right after a transmit is another skb: one already up the stack never
     re-enters a driver without being sent again (its address was freed untraced -- a read datagram)."""
@@ -162,92 +166,6 @@ def _pieces(events: Sequence[TraceEvent], scope: Scope) -> list[tuple[SkbChain, 
     ]
 
 
-class CpuOrder:
-    """Each CPU's events in the order its ring buffer kept them: what ran just before or after an event.
-
-    Hard-irq events are skipped: a hard irq interrupts whatever ran, it is not part of its call.
-    """
-
-    def __init__(self, events: Sequence[TraceEvent]) -> None:
-        self._by_cpu: dict[int, list[TraceEvent]] = {}
-        self._at: dict[int, int] = {}
-        by_cpu, at = self._by_cpu, self._at  # locals: this runs for every event of a window
-        for event in events:
-            flags = event.flags
-            if len(flags) >= 3 and flags[2] in "hH":
-                continue
-            line = by_cpu.get(event.cpu)
-            if line is None:
-                line = by_cpu[event.cpu] = []
-            at[id(event)] = len(line)
-            line.append(event)
-
-    def before(self, event: TraceEvent) -> TraceEvent | None:
-        at = self._at.get(id(event), 0)
-        return self._by_cpu[event.cpu][at - 1] if at > 0 else None
-
-    def after_its_skb(self, event: TraceEvent) -> TraceEvent | None:
-        """The first event after ``event`` on its CPU that is not of the same skb (its own transmit path)."""
-        at = self._at.get(id(event))
-        line = self._by_cpu.get(event.cpu, [])
-        for later in line[at + 1 :] if at is not None else ():
-            if later.skbaddr != event.skbaddr:
-                return later
-        return None
-
-
-def made_elsewhere(first: TraceEvent, order: CpuOrder, lab: set[int], timers: set[int], since: float) -> bool:
-    """Whether an skb first seen in softirq was made for someone else than the task whose context lent it.
-
-    Two calls make skbs in softirq without the current task's say, and the
-    CPU's order shows them.  A neighbour timer's ARP probe: its transmit is
-    followed, in the same call, by ``neigh:neigh_timer_handler`` on the same
-    device -- the skb is the lab's only if the lab's namespace vouched for
-    that timer event (rule 4).  A reply made on receive (ARP reply, ICMP
-    error): its transmit comes right after the receive it answers, in the
-    same task and context -- the skb is the lab's only if that receive was.
-    """
-    timer = order.after_its_skb(first)
-    if (
-        timer is not None
-        and timer.key == TIMER_HANDLER
-        and timer.device == first.device
-        and timer.timestamp - first.timestamp <= TIMER_GAP
-    ):
-        return id(timer) not in timers
-    cause = order.before(first)
-    return (
-        cause is not None
-        and cause.key == RECEIVE
-        and cause.pid == first.pid
-        and cause.in_interrupt == first.in_interrupt
-        and since <= cause.timestamp
-        and 0 <= first.timestamp - cause.timestamp <= LEARN_GAP
-        and id(cause) not in lab
-    )
-
-
-def crossed_from_elsewhere(first: TraceEvent, before: TraceEvent | None, devices: set[str]) -> bool:
-    """Whether a chain first seen in softirq is a foreign skb arriving on a device only named like the lab's.
-
-    A chain is cut where its address moves from a device not named like the lab's onto one that is, since
-    one skb never crosses from a foreign namespace into a lab's -- but names repeat: another namespace's
-    router forwarding out of its ``eth1`` hands the skb to a peer called ``eth0``, in softirq, perhaps
-    while a lab task is current; the peer's receive (``netif_rx`` in the transmit's own call, or
-    ``netif_receive_skb`` later, from the backlog, after the foreign ``net_dev_xmit``) starts a chain of
-    its own.  ``before`` is the address's last event before ``first`` (the end of its previous chain):
-    when that is a transmit on foreign devices only, the skb was handed on, not freed, and this chain is
-    its continuation.  (An address freed untraced -- a GRO-merged segment -- ends on a receive, never on
-    a transmit.)
-    """
-    return (
-        before is not None
-        and before.key in TRANSMIT_EVENTS
-        and bool(before.devices)
-        and devices.isdisjoint(before.devices)
-    )
-
-
 def lab_packets(events: Sequence[TraceEvent], scope: Scope, timers: set[int] | None = None) -> list[Packet]:
     """Rule 1: the skbs whose story starts in a lab task and stays on lab devices.
 
@@ -276,6 +194,8 @@ def _lab_packets(pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int]
         if first.in_interrupt and first.skbaddr is not None and made_elsewhere(first, order, lab, timers, scope.since):
             continue
         if first.in_interrupt and crossed_from_elsewhere(first, before, scope.devices):
+            continue
+        if first.in_interrupt and first.key in TRANSMIT_EVENTS and not made_for_the_lab(first, order, lab, timers):
             continue
         if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
             continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab

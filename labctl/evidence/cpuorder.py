@@ -1,0 +1,151 @@
+"""What a CPU's trace order shows about the skbs first seen in softirq: the call they were made in.
+
+Softirq work runs in whichever task is current, so the pid of an skb's first event proves nothing when
+that event ran in softirq: the lab task may only have lent its context to another namespace's timer,
+backlog or forward.  Each CPU's events come out of its ring buffer in the order they happened, so what ran
+just before an event on its CPU, in the same call, says what it was made for.  The rules here are used by
+rule 1 of labctl/evidence/attribution.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from labctl.kernel.tracefs import TERMINAL_EVENTS, TRANSMIT_EVENTS, TraceEvent
+
+TIMER_HANDLER = "neigh:neigh_timer_handler"
+RECEIVE = "net:netif_receive_skb"
+DRIVER_RECEIVES = frozenset({"net:netif_rx", "net:napi_gro_receive_entry"})
+"""Entry points a driver calls for a frame it received: on veth, from the peer's transmit."""
+LEARN_GAP = 0.01
+"""Seconds at most between two events of one call on one CPU (a receive and the fdb update its rx handler
+made, a receive and the answer made to it): microseconds, with room for a loaded machine."""
+TIMER_GAP = 0.005
+"""Seconds between a neighbour's purged-queue drops (or its probe) and its timer tracepoint on the same CPU."""
+
+
+class CpuOrder:
+    """Each CPU's events in the order its ring buffer kept them: what ran just before or after an event.
+
+    Hard-irq events are skipped: a hard irq interrupts whatever ran, it is not part of its call.
+    """
+
+    def __init__(self, events: Sequence[TraceEvent]) -> None:
+        self._by_cpu: dict[int, list[TraceEvent]] = {}
+        self._at: dict[int, int] = {}
+        by_cpu, at = self._by_cpu, self._at  # locals: this runs for every event of a window
+        for event in events:
+            flags = event.flags
+            if len(flags) >= 3 and flags[2] in "hH":
+                continue
+            line = by_cpu.get(event.cpu)
+            if line is None:
+                line = by_cpu[event.cpu] = []
+            at[id(event)] = len(line)
+            line.append(event)
+
+    def before(self, event: TraceEvent) -> TraceEvent | None:
+        at = self._at.get(id(event), 0)
+        return self._by_cpu[event.cpu][at - 1] if at > 0 else None
+
+    def cause(self, event: TraceEvent, within: float) -> TraceEvent | None:
+        """The last event before ``event`` on its CPU that handled an skb, at most ``within`` seconds earlier.
+
+        Stepped over: events that name no skb (fib lookups, NAPI polls) and frees -- a free causes nothing,
+        and a reply is often allocated where an skb was just freed (``arp_rcv`` consumes a shared request's
+        copy, then ``arp_process`` answers it)."""
+        at = self._at.get(id(event))
+        line = self._by_cpu.get(event.cpu, [])
+        for index in range(at - 1 if at is not None else -1, -1, -1):
+            earlier = line[index]
+            if event.timestamp - earlier.timestamp > within:
+                return None
+            if earlier.skbaddr is not None and earlier.key not in TERMINAL_EVENTS:
+                return earlier
+        return None
+
+    def after_its_skb(self, event: TraceEvent) -> TraceEvent | None:
+        """The first event after ``event`` on its CPU that is not of the same skb (its own transmit path)."""
+        at = self._at.get(id(event))
+        line = self._by_cpu.get(event.cpu, [])
+        for later in line[at + 1 :] if at is not None else ():
+            if later.skbaddr != event.skbaddr:
+                return later
+        return None
+
+
+def made_elsewhere(first: TraceEvent, order: CpuOrder, lab: set[int], timers: set[int], since: float) -> bool:
+    """Whether an skb first seen in softirq was made for someone else than the task whose context lent it.
+
+    Two calls make skbs in softirq without the current task's say, and the
+    CPU's order shows them.  A neighbour timer's ARP probe: its transmit is
+    followed, in the same call, by ``neigh:neigh_timer_handler`` on the same
+    device -- the skb is the lab's only if the lab's namespace vouched for
+    that timer event (rule 4).  A reply made on receive (ARP reply, ICMP
+    error): its transmit comes right after the receive it answers, in the
+    same task and context -- the skb is the lab's only if that receive was.
+    """
+    timer = order.after_its_skb(first)
+    if (
+        timer is not None
+        and timer.key == TIMER_HANDLER
+        and timer.device == first.device
+        and timer.timestamp - first.timestamp <= TIMER_GAP
+    ):
+        return id(timer) not in timers
+    cause = order.before(first)
+    return (
+        cause is not None
+        and cause.key == RECEIVE
+        and cause.pid == first.pid
+        and cause.in_interrupt == first.in_interrupt
+        and since <= cause.timestamp
+        and 0 <= first.timestamp - cause.timestamp <= LEARN_GAP
+        and id(cause) not in lab
+    )
+
+
+def made_for_the_lab(first: TraceEvent, order: CpuOrder, lab: set[int], timers: set[int]) -> bool:
+    """Whether a transmit first seen in softirq was made for the lab: the CPU's order must show why.
+
+    Softirq runs timers too, in whichever task is current: another namespace's TCP retransmission (a
+    SYN that tcp-connect's FORWARD drops, resent every second) leaves on an ``eth0`` in the lab task's
+    context as readily as the lab's own reply.  So a softirq transmit is the lab's only when it is a
+    neighbour timer's probe the lab's namespace vouched for, or when the last skb event before it on its
+    CPU (:meth:`CpuOrder.cause`), in the same softirq call (:data:`LEARN_GAP`), is one of the lab's
+    packets -- the receive it answers (an ARP or ICMP reply, a TCP ACK), the frame a bridge floods or a
+    router fragments, the ARP reply that released a queued skb.  A timer that fires right after the lab
+    task's own send follows a process-context event: not a cause.  A lab's own timer (a TCP
+    retransmission) is not counted either: like a foreign one, nothing in the trace ties it to the lab.
+    """
+    timer = order.after_its_skb(first)
+    if (
+        timer is not None
+        and timer.key == TIMER_HANDLER
+        and timer.device == first.device
+        and timer.timestamp - first.timestamp <= TIMER_GAP
+    ):
+        return id(timer) in timers
+    cause = order.cause(first, LEARN_GAP)
+    return cause is not None and cause.in_interrupt and id(cause) in lab
+
+
+def crossed_from_elsewhere(first: TraceEvent, before: TraceEvent | None, devices: set[str]) -> bool:
+    """Whether a chain first seen in softirq is a foreign skb arriving on a device only named like the lab's.
+
+    A chain is cut where its address moves from a device not named like the lab's onto one that is, since
+    one skb never crosses from a foreign namespace into a lab's -- but names repeat: another namespace's
+    router forwarding out of its ``eth1`` hands the skb to a peer called ``eth0``, in softirq, perhaps
+    while a lab task is current; the peer's receive (``netif_rx`` in the transmit's own call, or
+    ``netif_receive_skb`` later, from the backlog, after the foreign ``net_dev_xmit``) starts a chain of
+    its own.  ``before`` is the address's last event before ``first`` (the end of its previous chain):
+    when that is a transmit on foreign devices only, the skb was handed on, not freed, and this chain is
+    its continuation.  (An address freed untraced -- a GRO-merged segment -- ends on a receive, never on
+    a transmit.)
+    """
+    return (
+        before is not None
+        and before.key in TRANSMIT_EVENTS
+        and bool(before.devices)
+        and devices.isdisjoint(before.devices)
+    )
