@@ -171,14 +171,23 @@ def lab_packets(events: Sequence[TraceEvent], scope: Scope, timers: set[int] | N
 
     ``events`` in trace order; ``timers`` are the ids of neighbour timer events the lab's namespace vouched for.
     """
-    return _lab_packets(_pieces(events, scope), scope, CpuOrder(events), timers or set())
+    return _lab_packets(_pieces(events, scope), scope, CpuOrder(events), timers or set(), events)
 
 
-def _lab_packets(pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int]) -> list[Packet]:
+def _lab_packets(
+    pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int], ordered: Sequence[TraceEvent]
+) -> list[Packet]:
     found: dict[int, Packet] = {}
     lab: set[int] = set()
+    judged = {id(e) for _, piece in pieces for e in piece}
+
+    def ours(event: TraceEvent) -> bool:  # an event of no piece here was folded away: an injected lab frame's
+        return id(event) in lab or id(event) not in judged
+
+    position = {id(e): i for i, e in enumerate(ordered)}  # equal timestamps: the kernel's order decides
     last_seen: dict[int, TraceEvent] = {}  # per address, the last event of its latest chain so far
-    for index, (chain, piece) in sorted(enumerate(pieces), key=lambda ip: ip[1][1][0].timestamp):  # cause first
+    by_start = sorted(enumerate(pieces), key=lambda ip: (ip[1][1][0].timestamp, position.get(id(ip[1][1][0]), 0)))
+    for index, (chain, piece) in by_start:  # causes first
         before = last_seen.get(chain.skbaddr)
         last_seen[chain.skbaddr] = piece[-1]
         if chain.on_lab is False:
@@ -191,11 +200,11 @@ def _lab_packets(pieces: Pieces, scope: Scope, order: CpuOrder, timers: set[int]
         # and if the CPU's order does not show it made for another (a timer's probe, a reply to a receive)
         if first.in_interrupt and not any(set(e.devices) & scope.devices for e in piece):
             continue
-        if first.in_interrupt and first.skbaddr is not None and made_elsewhere(first, order, lab, timers, scope.since):
+        if first.in_interrupt and first.skbaddr is not None and made_elsewhere(first, order, ours, timers, scope.since):
             continue
         if first.in_interrupt and crossed_from_elsewhere(first, before, scope.devices):
             continue
-        if first.in_interrupt and first.key in TRANSMIT_EVENTS and not made_for_the_lab(first, order, lab, timers):
+        if first.in_interrupt and first.key in TRANSMIT_EVENTS and not made_for_the_lab(first, order, ours, timers):
             continue
         if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
             continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab
@@ -388,12 +397,19 @@ def timer_drops(events: Sequence[TraceEvent], scope: Scope, vouched: Sequence[Tr
     return list(found.values())
 
 
-def attribute(events: Sequence[TraceEvent], scope: Scope) -> tuple[tuple[Packet, ...], tuple[TraceEvent, ...]]:
-    """The lab's packets and every lab event (packets' events plus rules 2 to 4), in time order."""
+def attribute(
+    events: Sequence[TraceEvent], scope: Scope, unfolded: Sequence[TraceEvent] | None = None
+) -> tuple[tuple[Packet, ...], tuple[TraceEvent, ...]]:
+    """The lab's packets and every lab event (packets' events plus rules 2 to 4), in time order.
+
+    ``unfolded``: when ``events`` is a burst folded to its groups' representatives (labctl/lab/trace/burst.py),
+    the window's whole trace -- what ran before an event on its CPU is read there, not in the folded list,
+    so that folding cannot change what caused what."""
     ordered = sorted(events, key=_TIMESTAMP)  # stable: each CPU's events keep the kernel's order
     pieces = _pieces(ordered, scope)
     timers = {id(e) for e in vouched_events(ordered, scope) if e.key == TIMER_HANDLER}
-    packets = _lab_packets(pieces, scope, CpuOrder(ordered), timers)
+    order = CpuOrder(ordered) if unfolded is None else CpuOrder(unfolded, unsorted=True)
+    packets = _lab_packets(pieces, scope, order, timers, ordered)
     in_packets = {id(e) for p in packets for e in p.events}
     napi_threads = {e.pid for p in packets for e in p.events if e.comm.startswith("napi/")}
     tasks = scope.tasks | napi_threads

@@ -9,7 +9,7 @@ rule 1 of labctl/evidence/attribution.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from labctl.kernel.tracefs import TERMINAL_EVENTS, TRANSMIT_EVENTS, TraceEvent
 
@@ -20,6 +20,9 @@ DRIVER_RECEIVES = frozenset({"net:netif_rx", "net:napi_gro_receive_entry"})
 LEARN_GAP = 0.01
 """Seconds at most between two events of one call on one CPU (a receive and the fdb update its rx handler
 made, a receive and the answer made to it): microseconds, with room for a loaded machine."""
+CALL_GAP = 0.001
+"""Seconds at most between an skb event and a transmit it caused in the same softirq call: microseconds
+(2-30 in recorded traces), with room for a loaded machine -- and not the width of a timer tick."""
 TIMER_GAP = 0.005
 """Seconds between a neighbour's purged-queue drops (or its probe) and its timer tracepoint on the same CPU."""
 
@@ -28,11 +31,21 @@ class CpuOrder:
     """Each CPU's events in the order its ring buffer kept them: what ran just before or after an event.
 
     Hard-irq events are skipped: a hard irq interrupts whatever ran, it is not part of its call.
+    Built on first use: most windows ask nothing of it (only skbs first seen in softirq do), and a
+    folded burst's whole trace is hundreds of thousands of events.  ``events`` in time order, or
+    ``unsorted`` to have them sorted then (stably: each CPU's events keep the kernel's order).
     """
 
-    def __init__(self, events: Sequence[TraceEvent]) -> None:
+    def __init__(self, events: Sequence[TraceEvent], unsorted: bool = False) -> None:
+        self._events = events
+        self._unsorted = unsorted
+        self._built = False
         self._by_cpu: dict[int, list[TraceEvent]] = {}
         self._at: dict[int, int] = {}
+
+    def _build(self) -> None:
+        self._built = True
+        events = sorted(self._events, key=lambda e: e.timestamp) if self._unsorted else self._events
         by_cpu, at = self._by_cpu, self._at  # locals: this runs for every event of a window
         for event in events:
             flags = event.flags
@@ -45,6 +58,8 @@ class CpuOrder:
             line.append(event)
 
     def before(self, event: TraceEvent) -> TraceEvent | None:
+        if not self._built:
+            self._build()
         at = self._at.get(id(event), 0)
         return self._by_cpu[event.cpu][at - 1] if at > 0 else None
 
@@ -54,6 +69,8 @@ class CpuOrder:
         Stepped over: events that name no skb (fib lookups, NAPI polls) and frees -- a free causes nothing,
         and a reply is often allocated where an skb was just freed (``arp_rcv`` consumes a shared request's
         copy, then ``arp_process`` answers it)."""
+        if not self._built:
+            self._build()
         at = self._at.get(id(event))
         line = self._by_cpu.get(event.cpu, [])
         for index in range(at - 1 if at is not None else -1, -1, -1):
@@ -66,6 +83,8 @@ class CpuOrder:
 
     def after_its_skb(self, event: TraceEvent) -> TraceEvent | None:
         """The first event after ``event`` on its CPU that is not of the same skb (its own transmit path)."""
+        if not self._built:
+            self._build()
         at = self._at.get(id(event))
         line = self._by_cpu.get(event.cpu, [])
         for later in line[at + 1 :] if at is not None else ():
@@ -74,7 +93,12 @@ class CpuOrder:
         return None
 
 
-def made_elsewhere(first: TraceEvent, order: CpuOrder, lab: set[int], timers: set[int], since: float) -> bool:
+Ours = Callable[[TraceEvent], bool]
+"""Whether an event is of one of the lab's packets -- or of an injected frame folded away, which its group's
+representative stands for (labctl/lab/trace/burst.py): those are the lab's too."""
+
+
+def made_elsewhere(first: TraceEvent, order: CpuOrder, ours: Ours, timers: set[int], since: float) -> bool:
     """Whether an skb first seen in softirq was made for someone else than the task whose context lent it.
 
     Two calls make skbs in softirq without the current task's say, and the
@@ -101,18 +125,18 @@ def made_elsewhere(first: TraceEvent, order: CpuOrder, lab: set[int], timers: se
         and cause.in_interrupt == first.in_interrupt
         and since <= cause.timestamp
         and 0 <= first.timestamp - cause.timestamp <= LEARN_GAP
-        and id(cause) not in lab
+        and not ours(cause)
     )
 
 
-def made_for_the_lab(first: TraceEvent, order: CpuOrder, lab: set[int], timers: set[int]) -> bool:
+def made_for_the_lab(first: TraceEvent, order: CpuOrder, ours: Ours, timers: set[int]) -> bool:
     """Whether a transmit first seen in softirq was made for the lab: the CPU's order must show why.
 
     Softirq runs timers too, in whichever task is current: another namespace's TCP retransmission (a
     SYN that tcp-connect's FORWARD drops, resent every second) leaves on an ``eth0`` in the lab task's
     context as readily as the lab's own reply.  So a softirq transmit is the lab's only when it is a
     neighbour timer's probe the lab's namespace vouched for, or when the last skb event before it on its
-    CPU (:meth:`CpuOrder.cause`), in the same softirq call (:data:`LEARN_GAP`), is one of the lab's
+    CPU (:meth:`CpuOrder.cause`), in the same softirq call (:data:`CALL_GAP`), is one of the lab's
     packets -- the receive it answers (an ARP or ICMP reply, a TCP ACK), the frame a bridge floods or a
     router fragments, the ARP reply that released a queued skb.  A timer that fires right after the lab
     task's own send follows a process-context event: not a cause.  A lab's own timer (a TCP
@@ -126,8 +150,8 @@ def made_for_the_lab(first: TraceEvent, order: CpuOrder, lab: set[int], timers: 
         and timer.timestamp - first.timestamp <= TIMER_GAP
     ):
         return id(timer) in timers
-    cause = order.cause(first, LEARN_GAP)
-    return cause is not None and cause.in_interrupt and id(cause) in lab
+    cause = order.cause(first, CALL_GAP)
+    return cause is not None and cause.in_interrupt and ours(cause)
 
 
 def crossed_from_elsewhere(first: TraceEvent, before: TraceEvent | None, devices: set[str]) -> bool:

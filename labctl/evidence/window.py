@@ -372,7 +372,10 @@ class Window:
             unreachable={node: c.get("Icmp.OutDestUnreachs", 0) for node, c in by_node.items()},
             lost=lost,
         )
-        packets, events = attribute(fold(self._raw, scope) if fold is not None else self._raw, scope)
+        if fold is not None:
+            packets, events = attribute(fold(self._raw, scope), scope, unfolded=self._raw)
+        else:
+            packets, events = attribute(self._raw, scope)
         rules, bridge_rules = nf_evidence.rule_deltas(self._rules_before, rules_after)
         self._evidence = Evidence(
             packets=packets,

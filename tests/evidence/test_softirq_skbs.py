@@ -179,8 +179,34 @@ def test_a_timers_transmit_in_the_lab_tasks_softirq_is_the_labs_only_when_a_lab_
     """A softirq transmit is the lab's when the last skb event before it on its CPU, in the same call, is one
     of the lab's packets (the receive it answers); a timer's -- seen: tcp-connect's SYN retransmission while
     rx-gro's sender was current, counted as rx-gro's netif_rx@eth0 -- follows nothing of the lab's."""
-    for later in (0.05, 0.5):  # the timer fired well after the lab's last packet on that CPU
+    for later in (0.002, 0.05, 0.5):  # the timer fired after the lab's last packet on that CPU, not in its call
         counts = _counts(_retransmitted_by_a_timer(later), _scope())
         assert counts["net:netif_rx@eth0"] == 1, later  # the lab's datagram only
         assert counts["skb:kfree_skb"] == 0, later
     assert _counts(_reply_to(LAB, PROCESS), _scope())["net:netif_rx@eth0"] == 1  # an answer to the lab's own
+
+
+def test_what_a_lab_receive_causes_in_its_call_is_the_labs_across_frees_and_clones() -> None:
+    """An ARP reply allocated where the request's shared copy was just freed, and a bridge flooding one lab frame
+    to two ports (each clone's cause is the clone before it): all the lab's."""
+    arp = [
+        _ev(1.0, "net:net_dev_queue", PROCESS, name="eth0", skbaddr=0xA1),  # the lab's request
+        _ev(1.000002, "net:netif_rx", PROCESS, name="eth0", skbaddr=0xA1),
+        _ev(1.000010, "net:netif_receive_skb", name="eth0", skbaddr=0xA1),
+        _ev(1.000012, "skb:consume_skb", skbaddr=0xA2),  # arp_rcv's copy
+        _ev(1.000014, "net:net_dev_queue", name="eth0", skbaddr=0xA2),  # the reply, at that address
+        _ev(1.000016, "net:netif_rx", name="eth0", skbaddr=0xA2),
+        _ev(1.000018, "skb:consume_skb", skbaddr=0xA1),
+    ]
+    assert _counts(arp, _scope())["net:netif_rx@eth0"] == 2
+    flood = [
+        _ev(1.0, "net:net_dev_queue", PROCESS, name="eth0", skbaddr=0xB1),
+        _ev(1.000002, "net:netif_rx", PROCESS, name="eth0", skbaddr=0xB1),
+        _ev(1.000010, "net:netif_receive_skb", name="eth0", skbaddr=0xB1),  # on the bridge port
+        _ev(1.000012, "net:net_dev_queue", name="eth0", skbaddr=0xB2),  # clone to the second port
+        _ev(1.000014, "net:netif_rx", name="eth0", skbaddr=0xB2),
+        _ev(1.000016, "net:net_dev_queue", name="eth0", skbaddr=0xB3),  # clone to the third
+        _ev(1.000018, "net:netif_rx", name="eth0", skbaddr=0xB3),
+        _ev(1.000020, "skb:consume_skb", skbaddr=0xB1),
+    ]
+    assert _counts(flood, _scope())["net:netif_rx@eth0"] == 3
