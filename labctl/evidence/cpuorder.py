@@ -98,6 +98,20 @@ Ours = Callable[[TraceEvent], bool]
 representative stands for (labctl/lab/trace/burst.py): those are the lab's too."""
 
 
+def probing_timer(first: TraceEvent, order: CpuOrder) -> TraceEvent | None:
+    """The ``neigh:neigh_timer_handler`` event whose probe ``first`` is, or None: a neighbour timer's
+    transmit is followed, in the same call on the same CPU, by the timer's tracepoint on that device."""
+    timer = order.after_its_skb(first)
+    if (
+        timer is not None
+        and timer.key == TIMER_HANDLER
+        and timer.device == first.device
+        and timer.timestamp - first.timestamp <= TIMER_GAP
+    ):
+        return timer
+    return None
+
+
 def made_elsewhere(first: TraceEvent, order: CpuOrder, ours: Ours, timers: set[int], since: float) -> bool:
     """Whether an skb first seen in softirq was made for someone else than the task whose context lent it.
 
@@ -109,13 +123,8 @@ def made_elsewhere(first: TraceEvent, order: CpuOrder, ours: Ours, timers: set[i
     error): its transmit comes right after the receive it answers, in the
     same task and context -- the skb is the lab's only if that receive was.
     """
-    timer = order.after_its_skb(first)
-    if (
-        timer is not None
-        and timer.key == TIMER_HANDLER
-        and timer.device == first.device
-        and timer.timestamp - first.timestamp <= TIMER_GAP
-    ):
+    timer = probing_timer(first, order)
+    if timer is not None:
         return id(timer) not in timers
     cause = order.before(first)
     return (
@@ -142,13 +151,8 @@ def made_for_the_lab(first: TraceEvent, order: CpuOrder, ours: Ours, timers: set
     task's own send follows a process-context event: not a cause.  A lab's own timer (a TCP
     retransmission) is not counted either: like a foreign one, nothing in the trace ties it to the lab.
     """
-    timer = order.after_its_skb(first)
-    if (
-        timer is not None
-        and timer.key == TIMER_HANDLER
-        and timer.device == first.device
-        and timer.timestamp - first.timestamp <= TIMER_GAP
-    ):
+    timer = probing_timer(first, order)
+    if timer is not None:
         return id(timer) in timers
     cause = order.cause(first, CALL_GAP)
     return cause is not None and cause.in_interrupt and ours(cause)
