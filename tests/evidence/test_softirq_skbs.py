@@ -179,7 +179,7 @@ def test_a_timers_transmit_in_the_lab_tasks_softirq_is_the_labs_only_when_a_lab_
     """A softirq transmit is the lab's when the last skb event before it on its CPU, in the same call, is one
     of the lab's packets (the receive it answers); a timer's -- seen: tcp-connect's SYN retransmission while
     rx-gro's sender was current, counted as rx-gro's netif_rx@eth0 -- follows nothing of the lab's."""
-    for later in (0.002, 0.05, 0.5):  # the timer fired after the lab's last packet on that CPU, not in its call
+    for later in (0.02, 0.05, 0.5):  # the timer fired after the lab's last packet on that CPU, not in its call
         counts = _counts(_retransmitted_by_a_timer(later), _scope())
         assert counts["net:netif_rx@eth0"] == 1, later  # the lab's datagram only
         assert counts["skb:kfree_skb"] == 0, later
