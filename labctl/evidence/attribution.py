@@ -23,10 +23,7 @@ holds, and never because of a device name alone:
    neighbour timer's probe whose timer event no lab notification vouches for,
    an answer to a receive that was not the lab's (:func:`made_elsewhere`) --
    or shows it the peer's end of a transmit on a foreign device into one only
-   named like the lab's (:func:`crossed_from_elsewhere`); and a *transmit*
-   started there is the lab's only when the CPU's order shows what of the
-   lab's caused it (:func:`made_for_the_lab`): softirq runs other
-   namespaces' timers as well.
+   named like the lab's (:func:`crossed_from_elsewhere`).
 2. **It has no skb and ran in a lab task** (a fib lookup, a napi poll of a
    NAPI thread that handled the lab's skbs).
 3. **A bridge learnt from the lab's skb.**  ``br_fdb_update`` names the
@@ -69,11 +66,10 @@ from labctl.evidence.cpuorder import (
     CpuOrder,
     crossed_from_elsewhere,
     made_elsewhere,
-    made_for_the_lab,
 )
 from labctl.evidence.model import Packet
 from labctl.kernel.neighwatch import NeighNote
-from labctl.kernel.tracefs import TERMINAL_EVENTS, TRANSMIT_EVENTS, SkbChain, TraceEvent, all_chains
+from labctl.kernel.tracefs import TERMINAL_EVENTS, SkbChain, TraceEvent, all_chains
 
 _TIMESTAMP = attrgetter("timestamp")
 
@@ -203,8 +199,6 @@ def _lab_packets(
         if first.in_interrupt and first.skbaddr is not None and made_elsewhere(first, order, ours, timers, scope.since):
             continue
         if first.in_interrupt and crossed_from_elsewhere(first, before, scope.devices):
-            continue
-        if first.in_interrupt and first.key in TRANSMIT_EVENTS and not made_for_the_lab(first, order, ours, timers):
             continue
         if all(e.key == "skb:consume_skb" and not e.devices for e in piece):
             continue  # a socket freeing what it read (labctl's own netlink replies): not a packet of the lab

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from labctl.kernel.tracefs import TERMINAL_EVENTS, TRANSMIT_EVENTS, TraceEvent
+from labctl.kernel.tracefs import TRANSMIT_EVENTS, TraceEvent
 
 TIMER_HANDLER = "neigh:neigh_timer_handler"
 RECEIVE = "net:netif_receive_skb"
@@ -20,11 +20,6 @@ DRIVER_RECEIVES = frozenset({"net:netif_rx", "net:napi_gro_receive_entry"})
 LEARN_GAP = 0.01
 """Seconds at most between two events of one call on one CPU (a receive and the fdb update its rx handler
 made, a receive and the answer made to it): microseconds, with room for a loaded machine."""
-CALL_GAP = LEARN_GAP
-"""Seconds at most between an skb event and a transmit it caused in the same softirq call: 2-30 us in
-traces recorded here, but a kernel emulated by QEMU's TCG (``run --kernel 6.12``) took longer than 1 ms
-to answer a stray ACK with its RST.  So a foreign timer that fires this soon after a lab receive on the
-same CPU is still taken for the lab's (the README says so)."""
 TIMER_GAP = 0.005
 """Seconds between a neighbour's purged-queue drops (or its probe) and its timer tracepoint on the same CPU."""
 
@@ -64,24 +59,6 @@ class CpuOrder:
             self._build()
         at = self._at.get(id(event), 0)
         return self._by_cpu[event.cpu][at - 1] if at > 0 else None
-
-    def cause(self, event: TraceEvent, within: float) -> TraceEvent | None:
-        """The last event before ``event`` on its CPU that handled an skb, at most ``within`` seconds earlier.
-
-        Stepped over: events that name no skb (fib lookups, NAPI polls) and frees -- a free causes nothing,
-        and a reply is often allocated where an skb was just freed (``arp_rcv`` consumes a shared request's
-        copy, then ``arp_process`` answers it)."""
-        if not self._built:
-            self._build()
-        at = self._at.get(id(event))
-        line = self._by_cpu.get(event.cpu, [])
-        for index in range(at - 1 if at is not None else -1, -1, -1):
-            earlier = line[index]
-            if event.timestamp - earlier.timestamp > within:
-                return None
-            if earlier.skbaddr is not None and earlier.key not in TERMINAL_EVENTS:
-                return earlier
-        return None
 
     def after_its_skb(self, event: TraceEvent) -> TraceEvent | None:
         """The first event after ``event`` on its CPU that is not of the same skb (its own transmit path)."""
@@ -138,26 +115,6 @@ def made_elsewhere(first: TraceEvent, order: CpuOrder, ours: Ours, timers: set[i
         and 0 <= first.timestamp - cause.timestamp <= LEARN_GAP
         and not ours(cause)
     )
-
-
-def made_for_the_lab(first: TraceEvent, order: CpuOrder, ours: Ours, timers: set[int]) -> bool:
-    """Whether a transmit first seen in softirq was made for the lab: the CPU's order must show why.
-
-    Softirq runs timers too, in whichever task is current: another namespace's TCP retransmission (a
-    SYN that tcp-connect's FORWARD drops, resent every second) leaves on an ``eth0`` in the lab task's
-    context as readily as the lab's own reply.  So a softirq transmit is the lab's only when it is a
-    neighbour timer's probe the lab's namespace vouched for, or when the last skb event before it on its
-    CPU (:meth:`CpuOrder.cause`), in the same softirq call (:data:`CALL_GAP`), is one of the lab's
-    packets -- the receive it answers (an ARP or ICMP reply, a TCP ACK), the frame a bridge floods or a
-    router fragments, the ARP reply that released a queued skb.  A timer that fires right after the lab
-    task's own send follows a process-context event: not a cause.  A lab's own timer (a TCP
-    retransmission) is not counted either: like a foreign one, nothing in the trace ties it to the lab.
-    """
-    timer = probing_timer(first, order)
-    if timer is not None:
-        return id(timer) in timers
-    cause = order.cause(first, CALL_GAP)
-    return cause is not None and cause.in_interrupt and ours(cause)
 
 
 def crossed_from_elsewhere(first: TraceEvent, before: TraceEvent | None, devices: set[str]) -> bool:

@@ -160,32 +160,6 @@ def test_a_frame_forwarded_from_a_foreign_device_into_a_same_named_one_is_not_th
     assert _counts(own, _scope())["net:netif_rx@eth0"] == 1
 
 
-def _retransmitted_by_a_timer(after_the_labs_send: float) -> list[TraceEvent]:
-    """Another namespace's TCP retransmission timer fires in softirq while the lab's sender is current: its SYN
-    leaves on an eth0, crosses to a peer eth0 and is dropped there -- nothing of the lab's caused it."""
-    return [
-        _ev(1.0, "net:net_dev_queue", PROCESS, name="eth0", skbaddr=0x91),  # the lab's own datagram
-        _ev(1.000002, "net:netif_rx", PROCESS, name="eth0", skbaddr=0x91),
-        _ev(1.000004, "net:netif_receive_skb", name="eth0", skbaddr=0x91),
-        _ev(1.000006, "skb:consume_skb", skbaddr=0x91),
-        _ev(1.0 + after_the_labs_send, "net:net_dev_queue", name="eth0", skbaddr=0x92),  # the timer's SYN
-        _ev(1.000002 + after_the_labs_send, "net:netif_rx", name="eth0", skbaddr=0x92),
-        _ev(1.000004 + after_the_labs_send, "net:netif_receive_skb", name="eth0", skbaddr=0x92),
-        _ev(1.000006 + after_the_labs_send, "skb:kfree_skb", skbaddr=0x92, reason="NETFILTER_DROP"),
-    ]
-
-
-def test_a_timers_transmit_in_the_lab_tasks_softirq_is_the_labs_only_when_a_lab_packet_caused_it() -> None:
-    """A softirq transmit is the lab's when the last skb event before it on its CPU, in the same call, is one
-    of the lab's packets (the receive it answers); a timer's -- seen: tcp-connect's SYN retransmission while
-    rx-gro's sender was current, counted as rx-gro's netif_rx@eth0 -- follows nothing of the lab's."""
-    for later in (0.02, 0.05, 0.5):  # the timer fired after the lab's last packet on that CPU, not in its call
-        counts = _counts(_retransmitted_by_a_timer(later), _scope())
-        assert counts["net:netif_rx@eth0"] == 1, later  # the lab's datagram only
-        assert counts["skb:kfree_skb"] == 0, later
-    assert _counts(_reply_to(LAB, PROCESS), _scope())["net:netif_rx@eth0"] == 1  # an answer to the lab's own
-
-
 def test_what_a_lab_receive_causes_in_its_call_is_the_labs_across_frees_and_clones() -> None:
     """An ARP reply allocated where the request's shared copy was just freed, and a bridge flooding one lab frame
     to two ports (each clone's cause is the clone before it): all the lab's."""
