@@ -52,6 +52,7 @@ Everything else is someone else's, whatever its device is called.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,12 +163,27 @@ def _pieces(events: Sequence[TraceEvent], scope: Scope) -> list[tuple[SkbChain, 
     ]
 
 
-def lab_packets(events: Sequence[TraceEvent], scope: Scope, timers: set[int] | None = None) -> list[Packet]:
-    """Rule 1: the skbs whose story starts in a lab task and stays on lab devices.
-
-    ``events`` in trace order; ``timers`` are the ids of neighbour timer events the lab's namespace vouched for.
-    """
-    return _lab_packets(_pieces(events, scope), scope, CpuOrder(events), timers or set(), events)
+def _by_start(pieces: Pieces, ordered: Sequence[TraceEvent]) -> list[tuple[int, tuple[SkbChain, list[TraceEvent]]]]:
+    """The pieces (with their index) by their first event's time; pieces that start in the same microsecond in
+    the kernel's order (their place in the time-sorted ``ordered``), so that a cause comes before what it
+    caused.  Only the ties are looked up: a window has a piece per skb and many more events."""
+    by_time = sorted(enumerate(pieces), key=lambda ip: ip[1][1][0].timestamp)
+    result: list[tuple[int, tuple[SkbChain, list[TraceEvent]]]] = []
+    start = 0
+    while start < len(by_time):
+        timestamp = by_time[start][1][1][0].timestamp
+        end = start + 1
+        while end < len(by_time) and by_time[end][1][1][0].timestamp == timestamp:
+            end += 1
+        tied = by_time[start:end]
+        if len(tied) > 1:
+            low = bisect.bisect_left(ordered, timestamp, key=_TIMESTAMP)
+            high = bisect.bisect_right(ordered, timestamp, key=_TIMESTAMP)
+            place = {id(e): at for at, e in enumerate(ordered[low:high])}
+            tied.sort(key=lambda ip: place.get(id(ip[1][1][0]), 0))
+        result += tied
+        start = end
+    return result
 
 
 def _lab_packets(
@@ -175,15 +191,17 @@ def _lab_packets(
 ) -> list[Packet]:
     found: dict[int, Packet] = {}
     lab: set[int] = set()
-    judged = {id(e) for _, piece in pieces for e in piece}
+    judged: set[int] = set()  # every piece's events, gathered when first asked (most windows never ask)
 
     def ours(event: TraceEvent) -> bool:  # an event of no piece here was folded away: an injected lab frame's
-        return id(event) in lab or id(event) not in judged
+        if id(event) in lab:
+            return True
+        if not judged:
+            judged.update(id(e) for _, piece in pieces for e in piece)
+        return id(event) not in judged
 
-    position = {id(e): i for i, e in enumerate(ordered)}  # equal timestamps: the kernel's order decides
     last_seen: dict[int, TraceEvent] = {}  # per address, the last event of its latest chain so far
-    by_start = sorted(enumerate(pieces), key=lambda ip: (ip[1][1][0].timestamp, position.get(id(ip[1][1][0]), 0)))
-    for index, (chain, piece) in by_start:  # causes first
+    for index, (chain, piece) in _by_start(pieces, ordered):  # causes first
         before = last_seen.get(chain.skbaddr)
         last_seen[chain.skbaddr] = piece[-1]
         if chain.on_lab is False:
