@@ -21,7 +21,9 @@ holds, and never because of a device name alone:
    task a softirq runs in only lent its context: a chain started there is
    not the lab's when the CPU's order shows it made for another -- a
    neighbour timer's probe whose timer event no lab notification vouches for,
-   an answer to a receive that was not the lab's (:func:`made_elsewhere`) --
+   any other timer's skb (between a timer vector's softirq entry and exit:
+   whose timer it was, nothing says), an answer to a receive that was not the
+   lab's (:func:`made_elsewhere`) --
    or shows it the peer's end of a transmit on a foreign device into one only
    named like the lab's (:func:`crossed_from_elsewhere`).
 2. **It has no skb and ran in a lab task** (a fib lookup, a napi poll of a
@@ -70,7 +72,7 @@ from labctl.evidence.cpuorder import (
 )
 from labctl.evidence.model import Packet
 from labctl.kernel.neighwatch import NeighNote
-from labctl.kernel.tracefs import TERMINAL_EVENTS, SkbChain, TraceEvent, all_chains
+from labctl.kernel.tracefs import TERMINAL_EVENTS, SkbChain, TraceEvent, all_chains, is_softirq_mark
 
 _TIMESTAMP = attrgetter("timestamp")
 
@@ -420,7 +422,12 @@ def attribute(
     ordered = sorted(events, key=_TIMESTAMP)  # stable: each CPU's events keep the kernel's order
     pieces = _pieces(ordered, scope)
     timers = {id(e) for e in vouched_events(ordered, scope) if e.key == TIMER_HANDLER}
-    order = CpuOrder(ordered) if unfolded is None else CpuOrder(unfolded, unsorted=True)
+    brackets = not scope.lost  # a lost softirq exit would make the CPU's later work look like a timer's
+    order = (
+        CpuOrder(ordered, brackets=brackets)
+        if unfolded is None
+        else CpuOrder(unfolded, unsorted=True, brackets=brackets)
+    )
     packets = _lab_packets(pieces, scope, order, timers, ordered)
     in_packets = {id(e) for p in packets for e in p.events}
     napi_threads = {e.pid for p in packets for e in p.events if e.comm.startswith("napi/")}
@@ -430,6 +437,7 @@ def attribute(
         for e in ordered
         if e.skbaddr is None
         and not e.key.startswith(VOUCHED)
+        and not is_softirq_mark(e)
         and scope.since <= e.timestamp <= scope.until
         and e.pid in tasks
         and (not e.devices or not scope.devices.isdisjoint(e.devices))

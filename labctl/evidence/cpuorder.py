@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from labctl.kernel.tracefs import TRANSMIT_EVENTS, TraceEvent
+from labctl.kernel.tracefs import TRANSMIT_EVENTS, TraceEvent, is_softirq_mark, of_a_timer_vector
+from labctl.kernel.tracefs.softirq import SOFTIRQ_ENTRY
 
 TIMER_HANDLER = "neigh:neigh_timer_handler"
 RECEIVE = "net:netif_receive_skb"
@@ -33,26 +34,48 @@ class CpuOrder:
     ``unsorted`` to have them sorted then (stably: each CPU's events keep the kernel's order).
     """
 
-    def __init__(self, events: Sequence[TraceEvent], unsorted: bool = False) -> None:
+    def __init__(self, events: Sequence[TraceEvent], unsorted: bool = False, brackets: bool = True) -> None:
         self._events = events
         self._unsorted = unsorted
+        self._brackets = brackets
         self._built = False
         self._by_cpu: dict[int, list[TraceEvent]] = {}
         self._at: dict[int, int] = {}
+        self._in_timer: set[int] = set()
 
     def _build(self) -> None:
         self._built = True
         events = sorted(self._events, key=lambda e: e.timestamp) if self._unsorted else self._events
-        by_cpu, at = self._by_cpu, self._at  # locals: this runs for every event of a window
+        by_cpu, at, in_timer = self._by_cpu, self._at, self._in_timer  # locals: this runs for every event
+        serving: set[int] = set()  # the CPUs inside a timer vector's run
         for event in events:
             flags = event.flags
             if len(flags) >= 3 and flags[2] in "hH":
+                continue
+            if event.system == "irq" and is_softirq_mark(event):  # a mark of the context, not part of a call
+                if of_a_timer_vector(event) and event.key == SOFTIRQ_ENTRY:
+                    serving.add(event.cpu)
+                else:
+                    serving.discard(event.cpu)
                 continue
             line = by_cpu.get(event.cpu)
             if line is None:
                 line = by_cpu[event.cpu] = []
             at[id(event)] = len(line)
             line.append(event)
+            if event.cpu in serving and len(flags) >= 3 and flags[2] == "s":
+                in_timer.add(id(event))
+        if not self._brackets:
+            in_timer.clear()
+
+    def in_timer_softirq(self, event: TraceEvent) -> bool:
+        """Whether ``event`` ran between a timer vector's softirq entry and exit on its CPU: a timer made it.
+
+        Never when the trace lost events (``brackets`` False): a lost exit would leave the CPU's later
+        softirq work -- the lab's own receives -- looking like a timer's."""
+        if not self._built:
+            self._build()
+        return id(event) in self._in_timer
 
     def before(self, event: TraceEvent) -> TraceEvent | None:
         if not self._built:
@@ -94,17 +117,22 @@ def probing_timer(first: TraceEvent, order: CpuOrder) -> TraceEvent | None:
 def made_elsewhere(first: TraceEvent, order: CpuOrder, ours: Ours, timers: set[int], since: float) -> bool:
     """Whether an skb first seen in softirq was made for someone else than the task whose context lent it.
 
-    Two calls make skbs in softirq without the current task's say, and the
+    Calls make skbs in softirq without the current task's say, and the
     CPU's order shows them.  A neighbour timer's ARP probe: its transmit is
     followed, in the same call, by ``neigh:neigh_timer_handler`` on the same
     device -- the skb is the lab's only if the lab's namespace vouched for
-    that timer event (rule 4).  A reply made on receive (ARP reply, ICMP
-    error): its transmit comes right after the receive it answers, in the
-    same task and context -- the skb is the lab's only if that receive was.
+    that timer event (rule 4).  Any other timer's skb (a TCP retransmission,
+    a delayed ACK): it ran between a timer vector's softirq entry and exit --
+    never the lab's by its task, since nothing in it says which namespace
+    armed the timer.  A reply made on receive (ARP reply, ICMP error): its
+    transmit comes right after the receive it answers, in the same task and
+    context -- the skb is the lab's only if that receive was.
     """
     timer = probing_timer(first, order)
     if timer is not None:
         return id(timer) not in timers
+    if order.in_timer_softirq(first):
+        return True  # whoever armed the timer: a TCP retransmission, a delayed ACK -- any namespace's
     cause = order.before(first)
     return (
         cause is not None

@@ -52,9 +52,11 @@ BASE_EVENTS: tuple[str, ...] = (
     "net:napi_gro_receive_entry",
     "neigh:neigh_timer_handler",
     "bridge:br_fdb_update",
+    *tracefs.SOFTIRQ_EVENTS,
 )
 """Always traced: enough to follow an skb across lab devices to its end, and to attribute timer-context
-neighbour drops and fdb learning (rare events, nearly free).  Each costs 0.1-0.2 µs per packet, so a burst
+neighbour drops and fdb learning (rare events, nearly free), and what a timer made in softirq (the timer
+vectors' entries and exits only: a few per tick).  Each costs 0.1-0.2 µs per packet, so a burst
 is traced with what it asks for and no more (the ethertype of a packet, from net_dev_start_xmit, is asked
 for by walk expectations)."""
 

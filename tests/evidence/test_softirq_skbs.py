@@ -184,3 +184,43 @@ def test_what_a_lab_receive_causes_in_its_call_is_the_labs_across_frees_and_clon
         _ev(1.000020, "skb:consume_skb", skbaddr=0xB1),
     ]
     assert _counts(flood, _scope())["net:netif_rx@eth0"] == 3
+
+
+def _timer_run(ts: float, *made: TraceEvent, action: str = "TIMER") -> list[TraceEvent]:
+    """A timer vector's run on CPU 0 while the lab's sender is current: entry, what the timers made, exit."""
+    vec = f"{1 if action == 'TIMER' else 8} [action={action}"
+    return [_ev(ts, "irq:softirq_entry", vec=vec), *made, _ev(made[-1].timestamp + 1e-6, "irq:softirq_exit", vec=vec)]
+
+
+def _retransmitted_syn(ts: float) -> list[TraceEvent]:
+    """Another namespace's SYN, sent again by its retransmission timer out of its eth0 (the lab has one too)."""
+    return [
+        _ev(ts, "net:net_dev_queue", name="eth0", skbaddr=0x81),
+        _ev(ts + 2e-6, "net:netif_rx", name="eth0", skbaddr=0x81),
+    ]
+
+
+def test_what_a_timer_made_in_the_lab_tasks_context_is_not_the_labs() -> None:
+    """Seen with rx-gro beside tcp-connect (``run -j 6``): tcp-connect's SYN retransmission timer fired while
+    rx-gro's sender was current, and the SYN counted as rx-gro's ``netif_rx@eth0``.  The timer vector's softirq
+    entry and exit bracket it: whose timer it was, nothing in the skb says."""
+    for action in ("TIMER", "HRTIMER"):
+        counts = _counts(_timer_run(1.0, *_retransmitted_syn(1.000001), action=action), _scope())
+        assert counts["net:netif_rx@eth0"] == 0, action
+    # the same softirq work outside a timer's run (a NET_RX softirq, whose entries are not recorded): the lab's
+    assert _counts(_retransmitted_syn(1.0), _scope())["net:netif_rx@eth0"] == 1
+    after = [*_timer_run(1.0, _ev(1.000001, "neigh:neigh_update", dev="eth1")), *_retransmitted_syn(1.00001)]
+    assert _counts(after, _scope())["net:netif_rx@eth0"] == 1  # the bracket ended at the exit
+    # a trace that lost events may have lost an exit: brackets are not read, as before they were recorded
+    lossy = _scope()
+    lossy.lost = 3
+    assert _counts(_timer_run(1.0, *_retransmitted_syn(1.000001)), lossy)["net:netif_rx@eth0"] == 1
+
+
+def test_a_neighbour_probe_in_a_timer_run_is_still_the_labs_when_its_namespace_vouches() -> None:
+    events = _timer_run(1.0, *_probe(1.000001))
+    assert _counts(events, _scope())["net:netif_rx@eth0"] == 0
+    note = NeighNote("neigh", "eth0", "10.0.4.2", "PROBE", received=1.0002)
+    counts = _counts(events, _scope([note]))
+    assert counts["net:netif_rx@eth0"] == 1
+    assert counts["irq:softirq_entry"] == counts["irq:softirq_exit"] == 0  # marks of context, never lab events

@@ -11,6 +11,7 @@ tracer).  One module per job; this package re-exports the public names, so calle
 - :mod:`.event` -- :class:`TraceEvent`, one tracepoint hit, and :func:`stage_of`;
 - :mod:`.lines` -- lines of ``trace_pipe`` parsed into events;
 - :mod:`.session` -- :class:`TraceSession`, a private instance recording for a session's lifetime;
+- :mod:`.softirq` -- the timer vectors' softirq entries and exits (what a timer made, in whoever's context);
 - :mod:`.kept` -- :class:`~.kept.KeptSession`, one that pauses between windows and resumes with other events;
 - :mod:`.chains` -- per-skb chains, and the ones seen on a lab's devices (:func:`chains`).
 """
@@ -36,6 +37,7 @@ from labctl.kernel.tracefs.instances import (
 from labctl.kernel.tracefs.lines import LineCache, parse_line, parse_lines, same_but_time
 from labctl.kernel.tracefs.probe import PROBES_FILE
 from labctl.kernel.tracefs.session import DEFAULT_BUFFER_KB, DEFAULT_EVENTS, TraceSession
+from labctl.kernel.tracefs.softirq import SOFTIRQ_EVENTS, is_softirq_mark, of_a_timer_vector
 
 __all__ = [
     "DEFAULT_BUFFER_KB",
@@ -43,6 +45,7 @@ __all__ = [
     "INSTANCE_PREFIX",
     "MAX_CHAIN_EVENTS",
     "PROBES_FILE",
+    "SOFTIRQ_EVENTS",
     "TERMINAL_EVENTS",
     "TRACEFS",
     "TRANSMIT_EVENTS",
@@ -58,7 +61,9 @@ __all__ = [
     "chains",
     "drop_reason_names",
     "ensure_mounted",
+    "is_softirq_mark",
     "list_instances",
+    "of_a_timer_vector",
     "parse_format",
     "parse_line",
     "parse_lines",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from labctl.kernel.tracefs.catalog import resolve_events
 from labctl.kernel.tracefs.formats import read_format
 from labctl.kernel.tracefs.session import TraceSession
+from labctl.kernel.tracefs.softirq import softirq_filters
 
 
 class KeptSession(TraceSession):
@@ -53,8 +54,11 @@ class KeptSession(TraceSession):
             self._by_name = {}
             for fmt in self.formats.values():
                 self._by_name.setdefault(fmt.name, []).append(fmt)
+            filters = softirq_filters(wanted)  # a fresh instance's: kept on the event once set
             for event in wanted:
                 if event not in self.enabled:
+                    if event in filters:
+                        self._set(self._event_file(event, "filter"), filters[event])
                     self._set(self._event_file(event, "enable"), "1")
             self.enabled = wanted
             if self._trigger_paused:  # suits() kept kfree_skb in the set: re-armed as a fresh instance has it

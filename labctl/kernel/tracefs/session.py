@@ -32,6 +32,7 @@ from labctl.kernel.tracefs.lines import (
     parse_lines,
 )
 from labctl.kernel.tracefs.probe import hashing_off_breaks_strings
+from labctl.kernel.tracefs.softirq import SOFTIRQ_EVENTS, softirq_filters
 
 DEFAULT_BUFFER_KB = 8192
 """Per-CPU ring buffer.  Measured on 6.18 (~45 bytes per event): a burst landing on one CPU
@@ -52,6 +53,7 @@ DEFAULT_EVENTS: tuple[str, ...] = (
     "qdisc:*",
     "neigh:*",
     "napi:napi_poll",
+    *SOFTIRQ_EVENTS,
 )
 
 
@@ -222,7 +224,7 @@ class TraceSession:
             fmt = read_format(event)
             self.formats[event] = fmt
             self._by_name.setdefault(fmt.name, []).append(fmt)
-        for event, expression in self.filters.items():
+        for event, expression in {**softirq_filters(self.enabled), **self.filters}.items():
             if event in self.formats:
                 self._set(self._event_file(event, "filter"), expression)
             elif event not in self.skipped:

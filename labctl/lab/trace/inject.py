@@ -36,6 +36,7 @@ LEAN_EVENTS: tuple[str, ...] = (
     "net:net_dev_queue",
     "qdisc:*",
     "bridge:br_fdb_update",
+    *tracefs.SOFTIRQ_EVENTS,
 )
 """Events for bursts.  Measured on 6.18, 100k frames on a veth (bench/bench_trace.py): every
 tracepoint costs 0.1-0.2 µs per packet, so the rich set (fib lookups, the driver transmit's
@@ -80,7 +81,7 @@ class _Settler:
     def feed(self, events: Iterable[TraceEvent]) -> None:
         for event in events:
             addr = event.skbaddr
-            ours = event.pid == self.tid
+            ours = event.pid == self.tid and not tracefs.is_softirq_mark(event)
             if is_injection(event, self.tid, self.ifname, self.length) and self.seen < self.count and addr:
                 self.open[addr] = event.timestamp
                 self.seen += 1
