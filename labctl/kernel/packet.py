@@ -12,7 +12,6 @@ and :mod:`labctl.kernel.frames` holds what a capture yields.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import socket
@@ -44,7 +43,7 @@ def _ifname(sock: socket.socket, ifindex: int) -> str:
     return struct.unpack("16si", reply)[0].split(b"\0", 1)[0].decode()
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = netns.LIBC  # the process's own libc: find_library("c") runs ldconfig -p (a fork and exec)
 
 
 def _bind_packet(sock: socket.socket, ifindex: int, protocol: int) -> None:

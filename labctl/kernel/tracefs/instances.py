@@ -43,10 +43,10 @@ def ensure_mounted(root: str = TRACEFS) -> str:
 
 def _mount_tracefs(root: str) -> None:
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.mount(b"nodev", root.encode(), b"tracefs", 0, None) != 0:
+    from labctl.kernel.netns import LIBC
+
+    if LIBC.mount(b"nodev", root.encode(), b"tracefs", 0, None) != 0:
         err = ctypes.get_errno()
         if err != errno.EBUSY:
             raise OSError(err, os.strerror(err), root)
