@@ -16,7 +16,8 @@ holds, and never because of a device name alone:
    cut where a *foreign* user task touches the address in process context:
    that is a new skb reusing the address after an untraced free; so is a
    transmit in process context (a fresh send reusing a GRO-merged segment's
-   address), and a transmit right after a driver receive (GRO freed the merged
+   address) or in a timer's run (a retransmission's clone: a timer never
+   sends on what was received), and a transmit right after a driver receive (GRO freed the merged
    segment; another namespace's answer sent in softirq reused it).  But the
    task a softirq runs in only lent its context: a chain started there is
    not the lab's when the CPU's order shows it made for another -- a
@@ -56,7 +57,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -122,10 +123,12 @@ def _foreign_process(event: TraceEvent, tasks: set[int]) -> bool:
     return not event.in_interrupt and event.pid not in tasks and not is_kernel_thread(event)
 
 
-def _starts_an_skb(event: TraceEvent) -> bool:
+def _starts_an_skb(event: TraceEvent, made_by_a_timer: Callable[[TraceEvent], bool]) -> bool:
     """A transmit in process context is a new skb's first step (a socket's or AF_PACKET's send):
-    the address was freed without a traced free (a GRO-merged segment) and is reused."""
-    return event.key == "net:net_dev_queue" and not event.in_interrupt
+    the address was freed without a traced free (a GRO-merged segment) and is reused.  So is a
+    transmit a timer made (a TCP retransmission's clone, a probe): a timer never sends on an skb
+    that was received -- what is received is sent on in the receive's own call."""
+    return event.key == "net:net_dev_queue" and (not event.in_interrupt or made_by_a_timer(event))
 
 
 def _received_anew(event: TraceEvent, previous: TraceEvent) -> bool:
@@ -142,26 +145,31 @@ def _sent_unreceived(event: TraceEvent, previous: TraceEvent) -> bool:
     return previous.key in DRIVER_RECEIVES and event.key == "net:net_dev_queue"
 
 
-def _split(events: Sequence[TraceEvent], tasks: set[int]) -> list[list[TraceEvent]]:
+def _split(
+    events: Sequence[TraceEvent], tasks: set[int], made_by_a_timer: Callable[[TraceEvent], bool]
+) -> list[list[TraceEvent]]:
     """Cut one address's events where a new skb starts using it (a foreign task's, or a fresh send)."""
     pieces: list[list[TraceEvent]] = [[]]
     for event in events:
         last = pieces[-1][-1] if pieces[-1] else None
         foreign = last is not None and _foreign_process(event, tasks) and not _foreign_process(last, tasks)
         if last is not None and (
-            foreign or _starts_an_skb(event) or _received_anew(event, last) or _sent_unreceived(event, last)
+            foreign
+            or _starts_an_skb(event, made_by_a_timer)
+            or _received_anew(event, last)
+            or _sent_unreceived(event, last)
         ):
             pieces.append([])
         pieces[-1].append(event)
     return [p for p in pieces if p]
 
 
-def _pieces(events: Sequence[TraceEvent], scope: Scope) -> list[tuple[SkbChain, list[TraceEvent]]]:
+def _pieces(events: Sequence[TraceEvent], scope: Scope, order: CpuOrder) -> list[tuple[SkbChain, list[TraceEvent]]]:
     """Every skb's story in the window: each address's chain cut where a new skb starts using it."""
     return [
         (chain, piece)
         for chain in all_chains(events, scope.devices, since=scope.since, until=scope.until)
-        for piece in _split(chain.events, scope.tasks)
+        for piece in _split(chain.events, scope.tasks, order.in_timer_softirq)
     ]
 
 
@@ -420,14 +428,14 @@ def attribute(
     the window's whole trace -- what ran before an event on its CPU is read there, not in the folded list,
     so that folding cannot change what caused what."""
     ordered = sorted(events, key=_TIMESTAMP)  # stable: each CPU's events keep the kernel's order
-    pieces = _pieces(ordered, scope)
-    timers = {id(e) for e in vouched_events(ordered, scope) if e.key == TIMER_HANDLER}
     brackets = not scope.lost  # a lost softirq exit would make the CPU's later work look like a timer's
     order = (
         CpuOrder(ordered, brackets=brackets)
         if unfolded is None
         else CpuOrder(unfolded, unsorted=True, brackets=brackets)
     )
+    pieces = _pieces(ordered, scope, order)
+    timers = {id(e) for e in vouched_events(ordered, scope) if e.key == TIMER_HANDLER}
     packets = _lab_packets(pieces, scope, order, timers, ordered)
     in_packets = {id(e) for p in packets for e in p.events}
     napi_threads = {e.pid for p in packets for e in p.events if e.comm.startswith("napi/")}

@@ -224,3 +224,22 @@ def test_a_neighbour_probe_in_a_timer_run_is_still_the_labs_when_its_namespace_v
     counts = _counts(events, _scope([note]))
     assert counts["net:netif_rx@eth0"] == 1
     assert counts["irq:softirq_entry"] == counts["irq:softirq_exit"] == 0  # marks of context, never lab events
+
+
+def test_a_timers_transmit_at_the_address_of_a_lab_skb_it_never_received_is_not_that_skb() -> None:
+    """Seen with rx-gro beside other labs: a lab datagram merged by GRO is freed untraced, and a skb another
+    namespace's timer sent next reused its address -- the chain ran on into a foreign ``netif_rx@eth0``."""
+    received = [
+        _ev(1.0, "net:net_dev_queue", PROCESS, name="eth0", skbaddr=0x91),  # the lab's send
+        _ev(1.000002, "net:napi_gro_receive_entry", name="eth0", skbaddr=0x91),
+        _ev(1.000004, "net:netif_receive_skb", name="eth0", skbaddr=0x91),  # merged, then freed untraced
+    ]
+    later = [
+        _ev(1.01, "net:net_dev_queue", name="eth0", skbaddr=0x91),  # another namespace's retransmission
+        _ev(1.010002, "net:netif_rx", name="eth0", skbaddr=0x91),
+    ]
+    counts = _counts([*received, *_timer_run(1.009, *later)], _scope())
+    assert counts["net:netif_receive_skb@eth0"] == 1  # the lab's own datagram is still its own
+    assert counts["net:netif_rx@eth0"] == 0
+    # outside a timer's run the same softirq transmit is still read as the skb sent on (a forward, a bridge)
+    assert _counts([*received, *later], _scope())["net:netif_rx@eth0"] == 1
