@@ -34,12 +34,13 @@ pacing timers, neighbour timers), for any namespace."""
 
 @functools.cache
 def timer_vectors() -> tuple[int, ...]:
-    """The timer vectors' numbers on this kernel, from ``irq:softirq_entry``'s print format ("" if absent)."""
+    """The timer vectors' numbers on this kernel, from ``irq:softirq_entry``'s ``__print_symbolic`` table
+    (empty when the kernel has no such tracepoint or table: the entries are then recorded unfiltered)."""
     try:
-        print_fmt = read_format(SOFTIRQ_ENTRY).print_fmt
+        table = read_format(SOFTIRQ_ENTRY).symbols.get("vec", {})
     except (TraceError, OSError):
         return ()
-    named = {name: int(number) for number, name in re.findall(r'\{\s*(\d+)\s*,\s*"(\w+)"\s*\}', print_fmt)}
+    named = {name: int(number) for number, name in table.items() if number.isdigit()}
     return tuple(named[action] for action in TIMER_ACTIONS if action in named)
 
 
