@@ -16,8 +16,9 @@ holds, and never because of a device name alone:
    cut where a *foreign* user task touches the address in process context:
    that is a new skb reusing the address after an untraced free; so is a
    transmit in process context (a fresh send reusing a GRO-merged segment's
-   address) or in a timer's run (a retransmission's clone: a timer never
-   sends on what was received), and a transmit right after a driver receive (GRO freed the merged
+   address) or in a timer's run the address's previous event was not part of
+   (a retransmission's clone: a timer never sends on what was received), and
+   a transmit right after a driver receive (GRO freed the merged
    segment; another namespace's answer sent in softirq reused it).  But the
    task a softirq runs in only lent its context: a chain started there is
    not the lab's when the CPU's order shows it made for another -- a
@@ -123,12 +124,19 @@ def _foreign_process(event: TraceEvent, tasks: set[int]) -> bool:
     return not event.in_interrupt and event.pid not in tasks and not is_kernel_thread(event)
 
 
-def _starts_an_skb(event: TraceEvent, made_by_a_timer: Callable[[TraceEvent], bool]) -> bool:
+def _starts_an_skb(event: TraceEvent, previous: TraceEvent, timer_run: TimerRun) -> bool:
     """A transmit in process context is a new skb's first step (a socket's or AF_PACKET's send):
     the address was freed without a traced free (a GRO-merged segment) and is reused.  So is a
-    transmit a timer made (a TCP retransmission's clone, a probe): a timer never sends on an skb
-    that was received -- what is received is sent on in the receive's own call."""
-    return event.key == "net:net_dev_queue" and (not event.in_interrupt or made_by_a_timer(event))
+    transmit in a timer's run that the address's previous event was not part of (a TCP
+    retransmission's clone, a probe): a timer never sends on an skb that was received -- what is
+    received is sent on in the receive's own call.  (In the same run the skb may go down a stack of
+    devices -- a bridge, then its port -- as one skb.)"""
+    if event.key != "net:net_dev_queue":
+        return False
+    if not event.in_interrupt:
+        return True
+    run = timer_run(event)
+    return run is not None and timer_run(previous) != run
 
 
 def _received_anew(event: TraceEvent, previous: TraceEvent) -> bool:
@@ -145,9 +153,11 @@ def _sent_unreceived(event: TraceEvent, previous: TraceEvent) -> bool:
     return previous.key in DRIVER_RECEIVES and event.key == "net:net_dev_queue"
 
 
-def _split(
-    events: Sequence[TraceEvent], tasks: set[int], made_by_a_timer: Callable[[TraceEvent], bool]
-) -> list[list[TraceEvent]]:
+TimerRun = Callable[[TraceEvent], "int | None"]
+"""The number of the timer vector's softirq run an event ran in (:meth:`CpuOrder.timer_run`), or None."""
+
+
+def _split(events: Sequence[TraceEvent], tasks: set[int], timer_run: TimerRun) -> list[list[TraceEvent]]:
     """Cut one address's events where a new skb starts using it (a foreign task's, or a fresh send)."""
     pieces: list[list[TraceEvent]] = [[]]
     for event in events:
@@ -155,7 +165,7 @@ def _split(
         foreign = last is not None and _foreign_process(event, tasks) and not _foreign_process(last, tasks)
         if last is not None and (
             foreign
-            or _starts_an_skb(event, made_by_a_timer)
+            or _starts_an_skb(event, last, timer_run)
             or _received_anew(event, last)
             or _sent_unreceived(event, last)
         ):
@@ -169,7 +179,7 @@ def _pieces(events: Sequence[TraceEvent], scope: Scope, order: CpuOrder) -> list
     return [
         (chain, piece)
         for chain in all_chains(events, scope.devices, since=scope.since, until=scope.until)
-        for piece in _split(chain.events, scope.tasks, order.in_timer_softirq)
+        for piece in _split(chain.events, scope.tasks, order.timer_run)
     ]
 
 

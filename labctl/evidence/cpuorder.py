@@ -30,7 +30,8 @@ class CpuOrder:
 
     Hard-irq events are skipped: a hard irq interrupts whatever ran, it is not part of its call.
     Built on first use: most windows ask nothing of it (only skbs first seen in softirq do), and a
-    folded burst's whole trace is hundreds of thousands of events.  ``events`` in time order, or
+    folded burst's whole trace is hundreds of thousands of events.  The timer runs (:meth:`timer_run`,
+    asked of every transmit in softirq) are numbered in a pass of their own.  ``events`` in time order, or
     ``unsorted`` to have them sorted then (stably: each CPU's events keep the kernel's order).
     """
 
@@ -41,41 +42,59 @@ class CpuOrder:
         self._built = False
         self._by_cpu: dict[int, list[TraceEvent]] = {}
         self._at: dict[int, int] = {}
-        self._in_timer: set[int] = set()
+        self._runs: dict[int, int] | None = None
 
     def _build(self) -> None:
         self._built = True
         events = sorted(self._events, key=lambda e: e.timestamp) if self._unsorted else self._events
-        by_cpu, at, in_timer = self._by_cpu, self._at, self._in_timer  # locals: this runs for every event
-        serving: set[int] = set()  # the CPUs inside a timer vector's run
+        by_cpu, at = self._by_cpu, self._at  # locals: this runs for every event of a window
         for event in events:
             flags = event.flags
-            if len(flags) >= 3 and flags[2] in "hH":
-                continue
-            if event.system == "irq" and is_softirq_mark(event):  # a mark of the context, not part of a call
-                if of_a_timer_vector(event) and event.key == SOFTIRQ_ENTRY:
-                    serving.add(event.cpu)
-                else:
-                    serving.discard(event.cpu)
-                continue
+            if (len(flags) >= 3 and flags[2] in "hH") or event.system == "irq":
+                continue  # a hard irq is not part of the call it interrupts; a softirq mark is no call at all
             line = by_cpu.get(event.cpu)
             if line is None:
                 line = by_cpu[event.cpu] = []
             at[id(event)] = len(line)
             line.append(event)
-            if event.cpu in serving and len(flags) >= 3 and flags[2] == "s":
-                in_timer.add(id(event))
+
+    def _number_runs(self) -> dict[int, int]:
+        """Per event (``id``) that ran in a timer vector's softirq run, that run's number.
+
+        One pass, apart from :meth:`_build` (whose per-event index costs a window of a million events a
+        second): each CPU's events keep the kernel's order in ``events`` whether or not it was sorted by
+        time, and only the events inside a run are kept.  Nothing when the trace lost events: a lost exit
+        would leave the CPU's later softirq work -- the lab's own receives -- looking like a timer's."""
+        runs: dict[int, int] = {}
         if not self._brackets:
-            in_timer.clear()
+            return runs
+        serving: dict[int, int] = {}  # per CPU inside a timer vector's run, its number
+        number = 0
+        for event in self._events:
+            if event.system == "irq":
+                if is_softirq_mark(event):
+                    if event.key == SOFTIRQ_ENTRY and of_a_timer_vector(event):
+                        number += 1
+                        serving[event.cpu] = number
+                    else:
+                        serving.pop(event.cpu, None)
+                continue
+            if serving:
+                run = serving.get(event.cpu)
+                flags = event.flags
+                if run is not None and len(flags) >= 3 and flags[2] == "s":
+                    runs[id(event)] = run
+        return runs
+
+    def timer_run(self, event: TraceEvent) -> int | None:
+        """The number of the timer vector's softirq run ``event`` ran in on its CPU (a timer made what it
+        did), or None."""
+        if self._runs is None:
+            self._runs = self._number_runs()
+        return self._runs.get(id(event))
 
     def in_timer_softirq(self, event: TraceEvent) -> bool:
-        """Whether ``event`` ran between a timer vector's softirq entry and exit on its CPU: a timer made it.
-
-        Never when the trace lost events (``brackets`` False): a lost exit would leave the CPU's later
-        softirq work -- the lab's own receives -- looking like a timer's."""
-        if not self._built:
-            self._build()
-        return id(event) in self._in_timer
+        return self.timer_run(event) is not None
 
     def before(self, event: TraceEvent) -> TraceEvent | None:
         if not self._built:

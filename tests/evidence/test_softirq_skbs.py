@@ -243,3 +243,18 @@ def test_a_timers_transmit_at_the_address_of_a_lab_skb_it_never_received_is_not_
     assert counts["net:netif_rx@eth0"] == 0
     # outside a timer's run the same softirq transmit is still read as the skb sent on (a forward, a bridge)
     assert _counts([*received, *later], _scope())["net:netif_rx@eth0"] == 1
+
+
+def test_a_vouched_probe_going_down_a_bridge_to_its_port_in_one_timer_run_stays_one_skb() -> None:
+    """In one timer run the probe's skb is queued on br0 and then on the bridge port: the same skb going down a
+    stack of devices, not a new one at the address -- a reviewer's case for the cut above."""
+    probe = [
+        _ev(1.000001, "net:net_dev_queue", name="br0", skbaddr=0x55),
+        _ev(1.000002, "net:net_dev_queue", name="veth1", skbaddr=0x55),
+        _ev(1.000003, "net:netif_rx", name="eth0", skbaddr=0x55),
+        _ev(1.000004, "neigh:neigh_timer_handler", dev="br0", primary_key4="10.0.4.2", nud_state="probe"),
+    ]
+    note = NeighNote("neigh", "br0", "10.0.4.2", "PROBE", received=1.0002)
+    scope = Scope({"br0", "veth1", "eth0"}, {LAB}, 0.5, 2.0, notes={"host": [note]})
+    counts = _counts(_timer_run(1.0, *probe), scope)
+    assert counts["net:net_dev_queue@veth1"] == counts["net:netif_rx@eth0"] == 1

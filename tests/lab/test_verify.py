@@ -177,6 +177,20 @@ def test_a_typo_in_a_counter_or_event_fails_instead_of_reading_zero(tmp_path: Pa
     assert netns.list_labctl(lab_name) == []
 
 
+def test_the_softirq_marks_are_refused_as_events_of_a_lab(tmp_path: Path, lab_name: str) -> None:
+    """Every trace records the timer vectors' softirq entries and exits to tell a timer's work from the lab's;
+    they are never a lab event, so counting them would read 0 whatever happened -- refused, with its line."""
+    checks = """\
+  - name: marks
+    traffic: [{inject: {node: client, packet: "IP(dst='10.0.7.2')/UDP(dport=5999)"}}]
+    expect:
+      events: {"irq:softirq_entry": 1}
+"""
+    with pytest.raises(LabFileError, match=r"irq:softirq_entry.*never counted"):
+        load_lab_file(write_lab(tmp_path, lab_name, checks))
+    assert netns.list_labctl(lab_name) == []
+
+
 def test_host_wide_sysctls_cannot_hide_in_a_node(tmp_path: Path, lab_name: str) -> None:
     topology = TWO_NODES.replace("    server:\n", "    server:\n      sysctls: {kernel.printk_ratelimit: 5}\n")
     with pytest.raises(LabFileError, match=r"kernel\.printk_ratelimit is not a network sysctl"):

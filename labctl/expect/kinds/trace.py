@@ -9,6 +9,7 @@ from pydantic import Field
 from labctl.expect.base import Issue, JudgeContext, Kind, MachineFacts, Needs, Row, register, suggest
 from labctl.expect.bounds import Count, has_upper_bound, matches
 from labctl.expect.walks import WalkForm, form_steps, judge_walks, walk_counts
+from labctl.kernel.tracefs.softirq import SOFTIRQ_EVENTS
 
 if TYPE_CHECKING:
     from labctl.evidence.model import Evidence, Packet
@@ -18,7 +19,10 @@ def _event_issues(names: list[tuple[tuple[str | int, ...], str]], facts: Machine
     issues = []
     for path, name in names:
         base = name.partition("@")[0]
-        if base not in facts.tracepoints:
+        if base in SOFTIRQ_EVENTS:  # recorded for attribution, filtered to the timer vectors: never a lab event
+            issues.append((path, f"{base!r} marks which softirq a CPU ran (to tell a timer's work from the lab's); "
+                           "it is no event of the lab's and is never counted"))
+        elif base not in facts.tracepoints:
             issues.append((path, f"this kernel has no tracepoint {base!r}{suggest(base, facts.tracepoints)}"))
     return issues
 
