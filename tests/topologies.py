@@ -26,6 +26,22 @@ topology:
 """
 
 
+def two_nodes(first: str, second: str, a: str = "client", b: str = "server") -> str:
+    """Two nodes whose ``eth0`` are the two ends of one veth, with the given addresses (``10.0.97.1/24``)."""
+    return f"""\
+topology:
+  nodes:
+    {a}:
+      interfaces:
+        eth0: {{addresses: [{first}]}}
+    {b}:
+      interfaces:
+        eth0: {{addresses: [{second}]}}
+  links:
+    - endpoints: ["{a}:eth0", "{b}:eth0"]
+"""
+
+
 def up_file(file: Path, lab: str, body: str) -> list[str]:
     """Write ``body`` as lab ``lab`` to ``file`` and bring it up in process; the converge changes ``up`` reported."""
     from labctl.lab import build

@@ -20,19 +20,9 @@ from labctl.evidence.window import BASE_EVENTS
 from labctl.kernel import netns
 from labctl.kernel.tracefs import TraceSession
 from tests.conftest import LabFactory
+from tests.topologies import two_nodes
 
-TOPOLOGY = """
-topology:
-  nodes:
-    client:
-      interfaces:
-        eth0: {addresses: [10.0.97.1/24]}
-    peer:
-      interfaces:
-        eth0: {addresses: [10.0.97.2/24]}
-  links:
-    - endpoints: ["client:eth0", "peer:eth0"]
-"""
+TOPOLOGY = two_nodes("10.0.97.1/24", "10.0.97.2/24", a="client", b="peer")
 
 CONNECT = (
     "import socket, time; s = socket.socket(); s.setblocking(False); "
